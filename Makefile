@@ -1,0 +1,42 @@
+# The two commands a user needs: `make train` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup test lint format train bench clean
+
+# Idempotent: re-runs only when pyproject.toml changes. torch is pinned so that pip takes the
+# CPU wheel instead of pulling a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: setup
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+test: setup lint
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests
+
+train: setup
+	$(VENV)/bin/multitoken train $(ARGS)
+
+bench: setup
+	$(PY) bench/lookahead.py
+	$(PY) bench/loss.py
+	$(PY) bench/step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
