@@ -1,0 +1,162 @@
+"""Cross-entropy through the output head without ``[tokens, vocab]`` logits.
+
+With D MTP depths the head runs D + 1 times per step; materialising full logits for each
+would cost ``(D + 1) * tokens * vocab`` floats. :func:`linear_cross_entropy` instead walks the
+tokens in chunks whose logits hold at most ``chunk_elements`` floats, keeps only one float per
+token (the log-sum-exp) for the backward, and recomputes each chunk's logits there. Its largest
+allocation is bounded by ``max(chunk_elements, vocab * hidden, tokens * hidden)`` elements,
+whatever the number of tokens and depths.
+
+Normalisation is the caller's choice: the function returns a *sum* over valid targets, and the
+model divides by the number of valid targets summed over every rank that shares the batch
+(DESIGN.md section 4), so that a rank with no valid target contributes 0, never 0/0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_cross_entropy", "LossStats", "DEFAULT_CHUNK_ELEMENTS"]
+
+# 2**23 fp32 logits = 32 MiB per chunk: 256 tokens at vocab 32k, 64 at 128k.
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+
+
+class LossStats(tuple):
+    """``(loss_sum, num_valid, num_correct)`` of one :func:`linear_cross_entropy` call."""
+
+    __slots__ = ()
+
+    def __new__(cls, loss_sum: Tensor, num_valid: Tensor, num_correct: Tensor):
+        return super().__new__(cls, (loss_sum, num_valid, num_correct))
+
+    @property
+    def loss_sum(self) -> Tensor:
+        return self[0]
+
+    @property
+    def num_valid(self) -> Tensor:
+        return self[1]
+
+    @property
+    def num_correct(self) -> Tensor:
+        return self[2]
+
+
+def _chunk_rows(vocab: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(vocab, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_elements):
+        # hidden (N, H), weight (V, H), targets (N,)
+        n_tokens = hidden.shape[0]
+        rows = _chunk_rows(weight.shape[0], chunk_elements)
+        lse = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+        for start in range(0, n_tokens, rows):
+            stop = min(start + rows, n_tokens)
+            logits = (hidden[start:stop] @ weight.t()).float()  # (C, V)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[start:stop] = chunk_lse
+            tgt = safe_targets[start:stop]
+            picked = logits.gather(1, tgt[:, None]).squeeze(1)
+            mask = valid[start:stop]
+            loss_sum += torch.where(mask, chunk_lse - picked, 0.0).sum()
+            correct += ((logits.argmax(-1) == tgt) & mask).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
+        ctx.rows = rows
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        rows = ctx.rows
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # Accumulate the weight gradient in fp32 even for bf16 weights.
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        scale = grad_loss.float()
+        for start in range(0, hidden.shape[0], rows):
+            stop = min(start + rows, hidden.shape[0])
+            h = hidden[start:stop]
+            # d(lse - logit[t]) / d logits = softmax - onehot(t), zero where there is no target.
+            probs = (h @ weight.t()).float()  # (C, V)
+            probs.sub_(lse[start:stop, None]).exp_()
+            probs.scatter_add_(1, targets[start:stop, None], torch.full_like(probs[:, :1], -1.0))
+            probs.mul_((valid[start:stop].float() * scale)[:, None])
+            grad_logits = probs.to(hidden.dtype)
+            if need_h:
+                grad_h[start:stop] = grad_logits @ weight
+            if need_w:
+                grad_w.addmm_(grad_logits.t().float(), h.float())
+            del probs, grad_logits
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int = -100,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> LossStats:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunked over tokens.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (any leading shape; flattened).
+        weight: ``[V, H]`` output-head weight.
+        targets: ``[...]`` class indices matching ``hidden``'s leading shape;
+            ``ignore_index`` where there is no target.
+        ignore_index: the "no target" value.
+        chunk_elements: at most this many logits exist at once (per chunk).
+
+    Returns:
+        :class:`LossStats`: the summed loss (fp32 scalar, differentiable), the number of valid
+        targets and the number of top-1 hits (int64 scalars).
+
+    Example::
+
+        >>> h, w = torch.randn(6, 4), torch.randn(10, 4)
+        >>> t = torch.tensor([1, 2, -100, 3, 4, 5])
+        >>> s = linear_cross_entropy(h, w, t)
+        >>> torch.allclose(s.loss_sum, F.cross_entropy(h @ w.T, t, reduction="sum"))
+        True
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: targets "
+            "must have hidden's shape without the last dimension"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"head weight must be [vocab, {hidden.shape[-1]}], got {tuple(weight.shape)}"
+        )
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1).long()
+    valid = flat_t != ignore_index
+    vocab = weight.shape[0]
+    bad = valid & ((flat_t < 0) | (flat_t >= vocab))
+    if bool(bad.any()):
+        value = int(flat_t[bad][0])
+        raise ValueError(
+            f"target id {value} is outside the vocabulary [0, {vocab}) and is not ignore_index "
+            f"({ignore_index}): check the tokenizer's vocab size against the model's"
+        )
+    loss_sum, correct = _LinearCrossEntropy.apply(
+        flat_h, weight, flat_t, ignore_index, chunk_elements
+    )
+    return LossStats(loss_sum, valid.sum(), correct)

@@ -1,0 +1,151 @@
+"""Document-causal attention: SDPA with a boolean mask (CPU), FlexAttention (CUDA).
+
+The mask is a function of per-token metadata only (document id, position in the document,
+index in the row), for the queries and for the keys separately. That is what makes it work
+unchanged under context parallelism: the keys may come from every rank of the group (gathered
+K and V) as long as their metadata comes with them.
+
+* ``"document"``: query i sees key j iff they share a document and ``pos_j <= pos_i``.
+* ``"causal"``: query i sees every earlier real token of its row (``seq_j <= seq_i``), across
+  documents, as much packed pretraining does.
+
+Tokens outside any document (``doc_id == -1``, padding added by sharding) only see padding at
+their own position or before, so they never contribute to a real token and never produce a
+row with nothing to attend to (which would be NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from multitoken.layout import SequenceLayout
+
+__all__ = ["AttentionMask", "Attention", "ATTENTION_MODES", "BACKENDS"]
+
+ATTENTION_MODES = ("document", "causal")
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+class AttentionMask:
+    """Who attends to whom in one forward, built once and shared by every layer.
+
+    Args:
+        q_layout: layout of the local queries ``[B, Tq]``.
+        kv_layout: layout of the keys ``[B, Tk]``; defaults to ``q_layout`` (no sharding).
+        mode: ``"document"`` or ``"causal"``.
+        backend: ``"sdpa"``, ``"flex"`` or ``"auto"`` (flex on CUDA, sdpa elsewhere).
+    """
+
+    def __init__(
+        self,
+        q_layout: SequenceLayout,
+        kv_layout: SequenceLayout | None = None,
+        mode: str = "document",
+        backend: str = "auto",
+    ):
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        kv_layout = q_layout if kv_layout is None else kv_layout
+        if kv_layout.shape[0] != q_layout.shape[0]:
+            raise ValueError(
+                f"key layout has {kv_layout.shape[0]} rows, query layout {q_layout.shape[0]}"
+            )
+        if backend == "auto":
+            backend = "flex" if q_layout.device.type == "cuda" else "sdpa"
+        self.q, self.kv, self.mode, self.backend = q_layout, kv_layout, mode, backend
+        self._dense: Tensor | None = None
+        self._block = None
+
+    def dense(self) -> Tensor:
+        """``[B, 1, Tq, Tk]`` boolean mask (True = attend)."""
+        if self._dense is None:
+            q, kv = self.q, self.kv
+            dq, dk = q.doc_ids[:, :, None], kv.doc_ids[:, None, :]
+            allowed = (dq == dk) & (kv.positions[:, None, :] <= q.positions[:, :, None])
+            if self.mode == "causal":
+                real = (dq >= 0) & (dk >= 0)
+                allowed |= real & (kv.seq_index[:, None, :] <= q.seq_index[:, :, None])
+            self._dense = allowed[:, None]
+        return self._dense
+
+    def block_mask(self):
+        """FlexAttention ``BlockMask`` with the same rule as :meth:`dense`."""
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            q, kv, causal = self.q, self.kv, self.mode == "causal"
+
+            def mask_mod(b, h, qi, ki):
+                dq, dk = q.doc_ids[b, qi], kv.doc_ids[b, ki]
+                ok = (dq == dk) & (kv.positions[b, ki] <= q.positions[b, qi])
+                if causal:
+                    ok = ok | ((dq >= 0) & (dk >= 0) & (kv.seq_index[b, ki] <= q.seq_index[b, qi]))
+                return ok
+
+            batch, tq = q.shape
+            self._block = create_block_mask(mask_mod, batch, None, tq, kv.shape[1], device=q.device)
+        return self._block
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``softmax(q k^T / sqrt(d)) v`` under the mask; q ``[B, H, Tq, d]``, k/v ``[B, Hkv, Tk, d]``."""
+        gqa = k.shape[1] != q.shape[1]
+        if self.backend == "flex":
+            return _compiled_flex()(q, k, v, block_mask=self.block_mask(), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense(), enable_gqa=gqa)
+
+
+@cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled FlexAttention materialises the scores; compiled it is a fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding on ``x [B, H, T, d]`` with ``cos, sin [B, 1, T, d/2]`` (half-split)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads and rotary positions.
+
+    ``kv_gather`` is the context-parallel hook: when set (by
+    :func:`multitoken.parallel.apply.parallelize`), it maps the local rotated keys and values
+    ``[B, Hkv, T_local, d]`` to those of the whole row, and the :class:`AttentionMask` carries the
+    matching key layout. The model itself never talks to other ranks.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads {n_heads} is not divisible by n_kv_heads {n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.kv_gather: Callable[[Tensor], Tensor] | None = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask) -> Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, d), (B, Hkv, T, d)
+        if self.kv_gather is not None:
+            k, v = self.kv_gather(k), self.kv_gather(v)  # (B, Hkv, T_row, d)
+        out = mask.attend(q, k, v)  # (B, H, T, d)
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))

@@ -1,0 +1,201 @@
+"""The DeepSeek-V3 Multi-Token Prediction module, for any decoder.
+
+Depth k (k = 1..D) maps the previous depth's hidden state and the embedding of the token k
+places ahead to a new hidden state (DESIGN.md section 1)::
+
+    h_i^k = FinalNorm_k(Layer_k(Proj_k([ENorm_k(Emb(t_{i+k})) ; HNorm_k(h_i^{k-1})])))
+
+``h^0`` is the main model's final (normed) hidden state; the embedding and the output head are
+shared with the main model and passed in, and ``Layer_k`` comes from a factory, so the module
+sits on any decoder. Parameter names follow DeepSeek's released weights (``enorm``, ``hnorm``,
+``eh_proj``, ``final_norm`` for ``shared_head.norm``) so those can be mapped in.
+
+The loss of a step is ``L = L_main + (lambda / D) * sum_k L_k`` where each ``L_k`` is a sum
+over depth k's valid targets divided by their count over every rank (:func:`depth_losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, linear_cross_entropy
+
+__all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth_losses"]
+
+
+@dataclass
+class MTPConfig:
+    """Multi-Token Prediction settings.
+
+    Attributes:
+        depth: number of extra future tokens predicted (D); 0 disables MTP.
+        loss_weight: lambda in ``L_main + lambda / D * sum_k L_k`` (DeepSeek-V3: 0.3, then 0.1).
+        hidden_first: concatenate ``[hidden; embedding]`` (MiMo's weights) instead of
+            ``[embedding; hidden]`` (DeepSeek-V3, GLM-4.5, Qwen3-Next).
+        recompute: recompute each depth's layer in the backward (less activation memory, same
+            loss and gradients).
+    """
+
+    depth: int = 1
+    loss_weight: float = 0.3
+    hidden_first: bool = False
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"mtp depth must be an int >= 0, got {self.depth!r}")
+        if self.loss_weight < 0:
+            raise ValueError(f"mtp loss_weight must be >= 0, got {self.loss_weight}")
+
+
+class MTPDepth(nn.Module):
+    """One MTP depth: two input norms, the 2H -> H projection, one layer, the final norm."""
+
+    def __init__(self, dim: int, layer: nn.Module, eps: float, hidden_first: bool = False):
+        super().__init__()
+        self.enorm = nn.RMSNorm(dim, eps=eps)
+        self.hnorm = nn.RMSNorm(dim, eps=eps)
+        self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
+        self.layer = layer
+        self.final_norm = nn.RMSNorm(dim, eps=eps)
+        self.hidden_first = hidden_first
+
+    def forward(self, hidden: Tensor, embedded: Tensor, **layer_kwargs) -> Tensor:
+        # hidden, embedded: (B, T, H)
+        parts = [self.enorm(embedded), self.hnorm(hidden)]
+        if self.hidden_first:
+            parts.reverse()
+        x = self.eh_proj(torch.cat(parts, dim=-1))  # (B, T, H)
+        return self.final_norm(self.layer(x, **layer_kwargs))
+
+
+class MultiTokenPredictor(nn.Module):
+    """D sequential MTP depths sharing the main model's embedding and output head.
+
+    Args:
+        config: :class:`MTPConfig`.
+        dim: hidden size H of the main model.
+        layer_factory: ``layer_factory(k)`` returns depth k's transformer layer, a module called
+            as ``layer(x, **layer_kwargs)`` (same kind as the main model's layers).
+        eps: RMSNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        config: MTPConfig,
+        dim: int,
+        layer_factory: Callable[[int], nn.Module],
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.config = config
+        self.depths = nn.ModuleList(
+            MTPDepth(dim, layer_factory(k), eps, config.hidden_first)
+            for k in range(1, config.depth + 1)
+        )
+
+    def forward(
+        self,
+        hidden: Tensor,
+        mtp_input_ids: Tensor,
+        embed: Callable[[Tensor], Tensor],
+        **layer_kwargs,
+    ) -> list[Tensor]:
+        """Hidden states of every depth.
+
+        Args:
+            hidden: ``[B, T, H]`` the main model's final normed hidden state ``h^0``.
+            mtp_input_ids: ``[D, B, T]``, depth k's input tokens at index k - 1 (built by
+                :func:`multitoken.lookahead.mtp_inputs` or, under context parallelism, from
+                the halo).
+            embed: the shared token embedding.
+            **layer_kwargs: passed to every depth's layer (rotary tables, attention mask).
+
+        Returns:
+            D tensors ``[B, T, H]``, depth 1 first, each already through its final norm.
+        """
+        if mtp_input_ids.shape[0] != len(self.depths):
+            raise ValueError(
+                f"mtp_input_ids holds {mtp_input_ids.shape[0]} depths, the module has "
+                f"{len(self.depths)}"
+            )
+        outputs = []
+        for depth, ids in zip(self.depths, mtp_input_ids):
+            if self.config.recompute and torch.is_grad_enabled():
+                # The embedding lookup stays outside: only the layer's activations are dropped.
+                hidden = checkpoint(depth, hidden, embed(ids), use_reentrant=False, **layer_kwargs)
+            else:
+                hidden = depth(hidden, embed(ids), **layer_kwargs)
+            outputs.append(hidden)
+        return outputs
+
+
+@dataclass
+class DepthLosses:
+    """Per-depth losses of one step; index 0 is the main next-token prediction.
+
+    Attributes:
+        loss: the total ``L_main + lambda / D * sum_k L_k``; the tensor to call backward on.
+        depth_loss: ``[D + 1]`` differentiable per-depth losses (local sum / global count).
+        depth_tokens: ``[D + 1]`` int64 valid targets per depth in this batch (local).
+        depth_correct: ``[D + 1]`` int64 top-1 hits per depth (local).
+    """
+
+    loss: Tensor
+    depth_loss: Tensor
+    depth_tokens: Tensor
+    depth_correct: Tensor
+
+
+def depth_losses(
+    hidden_states: Sequence[Tensor],
+    head_weight: Tensor,
+    depth_labels: Tensor,
+    loss_weight: float,
+    loss_normalizer: Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> DepthLosses:
+    """Cross-entropy of every depth through the shared head, normalised per depth.
+
+    Args:
+        hidden_states: D + 1 tensors ``[B, T, H]``: ``h^0`` then each depth's.
+        head_weight: ``[V, H]`` shared output-head weight.
+        depth_labels: ``[D + 1, B, T]`` targets (``ignore_index`` where none).
+        loss_weight: lambda.
+        loss_normalizer: ``[D + 1]`` valid-target counts to divide by; pass the counts summed
+            over every rank that shares the batch (context and data parallel) so that summing
+            losses and gradients over ranks gives the unsharded ones. ``None``: local counts.
+        ignore_index: the "no target" label.
+        chunk_elements: logits per chunk in :func:`linear_cross_entropy`.
+    """
+    if len(hidden_states) != depth_labels.shape[0]:
+        raise ValueError(
+            f"{len(hidden_states)} hidden states but {depth_labels.shape[0]} label depths"
+        )
+    sums, tokens, correct = [], [], []
+    for hidden, labels in zip(hidden_states, depth_labels):
+        stats = linear_cross_entropy(hidden, head_weight, labels, ignore_index, chunk_elements)
+        sums.append(stats.loss_sum)
+        tokens.append(stats.num_valid)
+        correct.append(stats.num_correct)
+    loss_sum = torch.stack(sums)  # (D + 1,)
+    depth_tokens = torch.stack(tokens)
+    normalizer = depth_tokens if loss_normalizer is None else loss_normalizer
+    if normalizer.shape != depth_tokens.shape:
+        raise ValueError(
+            f"loss_normalizer must have shape {tuple(depth_tokens.shape)} (one count per "
+            f"depth, main first), got {tuple(normalizer.shape)}"
+        )
+    # A depth with no valid target anywhere has sum 0 and count 0: 0 / 1 = 0, never NaN.
+    depth_loss = loss_sum / normalizer.to(loss_sum).clamp(min=1)
+    depth = depth_loss.shape[0] - 1
+    loss = depth_loss[0]
+    if depth > 0:
+        loss = loss + (loss_weight / depth) * depth_loss[1:].sum()
+    return DepthLosses(loss, depth_loss, depth_tokens, torch.stack(correct))
