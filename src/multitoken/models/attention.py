@@ -94,7 +94,7 @@ class AttentionMask:
         return self._block
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """``softmax(q k^T / sqrt(d)) v`` under the mask; q ``[B, H, Tq, d]``, k/v ``[B, Hkv, Tk, d]``."""
+        """Masked ``softmax(q k^T / sqrt(d)) v``; q ``[B, H, Tq, d]``, k/v ``[B, Hkv, Tk, d]``."""
         gqa = k.shape[1] != q.shape[1]
         if self.backend == "flex":
             return _compiled_flex()(q, k, v, block_mask=self.block_mask(), enable_gqa=gqa)
