@@ -18,12 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitoken.layout import SequenceLayout
+
+if TYPE_CHECKING:
+    from multitoken.kv_cache import LayerKVCache
 
 __all__ = ["AttentionMask", "Attention", "ATTENTION_MODES", "BACKENDS"]
 
@@ -123,6 +127,10 @@ class Attention(nn.Module):
     :func:`multitoken.parallel.apply.parallelize`), it maps the local rotated keys and values
     ``[B, Hkv, T_local, d]`` to those of the whole row, and the :class:`AttentionMask` carries the
     matching key layout. The model itself never talks to other ranks.
+
+    ``cache`` is the incremental-decoding hook (:mod:`multitoken.generate`): the new rotated keys
+    and values are appended to a :class:`~multitoken.kv_cache.LayerKVCache` and the queries
+    attend over everything it holds; the mask then carries the cached key layout.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
@@ -138,7 +146,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.kv_gather: Callable[[Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -147,5 +161,7 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, d), (B, Hkv, T, d)
         if self.kv_gather is not None:
             k, v = self.kv_gather(k), self.kv_gather(v)  # (B, Hkv, T_row, d)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, T_cached + T, d)
         out = mask.attend(q, k, v)  # (B, H, T, d)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))

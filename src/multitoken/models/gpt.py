@@ -9,16 +9,22 @@ whole row, the MTP inputs built from the halo, and the global valid-target count
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from multitoken.layout import LayoutError, SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, mtp_inputs
 from multitoken.loss import DEFAULT_CHUNK_ELEMENTS
 from multitoken.models.attention import ATTENTION_MODES, BACKENDS, Attention, AttentionMask
 from multitoken.mtp import MTPConfig, MultiTokenPredictor, depth_losses
+
+if TYPE_CHECKING:
+    from multitoken.kv_cache import LayerKVCache
 
 __all__ = ["GPTConfig", "GPT", "GPTOutput", "Block", "PRESETS"]
 
@@ -44,6 +50,7 @@ class GPTConfig:
         ignore_index: label value meaning "no target".
         loss_chunk_elements: logits per chunk in the chunked cross-entropy.
         init_std: standard deviation of the weight initialisation.
+        recompute: recompute the main layers' activations in the backward (less memory).
         mtp: Multi-Token Prediction settings (depth 0 = plain next-token model).
     """
 
@@ -63,6 +70,7 @@ class GPTConfig:
     ignore_index: int = IGNORE_INDEX
     loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     init_std: float = 0.02
+    recompute: bool = False
     mtp: MTPConfig = field(default_factory=lambda: MTPConfig(depth=0))
 
     def __post_init__(self) -> None:
@@ -129,8 +137,14 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -249,7 +263,10 @@ class GPT(nn.Module):
         rope = self.rope(layout.positions)
         x = self.tok_embeddings(input_ids)  # (B, T, H)
         for layer in self.layers:
-            x = layer(x, rope=rope, mask=mask)
+            if cfg.recompute and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False, rope=rope, mask=mask)
+            else:
+                x = layer(x, rope=rope, mask=mask)
         hidden_states = [self.norm(x)]
         if self.mtp is not None:
             hidden_states += self.mtp(
@@ -274,6 +291,72 @@ class GPT(nn.Module):
             losses.depth_correct,
             hidden_states,
         )
+
+    # ------------------------------------------------------------------ incremental decoding
+    def forward_cached(self, input_ids: Tensor, caches: Sequence[LayerKVCache]) -> Tensor:
+        """``h^0`` of tokens that continue the prefix held in the layers' caches.
+
+        One document per row; the new tokens take positions ``caches[0].length + arange(T)``
+        and their keys and values are appended to the caches. Running a sequence through
+        this in chunks of any sizes gives the ``hidden_states[0]`` of :meth:`forward` on the
+        whole sequence (up to floating-point rounding).
+
+        Args:
+            input_ids: ``[B, T]`` new token ids.
+            caches: one :class:`~multitoken.kv_cache.LayerKVCache` per main-model layer.
+
+        Returns:
+            ``[B, T, H]`` final normed hidden states (the input of the head and of MTP depth 1).
+        """
+        if len(caches) != len(self.layers):
+            raise ValueError(f"{len(caches)} caches for {len(self.layers)} layers")
+        rope, mask = self._decode_rope_mask(input_ids, caches[0].length)
+        x = self.tok_embeddings(input_ids)  # (B, T, H)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rope=rope, mask=mask, cache=cache)
+        return self.norm(x)
+
+    def mtp_forward_cached(
+        self, depth: int, hidden: Tensor, input_ids: Tensor, cache: LayerKVCache
+    ) -> Tensor:
+        """``h^depth`` at the next ``T`` positions of MTP depth ``depth``, with its layer's cache.
+
+        Args:
+            depth: k in 1..D.
+            hidden: ``[B, T, H]`` ``h^{k-1}`` at those positions.
+            input_ids: ``[B, T]`` the tokens k places ahead of those positions.
+            cache: depth k's :class:`~multitoken.kv_cache.LayerKVCache`; the positions are
+                ``cache.length + arange(T)`` (the same rotary positions as the main model).
+
+        Returns:
+            ``[B, T, H]`` depth k's hidden states, through its final norm.
+        """
+        if self.mtp is None or not 1 <= depth <= len(self.mtp.depths):
+            have = 0 if self.mtp is None else len(self.mtp.depths)
+            raise ValueError(f"MTP depth {depth} requested, the model has depths 1..{have}")
+        rope, mask = self._decode_rope_mask(input_ids, cache.length)
+        module = self.mtp.depths[depth - 1]
+        return module(hidden, self.tok_embeddings(input_ids), rope=rope, mask=mask, cache=cache)
+
+    def _decode_rope_mask(
+        self, input_ids: Tensor, start: int
+    ) -> tuple[tuple[Tensor, Tensor], AttentionMask]:
+        batch, seqlen = input_ids.shape
+        end = start + seqlen
+        if end > self.config.max_seq_len:
+            raise LayoutError(
+                f"decoding reaches position {end - 1} but max_seq_len is "
+                f"{self.config.max_seq_len}: shorten the prompt or max_new_tokens"
+            )
+        device = input_ids.device
+        key_pos = torch.arange(end, device=device).expand(batch, end)
+        query_pos = key_pos[:, start:]
+        # One document per row, so the existing mask rule with the cached keys' layout is the
+        # causal mask shifted by ``start``. SDPA: FlexAttention would recompile for every length.
+        q_layout = SequenceLayout(torch.zeros_like(query_pos), query_pos, query_pos)
+        kv_layout = SequenceLayout(torch.zeros_like(key_pos), key_pos, key_pos)
+        mask = AttentionMask(q_layout, kv_layout, self.config.attention, backend="sdpa")
+        return self.rope(query_pos), mask
 
     def _check_inputs(
         self, input_ids: Tensor, labels: Tensor | None, layout: SequenceLayout | None

@@ -1,0 +1,408 @@
+"""Decoding with a KV cache, and self-speculative decoding with the MTP heads.
+
+The MTP depths are draft models for free (DESIGN.md section 6). One speculative step, with
+``L`` committed tokens ``t_0 .. t_{L-1}`` and the main model cached up to position ``L - 2``:
+
+1. **Draft.** Depth 1 at position ``L - 2`` reads ``h^0_{L-2}`` and ``t_{L-1}`` and proposes
+   ``t_L``; depth k reads depth k-1's hidden state and the token depth k-1 just proposed, and
+   proposes ``t_{L-1+k}``. Each depth first catches up on the positions it has not cached, so
+   its attention sees what it saw in training (with drafts where the future is not known yet).
+2. **Verify.** One main-model forward over ``[t_{L-1}, d_L, .., d_{L-1+n}]`` gives the main
+   model's own prediction after every prefix.
+3. **Accept** the longest prefix of drafts the main model agrees with, plus the main model's
+   token after it (so every forward yields at least one token), and roll the caches back to
+   the accepted positions (:meth:`multitoken.kv_cache.DecodeState.commit`).
+
+With ``temperature == 0`` the output is token for token plain greedy decoding. With
+``temperature > 0`` drafts are sampled from the depths' distributions and accepted with the
+speculative-sampling rule (accept ``d`` with probability ``min(1, p(d) / q(d))``, else sample
+from ``max(0, p - q)``, normalised), so the output distribution is the main model's.
+
+**Context.** Prompt and new tokens must fit ``max_seq_len``: a longer prompt keeps its last
+``max_seq_len - max_new_tokens`` tokens (plain and speculative decoding see the same ones), and
+``max_new_tokens`` above ``max_seq_len - 1`` is refused. An empty prompt starts from
+``start_id`` (the tokenizer's end-of-document id in :func:`generate_command`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from multitoken.kv_cache import DecodeState
+from multitoken.models.gpt import GPT
+
+__all__ = [
+    "Generation",
+    "GenerationStats",
+    "accept_drafts",
+    "fit_prompt",
+    "generate",
+    "generate_command",
+    "teacher_forced_accuracy",
+]
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation (or, summed with :meth:`merge`, of many).
+
+    Attributes:
+        new_tokens: tokens generated.
+        forwards: main-model forwards after the prompt's prefill; each yields >= 1 token.
+        draft_depth: MTP depths used to draft (0 = plain decoding).
+        reached: per depth k, drafts the verifier judged: the step drafted depth k and
+            accepted every shallower draft.
+        accepted: per depth k, of those, the accepted ones.
+        accepted_histogram: index a counts the steps that accepted exactly a drafts.
+        seconds: wall-clock time of the prefill and the decoding loop.
+    """
+
+    new_tokens: int = 0
+    forwards: int = 0
+    draft_depth: int = 0
+    reached: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    accepted_histogram: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(self.forwards, 1)
+
+    @property
+    def acceptance(self) -> list[float | None]:
+        """Per depth: P(depth k accepted | depths 1..k-1 accepted); None where never reached."""
+        return [a / r if r else None for a, r in zip(self.accepted, self.reached)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def merge(self, other: GenerationStats) -> GenerationStats:
+        """The sum of two runs' counters (same draft depth)."""
+        if other.draft_depth != self.draft_depth:
+            raise ValueError(f"draft depth {other.draft_depth} != {self.draft_depth}")
+
+        def add(a: list[int], b: list[int]) -> list[int]:
+            return [x + y for x, y in zip(a, b)]
+
+        return GenerationStats(
+            self.new_tokens + other.new_tokens,
+            self.forwards + other.forwards,
+            self.draft_depth,
+            add(self.reached, other.reached),
+            add(self.accepted, other.accepted),
+            add(self.accepted_histogram, other.accepted_histogram),
+            self.seconds + other.seconds,
+        )
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` returns.
+
+    Attributes:
+        prompt_ids: the prompt the model conditioned on (after :func:`fit_prompt`).
+        tokens: the new tokens.
+        stats: counters and timing.
+        state: the final caches (for inspection; drop it to free them).
+    """
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    stats: GenerationStats
+    state: DecodeState | None = field(default=None, repr=False)
+
+
+def fit_prompt(
+    prompt_ids: Sequence[int], max_new_tokens: int, max_seq_len: int, start_id: int
+) -> list[int]:
+    """The prompt that decoding conditions on: non-empty, and leaving room for the new tokens.
+
+    Example::
+
+        >>> fit_prompt([5, 6, 7, 8], max_new_tokens=6, max_seq_len=8, start_id=1)
+        [7, 8]
+        >>> fit_prompt([], max_new_tokens=6, max_seq_len=8, start_id=1)
+        [1]
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens > max_seq_len - 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit the model's context: with "
+            f"max_seq_len={max_seq_len} at most {max_seq_len - 1} new tokens follow a prompt"
+        )
+    ids = [int(i) for i in prompt_ids] or [int(start_id)]
+    # Keep the end of a long prompt: it is what the next tokens depend on most.
+    return ids[-(max_seq_len - max_new_tokens) :]
+
+
+def accept_drafts(
+    target_logits: Tensor,
+    drafts: Sequence[int],
+    draft_probs: Sequence[Tensor] | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int]:
+    """How many drafts the main model accepts, and the token that follows them.
+
+    Args:
+        target_logits: ``[n + 1, V]`` main-model logits; row i predicts the token that the
+            i-th draft proposes (row n the token after the last draft).
+        drafts: the n drafted tokens.
+        draft_probs: n ``[V]`` draft distributions the drafts were sampled from
+            (``temperature > 0`` only).
+        temperature: 0 for greedy (accept while the draft is the argmax).
+        generator: random source for ``temperature > 0``.
+
+    Returns:
+        ``(a, token)``: the first ``a`` drafts are accepted and ``token`` comes next (the main
+        model's own choice, or the resampled replacement of the first rejected draft).
+    """
+    n = len(drafts)
+    if temperature == 0:
+        target = target_logits[: n + 1].argmax(-1).tolist()
+        accepted = 0
+        while accepted < n and drafts[accepted] == target[accepted]:
+            accepted += 1
+        return accepted, target[accepted]
+    probs = torch.softmax(target_logits[: n + 1].float() / temperature, dim=-1)  # (n + 1, V)
+    for i, token in enumerate(drafts):
+        q = draft_probs[i]
+        u = torch.rand((), generator=generator, device=q.device)
+        if u * q[token] < probs[i, token]:  # u < p/q without dividing
+            continue
+        residual = (probs[i] - q).clamp(min=0)
+        # p == q up to rounding can leave no mass; p itself is then the right law.
+        residual = residual if float(residual.sum()) > 0 else probs[i]
+        return i, int(torch.multinomial(residual, 1, generator=generator))
+    return n, int(torch.multinomial(probs[n], 1, generator=generator))
+
+
+def _pick(
+    logits: Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[int, Tensor | None]:
+    if temperature == 0:
+        return int(logits.argmax()), None
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+
+def generate(
+    model: GPT,
+    prompt_ids: Sequence[int] | Tensor,
+    max_new_tokens: int,
+    speculative: bool = False,
+    draft_depth: int | None = None,
+    temperature: float = 0.0,
+    *,
+    eos_id: int | None = None,
+    start_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
+
+    Args:
+        model: the :class:`~multitoken.models.gpt.GPT` (put it in eval mode).
+        prompt_ids: token ids (a list or a 1-D tensor); see :func:`fit_prompt` for long and
+            empty prompts.
+        max_new_tokens: at most this many new tokens (fewer when ``eos_id`` comes first).
+        speculative: draft with the MTP heads and verify with the main model.
+        draft_depth: MTP depths to draft with, 1..D; None = all D.
+        temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
+        eos_id: stop after generating this token.
+        start_id: the token an empty prompt starts from; None = ``model.config.pad_id``.
+        generator: random source for sampling.
+
+    Returns:
+        A :class:`Generation`; ``stats.acceptance`` per depth when speculative.
+
+    Raises:
+        ValueError: speculative decoding of a model without MTP heads (D = 0), a draft depth
+            outside 1..D, a negative temperature, prompt ids outside the vocabulary, or
+            ``max_new_tokens`` that does not fit the context.
+    """
+    cfg = model.config
+    depth = cfg.mtp.depth
+    if speculative and depth == 0:
+        raise ValueError(
+            "speculative decoding drafts with the MTP heads, and this model has none "
+            "(mtp.depth = 0): train it with an MTP depth >= 1, or decode without --speculative"
+        )
+    if not speculative:
+        draft_depth = 0
+    elif draft_depth is None:
+        draft_depth = depth
+    elif not 1 <= draft_depth <= depth:
+        raise ValueError(
+            f"draft_depth must be in 1..{depth} (the model's MTP depths), got {draft_depth}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(prompt_ids, Tensor):
+        prompt_ids = prompt_ids.reshape(-1).tolist()
+    start_id = cfg.pad_id if start_id is None else start_id
+    prompt = fit_prompt(prompt_ids, max_new_tokens, cfg.max_seq_len, start_id)
+    bad = [i for i in prompt if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+
+    stats = GenerationStats(
+        draft_depth=draft_depth,
+        reached=[0] * draft_depth,
+        accepted=[0] * draft_depth,
+        accepted_histogram=[0] * (draft_depth + 1),
+    )
+    state = DecodeState(model, len(prompt) + max_new_tokens, draft_depth)
+    state.tokens = list(prompt)
+    new: list[int] = []
+    began = time.perf_counter()
+    with torch.inference_mode():
+        if len(prompt) > 1 and max_new_tokens > 0:
+            state.forward_main(prompt[:-1])
+        while len(new) < max_new_tokens:
+            seq = state.tokens
+            length = len(seq)
+            # Drafting needs h^0 of the second-to-last token; the last step needs no drafts.
+            n_draft = min(draft_depth, max_new_tokens - len(new) - 1) if length > 1 else 0
+            extended, draft_probs = list(seq), []
+            for k in range(1, n_draft + 1):
+                h = state.forward_depth(k, extended, end=length - 1)  # (T_k, H)
+                token, probs = _pick(h[-1] @ model.head_weight.t(), temperature, generator)
+                extended.append(token)
+                draft_probs.append(probs)
+            drafts = extended[length:]
+            h0 = state.forward_main([seq[-1], *drafts])  # (n_draft + 1, H)
+            n_acc, token = accept_drafts(
+                h0 @ model.head_weight.t(), drafts, draft_probs, temperature, generator
+            )
+            out = [*drafts[:n_acc], token]
+            stats.forwards += 1
+            stats.accepted_histogram[n_acc] += 1
+            for k in range(min(n_acc + 1, n_draft)):
+                stats.reached[k] += 1
+                stats.accepted[k] += k < n_acc
+            if eos_id is not None and eos_id in out:
+                out = out[: out.index(eos_id) + 1]
+            new += out
+            state.commit(seq + out, exact_upto=length + n_acc)
+            if eos_id is not None and out[-1] == eos_id:
+                break
+    stats.seconds = time.perf_counter() - began
+    stats.new_tokens = len(new)
+    return Generation(prompt, new, stats, state)
+
+
+def teacher_forced_accuracy(model: GPT, ids: Sequence[int], start: int) -> list[tuple[int, int]]:
+    """Unconditional teacher-forced accuracy of each MTP depth on a finished sequence.
+
+    Depth k at position j predicts ``ids[j + k + 1]`` from the true tokens; counted for the
+    targets at index ``>= start`` (the generated part). With greedy decoding the targets are the
+    main model's own choices, so this is how often depth k agrees with the main model when
+    every earlier token is right.
+
+    Returns:
+        ``[(hits, targets)]`` for depths 1..D.
+    """
+    depth = model.config.mtp.depth
+    with torch.inference_mode():
+        x = torch.tensor([list(ids)], dtype=torch.long, device=model.head_weight.device)
+        hidden = model(x).hidden_states
+        result = []
+        for k in range(1, depth + 1):
+            first = max(start - k - 1, 0)  # first position whose target is generated
+            positions = torch.arange(first, len(ids) - k - 1, device=x.device)
+            predicted = (hidden[k][0, positions] @ model.head_weight.t()).argmax(-1)
+            hits = int((predicted == x[0, positions + k + 1]).sum())
+            result.append((hits, positions.numel()))
+    return result
+
+
+def generate_command(
+    run_dir: str,
+    prompt: str,
+    max_new_tokens: int,
+    speculative: bool,
+    draft_depth: int | None,
+    temperature: float,
+    as_json: bool,
+    seed: int,
+) -> int:
+    """``multitoken generate``: load a run, generate, print the text (or one JSON line).
+
+    The JSON line holds ``text`` (the continuation), ``tokens`` (how many), ``token_ids``,
+    ``forwards``, ``tokens_per_forward``, ``acceptance`` (per depth, conditional on the
+    shallower depths; empty without ``--speculative``), ``teacher_forced_accuracy`` (per
+    depth), ``tokens_per_s`` and ``prompt_tokens``.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        ValueError: ``speculative`` with a model trained without MTP heads, and the other
+            errors of :func:`generate`.
+    """
+    from multitoken.train.checkpoint import load_for_inference
+
+    model, tokenizer = load_for_inference(run_dir)
+    model.eval()
+    if speculative and model.config.mtp.depth == 0:
+        raise ValueError(
+            f"run '{run_dir}' was trained without MTP heads (mtp.depth = 0), which speculative "
+            "decoding drafts with: drop --speculative, or train a run with an MTP depth >= 1"
+        )
+    generator = torch.Generator(device=model.head_weight.device).manual_seed(seed)
+    result = generate(
+        model,
+        tokenizer.encode(prompt),
+        max_new_tokens,
+        speculative=speculative,
+        draft_depth=draft_depth,
+        temperature=temperature,
+        eos_id=tokenizer.eos_id,
+        start_id=tokenizer.eos_id,
+        generator=generator,
+    )
+    full = tokenizer.decode(result.prompt_ids + result.tokens)
+    head = tokenizer.decode(result.prompt_ids)
+    # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
+    text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
+    stats = result.stats
+    accuracy = [
+        hits / total if total else None
+        for hits, total in teacher_forced_accuracy(
+            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
+        )
+    ]
+    if as_json:
+        record = {
+            "text": text,
+            "tokens": stats.new_tokens,
+            "token_ids": result.tokens,
+            "forwards": stats.forwards,
+            "tokens_per_forward": round(stats.tokens_per_forward, 4),
+            "acceptance": [None if a is None else round(a, 4) for a in stats.acceptance],
+            "teacher_forced_accuracy": [None if a is None else round(a, 4) for a in accuracy],
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+            "prompt_tokens": len(result.prompt_ids),
+        }
+        print(json.dumps(record))
+        return 0
+    print(prompt + text)
+    summary = (
+        f"{stats.new_tokens} tokens in {stats.forwards} forwards "
+        f"({stats.tokens_per_forward:.2f} tokens/forward), {stats.tokens_per_s:.1f} tokens/s"
+    )
+    if speculative:
+        rates = ", ".join("n/a" if a is None else f"{a:.0%}" for a in stats.acceptance)
+        summary += f"; acceptance per depth: {rates}"
+    print(summary, file=sys.stderr)
+    return 0
