@@ -70,6 +70,7 @@ class PackedLoader:
         pad_id: int = 0,
         shuffle: bool = True,
         ignore_index: int = -100,
+        align: int = 1,
     ) -> None:
         """Build the loader and pack its first epoch.
 
@@ -82,6 +83,9 @@ class PackedLoader:
             shuffle: Shuffle documents and rows each epoch; when False every epoch has
                 the same rows, in packing order.
             ignore_index: Label of positions without a target.
+            align: pieces occupy multiples of ``align`` tokens (see
+                :func:`~multitoken.data.packing.pack_documents`); ``2 * cp`` for context
+                parallelism.
 
         Raises:
             DataError: On a bad setting, or if one epoch packs into fewer than
@@ -105,6 +109,7 @@ class PackedLoader:
         self.pad_id = pad_id
         self.shuffle = shuffle
         self.ignore_index = ignore_index
+        self.align = align
         self._lengths = corpus.lengths
         self._epoch = 0
         self._batch_in_epoch = 0
@@ -132,7 +137,7 @@ class PackedLoader:
         else:
             rng = None
             doc_order = np.arange(num_docs)
-        plan = pack_documents(self._lengths[doc_order], self.seq_len)
+        plan = pack_documents(self._lengths[doc_order], self.seq_len, self.align)
         rows = plan.rows
         if rng is not None:
             rows = [rows[i] for i in rng.permutation(len(rows)).tolist()]
@@ -160,7 +165,9 @@ class PackedLoader:
         first = self._batch_in_epoch * self.batch_size
         rows = self._rows[first : first + self.batch_size]
         self._batch_in_epoch += 1
-        return build_batch(self._docs, rows, self.seq_len, self.pad_id, self.ignore_index)
+        return build_batch(
+            self._docs, rows, self.seq_len, self.pad_id, self.ignore_index, self.align
+        )
 
     def state_dict(self) -> dict[str, int]:
         """Where the loader stands: the next batch is ``batch_in_epoch`` of ``epoch``.
@@ -174,6 +181,7 @@ class PackedLoader:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
+            "align": self.align,
             "num_docs": len(self.corpus),
             "num_tokens": self.corpus.num_tokens,
         }
@@ -185,7 +193,7 @@ class PackedLoader:
             DataError: If the state came from a loader with other settings or corpus.
         """
         expected = self.state_dict()
-        for key in ("seed", "seq_len", "batch_size", "num_docs", "num_tokens"):
+        for key in ("seed", "seq_len", "batch_size", "align", "num_docs", "num_tokens"):
             if key in state and int(state[key]) != expected[key]:
                 raise DataError(
                     f"loader state has {key}={state[key]} but this loader has "

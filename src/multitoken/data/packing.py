@@ -72,7 +72,9 @@ class PackingPlan:
         return (total - self.num_tokens) / total if total else 0.0
 
 
-def pack_documents(lengths: Sequence[int] | np.ndarray, seq_len: int) -> PackingPlan:
+def pack_documents(
+    lengths: Sequence[int] | np.ndarray, seq_len: int, align: int = 1
+) -> PackingPlan:
     """Pack documents into rows of ``seq_len`` tokens, best-fit decreasing.
 
     A document longer than ``seq_len`` is first cut into pieces of ``seq_len`` tokens
@@ -88,15 +90,21 @@ def pack_documents(lengths: Sequence[int] | np.ndarray, seq_len: int) -> Packing
     Args:
         lengths: Length in tokens of each document.
         seq_len: Row length in tokens.
+        align: every piece occupies a multiple of ``align`` tokens of its row (its tail is
+            padding). Context parallelism cuts every document into ``2 * cp`` equal chunks;
+            packing with ``align = 2 * cp`` makes every piece already divisible, so the shards
+            need no extra padding and every step has the same shape. Must divide ``seq_len``.
 
     Returns:
         The packing plan.
 
     Raises:
-        DataError: If ``seq_len < 1`` or a length is negative.
+        DataError: If ``seq_len < 1``, ``align`` does not divide it, or a length is negative.
     """
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    if align < 1 or seq_len % align:
+        raise DataError(f"align={align} must be >= 1 and divide seq_len={seq_len}")
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if lengths.size and lengths.min() < 0:
         raise DataError(f"document lengths must be >= 0, got {int(lengths.min())}")
@@ -120,7 +128,7 @@ def pack_documents(lengths: Sequence[int] | np.ndarray, seq_len: int) -> Packing
         piece_doc[order].tolist(), piece_start[order].tolist(), piece_end[order].tolist()
     ):
         segment = Segment(doc, start, end)
-        size = end - start
+        size = -(-(end - start) // align) * align  # the footprint, padded to ``align``
         slot = bisect.bisect_left(room_values, size)
         if slot < len(room_values):
             room = room_values[slot]
@@ -151,6 +159,7 @@ def build_batch(
     seq_len: int,
     pad_id: int,
     ignore_index: int = -100,
+    align: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Materialise packed rows as a training batch.
 
@@ -173,6 +182,9 @@ def build_batch(
         seq_len: Row length ``T``.
         pad_id: Input id written on padding.
         ignore_index: Label written where there is no target.
+        align: pieces occupy a multiple of ``align`` tokens, as in :func:`pack_documents`;
+            the padding after a piece belongs to the piece's segment in ``cu_seqlens``
+            (pad ids, no labels, only ever seen by itself), so no extra segment appears.
 
     Returns:
         ``input_ids`` int64 ``(B, T)``, ``labels`` int64 ``(B, T)`` and ``cu_seqlens``
@@ -206,7 +218,7 @@ def build_batch(
             piece = np.asarray(doc[start:end])
             input_ids[r, pos : pos + size] = piece
             labels[r, pos : pos + size - 1] = piece[1:]
-            pos += size
+            pos += -(-size // align) * align
             cu_seqlens.append(r * seq_len + pos)
         if pos < seq_len:
             cu_seqlens.append((r + 1) * seq_len)
