@@ -1,0 +1,223 @@
+"""The ``multitoken`` command: ``train``, ``plot``, ``generate``, ``bench``.
+
+Bad input (an unknown config key, a value of the wrong type, a missing data path, an empty
+corpus, a sequence length CP cannot split) prints one ``error:`` line and exits with code 2,
+before any rank is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+__all__ = ["main"]
+
+USAGE_ERROR = 2
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from multitoken.train.config import config_help
+
+    parser = sub.add_parser(
+        "train",
+        help="train a GPT with Multi-Token Prediction",
+        description=(
+            "Train the reference GPT with MTP on packed documents, with context and data "
+            "parallelism over local ranks (or under torchrun). Settings come from the "
+            "defaults, then CONFIG (TOML), then section.key=value overrides."
+        ),
+        epilog="configuration keys (section.key=default: meaning):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("items", nargs="*", metavar="CONFIG.toml | key=value")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="local ranks to launch (default: parallel.dp * parallel.cp); ignored under torchrun",
+    )
+    parser.add_argument("--data", default=None, help="shorthand for data.path=PATH")
+    return parser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(cfg):
+    """What every launched rank runs (module level so that spawn can pickle it)."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    from multitoken.train.trainer import train
+
+    return train(cfg)
+
+
+def _launch(cfg, nproc: int) -> dict:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex[:8],
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    return elastic_launch(launch, _rank_entry)(cfg)
+
+
+def cmd_train(args) -> int:
+    from multitoken.train.config import ConfigError, load_config
+    from multitoken.train.data import prepare_data
+
+    files = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    if len(files) > 1:
+        raise ConfigError(f"at most one config file, got {files}")
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    cfg = load_config(files[0] if files else None, overrides)
+    world = cfg.parallel.dp * cfg.parallel.cp
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        from multitoken.train.trainer import train  # started by torchrun: we are one rank
+
+        train(cfg)
+        return 0
+    nproc = args.nproc or world
+    if nproc != world:
+        raise ConfigError(
+            f"--nproc {nproc} but parallel.dp * parallel.cp = {world}: set parallel.dp and "
+            f"parallel.cp so that their product is {nproc}"
+        )
+    data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
+    if world == 1:
+        from multitoken.train.trainer import train
+
+        last = train(cfg, data)
+    else:
+        last = _launch(cfg, nproc)[0]
+    print(
+        f"run written to {cfg.run_dir}/ (metrics.jsonl, checkpoints/); plot it with "
+        f"`multitoken plot {cfg.run_dir}`"
+    )
+    if last and "val" in last:
+        val = last["val"]
+        print(
+            f"final: train loss_main {last['loss_main']:.4f} loss_mtp {last['loss_mtp']} | "
+            f"val loss_main {val['loss_main']:.4f} loss_mtp {val['loss_mtp']}"
+        )
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from multitoken.train.plot import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from multitoken.generate import generate_command
+    from multitoken.train.config import ConfigError
+
+    try:
+        return _generate(generate_command, args)
+    except ValueError as err:  # e.g. --speculative on a model trained without MTP
+        raise ConfigError(str(err)) from None
+
+
+def _generate(generate_command, args) -> int:
+    return generate_command(
+        run_dir=args.run,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        speculative=args.speculative,
+        draft_depth=args.draft_depth,
+        temperature=args.temperature,
+        as_json=args.json,
+        seed=args.seed,
+    )
+
+
+def cmd_bench(args) -> int:
+    bench_dir = Path(__file__).resolve().parents[2] / "bench"
+    if not bench_dir.is_dir():
+        raise FileNotFoundError(
+            f"no bench/ folder next to the package ({bench_dir}): run from a source checkout"
+        )
+    available = sorted(p.stem for p in bench_dir.glob("*.py") if not p.stem.startswith("_"))
+    names = args.names or ["lookahead", "loss", "step"]
+    for name in names:
+        if name not in available:
+            raise FileNotFoundError(
+                f"unknown benchmark {name!r}; available: {', '.join(available)}"
+            )
+    for name in names:
+        code = subprocess.call([sys.executable, str(bench_dir / f"{name}.py"), *args.extra])
+        if code:
+            return code
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multitoken",
+        description="Exact Multi-Token Prediction training with packing and context parallelism.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub).set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="per-depth loss and accuracy curves of one or more runs")
+    plot.add_argument("runs", nargs="+", help="run folders (runs/<name>); several are overlaid")
+    plot.add_argument("--out", default=None, help="output folder (default: the first run's)")
+    plot.set_defaults(func=cmd_plot)
+
+    gen = sub.add_parser("generate", help="decode from a trained run (optionally speculative)")
+    gen.add_argument("--run", default="runs/default", help="run folder")
+    gen.add_argument("--prompt", default="", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument(
+        "--speculative", action="store_true", help="draft with the MTP heads, verify in one pass"
+    )
+    gen.add_argument("--draft-depth", type=int, default=None, help="MTP depths to draft with")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--json", action="store_true", help="print one JSON line of statistics")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="run benchmarks from bench/ (default: the core ones)")
+    bench.add_argument("names", nargs="*", help="benchmark names (files in bench/)")
+    bench.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="passed on")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from multitoken.data import DataError
+    from multitoken.layout import LayoutError
+    from multitoken.train.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, LayoutError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,180 @@
+"""Checkpoints: ``torch.distributed.checkpoint`` for the model and optimiser, one small file per
+rank for the rest (step, schedule, data position, RNG), written atomically.
+
+Layout of a run::
+
+    runs/<name>/checkpoints/step_000100/   .metadata, *.distcp, extra_rank<r>.pt
+    runs/<name>/checkpoints/latest         "step_000100"
+
+A save goes to ``step_N.partial`` and is renamed to ``step_N`` only after every rank has
+finished writing, so an interrupted save (a killed rank, a full disk) never leaves a directory
+that :func:`latest_checkpoint` would pick up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+__all__ = [
+    "fault_point",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "load_for_inference",
+]
+
+_STEP_DIR = re.compile(r"step_(\d+)$")
+# DCP warns when it runs without a process group; a single-process run is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _barrier(group) -> None:
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def fault_point(point: str) -> None:
+    """Test hook: ``MULTITOKEN_FAULT=<point>:<rank>`` SIGKILLs that rank at that point."""
+    spec = os.environ.get("MULTITOKEN_FAULT", "")
+    if (
+        spec
+        and spec.rsplit(":", 1)[0] == point
+        and spec.rsplit(":", 1)[1] == str(dist.get_rank() if dist.is_initialized() else 0)
+    ):
+        os.kill(os.getpid(), 9)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    group=None,
+) -> Path:
+    """Save model, optimiser and this rank's ``extra`` state as ``step_<step>``; collective.
+
+    Args:
+        run_dir: the run's folder.
+        step: the last completed optimiser step.
+        model, optimizer: replicated on every rank of ``group``.
+        extra: small per-rank state (scheduler, data position, RNG), saved with ``torch.save``.
+        group: the process group of all ranks that train this model (None: single process).
+    """
+    root = Path(run_dir) / "checkpoints"
+    final, partial = root / f"step_{step:06d}", root / f"step_{step:06d}.partial"
+    rank = _rank(group)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier(group)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save(
+        {"model": model_state, "optim": optim_state},
+        checkpoint_id=str(partial),
+        process_group=group,
+    )
+    torch.save(extra, partial / f"extra_rank{rank}.pt")
+    fault_point(f"save{step}")
+    _barrier(group)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)  # atomic: the checkpoint appears whole or not at all
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+    _barrier(group)
+    return final
+
+
+def _complete(path: Path, world: int | None) -> bool:
+    if not (path / ".metadata").is_file():
+        return False
+    extras = list(path.glob("extra_rank*.pt"))
+    return bool(extras) if world is None else len(extras) == world
+
+
+def latest_checkpoint(run_dir: Path, world: int | None = None) -> Path | None:
+    """The newest complete checkpoint of a run (``None`` if there is none)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and _complete(path, world):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None
+) -> dict[str, Any]:
+    """Load a checkpoint saved by :func:`save_checkpoint` in place; return this rank's extra."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    rank = _rank(group)
+    extra_file = path / f"extra_rank{rank}.pt"
+    if not extra_file.is_file():
+        raise FileNotFoundError(
+            f"{extra_file} is missing: this checkpoint was written by {_world_of(path)} ranks; "
+            "resume with the same parallel.dp and parallel.cp"
+        )
+    return torch.load(extra_file, weights_only=False)
+
+
+def _world_of(path: Path) -> int:
+    return len(list(path.glob("extra_rank*.pt")))
+
+
+def load_for_inference(run_dir: str | Path, step: int | None = None):
+    """The trained model (eval mode, CPU) and the tokenizer of a run, in one process.
+
+    Args:
+        run_dir: ``runs/<name>``.
+        step: a checkpoint step; None = the newest complete one.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from multitoken.data import Tokenizer
+    from multitoken.models import GPT
+    from multitoken.train.config import gpt_config, load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a run folder (no config.toml): train one with `multitoken train`"
+        )
+    cfg = load_config(str(run_dir / "config.toml"))
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    path = run_dir / "checkpoints" / f"step_{step:06d}" if step else latest_checkpoint(run_dir)
+    if path is None or not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    model = GPT(gpt_config(cfg, tokenizer.vocab_size))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    return model.eval(), tokenizer

@@ -1,0 +1,70 @@
+"""Run records: ``metrics.jsonl`` (one JSON object per logged step), optional TensorBoard.
+
+Only rank 0 writes. Values are already reduced over ranks as sum/sum (never a mean of per-rank
+ratios) by the trainer before they get here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsWriter", "read_metrics"]
+
+
+class MetricsWriter:
+    """Appends metric records to ``<run_dir>/metrics.jsonl``.
+
+    Args:
+        run_dir: the run's folder.
+        resume_step: when resuming, records of later steps (written after the checkpoint the
+            run resumes from) are dropped so the file reads like one uninterrupted run.
+        tensorboard: also write TensorBoard events under ``<run_dir>/tensorboard``.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # pragma: no cover - optional extra
+                raise RuntimeError(
+                    "run.tensorboard=true needs the tensorboard package: "
+                    "pip install 'multitoken[tensorboard]'"
+                ) from err
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if isinstance(value, list):
+                    for depth, item in enumerate(value, start=1):
+                        self._tb.add_scalar(f"{split}/{key}_{depth}", item, record["step"])
+                elif isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{split}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file (or of ``<run>/metrics.jsonl``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is this a run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
