@@ -209,9 +209,9 @@ def _field_type(section_cls: type, name: str) -> type:
     return hints[name]
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
-    """Convert a TOML value or a command-line string to the field's type, or raise."""
-    from_cli = isinstance(raw, str) and kind is not str
+def _coerce(key: str, raw: Any, kind: type, from_cli: bool) -> Any:
+    """Convert a TOML value (typed) or a command-line string (parsed) to the field's type."""
+    from_cli = from_cli and isinstance(raw, str) and kind is not str
     if kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -238,7 +238,7 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     raise ConfigError(f"{key} must be {name}, got {raw!r}")
 
 
-def _set(cfg: TrainConfig, key: str, raw: Any) -> None:
+def _set(cfg: TrainConfig, key: str, raw: Any, from_cli: bool = False) -> None:
     section_name, _, name = key.partition(".")
     sections = _sections()
     if section_name not in sections or not name:
@@ -252,7 +252,7 @@ def _set(cfg: TrainConfig, key: str, raw: Any) -> None:
         close = [n for n in names if n.startswith(name[:3])]
         hint = f"; did you mean {section_name}.{close[0]}?" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint} (see `multitoken train --help`)")
-    setattr(section, name, _coerce(key, raw, _field_type(type(section), name)))
+    setattr(section, name, _coerce(key, raw, _field_type(type(section), name), from_cli))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -338,7 +338,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set(cfg, key.strip(), value.strip())
+        _set(cfg, key.strip(), value.strip(), from_cli=True)
     validate(cfg)
     return cfg
 

@@ -1,0 +1,100 @@
+import pytest
+
+from multitoken.train.config import (
+    ConfigError,
+    TrainConfig,
+    config_help,
+    gpt_config,
+    load_config,
+    to_toml,
+)
+from multitoken.train.trainer import lr_lambda, mtp_weight
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\ndim = 96\nn_heads = 4\n[run]\nname = "x"\n[mtp]\ndepth = 3\n')
+    cfg = load_config(str(path), ["model.dim=64", "train.resume=true", "mtp.loss_weight=0.1"])
+    assert cfg.model.dim == 64 and cfg.mtp.depth == 3 and cfg.run.name == "x"
+    assert cfg.train.resume is True and cfg.mtp.loss_weight == 0.1
+    assert str(cfg.run_dir) == "runs/x"
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config(None, ["run.name=a b", "data.path=/tmp/x", "parallel.cp=1"])
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_config(str(tmp_path / "c.toml")) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.dimm=3"], "unknown config key 'model.dimm'; did you mean model.dim"),
+        (["optim.lr=3"], "unknown config key 'optim.lr'"),
+        (["train.steps=ten"], "train.steps must be int, got 'ten'"),
+        (["train.resume=maybe"], "train.resume must be bool"),
+        (["train.lr=fast"], "train.lr must be float"),
+        (["model.dim"], "must look like section.key=value"),
+        (["data.seq_len=250", "parallel.cp=2"], "data.seq_len=250 is not compatible with"),
+        (["data.batch_size=3", "parallel.dp=2"], "cannot be split over parallel.dp=2"),
+        (["data.align=6", "parallel.cp=2"], "must be a multiple of 2 \\* parallel.cp = 4"),
+        (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
+        (["data.seq_len=2048"], "exceeds model.max_seq_len"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_toml_type_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nsteps = "10"\n')
+    with pytest.raises(ConfigError, match="train.steps must be int, got '10'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.toml"))
+
+
+def test_help_documents_every_field():
+    text = config_help()
+    for key in (
+        "model.dim",
+        "mtp.depth",
+        "mtp.loss_weight",
+        "data.path",
+        "train.steps",
+        "train.log_every",
+        "train.save_every",
+        "train.resume",
+        "train.seed",
+        "parallel.cp",
+        "parallel.dp",
+        "run.name",
+    ):
+        line = next(line for line in text.splitlines() if line.strip().startswith(key + "="))
+        assert len(line.split(": ", 1)[1]) > 5, line
+
+
+def test_schedules():
+    cfg = load_config(
+        None,
+        [
+            "train.steps=100",
+            "train.warmup_steps=10",
+            "train.lr=1e-3",
+            "train.min_lr=1e-4",
+            "mtp.loss_weight_final=0.1",
+        ],
+    )
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(0.1) and 0.1 < f(50) < 1.0
+    assert mtp_weight(cfg, 70) == 0.3 and mtp_weight(cfg, 71) == 0.1
+
+
+def test_gpt_config_mapping():
+    cfg = TrainConfig()
+    model = gpt_config(cfg, vocab_size=512)
+    assert model.vocab_size == 512 and model.mtp.depth == cfg.mtp.depth
+    assert model.n_kv_heads == cfg.model.n_kv_heads and model.ffn_dim % 64 == 0
