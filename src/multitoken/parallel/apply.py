@@ -1,0 +1,135 @@
+"""``parallelize(model, groups)``: context parallelism applied to a plain model from outside.
+
+Under CP each rank holds a shard of every row (:mod:`.context`). Attention is the only layer
+that mixes tokens, and it only needs the keys and values of the whole row: every
+:class:`~multitoken.models.attention.Attention` gets a ``kv_gather`` hook that all-gathers its
+rotated K and V over the CP group along the sequence dim (reduce-scatter in the backward),
+while the queries stay local and the mask is built from global positions and document ids
+(``kv_layout``). This is the approach Llama 3 used at 128k context: it supports document masks
+and grouped-query attention directly, and with GQA only the KV heads travel.
+
+The model never imports ``torch.distributed``; this module sets the hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from multitoken.models.attention import Attention
+
+__all__ = ["parallelize", "SequenceGather", "gather_sequence"]
+
+# Backends whose reduce_scatter is known to fail; filled at first failure (older gloo).
+_NO_REDUCE_SCATTER: set[str] = set()
+
+
+def _all_gather(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
+    if hasattr(dist, "all_gather_single"):  # torch >= 2.10 name
+        dist.all_gather_single(out, x, group=group)
+    else:
+        dist.all_gather_into_tensor(out, x, group=group)
+
+
+def _reduce_scatter(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
+    backend = str(dist.get_backend(group))
+    if backend not in _NO_REDUCE_SCATTER:
+        try:
+            if hasattr(dist, "reduce_scatter_single"):
+                dist.reduce_scatter_single(out, x, group=group)
+            else:
+                dist.reduce_scatter_tensor(out, x, group=group)
+            return
+        except (RuntimeError, NotImplementedError):
+            # Gloo before torch 2.x had no reduce_scatter; the call fails on every rank alike,
+            # before any message, so falling back here keeps the ranks in step.
+            if backend != "gloo":
+                raise
+            _NO_REDUCE_SCATTER.add(backend)
+    full = x.clone()
+    dist.all_reduce(full, group=group)
+    rank = dist.get_rank(group)
+    out.copy_(full[rank * out.shape[0] : (rank + 1) * out.shape[0]])
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along ``dim`` forward; reduce-scatter (sum) of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        world = dist.get_world_size(group)
+        # Collectives concatenate along dim 0; move the sequence there and back.
+        local = x.movedim(dim, 0).contiguous()  # (T, ...)
+        out = local.new_empty((world * local.shape[0], *local.shape[1:]))  # (cp * T, ...)
+        _all_gather(out, local, group)
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world = dist.get_world_size(ctx.group)
+        full = grad.movedim(ctx.dim, 0).contiguous()  # (cp * T, ...)
+        out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
+        _reduce_scatter(out, full, ctx.group)
+        return out.movedim(0, ctx.dim), None, None
+
+
+def gather_sequence(x: Tensor, group: dist.ProcessGroup, dim: int = 2) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order, differentiably.
+
+    The gradient of the result is summed over the ranks and each rank gets the slice of its
+    own input, so gradients of the gathered keys computed by every rank's queries flow back.
+
+    Example (2 ranks, ``x = [[r, r]]`` on rank r)::
+
+        >>> gather_sequence(x, cp_group, dim=1)
+        tensor([[0, 0, 1, 1]])
+    """
+    return _GatherSequence.apply(x, group, dim)
+
+
+class SequenceGather:
+    """The ``Attention.kv_gather`` hook: ``[B, Hkv, T_local, d] -> [B, Hkv, cp * T_local, d]``.
+
+    A class rather than a closure so the model stays picklable and the hook prints its group.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, dim: int = 2):
+        self.group, self.dim = group, dim
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return gather_sequence(x, self.group, self.dim)
+
+    def __repr__(self) -> str:
+        ranks = dist.get_process_group_ranks(self.group)
+        return f"SequenceGather(ranks={ranks}, dim={self.dim})"
+
+
+def parallelize(model: nn.Module, groups) -> nn.Module:
+    """Apply context parallelism to ``model`` in place and return it.
+
+    Sets ``kv_gather`` on every :class:`Attention` module (the main layers and every MTP
+    depth) to an all-gather over ``groups.cp_group``; with ``cp_size == 1`` (or ``groups`` None)
+    it clears the hooks. Feed the model :meth:`CPShard.model_inputs` so the mask sees the
+    gathered keys' layout.
+
+    Args:
+        model: any module containing :class:`Attention` layers.
+        groups: a :class:`~multitoken.parallel.mesh.ParallelGroups` (or anything with
+            ``cp_group`` and ``cp_size``), or None.
+    """
+    hook = None
+    if groups is not None and groups.cp_size > 1:
+        hook = SequenceGather(groups.cp_group)
+    found = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kv_gather = hook
+            found += 1
+    if hook is not None and not found:
+        raise ValueError(
+            f"parallelize found no multitoken Attention module in {type(model).__name__}: "
+            "context parallelism would silently attend to local keys only"
+        )
+    return model
