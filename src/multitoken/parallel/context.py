@@ -25,6 +25,7 @@ from multitoken.lookahead import IGNORE_INDEX
 from multitoken.parallel.halo import (
     HaloIndex,
     ShardMismatchError,
+    check_cp_group,
     exchange_values,
     halo_from_global,
     halo_targets,
@@ -242,7 +243,12 @@ def _fields(layout: SequenceLayout) -> tuple[Tensor, Tensor, Tensor]:
     return layout.doc_ids, layout.positions, layout.seq_index
 
 
-def exchange_halo(shard: CPShard, group: dist.ProcessGroup | None) -> CPShard:
+def exchange_halo(
+    shard: CPShard,
+    depth: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    pad_id: int | None = None,
+) -> CPShard:
     """Fill the halos of a local shard with one collective over the CP ``group``.
 
     The fallback for data pipelines that only produce local shards: every rank derives from
@@ -250,20 +256,33 @@ def exchange_halo(shard: CPShard, group: dist.ProcessGroup | None) -> CPShard:
     and the labels of every document and every depth at once. Exact for chunks shorter than D
     (their halo comes from several ranks). ``group`` may be None only when ``cp_size == 1``.
 
+    Args:
+        shard: this rank's shard (from ``shard_batch(..., halo=False)`` or a loader).
+        depth: D to build the halos for; None = ``shard.depth`` (a shard cut with depth 0 can
+            be given its MTP inputs here).
+        group: the CP process group (``exchange_halo(shard, cp_group)`` also works).
+        pad_id: input fill; None = ``shard.pad_id``.
+
     Raises:
         ValueError: ``group`` does not match the shard's CP size and rank (before any message).
         ShardMismatchError: the peers sharded a different plan (on every rank).
     """
+    if isinstance(depth, dist.ProcessGroup) and group is None:
+        depth, group = None, depth
     if not isinstance(shard, CPShard):
         raise TypeError(f"exchange_halo takes a CPShard, got {type(shard).__name__}")
+    depth = shard.depth if depth is None else depth
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    shard = replace(shard, depth=depth, pad_id=shard.pad_id if pad_id is None else pad_id)
     if shard.cp_size > 1:
         if group is None:
             raise ValueError("exchange_halo needs the CP process group when cp_size > 1")
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        if (size, rank) != (shard.cp_size, shard.cp_rank):
+        check_cp_group(group, shard.cp_size, shard.cp_rank, "exchange_halo")
+        if dist.get_world_size(group) != shard.cp_size:
             raise ValueError(
-                f"the group has {size} ranks and this is rank {rank}, but the shard is cp_rank "
-                f"{shard.cp_rank} of cp_size {shard.cp_size}: pass the CP group"
+                f"exchange_halo needs the CP group of {shard.cp_size} ranks, got a group of "
+                f"{dist.get_world_size(group)}: pass the CP group"
             )
     halo_ids, halo_labels = exchange_values(
         [shard.input_ids, shard.labels],

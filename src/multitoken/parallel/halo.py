@@ -32,6 +32,7 @@ __all__ = [
     "HaloIndex",
     "HaloRoute",
     "ShardMismatchError",
+    "check_cp_group",
     "halo_targets",
     "halo_from_global",
     "exchange_values",
@@ -40,6 +41,27 @@ __all__ = [
 
 class ShardMismatchError(RuntimeError):
     """The ranks of a CP group disagree on the split (different batches, shapes or plans)."""
+
+
+def check_cp_group(group: dist.ProcessGroup, cp_size: int, cp_rank: int, what: str) -> None:
+    """Refuse, before any collective, a group that is not made of whole CP groups.
+
+    CP groups are blocks of ``cp_size`` consecutive world ranks starting at a multiple of
+    ``cp_size`` (the ``(dp, cp)`` layout of :func:`~multitoken.parallel.mesh.build_mesh`). The
+    test reads only the group's member list, which every member sees alike, so a wrong group
+    (the DP group, say) fails on all of its members instead of leaving some in a collective.
+    """
+    ranks = dist.get_process_group_ranks(group)
+    blocks = [ranks[i : i + cp_size] for i in range(0, len(ranks), cp_size)]
+    whole = len(ranks) % cp_size == 0 and all(
+        b == list(range(b[0], b[0] + cp_size)) and b[0] % cp_size == 0 for b in blocks
+    )
+    if not whole or dist.get_rank(group) % cp_size != cp_rank:
+        raise ValueError(
+            f"{what} needs the CP group (or the DP x CP group) of CP size {cp_size}; got a "
+            f"group of world ranks {ranks} where this rank is {dist.get_rank(group)}, but the "
+            f"shard is cp_rank {cp_rank}: pass the CP group"
+        )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["init_distributed", "build_mesh", "ParallelGroups"]
+__all__ = ["init_distributed", "build_mesh", "build_groups", "ParallelGroups"]
 
 
 def init_distributed(backend: str | None = None) -> torch.device:
@@ -135,3 +135,8 @@ class ParallelGroups:
             cp_rank=mesh.get_local_rank("cp"),
             cp_size=mesh.size(1),
         )
+
+
+def build_groups(dp: int | None, cp: int, device_type: str = "cpu") -> ParallelGroups:
+    """The mesh and its groups in one call: ``ParallelGroups.build(dp, cp, device_type)``."""
+    return ParallelGroups.build(dp, cp, device_type)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from multitoken.lookahead import IGNORE_INDEX
-from multitoken.parallel.halo import ShardMismatchError
+from multitoken.parallel.halo import ShardMismatchError, check_cp_group
 
 __all__ = ["global_normalizer", "sync_gradients", "reduce_metrics"]
 
@@ -66,12 +66,8 @@ def global_normalizer(depth_labels, group: dist.ProcessGroup | None, ignore_inde
         dist.all_reduce(counts, group=group)
         return counts
     fingerprint, cp, cp_rank = check
+    check_cp_group(group, cp, cp_rank, "global_normalizer")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size % cp or rank % cp != cp_rank:
-        raise ValueError(
-            f"group rank {rank} of {size} is not cp_rank {cp_rank} of a CP group of {cp}: pass "
-            "the DP x CP group (or the CP group) for CP shards"
-        )
     # One slot per DP replica holds the sum and the sum of squares of its CP ranks'
     # fingerprints: n * sum(h^2) == sum(h)^2 iff they are all equal (exact in int64).
     replicas, slot = size // cp, rank // cp

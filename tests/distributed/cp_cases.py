@@ -1,0 +1,119 @@
+"""Models, batches and per-rank steps shared by the distributed tests.
+
+The reference of every test is the plain model on the global batch in one process (no
+``multitoken.parallel`` involved), computed by the pytest process itself; the ranks only
+report what they computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from multitoken import MTPConfig, SequenceLayout, next_token_labels
+from multitoken.models import GPT, GPTConfig
+from multitoken.parallel import (
+    ParallelGroups,
+    exchange_halo,
+    global_normalizer,
+    parallelize,
+    shard_batch,
+    sync_gradients,
+)
+
+VOCAB, PAD, IGNORE = 61, 0, -100
+# Packed rows of 40 tokens: documents shorter than 2 * cp (1, 2, 3 tokens) and shorter than D,
+# lengths that are not multiples of 2 * cp (padding), and a long one.
+PACKED_ROWS = [[1, 9, 2, 13, 3, 7, 5], [17, 1, 1, 6, 15]]
+UNPACKED_SHAPE = (2, 21)  # 21 is not a multiple of 4 or 8: every row is padded
+
+_GROUPS: dict[tuple[int, int], ParallelGroups] = {}
+
+
+def groups(dp: int, cp: int) -> ParallelGroups:
+    """The (dp, cp) groups of this pool, built once per shape (new_group is collective)."""
+    if (dp, cp) not in _GROUPS:
+        _GROUPS[(dp, cp)] = ParallelGroups.build(dp, cp, "cpu")
+    return _GROUPS[(dp, cp)]
+
+
+def make_model(depth: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=64,
+        pad_id=PAD,
+        mtp=MTPConfig(depth=depth, loss_weight=0.3),
+    )
+    return GPT(config)
+
+
+def make_batch(packed: bool, seed: int = 0, rows: list[list[int]] | None = None):
+    """``(input_ids, labels, layout)``; layout None when unpacked."""
+    gen = torch.Generator().manual_seed(seed)
+    if not packed:
+        ids = torch.randint(1, VOCAB, UNPACKED_SHAPE, generator=gen)
+        return ids, next_token_labels(ids), None
+    rows = rows or PACKED_ROWS
+    seqlen = sum(rows[0])
+    cu = [0]
+    for lengths in rows:
+        assert sum(lengths) == seqlen
+        for length in lengths:
+            cu.append(cu[-1] + length)
+    layout = SequenceLayout.from_cu_seqlens(torch.tensor(cu), (len(rows), seqlen))
+    ids = torch.randint(1, VOCAB, layout.shape, generator=gen)
+    return ids, next_token_labels(ids, layout), layout
+
+
+def grads(model: GPT) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference(depth: int, packed: bool) -> dict:
+    """The CP = 1 run: the plain model on the global batch, in this process."""
+    model = make_model(depth)
+    ids, labels, layout = make_batch(packed)
+    out = model(ids, labels=labels, layout=layout)
+    out.loss.backward()
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=grads(model),
+    )
+
+
+def cp_step(shard, model: GPT, g: ParallelGroups, norm_group, grad_group) -> dict:
+    """One training step of a shard: normaliser, halo exchange if the shard has none, forward,
+    backward, gradient sum. The normaliser goes first: it checks that the CP peers agree on
+    the plan before any collective whose sizes depend on it."""
+    normalizer = global_normalizer(shard, norm_group)
+    if not shard.has_halo:
+        shard = exchange_halo(shard, group=g.cp_group)
+    out = model(**shard.model_inputs(), loss_normalizer=normalizer)
+    out.loss.backward()
+    sync_gradients(model, grad_group)
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=grads(model),
+        out=out,
+    )
+
+
+def run_cp(depth: int, packed: bool, way: str) -> dict:
+    """On every rank of a CP-only pool: this rank's loss share and the CP-summed gradients."""
+    g = groups(1, dist.get_world_size())
+    ids, labels, layout = make_batch(packed)
+    model = parallelize(make_model(depth), g)
+    halo = way == "halo"
+    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE, halo=halo)
+    result = cp_step(shard, model, g, g.cp_group, g.cp_group)
+    result.pop("out")
+    return result

@@ -1,0 +1,89 @@
+"""CP (and DP x CP) training steps equal the single-process run on the global batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from cp_cases import (
+    IGNORE,
+    PAD,
+    cp_step,
+    groups,
+    make_batch,
+    make_model,
+    reference,
+    run_cp,
+)
+
+from multitoken.parallel import parallelize, reduce_metrics, shard_batch
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def assert_matches(results: list[dict], ref: dict, what: str) -> None:
+    torch.testing.assert_close(sum(r["loss"] for r in results), ref["loss"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        sum(r["depth_loss"] for r in results), ref["depth_loss"], rtol=RTOL, atol=ATOL
+    )
+    assert torch.equal(sum(r["depth_tokens"] for r in results), ref["depth_tokens"]), what
+    for rank, r in enumerate(results):
+        assert r["grads"].keys() == ref["grads"].keys()
+        for name, grad in ref["grads"].items():
+            torch.testing.assert_close(
+                r["grads"][name], grad, rtol=RTOL, atol=ATOL, msg=f"{what} rank {rank} {name}"
+            )
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_equals_single_process(rank_pool, cp, packed):
+    pool = rank_pool(cp)
+    for depth in (1, 2, 3):
+        ref = reference(depth, packed)
+        for way in ("halo", "exchange"):
+            results = pool.run(run_cp, depth, packed, way)
+            assert_matches(results, ref, f"cp={cp} D={depth} {way}")
+
+
+def run_dp_cp(depth: int, way: str) -> dict:
+    """DP x CP = 2 x 2: each DP replica takes half of the rows, each CP rank a shard of them."""
+    g = groups(2, 2)
+    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
+    rows = slice(2 * g.dp_rank, 2 * g.dp_rank + 2)
+    local_layout = type(layout)(
+        layout.doc_ids[rows], layout.positions[rows], layout.seq_index[rows]
+    )
+    model = parallelize(make_model(depth), g)
+    shard = shard_batch(
+        ids[rows], labels[rows], local_layout, 2, g.cp_rank, depth, PAD, IGNORE, halo=way == "halo"
+    )
+    result = cp_step(shard, model, g, g.dp_cp_group, g.dp_cp_group)
+    result["metrics"] = reduce_metrics(result.pop("out"), g.dp_cp_group)
+    result["ranks"] = (dist.get_rank(), g.dp_rank, g.cp_rank)
+    return result
+
+
+DP_ROWS = [[1, 9, 2, 12], [24], [3, 3, 3, 3, 3, 9], [5, 1, 17, 1]]
+
+
+@pytest.mark.parametrize("way", ["halo", "exchange"])
+def test_dp_cp_equals_single_process(pool4, way):
+    depth = 2
+    model = make_model(depth)
+    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
+    out = model(ids, labels=labels, layout=layout)
+    out.loss.backward()
+    ref = dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads={n: p.grad for n, p in model.named_parameters()},
+    )
+    results = pool4.run(run_dp_cp, depth, way)
+    assert [r["ranks"] for r in results] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
+    assert_matches(results, ref, f"dp x cp = 2 x 2 {way}")
+    for r in results:  # the logged numbers are global, the same on every rank
+        metrics = r["metrics"]
+        assert metrics == results[0]["metrics"]
+        assert metrics["loss"] == pytest.approx(float(ref["loss"]), rel=RTOL)
+        assert metrics["loss/depth2"] == pytest.approx(float(ref["depth_loss"][2]), rel=RTOL)
+        assert metrics["tokens/main"] == float(ref["depth_tokens"][0])
