@@ -9,7 +9,7 @@ Depth k's input is ``lookahead(input_ids, k, fill=pad_id)`` and its target is
 target of position i is ``labels[i + k]``). The result is exact per depth: the last k + 1
 positions of every document have no target at depth k, and no target crosses a document.
 
-It is one gather and one same-document test for all shifts at once: no Python loop over
+Each shift is one same-document test and one select over the whole batch: no Python loop over
 documents, and the cost does not depend on how many documents a row holds.
 """
 
@@ -65,18 +65,20 @@ def lookahead(
     if any((not isinstance(k, int)) or k < 0 for k in ks):
         raise LayoutError(f"shifts must be non-negative ints, got {shifts!r}")
     batch, seqlen = x.shape
-    if not ks:
-        return x.new_empty((0, batch, seqlen))
-    k = torch.tensor(ks, device=x.device)[:, None]  # (K, 1)
-    target = torch.arange(seqlen, device=x.device)[None, :] + k  # (K, T)
-    inside_row = target < seqlen
-    target = target.clamp(max=seqlen - 1)
-    index = target[:, None, :].expand(len(ks), batch, seqlen)  # (K, B, T)
     doc = layout.doc_ids
-    ahead = x[None].expand(len(ks), batch, seqlen).gather(2, index)
-    doc_ahead = doc[None].expand(len(ks), batch, seqlen).gather(2, index)
-    same = (doc_ahead == doc[None]) & (doc[None] >= 0) & inside_row[:, None, :]
-    out = torch.where(same, ahead, torch.full_like(ahead, fill))
+    # Bitwise-and with the largest id maps every negative id (no document) to a huge one that
+    # no real document carries, so one equality test is also the "i is in a document" test.
+    ahead_key = doc & torch.iinfo(doc.dtype).max  # (B, T)
+    out = x.new_full((len(ks), batch, seqlen), fill)  # (K, B, T)
+    # One loop step per shift, each a handful of whole-row ops on narrowed views (no copies);
+    # the loop is over the D shifts, never over documents.
+    for j, k in enumerate(ks):
+        if k >= seqlen:
+            continue
+        kept = seqlen - k
+        same = torch.eq(ahead_key.narrow(1, k, kept), doc.narrow(1, 0, kept))  # (B, T - k)
+        dest = out[j].narrow(1, 0, kept)
+        torch.where(same, x.narrow(1, k, kept), dest, out=dest)
     return out[0] if single else out
 
 

@@ -48,28 +48,44 @@ def _chunk_rows(vocab: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(vocab, 1))
 
 
+def _chunk_logits(h: Tensor, weight: Tensor, buffer: Tensor) -> Tensor:
+    """fp32 logits ``h @ weight.T`` of one chunk, written into (a prefix of) ``buffer``."""
+    out = buffer[: h.shape[0]]  # (C, V)
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        # Straight into the reused buffer: a fresh chunk-sized tensor per chunk would cost a
+        # round of page faults on CPU every time (it is larger than malloc keeps around).
+        return torch.mm(h, weight.t(), out=out)
+    return out.copy_(h @ weight.t())
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_elements):
         # hidden (N, H), weight (V, H), targets (N,)
-        n_tokens = hidden.shape[0]
-        rows = _chunk_rows(weight.shape[0], chunk_elements)
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        rows = min(_chunk_rows(vocab, chunk_elements), max(n_tokens, 1))
         lse = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+        buffer = hidden.new_empty((rows, vocab), dtype=torch.float32)  # one chunk of logits
         for start in range(0, n_tokens, rows):
             stop = min(start + rows, n_tokens)
-            logits = (hidden[start:stop] @ weight.t()).float()  # (C, V)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[start:stop] = chunk_lse
+            logits = _chunk_logits(hidden[start:stop], weight, buffer)  # (C, V)
             tgt = safe_targets[start:stop]
             picked = logits.gather(1, tgt[:, None]).squeeze(1)
+            # One pass gives the row max (for a stable log-sum-exp) and the top-1 prediction.
+            row_max, top1 = logits.max(dim=-1)
+            # As torch.logsumexp: an infinite max is replaced by 0 so that inf - inf is no NaN.
+            shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
+            # The logits are no longer needed: exponentiate them in place.
+            chunk_lse = logits.sub_(shift[:, None]).exp_().sum(dim=-1).log_().add_(shift)
+            lse[start:stop] = chunk_lse
             mask = valid[start:stop]
             loss_sum += torch.where(mask, chunk_lse - picked, 0.0).sum()
-            correct += ((logits.argmax(-1) == tgt) & mask).sum()
-            del logits
+            correct += ((top1 == tgt) & mask).sum()
+        del buffer
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
         ctx.rows = rows
         ctx.mark_non_differentiable(correct)
@@ -85,20 +101,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
-        scale = grad_loss.float()
+        # Per-token factor of the gradient: grad_loss where there is a target, else 0.
+        row_scale = valid.float() * grad_loss.float()  # (N,)
+        buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             stop = min(start + rows, hidden.shape[0])
             h = hidden[start:stop]
-            # d(lse - logit[t]) / d logits = softmax - onehot(t), zero where there is no target.
-            probs = (h @ weight.t()).float()  # (C, V)
+            # d(lse - logit[t]) / d logits = softmax - onehot(t), recomputed from the saved lse.
+            probs = _chunk_logits(h, weight, buffer)  # (C, V)
             probs.sub_(lse[start:stop, None]).exp_()
             probs.scatter_add_(1, targets[start:stop, None], torch.full_like(probs[:, :1], -1.0))
-            probs.mul_((valid[start:stop].float() * scale)[:, None])
             grad_logits = probs.to(hidden.dtype)
+            # The row factor is applied to the [C, H] operands and results, not to the [C, V]
+            # chunk: diag(s) P W = diag(s) (P W) and (diag(s) P)^T h = P^T (diag(s) h).
+            scale = row_scale[start:stop, None]  # (C, 1)
             if need_h:
-                grad_h[start:stop] = grad_logits @ weight
+                grad_h[start:stop] = (grad_logits @ weight).mul_(scale.to(hidden.dtype))
             if need_w:
-                grad_w.addmm_(grad_logits.t().float(), h.float())
+                grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
             del probs, grad_logits
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)

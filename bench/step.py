@@ -1,0 +1,205 @@
+"""What does each MTP depth add to a training step, measured against the FLOP count?
+
+The reference decoder (``multitoken.models.GPT``, preset ``small``: dim H = 256, 4 layers, 8
+query / 4 key-value heads, SwiGLU width F = 704, vocab V = 4096, tied head) runs forward +
+backward on B x T = 2 x 1024 = 2048 tokens packed with a few documents per row (document
+attention), at MTP depth D = 0, 1, 2, 3. Reported: t(D) / t(0) next to the ratio the matmul
+FLOPs predict.
+
+FLOP model (per token, forward, multiply-add = 2 FLOPs; KV = 4 heads x 32 = 128):
+
+    layer   = 2 (H*H + 2*H*KV + H*H + 3*H*F)      q, k, v, o projections, SwiGLU
+            + 4 * T * H                             scores and weighted values
+    head    = 2 * H * V                             output head (shared by every depth)
+    eh_proj = 2 * (2H) * H                          an MTP depth's projection
+
+The attention term counts all T keys of the row: PyTorch's CPU SDPA kernel applies the
+document mask to dense blocks and computes every score, so these FLOPs are executed. A
+training step costs 3x the forward for the layers and projections (the backward computes the
+gradients of both operands), and 4x for the head (forward, recomputation of the logits in the
+chunked loss's backward, two gradient matmuls). With L main layers:
+
+    main    = 3 * L * layer + 4 * head
+    depth   = 3 * (layer + eh_proj) + 4 * head
+    predicted t(D) / t(0) = (main + D * depth) / main
+
+Not counted: norms, rotary embedding, SwiGLU's activation, softmax and other elementwise
+work, the embedding lookup and the mask. Target: measured t(D) / t(0) within 25% of the
+predicted ratio.
+
+Timing: 1 thread; all four models are built first, then every repeat runs one step of each
+(rotating order); the ratio is the median of per-repeat ratios. Run: ``python bench/step.py``
+(a few minutes) or ``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from _common import (
+    base_parser,
+    console,
+    emit_json,
+    environment,
+    median,
+    paired_ratios,
+    print_table,
+    setup_threads,
+    time_interleaved,
+)
+from multitoken import MTPConfig, SequenceLayout, next_token_labels
+from multitoken.models import GPT, GPTConfig
+
+TARGET_TOLERANCE = 0.25
+
+
+def flops_per_token(cfg: GPTConfig, seqlen: int) -> dict[str, float]:
+    """Forward matmul FLOPs per token of one main layer, the head and an MTP projection."""
+    dim, ffn = cfg.dim, cfg.ffn_dim
+    kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    projections = 2 * (dim * dim + 2 * dim * kv + dim * dim + 3 * dim * ffn)
+    attention = 4 * seqlen * dim
+    return {
+        "layer": projections + attention,
+        "layer_projections": projections,
+        "layer_attention": attention,
+        "head": 2 * dim * cfg.vocab_size,
+        "eh_proj": 2 * (2 * dim) * dim,
+    }
+
+
+def predicted_ratio(cfg: GPTConfig, seqlen: int, depth: int) -> float:
+    f = flops_per_token(cfg, seqlen)
+    main = 3 * cfg.n_layers * f["layer"] + 4 * f["head"]
+    per_depth = 3 * (f["layer"] + f["eh_proj"]) + 4 * f["head"]
+    return (main + depth * per_depth) / main
+
+
+def packed_batch(batch: int, seqlen: int, docs_per_row: int, vocab: int, gen: torch.Generator):
+    bounds = [0]
+    for row in range(batch):
+        cuts = torch.randperm(seqlen - 1, generator=gen)[: docs_per_row - 1] + 1
+        bounds += [row * seqlen + int(c) for c in sorted(cuts.tolist())] + [(row + 1) * seqlen]
+    layout = SequenceLayout.from_cu_seqlens(torch.tensor(bounds), shape=(batch, seqlen))
+    ids = torch.randint(1, vocab, (batch, seqlen), generator=gen)
+    return ids, next_token_labels(ids, layout), layout
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per depth")
+    parser.add_argument("--max-depth", type=int, default=3)
+    args = parser.parse_args()
+    setup_threads(args.threads, args.clock)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    if args.quick:
+        batch, seqlen, docs, overrides = (
+            1,
+            256,
+            3,
+            dict(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=None),
+        )
+        repeats = args.repeats or 3
+    else:
+        batch, seqlen, docs, overrides = 2, 1024, 4, {}
+        repeats = args.repeats or 7
+    depths = list(range(args.max_depth + 1))
+
+    configs, models = {}, {}
+    for depth in depths:
+        torch.manual_seed(args.seed)
+        configs[depth] = GPTConfig.preset(
+            "small", vocab_size=4096, max_seq_len=seqlen, mtp=MTPConfig(depth=depth), **overrides
+        )
+        models[depth] = GPT(configs[depth])
+    ids, labels, layout = packed_batch(batch, seqlen, docs, 4096, gen)
+
+    def train_step(depth: int) -> None:
+        model = models[depth]
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=labels, layout=layout).loss.backward()
+
+    samples = time_interleaved(
+        {f"D={d}": (lambda d=d: train_step(d)) for d in depths}, repeats=repeats, warmup=1
+    )
+    cfg0 = configs[0]
+    flops = flops_per_token(cfg0, seqlen)
+    results = []
+    for depth in depths:
+        ratios = paired_ratios(samples, f"D={depth}", "D=0")
+        measured = median(ratios)
+        predicted = predicted_ratio(cfg0, seqlen, depth)
+        results.append(
+            {
+                "depth": depth,
+                "step_s": median(samples[f"D={depth}"]),
+                "ratio": measured,
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "predicted_ratio": predicted,
+                "relative_error": measured / predicted - 1,
+                "extra_measured_over_predicted": (
+                    (measured - 1) / (predicted - 1) if depth else None
+                ),
+                "params": sum(p.numel() for p in models[depth].parameters()),
+            }
+        )
+
+    print_table(
+        f"GPT 'small' (H={cfg0.dim}, L={cfg0.n_layers}, V={cfg0.vocab_size}), B x T = "
+        f"{batch} x {seqlen}, {docs} docs/row, forward+backward, {args.threads} thread(s), "
+        f"median of {repeats}",
+        ["D", "params", "step s", "t(D)/t(0)", "(min-max)", "FLOP-predicted", "meas/pred"],
+        [
+            (
+                r["depth"],
+                f"{r['params'] / 1e6:.2f}M",
+                f"{r['step_s']:.3f}",
+                f"{r['ratio']:.3f}",
+                f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}",
+                f"{r['predicted_ratio']:.3f}",
+                f"{1 + r['relative_error']:.3f}",
+            )
+            for r in results
+        ],
+    )
+    main_flops = 3 * cfg0.n_layers * flops["layer"] + 4 * flops["head"]
+    depth_flops = 3 * (flops["layer"] + flops["eh_proj"]) + 4 * flops["head"]
+    console.print(
+        f"training FLOPs per token: main {main_flops / 1e6:.2f}M "
+        f"(layer {flops['layer'] / 1e6:.3f}M fwd of which attention "
+        f"{flops['layer_attention'] / 1e6:.3f}M, head {flops['head'] / 1e6:.3f}M fwd); "
+        f"per depth {depth_flops / 1e6:.2f}M (eh_proj {flops['eh_proj'] / 1e6:.3f}M fwd)"
+    )
+    met = all(abs(r["relative_error"]) <= TARGET_TOLERANCE for r in results)
+    worst = max(abs(r["relative_error"]) for r in results)
+    console.print(
+        f"target: t(D)/t(0) within {TARGET_TOLERANCE:.0%} of the FLOP prediction: "
+        f"{'met' if met else 'MISSED'} (worst {worst:.1%})"
+    )
+    emit_json(
+        {
+            "bench": "step",
+            "quick": args.quick,
+            "env": environment(),
+            "repeats": repeats,
+            "shape": {"batch": batch, "seqlen": seqlen, "docs_per_row": docs},
+            "model": {
+                "dim": cfg0.dim,
+                "n_layers": cfg0.n_layers,
+                "n_heads": cfg0.n_heads,
+                "n_kv_heads": cfg0.n_kv_heads,
+                "ffn_dim": cfg0.ffn_dim,
+                "vocab": cfg0.vocab_size,
+            },
+            "flops_per_token_forward": flops,
+            "training_flops_per_token": {"main": main_flops, "per_depth": depth_flops},
+            "target": {"tolerance": TARGET_TOLERANCE, "met": met, "worst": worst},
+            "results": results,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
