@@ -121,6 +121,7 @@ class DecodeState:
         self.hidden = torch.zeros(
             mtp_depths, 1, capacity, cfg.dim, device=param.device, dtype=param.dtype
         )
+        self._hidden_end = [0] * mtp_depths  # one past the last position written, per depth
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +136,7 @@ class DecodeState:
         h0 = self.model.forward_cached(self._ids(ids), self.main)  # (1, T, H)
         if len(self.mtp):
             self.hidden[0, :, start : start + len(ids)] = h0
+            self._hidden_end[0] = max(self._hidden_end[0], start + len(ids))
         return h0[0]
 
     def forward_depth(self, depth: int, tokens: list[int], end: int) -> Tensor:
@@ -158,6 +160,7 @@ class DecodeState:
         out = self.model.mtp_forward_cached(depth, hidden, ids, cache)  # (1, T, H)
         if depth < len(self.mtp):
             self.hidden[depth, :, start:end] = out
+            self._hidden_end[depth] = max(self._hidden_end[depth], end)
         return out[0]
 
     def commit(self, tokens: list[int], exact_upto: int) -> None:
@@ -176,3 +179,8 @@ class DecodeState:
         for k, cache in enumerate(self.mtp, start=1):
             # Position j of depth k read tokens up to j + k.
             cache.truncate(max(0, min(cache.length, length - 1 - k, exact_upto - k)))
+        # Hidden states past what each cache keeps came from the same dropped inputs.
+        kept = [self.main[0].length] + [cache.length for cache in self.mtp[:-1]]
+        for k in range(len(self.mtp)):
+            self.hidden[k, :, kept[k] : self._hidden_end[k]] = 0
+            self._hidden_end[k] = min(self._hidden_end[k], kept[k])

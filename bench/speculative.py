@@ -1,0 +1,232 @@
+"""What do the MTP heads buy at decoding time? Self-speculative vs plain greedy decoding.
+
+For a trained run (``--run runs/default``) and prompts from the held-out split of its corpus
+(the documents the run never trained on, chosen exactly as the trainer chose them), every
+prompt is decoded greedily four ways: plain (one main-model forward per token) and
+speculative with each draft depth 1..D. Reported:
+
+* **identical output**: every speculative decoding equals plain greedy token for token
+  (asserted; the benchmark fails otherwise);
+* **tokens per forward**: new tokens / main-model forwards (plain is 1.0);
+* **acceptance per depth**: P(depth k's draft accepted | drafts 1..k-1 accepted), the rate that
+  sets the speed, and the unconditional teacher-forced accuracy of each depth on the same text
+  (its prediction from the true tokens, against the main model's greedy choice);
+* **speed-up**: plain / speculative seconds per prompt, median over prompts (the calls of one
+  prompt run back to back in rotating order, so a slow spell of the shared machine hits all of
+  them alike), and the aggregate tokens/s of each. The clock is this process's CPU time by
+  default (``--clock wall`` for wall-clock time; see ``bench/_common.py``).
+
+Setup: ``--prompts 64`` prompts of ``--prompt-tokens 64`` tokens, each a window at a seeded
+random offset of a held-out document (documents taken in turn), ``--max-new-tokens 64``, stop
+at end of document, fp32 on the CPU, 1 thread by default.
+
+Without a trained run, ``--synthetic`` trains a tiny model inline (about 20 s) on a stream of
+random phrases whose successor is one of three at random, and takes prompts from a held-out
+stretch of the stream: a check of the benchmark's logic, not a result.
+
+Run: ``python bench/speculative.py --run runs/default`` (a few minutes on 2 cores),
+``--quick`` for 8 prompts of 32 new tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from _common import (
+    base_parser,
+    clock,
+    console,
+    emit_json,
+    environment,
+    median,
+    print_table,
+    setup_threads,
+)
+from multitoken.generate import GenerationStats, generate, teacher_forced_accuracy
+from multitoken.models import GPT
+
+
+def heldout_prompts(run: str, count: int, length: int, room: int, seed: int):
+    """The run's model and tokenizer, and ``count`` prompts from its held-out documents."""
+    from multitoken.data import load_corpus, split_corpus, stdlib_corpus
+    from multitoken.train.checkpoint import load_for_inference
+    from multitoken.train.config import load_config
+
+    model, tokenizer = load_for_inference(run)
+    cfg = load_config(f"{run}/config.toml")
+    # The trainer's split (multitoken.train.data): same corpus, same file cap, same hash seed.
+    docs = load_corpus(cfg.data.path) if cfg.data.path else stdlib_corpus()
+    if cfg.data.max_files:
+        docs = docs[: cfg.data.max_files]
+    _, heldout = split_corpus(docs, cfg.data.val_fraction, cfg.train.seed)
+    encoded = [
+        ids for ids in tokenizer.encode_batch([d.text for d in heldout]) if len(ids) > length
+    ]
+    if not encoded:
+        raise SystemExit(f"no held-out document of {run} is longer than {length} tokens")
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(count):
+        ids = encoded[i % len(encoded)]
+        # Leave room for the continuation inside the document when there is some.
+        start = rng.randrange(0, max(1, len(ids) - length - room))
+        prompts.append(ids[start : start + length])
+    return model, tokenizer.eos_id, prompts, f"{run} ({len(heldout)} held-out documents)"
+
+
+def synthetic_prompts(count: int, length: int, seed: int, steps: int):
+    """A tiny D = 3 model trained inline on a phrase stream, and prompts from its held-out tail."""
+    from multitoken import MTPConfig, next_token_labels
+    from multitoken.models import GPTConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab, phrases = 64, 24
+    lengths = torch.randint(2, 8, (phrases,), generator=gen)
+    words = [torch.randint(2, vocab, (int(n),), generator=gen).tolist() for n in lengths]
+    successors = torch.randint(0, phrases, (phrases, 3), generator=gen)
+    stream, current = [], 0
+    while len(stream) < 60_000:
+        stream += words[current]
+        current = int(successors[current, int(torch.randint(0, 3, (1,), generator=gen))])
+    stream = torch.tensor(stream)
+    train, heldout = stream[:50_000], stream[50_000:]
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=vocab, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512,
+        mtp=MTPConfig(depth=3, loss_weight=0.5),
+    )  # fmt: skip
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(train) - 64, (8,), generator=gen)
+        ids = train[starts[:, None] + torch.arange(64)]  # (8, 64)
+        loss = model(ids, labels=next_token_labels(ids)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    starts = torch.randint(0, len(heldout) - length, (count,), generator=gen).tolist()
+    prompts = [heldout[s : s + length].tolist() for s in starts]
+    return model.eval(), None, prompts, f"synthetic phrase stream ({steps} training steps)"
+
+
+def run_prompt(model: GPT, prompt: list[int], max_new: int, eos_id, rotation: int):
+    """Plain and every speculative draft depth on one prompt, in rotating order."""
+    names = ["plain"] + [f"draft {d}" for d in range(1, model.config.mtp.depth + 1)]
+    shift = rotation % len(names)
+    results = {}
+    for name in names[shift:] + names[:shift]:
+        depth = None if name == "plain" else int(name.split()[1])
+        start = clock()
+        result = generate(model, prompt, max_new, depth is not None, depth, eos_id=eos_id)
+        # The benchmarks' clock (CPU time by default: robust on a shared machine).
+        result.stats.seconds = clock() - start
+        result.state = None  # free the caches
+        results[name] = result
+    return names, results
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/default", help="trained run folder")
+    parser.add_argument("--synthetic", action="store_true", help="train a tiny model inline")
+    parser.add_argument("--synthetic-steps", type=int, default=300)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.max_new_tokens = 8, 32
+    setup_threads(args.threads, args.clock)
+    began = time.perf_counter()
+    if args.synthetic:
+        model, eos_id, prompts, source = synthetic_prompts(
+            args.prompts, args.prompt_tokens, args.seed, args.synthetic_steps
+        )
+    else:
+        model, eos_id, prompts, source = heldout_prompts(
+            args.run, args.prompts, args.prompt_tokens, args.max_new_tokens, args.seed
+        )
+    depth = model.config.mtp.depth
+    if depth == 0:
+        raise SystemExit(f"{source}: the model has no MTP heads (mtp.depth = 0), nothing to draft")
+    setup_s = time.perf_counter() - began
+
+    run_prompt(model, prompts[0], 8, eos_id, 0)  # warm-up
+    totals: dict[str, GenerationStats] = {}
+    ratios: dict[str, list[float]] = {}
+    hits, targets = [0] * depth, [0] * depth
+    for i, prompt in enumerate(prompts):
+        names, results = run_prompt(model, prompt, args.max_new_tokens, eos_id, i)
+        plain = results["plain"]
+        for name in names:
+            if results[name].tokens != plain.tokens:
+                raise AssertionError(f"prompt {i}: {name} differs from plain greedy decoding")
+            stats = results[name].stats
+            totals[name] = totals[name].merge(stats) if name in totals else stats
+            if name != "plain":
+                ratios.setdefault(name, []).append(plain.stats.seconds / stats.seconds)
+        sequence = plain.prompt_ids + plain.tokens
+        for k, (h, t) in enumerate(teacher_forced_accuracy(model, sequence, len(plain.prompt_ids))):
+            hits[k] += h
+            targets[k] += t
+
+    def percent(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    accuracy = [h / t if t else None for h, t in zip(hits, targets)]
+    rows = []
+    for name in names:
+        s = totals[name]
+        speedup = 1.0 if name == "plain" else median(ratios[name])
+        rows.append(
+            [name, s.new_tokens, s.forwards, f"{s.tokens_per_forward:.2f}",
+             f"{s.tokens_per_s:.1f}", f"{speedup:.2f}x",
+             " / ".join(percent(a) for a in s.acceptance) or "-"]
+        )  # fmt: skip
+    print_table(
+        f"Greedy decoding, {len(prompts)} prompts of {args.prompt_tokens} tokens, up to "
+        f"{args.max_new_tokens} new: {source}; speculative output identical to plain: yes",
+        ["decoding", "tokens", "forwards", "tokens/forward", "tokens/s", "speed-up",
+         "acceptance per depth (conditional)"],
+        rows,
+    )  # fmt: skip
+    print_table(
+        "Per-depth accuracy of the MTP heads on the generated text",
+        ["depth", "teacher-forced accuracy", "conditional acceptance (drafting all depths)"],
+        [
+            [k + 1, percent(accuracy[k]), percent(totals[f"draft {depth}"].acceptance[k])]
+            for k in range(depth)
+        ],
+    )
+    console.print(f"setup {setup_s:.1f} s, total {time.perf_counter() - began:.1f} s")
+    emit_json(
+        {
+            "bench": "speculative",
+            "source": source,
+            "prompts": len(prompts),
+            "prompt_tokens": args.prompt_tokens,
+            "max_new_tokens": args.max_new_tokens,
+            "mtp_depth": depth,
+            "identical": True,
+            "teacher_forced_accuracy": accuracy,
+            "modes": {
+                name: {
+                    "tokens": totals[name].new_tokens,
+                    "forwards": totals[name].forwards,
+                    "tokens_per_forward": round(totals[name].tokens_per_forward, 4),
+                    "acceptance": totals[name].acceptance,
+                    "tokens_per_s": round(totals[name].tokens_per_s, 2),
+                    "speedup_median": 1.0 if name == "plain" else round(median(ratios[name]), 3),
+                }
+                for name in names
+            },
+            **environment(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""KV-cached decoding and greedy self-speculative decoding with the MTP heads.
+
+Random models almost never accept a draft, so the exactness tests also run on a tiny model
+trained in the fixture (about 2 s) on a stream of short phrases whose successor is one of three
+phrases at random: inside a phrase every depth agrees with the main model, at a phrase boundary
+the heads break the tie differently, so full, partial and zero acceptance all occur.
+"""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from multitoken import MTPConfig, next_token_labels
+from multitoken.generate import fit_prompt, generate, generate_command, teacher_forced_accuracy
+from multitoken.kv_cache import DecodeState, LayerKVCache
+from multitoken.lookahead import mtp_inputs
+from multitoken.models import GPT, GPTConfig
+
+
+def make_model(depth, seed=0, vocab=24, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)
+    cfg.update(overrides)
+    return GPT(GPTConfig(**cfg, mtp=MTPConfig(depth=depth, loss_weight=1.0))).eval()
+
+
+def phrase_stream(seed=0, vocab=24, phrases=8, length=20000):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 6, (phrases,), generator=gen)
+    words = [torch.randint(2, vocab, (int(n),), generator=gen).tolist() for n in lengths]
+    successors = torch.randint(0, phrases, (phrases, 3), generator=gen)
+    stream, current = [], 0
+    while len(stream) < length:
+        stream += words[current]
+        current = int(successors[current, int(torch.randint(0, 3, (1,), generator=gen))])
+    return torch.tensor(stream)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model with D = 3 whose heads often agree with it, the stream it learned)."""
+    stream = phrase_stream()
+    model = make_model(3).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        starts = torch.randint(0, len(stream) - 32, (8,), generator=gen)
+        ids = stream[starts[:, None] + torch.arange(32)]  # (8, 32)
+        loss = model(ids, labels=next_token_labels(ids)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), stream
+
+
+def naive_greedy(model, prompt, n):
+    """Greedy decoding with a full uncached forward per token: the reference."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+# ---------------------------------------------------------------- cached == uncached
+@pytest.mark.parametrize("attention", ["document", "causal"])
+def test_cached_forward_in_chunks_equals_full_forward(attention):
+    model = make_model(3, attention=attention)
+    ids = torch.randint(0, 24, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).hidden_states  # D + 1 tensors (2, 17, H)
+        main = [LayerKVCache(2, 2, 8, 17) for _ in model.layers]
+        chunks = [5, 1, 3, 1, 7]
+        got, start = [], 0
+        for size in chunks:
+            got.append(model.forward_cached(ids[:, start : start + size], main))
+            start += size
+        torch.testing.assert_close(torch.cat(got, 1), full[0], rtol=1e-5, atol=1e-5)
+        # Depth k, fed the previous depth's states and the tokens k ahead, matches at every
+        # position whose lookahead stays inside the row.
+        ahead, _ = mtp_inputs(ids, None, None, 3, pad_id=0)
+        for k in range(1, 4):
+            cache, got, start = LayerKVCache(2, 2, 8, 17), [], 0
+            for size in chunks:
+                part = slice(start, start + size)
+                got.append(
+                    model.mtp_forward_cached(k, full[k - 1][:, part], ahead[k - 1][:, part], cache)
+                )
+                start += size
+            valid = 17 - k
+            torch.testing.assert_close(
+                torch.cat(got, 1)[:, :valid], full[k][:, :valid], rtol=1e-5, atol=1e-5
+            )
+
+
+def test_layer_cache_update_truncate_and_capacity():
+    cache = LayerKVCache(1, 2, 4, capacity=6)
+    k = torch.randn(1, 2, 4, 4)
+    k_all, _ = cache.update(k, k)
+    assert cache.length == 4 and torch.equal(k_all, k)
+    cache.truncate(1)
+    assert cache.length == 1 and bool((cache.k[:, :, 1:] == 0).all())
+    with pytest.raises(ValueError, match="capacity"):
+        cache.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(3)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_plain_cached_greedy_equals_uncached(depth):
+    model = make_model(depth, vocab=50, init_std=0.5)
+    prompt = [3, 9, 4, 1, 7]
+    assert generate(model, prompt, 20).tokens == naive_greedy(model, prompt, 20)
+
+
+# ---------------------------------------------------------------- speculative == greedy
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_speculative_equals_greedy_random_models(depth):
+    for seed in range(3):
+        model = make_model(depth, seed=seed, vocab=8, init_std=0.3)
+        prompt = torch.randint(0, 8, (6,), generator=torch.Generator().manual_seed(seed))
+        plain = generate(model, prompt, 30)
+        spec = generate(model, prompt, 30, speculative=True)
+        assert spec.tokens == plain.tokens
+        assert plain.stats.forwards == 30 and spec.stats.new_tokens == 30
+
+
+def test_speculative_equals_greedy_on_a_model_that_accepts(trained):
+    model, stream = trained
+    histogram = [0] * 4
+    for draft_depth in (1, 2, 3):
+        for start in range(0, 800, 100):
+            prompt = stream[start : start + 7].tolist()
+            plain = generate(model, prompt, 40)
+            spec = generate(model, prompt, 40, speculative=True, draft_depth=draft_depth)
+            assert spec.tokens == plain.tokens
+            assert sum(spec.stats.accepted_histogram) == spec.stats.forwards
+            assert spec.stats.forwards + sum(spec.stats.accepted) == 40
+            if draft_depth == 3:
+                histogram = [a + b for a, b in zip(histogram, spec.stats.accepted_histogram)]
+    assert plain.tokens == naive_greedy(model, prompt, 40)
+    # Every path ran: steps that rejected the first draft, stopped midway, accepted all.
+    assert histogram[0] > 0 and histogram[1] + histogram[2] > 0 and histogram[3] > 0
+    assert 0 < spec.stats.acceptance[0] <= 1
+
+
+def test_acceptance_counts_are_conditional(trained):
+    model, stream = trained
+    spec = generate(model, stream[:7].tolist(), 60, speculative=True)
+    stats = spec.stats
+    hist = stats.accepted_histogram
+    # Depth k is judged only when depths 1..k-1 were accepted, and accepted when >= k were.
+    for k in range(3):
+        assert stats.accepted[k] == sum(hist[k + 1 :])
+        assert stats.accepted[k] <= stats.reached[k] <= stats.forwards
+        if k:
+            # Judged only after the shallower depth was accepted (fewer at the very end, where
+            # a step drafts only as many tokens as are still wanted).
+            assert stats.accepted[k - 1] - 2 <= stats.reached[k] <= stats.accepted[k - 1]
+    assert stats.tokens_per_forward == pytest.approx(60 / stats.forwards)
+
+
+def test_rejected_drafts_leave_no_trace_in_the_caches(trained):
+    model, stream = trained
+    prompt = stream[3:10].tolist()
+    spec = generate(model, prompt, 45, speculative=True)
+    assert spec.stats.accepted_histogram[0] + spec.stats.accepted_histogram[1] > 0
+    state = spec.state
+    tokens = prompt + spec.tokens
+    assert state.tokens == tokens and state.main[0].length == len(tokens) - 1
+    # A fresh state fed only the committed tokens, as far as each cache of the run reaches.
+    ref = DecodeState(model, len(tokens), 3)
+    with torch.no_grad():
+        ref.forward_main(tokens[: state.main[0].length])
+        for k in range(1, 4):
+            assert state.mtp[k - 1].length <= len(tokens) - k
+            if state.mtp[k - 1].length:
+                ref.forward_depth(k, tokens, end=state.mtp[k - 1].length)
+    for got, want in zip(state.main + state.mtp, ref.main + ref.mtp):
+        assert got.length == want.length
+        # Whole buffers: equal where kept, zero past the kept length in both.
+        torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.hidden, ref.hidden, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- edges
+@pytest.mark.parametrize("speculative", [False, True])
+def test_edge_prompts_and_lengths(trained, speculative):
+    model, stream = trained
+    for depth in (1, 3):
+        kwargs = dict(speculative=speculative, draft_depth=depth if speculative else None)
+        # max_new_tokens = 0 and 1.
+        out = generate(model, stream[:5].tolist(), 0, **kwargs)
+        assert out.tokens == [] and out.stats.forwards == 0
+        out = generate(model, stream[:5].tolist(), 1, **kwargs)
+        assert out.tokens == naive_greedy(model, stream[:5].tolist(), 1)
+        # One-token prompt: no h^0 to draft from in the first step.
+        out = generate(model, stream[:1].tolist(), 12, **kwargs)
+        assert out.tokens == naive_greedy(model, stream[:1].tolist(), 12)
+        # Empty prompt: starts from start_id.
+        out = generate(model, [], 12, start_id=5, **kwargs)
+        assert out.prompt_ids == [5] and out.tokens == naive_greedy(model, [5], 12)
+        # Longer than the context (96): keeps the last 96 - 20 tokens.
+        long_prompt = stream[:150].tolist()
+        out = generate(model, long_prompt, 20, **kwargs)
+        assert out.prompt_ids == long_prompt[-76:]
+        assert out.tokens == naive_greedy(model, long_prompt[-76:], 20)
+
+
+def test_stops_after_eos_identically(trained):
+    model, stream = trained
+    prompt = stream[:7].tolist()
+    full = generate(model, prompt, 40).tokens
+    eos = full[12]
+    want = full[: full.index(eos) + 1]
+    for speculative in (False, True):
+        assert generate(model, prompt, 40, speculative, eos_id=eos).tokens == want
+
+
+def test_fit_prompt_rules():
+    assert fit_prompt([5, 6, 7, 8], 6, 8, start_id=1) == [7, 8]
+    assert fit_prompt([], 3, 8, start_id=1) == [1]
+    assert fit_prompt([5, 6], 7, 8, start_id=1) == [6]
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        fit_prompt([5], 8, 8, start_id=1)
+
+
+def test_errors_are_clear():
+    plain = make_model(0)
+    with pytest.raises(ValueError, match="MTP heads"):
+        generate(plain, [1, 2, 3], 4, speculative=True)
+    model = make_model(2)
+    with pytest.raises(ValueError, match="draft_depth must be in 1..2"):
+        generate(model, [1, 2, 3], 4, speculative=True, draft_depth=3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [1, 99], 4)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1, 2], 4, temperature=-1.0)
+
+
+def test_teacher_forced_accuracy_counts(trained):
+    model, stream = trained
+    ids = stream[:40].tolist()
+    result = teacher_forced_accuracy(model, ids, start=10)
+    # Depth k has a generated target ids[j + k + 1] for j in [10 - k - 1, 40 - k - 1).
+    assert [total for _, total in result] == [30, 30, 30]
+    # The stream's phrases are learned: every depth is right far more often than chance.
+    assert all(hits / total > 0.5 for hits, total in result)
+
+
+# ---------------------------------------------------------------- the command
+class CharTokenizer:
+    eos_id = 1
+
+    def encode(self, text):
+        return [2 + (ord(c) % 20) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture
+def fake_run(monkeypatch, trained):
+    models = {"mtp": trained[0], "plain": make_model(0)}
+    module = types.ModuleType("multitoken.train.checkpoint")
+    module.load_for_inference = lambda run_dir: (models[run_dir], CharTokenizer())
+    monkeypatch.setitem(sys.modules, "multitoken.train.checkpoint", module)
+
+
+def test_generate_command_json(fake_run, capsys):
+    assert generate_command("mtp", "def parse(", 16, True, None, 0.0, True, 0) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert record["tokens"] == len(record["token_ids"]) <= 16
+    assert record["tokens_per_forward"] == pytest.approx(
+        record["tokens"] / record["forwards"], 1e-3
+    )
+    assert len(record["acceptance"]) == 3 and len(record["teacher_forced_accuracy"]) == 3
+    assert isinstance(record["text"], str) and record["tokens_per_s"] > 0
+    assert generate_command("plain", "x = 1", 4, False, None, 0.0, False, 0) == 0
+    assert capsys.readouterr().out.startswith("x = 1")
+
+
+def test_generate_command_refuses_speculative_without_heads(fake_run):
+    with pytest.raises(ValueError, match="without MTP heads"):
+        generate_command("plain", "x = 1", 4, True, None, 0.0, False, 0)
