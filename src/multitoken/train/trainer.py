@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from multitoken.layout import SequenceLayout
-from multitoken.lookahead import IGNORE_INDEX, mtp_inputs
+from multitoken.lookahead import mtp_inputs
 from multitoken.models import GPT
 from multitoken.train.checkpoint import (
     fault_point,
@@ -76,10 +76,17 @@ def _setup_ranks(cfg: TrainConfig, device: torch.device) -> _Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel.dp * cfg.parallel.cp == 1:
         return _Ranks(None, 0, 0, 1, 0, 1)
-    from multitoken.parallel.mesh import build_groups, init_distributed
+    from multitoken.train.config import ConfigError
+
+    if world != cfg.parallel.dp * cfg.parallel.cp:  # before any collective: no rank hangs
+        raise ConfigError(
+            f"{world} ranks were started but parallel.dp * parallel.cp = "
+            f"{cfg.parallel.dp * cfg.parallel.cp}: launch dp * cp ranks"
+        )
+    from multitoken.parallel.mesh import ParallelGroups, init_distributed
 
     init_distributed()
-    groups = build_groups(cfg.parallel.dp, cfg.parallel.cp, device.type)
+    groups = ParallelGroups.build(cfg.parallel.dp, cfg.parallel.cp, device.type)
     return _Ranks(
         groups,
         torch.distributed.get_rank(),
@@ -121,20 +128,19 @@ class _Step:
             mtp_ids, depth_labels = mtp_inputs(ids, labels, layout, depth, pad_id)
             inputs = dict(input_ids=ids, labels=labels, layout=layout)
             inputs.update(mtp_input_ids=mtp_ids, depth_labels=depth_labels)
-        else:
-            from multitoken.parallel.context import exchange_halo, shard_batch
+            return inputs, _normalizer(depth_labels, r.world_group)
+        from multitoken.parallel.context import exchange_halo, shard_batch
 
-            if self.cfg.parallel.lookahead == "exchange":
-                shard = shard_batch(ids, labels, layout, r.cp_size, r.cp_rank, 0, pad_id)
-                shard = exchange_halo(shard, depth, r.groups.cp_group, pad_id)
-            else:
-                shard = shard_batch(ids, labels, layout, r.cp_size, r.cp_rank, depth, pad_id)
-            inputs, depth_labels = shard.model_inputs(), shard.depth_labels
-        # Per-depth valid targets over every rank: the loss normaliser (one all_reduce).
-        counts = (depth_labels != IGNORE_INDEX).sum(dim=(1, 2))  # (D + 1,)
-        if r.groups is not None:
-            torch.distributed.all_reduce(counts, group=r.world_group)
-        return inputs, counts
+        exchange = self.cfg.parallel.lookahead == "exchange"
+        shard = shard_batch(
+            ids, labels, layout, r.cp_size, r.cp_rank, depth, pad_id, halo=not exchange
+        )
+        # The step's first collective: the global valid-target counts per depth, which also
+        # checks that every CP peer cut the same plan (so a mismatch fails on every rank).
+        counts = _normalizer(shard, r.world_group)
+        if exchange:
+            shard = exchange_halo(shard, r.groups.cp_group)  # one all_to_all for all depths
+        return shard.model_inputs(), counts
 
     def forward(self, batch: dict[str, torch.Tensor], weight: float):
         inputs, normalizer = self.inputs(batch)
@@ -142,6 +148,13 @@ class _Step:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(**inputs, loss_normalizer=normalizer)
         return out, normalizer
+
+
+def _normalizer(depth_labels, group) -> torch.Tensor:
+    """Valid targets per depth summed over every rank (one all_reduce; local without group)."""
+    from multitoken.parallel.reduce import global_normalizer
+
+    return global_normalizer(depth_labels, group)
 
 
 class _Meter:
