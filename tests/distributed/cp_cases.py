@@ -37,7 +37,7 @@ def groups(dp: int, cp: int) -> ParallelGroups:
     return _GROUPS[(dp, cp)]
 
 
-def make_model(depth: int, seed: int = 0) -> GPT:
+def make_model(depth: int, seed: int = 0, attention: str = "document") -> GPT:
     torch.manual_seed(seed)
     config = GPTConfig(
         vocab_size=VOCAB,
@@ -47,6 +47,7 @@ def make_model(depth: int, seed: int = 0) -> GPT:
         n_kv_heads=2,
         max_seq_len=64,
         pad_id=PAD,
+        attention=attention,
         mtp=MTPConfig(depth=depth, loss_weight=0.3),
     )
     return GPT(config)
@@ -74,10 +75,10 @@ def grads(model: GPT) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def reference(depth: int, packed: bool) -> dict:
+def reference(depth: int, packed: bool, rows=None, attention: str = "document") -> dict:
     """The CP = 1 run: the plain model on the global batch, in this process."""
-    model = make_model(depth)
-    ids, labels, layout = make_batch(packed)
+    model = make_model(depth, attention=attention)
+    ids, labels, layout = make_batch(packed, rows=rows)
     out = model(ids, labels=labels, layout=layout)
     out.loss.backward()
     return dict(
@@ -107,11 +108,11 @@ def cp_step(shard, model: GPT, g: ParallelGroups, norm_group, grad_group) -> dic
     )
 
 
-def run_cp(depth: int, packed: bool, way: str) -> dict:
+def run_cp(depth: int, packed: bool, way: str, rows=None, attention: str = "document") -> dict:
     """On every rank of a CP-only pool: this rank's loss share and the CP-summed gradients."""
     g = groups(1, dist.get_world_size())
-    ids, labels, layout = make_batch(packed)
-    model = parallelize(make_model(depth), g)
+    ids, labels, layout = make_batch(packed, rows=rows)
+    model = parallelize(make_model(depth, attention=attention), g)
     halo = way == "halo"
     shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE, halo=halo)
     result = cp_step(shard, model, g, g.cp_group, g.cp_group)

@@ -32,8 +32,12 @@ def shards_both_ways(rows, depth):
     args = (ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
     halo_way = shard_batch(*args)
     exchange_way = exchange_halo(shard_batch(*args, halo=False), group=g.cp_group)
+    # A loader that cuts shards without knowing D: the exchange is told D and pad_id.
+    no_depth = shard_batch(*args[:5], 0, PAD, IGNORE, halo=False)
+    late_depth = exchange_halo(no_depth, depth, g.cp_group, PAD)
     out = {}
-    for name, shard in (("halo", halo_way), ("exchange", exchange_way)):
+    ways = (("halo", halo_way), ("exchange", exchange_way), ("late_depth", late_depth))
+    for name, shard in ways:
         plan = shard.plan
         piece, offset = plan.token_pieces(shard.cp_rank)
         out[name] = dict(
@@ -52,7 +56,7 @@ def test_lookahead_reassembles_to_global(rank_pool, cp):
         ids, labels, layout = make_batch(True, seed=len(rows[0]), rows=rows)
         ref_ids, ref_labels = mtp_inputs(ids, labels, layout, depth, PAD, IGNORE)
         per_rank = rank_pool(cp).run(shards_both_ways, rows, depth)
-        for way in ("halo", "exchange"):
+        for way in ("halo", "exchange", "late_depth"):
             got_ids = torch.full_like(ref_ids, -1)
             got_labels = torch.full_like(ref_labels, -1)
             seen = torch.zeros(ids.shape, dtype=torch.long)

@@ -44,6 +44,30 @@ def test_cp_equals_single_process(rank_pool, cp, packed):
             assert_matches(results, ref, f"cp={cp} D={depth} {way}")
 
 
+@pytest.mark.parametrize("way", ["halo", "exchange"])
+def test_row_causal_attention(pool2, way):
+    """The "causal" mode attends across documents by row index: the gathered keys carry the
+    unsharded row index, and padding never joins in."""
+    ref = reference(2, True, attention="causal")
+    results = pool2.run(run_cp, 2, True, way, attention="causal")
+    assert_matches(results, ref, f"causal {way}")
+
+
+def test_ranks_without_targets_contribute_zero(pool4):
+    """Documents of 2 and 3 tokens over 4 ranks: some rank has no valid target at some depth
+    (its share of the loss is 0 / N, never 0 / 0), and depth 3 has none anywhere."""
+    rows = [[3, 2, 3], [2, 2, 2, 2]]
+    ref = reference(3, True, rows=rows)
+    assert int(ref["depth_tokens"][3]) == 0 and int(ref["depth_tokens"][1]) > 0
+    for way in ("halo", "exchange"):
+        results = pool4.run(run_cp, 3, True, way, rows=rows)
+        tokens = torch.stack([r["depth_tokens"] for r in results])  # (ranks, D + 1)
+        assert bool(((tokens == 0) & (tokens.sum(0) > 0)).any()), tokens  # the case occurs
+        for r in results:
+            assert bool(torch.isfinite(r["depth_loss"]).all()) and bool(torch.isfinite(r["loss"]))
+        assert_matches(results, ref, f"no targets {way}")
+
+
 def run_dp_cp(depth: int, way: str) -> dict:
     """DP x CP = 2 x 2: each DP replica takes half of the rows, each CP rank a shard of them."""
     g = groups(2, 2)

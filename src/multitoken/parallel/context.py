@@ -201,7 +201,10 @@ def shard_batch(
         >>> shard.input_ids  # chunks 0 and 3 of each document (padded to 8)
         tensor([[10, 11,  0,  0, 15, 16, 21,  0]])
         >>> shard.halo_ids  # the 2 ids after each local chunk, 0 past the document's end
-        tensor([[12, 13], [ 0,  0], [17, 18], [ 0,  0]])
+        tensor([[12, 13],
+                [ 0,  0],
+                [17, 18],
+                [ 0,  0]])
         >>> shard.mtp_input_ids[1]  # depth 2 reads 2 ahead: 11 -> 13 comes from rank 1
         tensor([[12, 13,  0,  0, 17, 18,  0,  0]])
     """

@@ -1,0 +1,222 @@
+"""What preparing the MTP inputs costs under context parallelism, three ways, on gloo ranks.
+
+Every way starts from the same local shard (rank r's chunks r and 2cp-1-r of every document)
+and ends with the same ``mtp_input_ids [D, B, T_local]`` and ``depth_labels [D+1, B, T_local]``
+(checked equal on every rank):
+
+* ``halo``: the halos are read from the global batch the loader already holds (DESIGN.md
+  section 4, way 1); no message.
+* ``exchange``: the fallback; the halos of every document, depth and tensor travel in one
+  ``all_to_all_single`` routed from the layout.
+* ``roll``: the approach the library replaces; each tensor is rolled by one position per depth,
+  one document at a time, each roll a point-to-point exchange of the chunk boundary values
+  with the neighbouring chunks' owners.
+
+Messages and bytes are what one rank hands to ``torch.distributed`` per step (mean over
+ranks), counted by wrapping the calls. Time is wall-clock per step (communication is waiting,
+which CPU time would hide), the slowest rank of each repeat, median over repeats.
+
+    python bench/cp_lookahead.py            # 2 and 4 ranks, D in {1, 2, 4}, 1/8/64 docs per row
+    python bench/cp_lookahead.py --quick
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import base_parser, emit_json, environment, print_table, setup_threads  # noqa: E402
+from multitoken import SequenceLayout, next_token_labels  # noqa: E402
+from multitoken.parallel import ParallelGroups, exchange_halo, shard_batch  # noqa: E402
+from multitoken.parallel.comms import count_comms  # noqa: E402
+from multitoken.parallel.halo import halo_from_global, halo_targets  # noqa: E402
+
+PAD, IGNORE, VOCAB = 0, -100, 32000
+WAYS = ("halo", "exchange", "roll")
+
+
+def make_batch(rows: int, seqlen: int, docs: int, seed: int):
+    """Rows of ``docs`` documents of random lengths (at least 1 token) each."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = [0]
+    for row in range(rows):
+        cuts = torch.randperm(seqlen - 1, generator=gen)[: docs - 1].add(1).sort().values
+        cu += [row * seqlen + bound for bound in [*cuts.tolist(), seqlen]]
+    layout = SequenceLayout.from_cu_seqlens(torch.tensor(cu), (rows, seqlen))
+    ids = torch.randint(1, VOCAB, (rows, seqlen), generator=gen)
+    return ids, next_token_labels(ids, layout), layout
+
+
+def by_halo(bare, ids, labels):
+    targets = halo_targets(bare.plan, bare.cp_rank, bare.depth)
+    return bare.with_halo(
+        halo_from_global(ids, targets, PAD), halo_from_global(labels, targets, IGNORE)
+    )
+
+
+def by_exchange(bare, group):
+    return exchange_halo(bare, group=group)
+
+
+def _roll_once(cur: torch.Tensor, plan, cp_rank: int, fill: int, group) -> torch.Tensor:
+    """``cur`` shifted left by one inside every chunk; the value entering each chunk's end
+    is the first value of the next chunk, fetched from its owner, one document at a time."""
+    cp = plan.cp_size
+    s = plan.chunk_len.tolist()
+    base = (plan.row * plan.local_len + plan.local_start).tolist()
+    ranks = dist.get_process_group_ranks(group)
+    rolled = torch.cat([cur[1:], cur[:1]])
+
+    def owner(chunk: int) -> int:
+        return chunk if chunk < cp else 2 * cp - 1 - chunk
+
+    def first(p: int, chunk: int) -> int:  # flat local index of a chunk's first token
+        return base[p] + (0 if chunk < cp else s[p])
+
+    for p in range(plan.num_pieces):
+        mine = (cp_rank, 2 * cp - 1 - cp_rank)
+        pending, incoming = [], {}
+        for chunk in mine:
+            if chunk > 0 and owner(chunk - 1) != cp_rank:  # my first value ends chunk - 1
+                at = first(p, chunk)
+                pending.append(dist.isend(cur[at : at + 1], ranks[owner(chunk - 1)], group, chunk))
+            nxt = chunk + 1
+            if nxt < 2 * cp and owner(nxt) != cp_rank:
+                buf = cur.new_empty(1)
+                pending.append(dist.irecv(buf, ranks[owner(nxt)], group, nxt))
+                incoming[chunk] = buf
+        for work in pending:
+            work.wait()
+        for chunk in mine:
+            end = first(p, chunk) + s[p] - 1
+            nxt = chunk + 1
+            if nxt == 2 * cp:
+                rolled[end] = fill
+            elif chunk in incoming:
+                rolled[end] = incoming[chunk][0]
+            else:  # the next chunk is mine too
+                rolled[end] = cur[first(p, nxt)]
+    return rolled
+
+
+def by_roll(bare, group):
+    """The baseline: D rolls of each tensor, one exchange per tensor, depth and document."""
+    real = bare.layout.doc_ids >= 0
+    out = {}
+    for name, x, fill in (("ids", bare.input_ids, PAD), ("labels", bare.labels, IGNORE)):
+        cur, steps = x.reshape(-1), [torch.where(real, x, fill)]
+        for _ in range(bare.depth):
+            cur = _roll_once(cur, bare.plan, bare.cp_rank, fill, group)
+            steps.append(torch.where(real, cur.view_as(x), fill))
+        out[name] = torch.stack(steps)
+    return out["ids"][1:], out["labels"]
+
+
+def run_rank(rank: int, world: int, store_path: str, args, results) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(args.threads)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    groups = ParallelGroups.build(1, world, "cpu")
+    cp_group = groups.cp_group
+    rows = []
+    for docs in args.docs:
+        ids, labels, layout = make_batch(args.rows, args.seqlen, docs, args.seed)
+        for depth in args.depths:
+            bare = shard_batch(ids, labels, layout, world, rank, depth, PAD, IGNORE, halo=False)
+            ways = {
+                "halo": partial(by_halo, bare, ids, labels),
+                "exchange": partial(by_exchange, bare, cp_group),
+                "roll": partial(by_roll, bare, cp_group),
+            }
+            ref = by_halo(bare, ids, labels)
+            for got in (by_exchange(bare, cp_group), by_roll(bare, cp_group)):
+                got_ids, got_labels = (
+                    (got.mtp_input_ids, got.depth_labels) if hasattr(got, "plan") else got
+                )
+                assert torch.equal(got_ids, ref.mtp_input_ids), (docs, depth)
+                assert torch.equal(got_labels, ref.depth_labels), (docs, depth)
+            row = dict(world=world, docs=docs, depth=depth)
+            for name, fn in ways.items():
+                with count_comms() as log:
+                    fn()
+                # A message is a collective call or a point-to-point send (not the receive).
+                messages = sum(1 for r in log.records if r.name not in ("recv", "irecv"))
+                sent = torch.tensor([float(messages), float(log.nbytes())])
+                dist.all_reduce(sent, group=cp_group)
+                times = []
+                for _ in range(args.repeats):
+                    dist.barrier(group=cp_group)
+                    start = time.perf_counter()
+                    fn()
+                    took = torch.tensor([time.perf_counter() - start])
+                    dist.all_reduce(took, op=dist.ReduceOp.MAX, group=cp_group)
+                    times.append(float(took))
+                row[name] = dict(
+                    messages=float(sent[0]) / world,
+                    bytes=float(sent[1]) / world,
+                    ms=1e3 * statistics.median(times),
+                )
+            rows.append(row)
+    if rank == 0:
+        results.put(rows)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--docs", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    if args.quick:
+        args.seqlen, args.repeats = 512, 3
+    # Wall clock whatever --clock says: waiting for peers is the cost being measured.
+    setup_threads(args.threads, "wall")
+    args.clock = "wall"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ctx = mp.get_context("spawn")
+    all_rows = []
+    for world in args.worlds:
+        results = ctx.SimpleQueue()
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(
+                run_rank,
+                args=(world, os.path.join(tmp, "store"), args, results),
+                nprocs=world,
+                start_method="spawn",
+            )
+        all_rows += results.get()
+    table = []
+    for r in all_rows:
+        cells = [r["world"], r["docs"], r["depth"]]
+        for way in WAYS:
+            w = r[way]
+            cells += [f"{w['messages']:.0f}", f"{w['bytes'] / 1024:.1f}", f"{w['ms']:.2f}"]
+        table.append(cells)
+    columns = ["ranks", "docs/row", "D"]
+    for way in WAYS:
+        columns += [f"{way} msgs", f"{way} KiB", f"{way} ms"]
+    print_table(
+        f"MTP inputs under CP, per rank and step ({args.rows} rows x {args.seqlen} tokens, gloo)",
+        columns,
+        table,
+    )
+    emit_json(dict(bench="cp_lookahead", args=vars(args), env=environment(), rows=all_rows))
+
+
+if __name__ == "__main__":
+    main()
