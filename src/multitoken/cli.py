@@ -70,11 +70,12 @@ def _launch(cfg, nproc: int) -> dict:
         max_nodes=1,
         nproc_per_node=nproc,
         run_id=uuid.uuid4().hex[:8],
-        rdzv_backend="c10d",
+        rdzv_backend="static",
+        rdzv_configs={"rank": 0},
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
         max_restarts=0,
         monitor_interval=0.2,
-        start_method="spawn",
+        start_method="forkserver",  # measured: ~4 s faster to start than spawn
     )
     return elastic_launch(launch, _rank_entry)(cfg)
 

@@ -147,8 +147,11 @@ class SequenceLayout:
         starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
         if validate and seqlen > 1:
             # The same id in two separate runs of one row is almost always a bug upstream.
-            row_runs = starts.sum(1)
-            distinct = torch.tensor([int(torch.unique(r).numel()) for r in ids], device=ids.device)
+            # Padding (negative ids) may come in several runs; real ids may not.
+            row_runs = (starts & (ids >= 0)).sum(1)
+            distinct = torch.tensor(
+                [int(torch.unique(r[r >= 0]).numel()) for r in ids], device=ids.device
+            )
             if bool((row_runs != distinct).any()):
                 row = int(torch.nonzero(row_runs != distinct)[0, 0])
                 raise LayoutError(

@@ -129,7 +129,7 @@ def step_messages(way: str) -> dict:
     with count_comms() as log:
         cp_step(shard, model, g, g.dp_cp_group, g.dp_cp_group)
     head_dim = model.config.dim // model.config.n_heads
-    kv_bytes = 2 * model.config.n_kv_heads * shard.plan.local_len * head_dim * 4
+    kv_bytes = 2 * 2 * model.config.n_kv_heads * shard.plan.local_len * head_dim * 4
     named = {"cp": g.cp_group, "dp_cp": g.dp_cp_group, "dp": g.dp_group}
     return dict(
         calls=[
@@ -144,7 +144,7 @@ def step_messages(way: str) -> dict:
 
 @pytest.mark.parametrize("way", ["halo", "exchange"])
 def test_step_collectives_use_their_groups(pool4, way):
-    layers = 2 + 2  # main layers + MTP depths, each gathers K and V
+    layers = 2 + 2  # main layers + MTP depths, each gathers K and V together
     for r in pool4.run(step_messages, way):
         assert r["world"] == [] and r["p2p"] == 0
         calls = r["calls"]
@@ -156,7 +156,7 @@ def test_step_collectives_use_their_groups(pool4, way):
             middle = middle[1:]
         gathers = [c for c in middle if c[0].startswith("all_gather")]
         scatters = [c for c in middle if c[0].startswith("reduce_scatter")]
-        assert len(gathers) == len(scatters) == 2 * layers
+        assert len(gathers) == len(scatters) == layers
         assert len(gathers) + len(scatters) == len(middle)
         assert {c[1] for c in middle} == {"cp"}
         # Grouped-query attention: only the n_kv_heads heads travel.

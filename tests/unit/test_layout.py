@@ -71,3 +71,9 @@ def test_check_tensor_shape_and_device():
     meta = SequenceLayout.rows(2, 4, device="meta")
     with pytest.raises(LayoutError, match="is on cpu but the layout is on meta"):
         meta.check_tensor("input_ids", torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_from_doc_ids_allows_several_padding_runs():
+    layout = SequenceLayout.from_doc_ids(torch.tensor([[0, 0, -1, 1, 1, -1]]))
+    assert layout.doc_ids[0].tolist()[2] == -1 and layout.doc_ids[0].tolist()[5] == -1
+    assert layout.positions[0].tolist() == [0, 1, 0, 0, 1, 0]

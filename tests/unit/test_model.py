@@ -161,3 +161,14 @@ def test_bad_input_errors():
         make_model(1, attention="sliding")
     with pytest.raises(ValueError, match="mtp depth must be an int >= 0"):
         MTPConfig(depth=-1)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_padding_tokens_never_carry_a_target(depth):
+    # A -1 token with a (wrong) real label must not count, at D = 0 as at D > 0.
+    layout = SequenceLayout.from_doc_ids(torch.tensor([[0, 0, 0, -1, -1, 1, 1, 1]]))
+    ids = torch.randint(1, 97, (1, 8))
+    labels = next_token_labels(ids, layout)
+    labels[0, 3] = 5
+    out = make_model(depth)(ids, labels=labels, layout=layout)
+    assert int(out.depth_tokens[0]) == 4

@@ -9,9 +9,9 @@ K and V) as long as their metadata comes with them.
 * ``"causal"``: query i sees every earlier real token of its row (``seq_j <= seq_i``), across
   documents, as much packed pretraining does.
 
-Tokens outside any document (``doc_id == -1``, padding added by sharding) only see padding at
-their own position or before, so they never contribute to a real token and never produce a
-row with nothing to attend to (which would be NaN).
+Tokens outside any document (``doc_id == -1``, padding added by sharding) see only other
+padding (at most every padding token of their row), so they never contribute to a real token,
+and they always see themselves, so no row has nothing to attend to (which would be NaN).
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ class Attention(nn.Module):
     """Multi-head attention with grouped-query heads and rotary positions.
 
     ``kv_gather`` is the context-parallel hook: when set (by
-    :func:`multitoken.parallel.apply.parallelize`), it maps the local rotated keys and values
-    ``[B, Hkv, T_local, d]`` to those of the whole row, and the :class:`AttentionMask` carries the
-    matching key layout. The model itself never talks to other ranks.
+    :func:`multitoken.parallel.apply.parallelize`), it maps the stacked local rotated keys and
+    values ``[2, B, Hkv, T_local, d]`` to those of the whole row (sequence dim 3), and the
+    :class:`AttentionMask` carries the matching key layout. The model never talks to other ranks.
 
     ``cache`` is the incremental-decoding hook (:mod:`multitoken.generate`): the new rotated keys
     and values are appended to a :class:`~multitoken.kv_cache.LayerKVCache` and the queries
@@ -160,7 +160,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, T, d), (B, Hkv, T, d)
         if self.kv_gather is not None:
-            k, v = self.kv_gather(k), self.kv_gather(v)  # (B, Hkv, T_row, d)
+            # K and V travel together: one all-gather (one reduce-scatter back) per layer.
+            k, v = self.kv_gather(torch.stack((k, v))).unbind(0)  # 2 x (B, Hkv, T_row, d)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, T_cached + T, d)
         out = mask.attend(q, k, v)  # (B, H, T, d)

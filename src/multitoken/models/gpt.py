@@ -250,14 +250,13 @@ class GPT(nn.Module):
         cfg = self.config
         depth = cfg.mtp.depth
         layout = self._check_inputs(input_ids, labels, layout)
-        if depth > 0 and mtp_input_ids is None:
-            mtp_input_ids, computed = mtp_inputs(
+        if (depth > 0 and mtp_input_ids is None) or (depth_labels is None and labels is not None):
+            # One lookahead for all depths; shift 0 also drops labels on padding tokens.
+            computed_ids, computed_labels = mtp_inputs(
                 input_ids, labels, layout, depth, cfg.pad_id, cfg.ignore_index
             )
-            if depth_labels is None:
-                depth_labels = computed
-        if depth_labels is None and labels is not None:
-            depth_labels = labels[None]
+            mtp_input_ids = computed_ids if mtp_input_ids is None else mtp_input_ids
+            depth_labels = computed_labels if depth_labels is None else depth_labels
 
         mask = AttentionMask(layout, kv_layout, cfg.attention, cfg.backend)
         rope = self.rope(layout.positions)

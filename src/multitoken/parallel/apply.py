@@ -121,7 +121,7 @@ def parallelize(model: nn.Module, groups) -> nn.Module:
     """
     hook = None
     if groups is not None and groups.cp_size > 1:
-        hook = SequenceGather(groups.cp_group)
+        hook = SequenceGather(groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
     found = 0
     for module in model.modules():
         if isinstance(module, Attention):
