@@ -134,17 +134,17 @@ class TrainSection:
         bf16: bf16 autocast on CUDA (ignored on CPU).
     """
 
-    steps: int = 300
+    steps: int = 200
     stop_after: int = 0
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 100
     resume: bool = False
