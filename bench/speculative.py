@@ -46,6 +46,7 @@ from _common import (
     setup_threads,
 )
 from multitoken.generate import GenerationStats, generate, teacher_forced_accuracy
+from multitoken.kv_cache import DecodeState
 from multitoken.models import GPT
 
 
@@ -128,6 +129,43 @@ def run_prompt(model: GPT, prompt: list[int], max_new: int, eos_id, rotation: in
     return names, results
 
 
+def step_costs(model: GPT, prompt: list[int], repeats: int = 200) -> dict[str, float]:
+    """Milliseconds of the pieces of a decoding step, each the median of ``repeats`` calls."""
+    depth = model.config.mtp.depth
+    state = DecodeState(model, len(prompt) + depth + 2, depth)
+    head = model.head_weight.t()
+
+    def timed(fn) -> float:
+        samples = []
+        for _ in range(repeats):
+            start = clock()
+            fn()
+            samples.append(clock() - start)
+        return 1e3 * median(samples)
+
+    def main_forward(tokens: list[int]):
+        def run():
+            (state.forward_main(tokens) @ head).argmax(-1).tolist()
+            for cache in state.main:
+                cache.truncate(len(prompt) - 1)
+
+        return run
+
+    def draft():
+        cache = state.mtp[0]
+        cache.truncate(len(prompt) - 2)
+        int((state.forward_depth(1, prompt, end=len(prompt) - 1)[-1] @ head).argmax())
+
+    with torch.inference_mode():
+        state.forward_main(prompt[:-1])
+        state.forward_depth(1, prompt, end=len(prompt) - 1)
+        return {
+            "main forward, 1 token": timed(main_forward(prompt[-1:])),
+            f"main forward, {depth + 1} tokens (verify)": timed(main_forward(prompt[-depth - 1 :])),
+            "one MTP depth, 1 position (draft)": timed(draft),
+        }
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/default", help="trained run folder")
@@ -201,6 +239,13 @@ def main() -> None:
             for k in range(depth)
         ],
     )
+    costs = step_costs(model, prompts[0])
+    base = costs["main forward, 1 token"]
+    print_table(
+        "Cost of the pieces of a step (median ms; includes the head and the argmax)",
+        ["piece", "ms", "relative to a 1-token forward"],
+        [[name, f"{ms:.3f}", f"{ms / base:.2f}"] for name, ms in costs.items()],
+    )
     console.print(f"setup {setup_s:.1f} s, total {time.perf_counter() - began:.1f} s")
     emit_json(
         {
@@ -211,6 +256,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "mtp_depth": depth,
             "identical": True,
+            "step_costs_ms": costs,
             "teacher_forced_accuracy": accuracy,
             "modes": {
                 name: {

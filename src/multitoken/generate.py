@@ -27,6 +27,7 @@ from ``max(0, p - q)``, normalised), so the output distribution is the main mode
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -271,7 +272,7 @@ def generate(
         while len(new) < max_new_tokens:
             seq = state.tokens
             length = len(seq)
-            # Drafting needs h^0 of the second-to-last token; the last step needs no drafts.
+            # Drafting needs h^0 of the second-to-last token, and no more drafts than tokens wanted.
             n_draft = min(draft_depth, max_new_tokens - len(new) - 1) if length > 1 else 0
             extended, draft_probs = list(seq), []
             for k in range(1, n_draft + 1):
@@ -338,7 +339,8 @@ def generate_command(
 ) -> int:
     """``multitoken generate``: load a run, generate, print the text (or one JSON line).
 
-    The JSON line holds ``text`` (the continuation), ``tokens`` (how many), ``token_ids``,
+    On the CPU it decodes with one intra-op thread unless ``OMP_NUM_THREADS`` is set. The JSON
+    line holds ``text`` (the continuation), ``tokens`` (how many), ``token_ids``,
     ``forwards``, ``tokens_per_forward``, ``acceptance`` (per depth, conditional on the
     shallower depths; empty without ``--speculative``), ``teacher_forced_accuracy`` (per
     depth), ``tokens_per_s`` and ``prompt_tokens``.
@@ -354,15 +356,27 @@ def generate_command(
 
     model, tokenizer = load_for_inference(run_dir)
     model.eval()
+    if model.head_weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Decoding one row is a chain of small matrix-vector products: extra intra-op threads
+        # mostly synchronise, and stall outright while another process holds a core (measured
+        # here: 2 threads decode the default model ~20x slower than 1 on a busy 2-core machine).
+        torch.set_num_threads(1)
     if speculative and model.config.mtp.depth == 0:
         raise ValueError(
             f"run '{run_dir}' was trained without MTP heads (mtp.depth = 0), which speculative "
             "decoding drafts with: drop --speculative, or train a run with an MTP depth >= 1"
         )
     generator = torch.Generator(device=model.head_weight.device).manual_seed(seed)
+    prompt_ids = tokenizer.encode(prompt)
+    if speculative or max_new_tokens:
+        # The first calls pay one-time costs (allocations, kernel choice): keep them out of
+        # tokens_per_s, which should be the steady rate.
+        depth = model.config.mtp.depth if speculative else 0
+        warm = min(depth + 2, model.config.max_seq_len - 1)
+        generate(model, prompt_ids[-8:], warm, speculative, draft_depth, start_id=tokenizer.eos_id)
     result = generate(
         model,
-        tokenizer.encode(prompt),
+        prompt_ids,
         max_new_tokens,
         speculative=speculative,
         draft_depth=draft_depth,

@@ -269,6 +269,9 @@ def fake_run(monkeypatch, trained):
     module = types.ModuleType("multitoken.train.checkpoint")
     module.load_for_inference = lambda run_dir: (models[run_dir], CharTokenizer())
     monkeypatch.setitem(sys.modules, "multitoken.train.checkpoint", module)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # generate_command pins 1 thread on the CPU
 
 
 def test_generate_command_json(fake_run, capsys):
