@@ -98,3 +98,13 @@ def test_gpt_config_mapping():
     model = gpt_config(cfg, vocab_size=512)
     assert model.vocab_size == 512 and model.mtp.depth == cfg.mtp.depth
     assert model.n_kv_heads == cfg.model.n_kv_heads and model.ffn_dim % 64 == 0
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(str(path))
+        assert cfg.run.name == path.stem
