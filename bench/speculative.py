@@ -10,7 +10,14 @@ speculative with each draft depth 1..D. Reported:
 * **tokens per forward**: new tokens / main-model forwards (plain is 1.0);
 * **acceptance per depth**: P(depth k's draft accepted | drafts 1..k-1 accepted), the rate that
   sets the speed, and the unconditional teacher-forced accuracy of each depth on the same text
-  (its prediction from the true tokens, against the main model's greedy choice);
+  (its prediction from the true tokens, against the main model's greedy choice). The two differ
+  by where they are counted: the conditional rate only at the positions where steps start,
+  which crowd into the hard stretches (easy ones are crossed in jumps of D + 1 tokens), the
+  teacher-forced accuracy at every position. Where both count the same position they agree:
+  a draft is exactly the teacher-forced prediction when the drafts it read were right
+  (``tests/unit/test_generate.py``);
+* **step costs**: one main-model forward of 1 and of D + 1 tokens, one MTP depth drafting one
+  token (each with its head and argmax), which explain the speed-up;
 * **speed-up**: plain / speculative seconds per prompt, median over prompts (the calls of one
   prompt run back to back in rotating order, so a slow spell of the shared machine hits all of
   them alike), and the aggregate tokens/s of each. The clock is this process's CPU time by

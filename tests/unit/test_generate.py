@@ -163,6 +163,35 @@ def test_acceptance_counts_are_conditional(trained):
     assert stats.tokens_per_forward == pytest.approx(60 / stats.forwards)
 
 
+def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
+    """With its cache, depth k drafts what the full forward predicts from the true tokens,
+    whenever the drafts it read (those of the shallower depths) turned out right."""
+    model, stream = trained
+    calls = []
+    forward_depth = DecodeState.forward_depth
+
+    def recording(self, depth, tokens, end):
+        hidden = forward_depth(self, depth, tokens, end)
+        draft = int((hidden[-1] @ model.head_weight.t()).argmax())
+        calls.append((depth, end, list(tokens[: end + depth]), draft))
+        return hidden
+
+    monkeypatch.setattr(DecodeState, "forward_depth", recording)
+    checked = 0
+    for start in (0, 200, 400):
+        calls.clear()
+        out = generate(model, stream[start : start + 7].tolist(), 40, speculative=True)
+        seq = out.prompt_ids + out.tokens
+        with torch.no_grad():
+            hidden = model(torch.tensor([seq])).hidden_states
+        for depth, end, read, draft in calls:
+            if read == seq[: end + depth]:
+                teacher = int((hidden[depth][0, end - 1] @ model.head_weight.t()).argmax())
+                assert draft == teacher
+                checked += 1
+    assert checked > 50 and {call[0] for call in calls} == {1, 2, 3}
+
+
 def test_rejected_drafts_leave_no_trace_in_the_caches(trained):
     model, stream = trained
     prompt = stream[3:10].tolist()
