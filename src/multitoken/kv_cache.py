@@ -95,9 +95,10 @@ class DecodeState:
 
     * ``main[i].length == L - 1``: every committed token but the last went through the main
       model, and ``hidden[0][:, j]`` is ``h^0_j`` for ``j < L - 1``.
-    * ``mtp[k-1].length <= L - k`` (depth k at position j reads ``t_{j+k}``) and
-      ``hidden[k][:, j]`` (``k >= 1``) is ``h^k_j`` for every ``j`` depth k has cached.
-      Depths catch up lazily, when they draft.
+    * ``mtp[k-1].length <= L - 1 - k``: depth k at position j reads ``t_{j+k}``, and the last
+      token ``t_{L-1}`` was at best a draft when the depths last ran. ``hidden[k][:, j]``
+      (``k >= 1``) is ``h^k_j`` for every ``j`` depth k has cached. Depths catch up lazily,
+      when they draft; everything past the kept lengths is zero.
 
     Args:
         model: the :class:`~multitoken.models.gpt.GPT`.
