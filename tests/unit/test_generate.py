@@ -205,7 +205,7 @@ def test_rejected_drafts_leave_no_trace_in_the_caches(trained):
     with torch.no_grad():
         ref.forward_main(tokens[: state.main[0].length])
         for k in range(1, 4):
-            assert state.mtp[k - 1].length <= len(tokens) - k
+            assert state.mtp[k - 1].length <= len(tokens) - 1 - k
             if state.mtp[k - 1].length:
                 ref.forward_depth(k, tokens, end=state.mtp[k - 1].length)
     for got, want in zip(state.main + state.mtp, ref.main + ref.mtp):
