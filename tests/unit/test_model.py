@@ -159,6 +159,8 @@ def test_bad_input_errors():
         model(torch.randint(1, 97, (1, 65)))
     with pytest.raises(ValueError, match="attention must be one of"):
         make_model(1, attention="sliding")
+    with pytest.raises(ValueError, match="need n_layers >= 1"):
+        make_model(1, n_layers=0)
     with pytest.raises(ValueError, match="mtp depth must be an int >= 0"):
         MTPConfig(depth=-1)
 

@@ -80,6 +80,11 @@ class GPTConfig:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
             self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.n_layers < 1 or self.dim < 2 or self.vocab_size < 2:
+            raise ValueError(
+                f"need n_layers >= 1, dim >= 2 and vocab_size >= 2, got n_layers={self.n_layers}, "
+                f"dim={self.dim}, vocab_size={self.vocab_size}"
+            )
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.backend not in BACKENDS:
