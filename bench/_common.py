@@ -37,6 +37,8 @@ __all__ = [
     "setup_threads",
     "clock",
     "time_interleaved",
+    "calibrate_number",
+    "environment",
     "paired_ratios",
     "median",
     "PeakMemory",
@@ -65,7 +67,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# The clock every timing in a run uses; set once from --clock by setup().
+# The clock every timing in a run uses; set once from --clock by setup_threads().
 _CLOCK: list[Callable[[], float]] = [time.process_time]
 
 

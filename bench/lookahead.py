@@ -87,7 +87,7 @@ def main() -> None:
     seqlen = 1024 if args.quick else 8192
     doc_counts = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 256]
     depths = [1, 3]
-    repeats = args.repeats or (3 if args.quick else 15)
+    repeats = args.repeats or (3 if args.quick else 21)
 
     results = []
     for depth in depths:

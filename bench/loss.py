@@ -36,7 +36,10 @@ Reported per configuration:
   per token; step <= one ``[V, H]`` gradient + the same), i.e. no logits-sized term.
 
 Correctness: the summed loss and the gradients of every hidden state and of W agree with the
-full version (``torch.testing.assert_close``, rtol 1e-4).
+full version (``torch.testing.assert_close`` with rtol 1e-4; for gradients atol is 1e-5 times
+the tensor's largest entry, since entries that cancel to nearly 0 carry absolute fp32 rounding
+from summing N or V terms in another order). "loss Δrel" is |loss - ref| / |ref|, "grad Δ"
+the largest max|grad - ref| / max|ref| over the D + 2 gradients.
 
 Run: ``python bench/loss.py`` (about 15 minutes on 1 core; the 128k full-logits runs need
 about 12 GiB) or ``--quick`` for a smoke run.
@@ -139,10 +142,14 @@ def bench_config(vocab, depth, tokens, hidden_size, repeats, chunk_elements, see
     # Values and gradients of the chunked version against full logits.
     (loss_c, grads_c), (loss_f, grads_f) = outputs["chunked"], outputs["full"]
     torch.testing.assert_close(loss_c, loss_f, rtol=1e-4, atol=1e-4)
-    worst = 0.0
+    grad_err = 0.0
     for got, ref in zip(grads_c, grads_f):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
-        worst = max(worst, float(((got - ref).abs() / ref.abs().clamp(min=1e-6)).max()))
+        # Each gradient entry is a float32 sum over N tokens (W's) or V classes (h's), added up
+        # in a different order by the two versions, so entries that cancel to almost nothing
+        # carry absolute, not relative, rounding: atol is scaled to the tensor's magnitude.
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * scale)
+        grad_err = max(grad_err, float((got - ref).abs().max()) / scale)
     loss_rel = abs(float(loss_c) - float(loss_f)) / abs(float(loss_f))
     ratios = [c / f for c, f in zip(times["chunked"], times["full"])]
     return {
@@ -159,7 +166,8 @@ def bench_config(vocab, depth, tokens, hidden_size, repeats, chunk_elements, see
         "full_peak_bytes": peaks["full"],
         "memory_ratio": peaks["chunked"] / peaks["full"],
         "loss_rel_diff": loss_rel,
-        "agree_rtol_1e-4": True,
+        "grad_max_abs_diff_over_max_abs": grad_err,
+        "agree": True,
     }
 
 
@@ -213,6 +221,7 @@ def main() -> None:
             f"{r['full_extra_vs_d0_bytes'] / MIB:,.1f}",
             f"{r['chunked_extra_vs_d0_bytes'] / MIB:,.2f}",
             f"{r['loss_rel_diff']:.0e}",
+            f"{r['grad_max_abs_diff_over_max_abs']:.0e}",
         )
         for r in results
     ]
@@ -223,8 +232,8 @@ def main() -> None:
         [
             "V",
             "D",
-            "full s",
-            "chunk s",
+            "full CPU s",
+            "chunk CPU s",
             "time ratio",
             "full peak",
             "chunk peak",
@@ -232,6 +241,7 @@ def main() -> None:
             "full +vs D=0",
             "chunk +vs D=0",
             "loss Δrel",
+            "grad Δ",
         ],
         rows,
     )

@@ -150,7 +150,7 @@ def main() -> None:
         f"GPT 'small' (H={cfg0.dim}, L={cfg0.n_layers}, V={cfg0.vocab_size}), B x T = "
         f"{batch} x {seqlen}, {docs} docs/row, forward+backward, {args.threads} thread(s), "
         f"median of {repeats}",
-        ["D", "params", "step s", "t(D)/t(0)", "(min-max)", "FLOP-predicted", "meas/pred"],
+        ["D", "params", "step CPU s", "t(D)/t(0)", "(min-max)", "FLOP-predicted", "meas/pred"],
         [
             (
                 r["depth"],
