@@ -48,7 +48,7 @@ def test_no_valid_target_gives_zero_loss_and_zero_grad():
     targets = torch.full((10,), -100)
     stats = linear_cross_entropy(hidden, weight, targets)
     stats.loss_sum.backward()
-    assert float(stats.loss_sum) == 0.0 and int(stats.num_valid) == 0
+    assert stats.loss_sum.item() == 0.0 and int(stats.num_valid) == 0
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,14 @@ __all__ = [
 ]
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
-# DCP warns when it runs without a process group; a single-process run is intended here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns when it runs without a process group; here a single process is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rank(group) -> int:
@@ -87,11 +94,12 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     _barrier(group)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_state, "optim": optim_state},
-        checkpoint_id=str(partial),
-        process_group=group,
-    )
+    with _quiet_single_process() if group is None else nullcontext():
+        dcp.save(
+            {"model": model_state, "optim": optim_state},
+            checkpoint_id=str(partial),
+            process_group=group,
+        )
     torch.save(extra, partial / f"extra_rank{rank}.pt")
     fault_point(f"save{step}")
     _barrier(group)
@@ -131,7 +139,8 @@ def load_checkpoint(
     """Load a checkpoint saved by :func:`save_checkpoint` in place; return this rank's extra."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    with _quiet_single_process() if group is None else nullcontext():
+        dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -175,6 +184,7 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
         raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
     model = GPT(gpt_config(cfg, tokenizer.vocab_size))
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer
