@@ -81,6 +81,7 @@ def _launch(cfg, nproc: int) -> dict:
 
 
 def cmd_train(args) -> int:
+    from multitoken.train.checkpoint import check_run_dir
     from multitoken.train.config import ConfigError, load_config
     from multitoken.train.data import prepare_data
 
@@ -103,6 +104,7 @@ def cmd_train(args) -> int:
             f"--nproc {nproc} but parallel.dp * parallel.cp = {world}: set parallel.dp and "
             f"parallel.cp so that their product is {nproc}"
         )
+    check_run_dir(cfg.run_dir, cfg.train.resume, cfg.run.overwrite)  # before any work
     data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
     if world == 1:
         from multitoken.train.trainer import train

@@ -157,6 +157,12 @@ def test_killed_rank_leaves_the_last_complete_checkpoint_loadable(workdir):
     assert [r["step"] for r in train_records(workdir / "killed2")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_fresh_run_refuses_to_overwrite_an_earlier_one(workdir, reference):
+    proc = run_cli(workdir, "parallel.cp=1", "run.name=ref", check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

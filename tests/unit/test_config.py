@@ -108,3 +108,17 @@ def test_shipped_configs_parse():
     for path in configs:
         cfg = load_config(str(path))
         assert cfg.run.name == path.stem
+
+
+def test_run_dir_protection(tmp_path):
+    from multitoken.train.checkpoint import check_run_dir, clear_run_dir
+
+    check_run_dir(tmp_path / "new", resume=False, overwrite=False)  # nothing there: fine
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run: continue it with train.resume"):
+        check_run_dir(tmp_path, resume=False, overwrite=False)
+    check_run_dir(tmp_path, resume=True, overwrite=False)
+    check_run_dir(tmp_path, resume=False, overwrite=True)
+    clear_run_dir(tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()

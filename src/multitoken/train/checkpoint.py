@@ -27,6 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 __all__ = [
+    "check_run_dir",
+    "clear_run_dir",
     "fault_point",
     "save_checkpoint",
     "load_checkpoint",
@@ -111,6 +113,30 @@ def save_checkpoint(
         os.replace(pointer, root / "latest")
     _barrier(group)
     return final
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run over an earlier one.
+
+    A fresh run in a folder with checkpoints would leave the earlier run's newer checkpoints in
+    place, and a later resume would silently continue the wrong run.
+    """
+    from multitoken.train.config import ConfigError
+
+    run_dir = Path(run_dir)
+    earlier = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
+    if earlier and not resume and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run: continue it with train.resume=true, start over "
+            "with run.overwrite=true (removes its checkpoints and metrics), or pick another "
+            "run.name"
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an earlier run's checkpoints and metrics (``run.overwrite=true``)."""
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def _complete(path: Path, world: int | None) -> bool:

@@ -176,11 +176,14 @@ class RunSection:
         name: run name; everything goes to <dir>/<name>/.
         dir: parent folder of runs.
         tensorboard: also write TensorBoard events (needs the tensorboard package).
+        overwrite: start over in a folder that already holds a run (its checkpoints and
+            metrics are removed); without it, that is an error unless train.resume=true.
     """
 
     name: str = "default"
     dir: str = "runs"
     tensorboard: bool = False
+    overwrite: bool = False
 
 
 @dataclass

@@ -22,6 +22,8 @@ from multitoken.layout import SequenceLayout
 from multitoken.lookahead import mtp_inputs
 from multitoken.models import GPT
 from multitoken.train.checkpoint import (
+    check_run_dir,
+    clear_run_dir,
     fault_point,
     latest_checkpoint,
     load_checkpoint,
@@ -227,6 +229,9 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
     if data is None:
         data = prepare_data(cfg, verbose=False, group=group)
     if is_main:
+        check_run_dir(run_dir, cfg.train.resume, cfg.run.overwrite)
+        if cfg.run.overwrite and not cfg.train.resume:
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
         data.tokenizer.save(run_dir / "tokenizer.json")
@@ -252,6 +257,10 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
         loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["rng"])
         start, tokens_seen = extra["step"], extra["tokens"]
+        if is_main:
+            print(f"resuming {run_dir} from step {start} ({checkpoint.name})", flush=True)
+    elif cfg.train.resume and is_main:
+        print(f"train.resume=true but {run_dir} has no complete checkpoint: starting at step 0")
     writer = (
         MetricsWriter(run_dir, start if checkpoint else None, cfg.run.tensorboard)
         if is_main
