@@ -186,3 +186,42 @@ def test_empty_corpus_is_a_clear_error(workdir):
     proc = run_cli(workdir, "--data", str(empty), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:") and "empty" in proc.stderr.lower(), proc.stderr
+
+
+def test_own_text_folder_and_plain_next_token_run(workdir):
+    """--data on a folder of text files, with mtp.depth=0 (the plain next-token model)."""
+    import sysconfig
+
+    corpus = workdir / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for source in sorted(stdlib.glob("*.py"))[:24]:
+        (corpus / (source.stem + ".txt")).write_text(source.read_text(encoding="utf-8"))
+    run_cli(workdir, "parallel.cp=1", "mtp.depth=0", "run.name=plain", "--data", str(corpus))
+    records = train_records(workdir / "plain")
+    assert records[-1]["loss_mtp"] == [] and records[-1]["loss"] == records[-1]["loss_main"]
+
+
+def test_generate_command_line(workdir, reference):
+    cmd = [sys.executable, "-m", "multitoken", "generate", "--run", str(reference)]
+    prompt = ["--prompt", "def parse(", "--max-new-tokens", "12"]
+    proc = subprocess.run(
+        [*cmd, *prompt, "--speculative", "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("text", "tokens", "forwards", "tokens_per_forward", "acceptance", "tokens_per_s"):
+        assert key in record, key
+    assert record["tokens"] == 12 and len(record["acceptance"]) == 2
+    plain = subprocess.run([*cmd, *prompt, "--json"], capture_output=True, text=True, timeout=300)
+    assert json.loads(plain.stdout.strip().splitlines()[-1])["text"] == record["text"]
+
+
+def test_generate_refuses_speculative_without_mtp_heads(workdir):
+    plain = workdir / "plain"
+    if not plain.exists():
+        run_cli(workdir, "parallel.cp=1", "mtp.depth=0", "run.name=plain", "train.steps=3")
+    cmd = [sys.executable, "-m", "multitoken", "generate", "--run", str(plain), "--speculative"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "without MTP heads" in proc.stderr and "drop --speculative" in proc.stderr
