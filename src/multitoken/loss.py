@@ -48,14 +48,30 @@ def _chunk_rows(vocab: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(vocab, 1))
 
 
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the head matmuls: autocast's when it is on, else the promoted one.
+
+    Fixed in the forward and reused by the backward, which runs outside autocast: under bf16
+    autocast the MTP hidden states are bf16 while the head weight stays fp32.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def _chunk_logits(h: Tensor, weight: Tensor, buffer: Tensor) -> Tensor:
-    """fp32 logits ``h @ weight.T`` of one chunk, written into (a prefix of) ``buffer``."""
+    """fp32 logits ``h @ weight.T`` of one chunk, written into (a prefix of) ``buffer``.
+
+    ``h`` and ``weight`` share a dtype (the compute dtype).
+    """
     out = buffer[: h.shape[0]]  # (C, V)
     if h.dtype == torch.float32 and weight.dtype == torch.float32:
         # Straight into the reused buffer: a fresh chunk-sized tensor per chunk would cost a
         # round of page faults on CPU every time (it is larger than malloc keeps around).
         return torch.mm(h, weight.t(), out=out)
-    return out.copy_(h @ weight.t())
+    with torch.autocast(h.device.type, enabled=False):
+        return out.copy_(h @ weight.t())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -63,6 +79,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_elements):
         # hidden (N, H), weight (V, H), targets (N,)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
         rows = min(_chunk_rows(vocab, chunk_elements), max(n_tokens, 1))
         lse = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -72,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buffer = hidden.new_empty((rows, vocab), dtype=torch.float32)  # one chunk of logits
         for start in range(0, n_tokens, rows):
             stop = min(start + rows, n_tokens)
-            logits = _chunk_logits(hidden[start:stop], weight, buffer)  # (C, V)
+            logits = _chunk_logits(hidden[start:stop].to(dtype), w, buffer)  # (C, V)
             tgt = safe_targets[start:stop]
             picked = logits.gather(1, tgt[:, None]).squeeze(1)
             # One pass gives the row max (for a stable log-sum-exp) and the top-1 prediction.
@@ -87,14 +105,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             correct += ((top1 == tgt) & mask).sum()
         del buffer
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.rows = rows
+        ctx.rows, ctx.dtype = rows, dtype
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         hidden, weight, targets, valid, lse = ctx.saved_tensors
-        rows = ctx.rows
+        rows, dtype = ctx.rows, ctx.dtype
+        w = weight.to(dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         # Accumulate the weight gradient in fp32 even for bf16 weights.
@@ -108,15 +127,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             stop = min(start + rows, hidden.shape[0])
             h = hidden[start:stop]
             # d(lse - logit[t]) / d logits = softmax - onehot(t), recomputed from the saved lse.
-            probs = _chunk_logits(h, weight, buffer)  # (C, V)
+            probs = _chunk_logits(h.to(dtype), w, buffer)  # (C, V)
             probs.sub_(lse[start:stop, None]).exp_()
             probs.scatter_add_(1, targets[start:stop, None], torch.full_like(probs[:, :1], -1.0))
-            grad_logits = probs.to(hidden.dtype)
+            grad_logits = probs.to(dtype)
             # The row factor is applied to the [C, H] operands and results, not to the [C, V]
             # chunk: diag(s) P W = diag(s) (P W) and (diag(s) P)^T h = P^T (diag(s) h).
             scale = row_scale[start:stop, None]  # (C, 1)
             if need_h:
-                grad_h[start:stop] = (grad_logits @ weight).mul_(scale.to(hidden.dtype))
+                grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
             if need_w:
                 grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
             del probs, grad_logits

@@ -52,6 +52,25 @@ def test_no_valid_target_gives_zero_loss_and_zero_grad():
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
 
 
+def test_bf16_hidden_under_autocast_with_fp32_head():
+    # Under bf16 autocast the MTP hidden states are bf16 and the head fp32; the backward runs
+    # outside autocast and must not multiply a bf16 chunk by the fp32 weight.
+    hidden, weight, targets = _inputs(37, 16, 50)
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = linear_cross_entropy(h16, weight, targets, chunk_elements=7 * 50)
+        logits = h16 @ weight.t()
+    stats.loss_sum.backward()
+    assert h16.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    got_h, got_w = h16.grad.clone(), weight.grad.clone()
+    h16.grad = weight.grad = None
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(stats.loss_sum, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got_h.float(), h16.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_w, weight.grad, rtol=2e-2, atol=2e-2)
+
+
 class _LargestAllocation(TorchDispatchMode):
     """Records the element count of every tensor an op returns."""
 

@@ -174,3 +174,21 @@ def test_padding_tokens_never_carry_a_target(depth):
     labels[0, 3] = 5
     out = make_model(depth)(ids, labels=labels, layout=layout)
     assert int(out.depth_tokens[0]) == 4
+
+
+def test_bf16_autocast_training_step_runs_and_matches_fp32():
+    # train.bf16 runs the forward under bf16 autocast with fp32 weights: the MTP depths'
+    # hidden states come out bf16 while the shared head stays fp32, and the backward (which
+    # runs outside autocast) must cope. CPU autocast exercises the same code as CUDA's.
+    ids, layout = packed_batch()
+    labels = next_token_labels(ids, layout)
+    ref = make_model(2)(ids, labels=labels, layout=layout)
+    model = make_model(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=labels, layout=layout)
+    assert any(h.dtype == torch.bfloat16 for h in out.hidden_states)
+    out.loss.backward()
+    got = grads(model)
+    assert len(got) == len(list(model.parameters()))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in got.values())
+    torch.testing.assert_close(out.depth_loss, ref.depth_loss.detach(), rtol=2e-2, atol=2e-2)
