@@ -1,4 +1,7 @@
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from multitoken.train.config import (
     ConfigError,
@@ -8,7 +11,7 @@ from multitoken.train.config import (
     load_config,
     to_toml,
 )
-from multitoken.train.trainer import lr_lambda, mtp_weight
+from multitoken.train.trainer import _Meter, lr_lambda, mtp_weight
 
 
 def test_defaults_file_then_overrides(tmp_path):
@@ -122,3 +125,26 @@ def test_run_dir_protection(tmp_path):
     check_run_dir(tmp_path, resume=False, overwrite=True)
     clear_run_dir(tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_metric_sums_are_reduced_on_the_training_device(monkeypatch):
+    # An NCCL group reduces only CUDA tensors: the metric sums must stay on the device of the
+    # model's outputs (here "meta" stands in for cuda) and be all-reduced there.
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor, group=None):
+        raise Reduced(tensor.device)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    device = torch.device("meta")
+    meter = _Meter(1, device)
+    out = SimpleNamespace(
+        depth_loss=torch.ones(2, device=device),
+        depth_tokens=torch.ones(2, dtype=torch.long, device=device),
+        depth_correct=torch.ones(2, dtype=torch.long, device=device),
+    )
+    meter.add(out, torch.ones(2, dtype=torch.long, device=device))
+    with pytest.raises(Reduced) as reduced:
+        meter.reduce(group=object())
+    assert reduced.value.args[0] == device

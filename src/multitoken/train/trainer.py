@@ -162,21 +162,24 @@ def _normalizer(depth_labels, group) -> torch.Tensor:
 class _Meter:
     """Sums of per-depth losses, targets and hits over a logging window, reduced sum/sum."""
 
-    def __init__(self, depth: int):
-        self.sums = torch.zeros(3, depth + 1, dtype=torch.float64)
+    def __init__(self, depth: int, device: torch.device | str = "cpu"):
+        # On the training device: an NCCL group cannot reduce CPU tensors, and no per-step
+        # device-to-host copy (a sync) is needed.
+        self.sums = torch.zeros(3, depth + 1, dtype=torch.float64, device=device)
         self.steps = 0
 
     def add(self, out, normalizer: torch.Tensor) -> None:
         # depth_loss is local_sum / global_count, so local_sum = depth_loss * global_count.
-        self.sums[0] += (out.depth_loss.detach().double() * normalizer.double()).cpu()
-        self.sums[1] += out.depth_tokens.double().cpu()
-        self.sums[2] += out.depth_correct.double().cpu()
+        self.sums[0] += out.depth_loss.detach().double() * normalizer.double()
+        self.sums[1] += out.depth_tokens.double()
+        self.sums[2] += out.depth_correct.double()
         self.steps += 1
 
     def reduce(self, group) -> tuple[list[float], list[float], float]:
         sums = self.sums.clone()
         if group is not None:
             torch.distributed.all_reduce(sums, group=group)  # one message for all metrics
+        sums = sums.cpu()
         tokens = sums[1].clamp(min=1)
         losses, accs = (sums[0] / tokens).tolist(), (sums[2] / tokens).tolist()
         self.sums.zero_()
@@ -201,7 +204,7 @@ def _record(step, losses, accs, weight, extra) -> dict[str, Any]:
 
 def _evaluate(step_fn: _Step, loader, start, cfg: TrainConfig, group) -> tuple[list, list]:
     step_fn.model.eval()
-    meter = _Meter(cfg.mtp.depth)
+    meter = _Meter(cfg.mtp.depth, step_fn.device)
     loader.load_state_dict(start)  # the same held-out batches at every evaluation
     with torch.no_grad():
         for _ in range(cfg.train.eval_batches):
@@ -267,7 +270,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
         else None
     )
     step_fn = _Step(cfg, model, ranks, device)
-    meter = _Meter(cfg.mtp.depth)
+    meter = _Meter(cfg.mtp.depth, device)
     end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     log = _Progress(is_main, start, end, cfg)
     last: dict[str, Any] = {}
