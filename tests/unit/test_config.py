@@ -43,6 +43,23 @@ def test_toml_round_trip(tmp_path):
         (["data.align=6", "parallel.cp=2"], "must be a multiple of 2 \\* parallel.cp = 4"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
         (["data.seq_len=2048"], "exceeds model.max_seq_len"),
+        # Values that used to get past validation and crash (a traceback) or mislead later.
+        (["train.log_every=0"], "train.log_every must be >= 1"),
+        (["model.n_heads=0"], "model.n_heads must be >= 1"),
+        (["model.n_layers=0"], "model.n_layers must be >= 1"),
+        (["model.dim=0"], "model.dim must be >= 2"),
+        (["model.n_kv_heads=-1"], "model.n_kv_heads must be >= 0"),
+        (["model.ffn_dim=-5"], "model.ffn_dim must be >= 0"),
+        (["model.rope_theta=0"], "model.rope_theta must be > 0"),
+        (["mtp.loss_weight=-1"], "mtp.loss_weight must be >= 0"),
+        (["train.lr=0"], "train.lr must be > 0"),
+        (["train.min_lr=-1"], "train.min_lr must be >= 0"),
+        (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+        (["train.stop_after=-1"], "train.stop_after must be >= 0"),
+        (["train.eval_batches=0"], "train.eval_batches must be >= 1"),
+        (["train.beta1=2"], "train.beta1 and train.beta2 must be in \\[0, 1\\)"),
+        (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
+        (["data.max_files=-3"], "data.max_files must be >= 0"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
