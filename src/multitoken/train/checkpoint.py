@@ -33,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "resume_checkpoint",
     "load_for_inference",
 ]
 
@@ -157,6 +158,25 @@ def latest_checkpoint(run_dir: Path, world: int | None = None) -> Path | None:
         if match and path.is_dir() and _complete(path, world):
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
+
+
+def resume_checkpoint(run_dir: Path, world: int) -> Path | None:
+    """The checkpoint ``train.resume`` continues from: the newest complete one (None if none).
+
+    Raises:
+        ConfigError: it was written by another number of ranks than ``world`` (the same on
+            every rank, before any collective), which would otherwise start over at step 0.
+    """
+    from multitoken.train.config import ConfigError
+
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and _world_of(newest) != world:
+        raise ConfigError(
+            f"{newest} was written by {_world_of(newest)} rank(s) but this run has {world} "
+            "(parallel.dp * parallel.cp): resume with the parallel.dp and parallel.cp it was "
+            "trained with"
+        )
+    return newest
 
 
 def load_checkpoint(

@@ -25,8 +25,8 @@ from multitoken.train.checkpoint import (
     check_run_dir,
     clear_run_dir,
     fault_point,
-    latest_checkpoint,
     load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from multitoken.train.config import TrainConfig, gpt_config, to_toml
@@ -251,9 +251,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
     val_start = val_loader.state_dict()
 
     start, tokens_seen = 0, 0
-    checkpoint = (
-        latest_checkpoint(run_dir, ranks.dp_size * ranks.cp_size) if cfg.train.resume else None
-    )
+    world = ranks.dp_size * ranks.cp_size
+    checkpoint = resume_checkpoint(run_dir, world) if cfg.train.resume else None
     if checkpoint is not None:
         extra = load_checkpoint(checkpoint, model, optimizer, group)
         scheduler.load_state_dict(extra["scheduler"])
