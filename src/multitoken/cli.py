@@ -81,7 +81,11 @@ def _launch(cfg, nproc: int) -> dict:
 
 
 def cmd_train(args) -> int:
-    from multitoken.train.checkpoint import check_run_dir, resume_checkpoint
+    from multitoken.train.checkpoint import (
+        check_resume_config,
+        check_run_dir,
+        resume_checkpoint,
+    )
     from multitoken.train.config import ConfigError, load_config
     from multitoken.train.data import prepare_data
 
@@ -106,6 +110,7 @@ def cmd_train(args) -> int:
         )
     check_run_dir(cfg.run_dir, cfg.train.resume, cfg.run.overwrite)  # before any work
     if cfg.train.resume:
+        check_resume_config(cfg.run_dir, cfg)  # the checkpoint fits this model
         resume_checkpoint(cfg.run_dir, world)  # the checkpoint fits this many ranks
     data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
     if world == 1:

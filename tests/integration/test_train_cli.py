@@ -136,6 +136,15 @@ def test_resume_with_another_world_size_is_an_error(workdir):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "written by 1 rank" in errors[0], proc.stderr
     assert [r["step"] for r in train_records(workdir / "otherworld")] == [1, 2, 3]
+    # Other model settings: one error line, and the run's config.toml is left as it was.
+    config = (workdir / "otherworld" / "config.toml").read_text()
+    proc = run_cli(
+        workdir, "parallel.cp=1", "run.name=otherworld", "train.resume=true", "model.dim=64",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: train.resume with model.dim=64"), proc.stderr
+    assert (workdir / "otherworld" / "config.toml").read_text() == config
 
 
 def test_killed_rank_leaves_the_last_complete_checkpoint_loadable(workdir):

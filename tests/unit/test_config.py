@@ -144,6 +144,26 @@ def test_run_dir_protection(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_resume_refuses_a_changed_model(tmp_path):
+    # Resuming with other model settings failed inside the checkpoint load (a traceback) after
+    # config.toml had been overwritten, or, with fewer MTP depths, silently dropped weights.
+    from multitoken.train.checkpoint import check_resume_config
+
+    saved = load_config(None, ["model.dim=64", "mtp.depth=2"])
+    (tmp_path / "config.toml").write_text(to_toml(saved))
+    check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.depth=2"]))
+    # Schedule, logging and recompute settings may change on resume.
+    check_resume_config(
+        tmp_path,
+        load_config(None, ["model.dim=64", "mtp.depth=2", "train.steps=500", "model.recompute=1"]),
+    )
+    with pytest.raises(ConfigError, match="model.dim=32, .*was trained with model.dim=64"):
+        check_resume_config(tmp_path, load_config(None, ["model.dim=32", "mtp.depth=2"]))
+    with pytest.raises(ConfigError, match="mtp.depth=1, .*was trained with mtp.depth=2"):
+        check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.depth=1"]))
+    check_resume_config(tmp_path / "elsewhere", saved)  # no saved config: nothing to compare
+
+
 def test_metric_sums_are_reduced_on_the_training_device(monkeypatch):
     # An NCCL group reduces only CUDA tensors: the metric sums must stay on the device of the
     # model's outputs (here "meta" stands in for cuda) and be all-reduced there.

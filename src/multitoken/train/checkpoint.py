@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint",
     "resume_checkpoint",
+    "check_resume_config",
     "load_for_inference",
 ]
 
@@ -158,6 +159,50 @@ def latest_checkpoint(run_dir: Path, world: int | None = None) -> Path | None:
         if match and path.is_dir() and _complete(path, world):
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
+
+
+# What a run's weights and tokenizer depend on. The rest (schedule, logging, parallel layout,
+# recompute, backend) may change when a run is resumed.
+_RESUME_FIXED = (
+    "model.dim",
+    "model.n_layers",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.ffn_dim",
+    "model.tie_embeddings",
+    "model.attention",
+    "model.rope_theta",
+    "mtp.depth",
+    "mtp.hidden_first",
+    "data.path",
+    "data.max_files",
+    "data.vocab_size",
+)
+
+
+def check_resume_config(run_dir: Path, cfg) -> None:
+    """Refuse to resume a run with settings its weights or tokenizer do not fit.
+
+    Called before anything is written to the run folder (config.toml, tokenizer.json) and
+    before any collective, the same on every rank.
+
+    Raises:
+        ConfigError: naming the first setting that differs from the run's ``config.toml``.
+    """
+    from multitoken.train.config import ConfigError, load_config
+
+    saved_file = Path(run_dir) / "config.toml"
+    if not saved_file.is_file():
+        return
+    saved = load_config(str(saved_file))
+    for key in _RESUME_FIXED:
+        section, name = key.split(".")
+        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if old != new:
+            raise ConfigError(
+                f"train.resume with {key}={new!r}, but {run_dir} was trained with {key}={old!r}: "
+                f"resume with {key}={old!r}, or start a new run (another run.name)"
+            )
 
 
 def resume_checkpoint(run_dir: Path, world: int) -> Path | None:

@@ -22,6 +22,7 @@ from multitoken.layout import SequenceLayout
 from multitoken.lookahead import mtp_inputs
 from multitoken.models import GPT
 from multitoken.train.checkpoint import (
+    check_resume_config,
     check_run_dir,
     clear_run_dir,
     fault_point,
@@ -229,6 +230,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
     ranks = _setup_ranks(cfg, device)
     group, is_main = ranks.world_group, ranks.rank == 0
     run_dir = cfg.run_dir
+    if cfg.train.resume:  # every rank, before config.toml is rewritten
+        check_resume_config(run_dir, cfg)
     if data is None:
         data = prepare_data(cfg, verbose=False, group=group)
     if is_main:
