@@ -134,7 +134,7 @@ def test_untied_head_and_no_valid_target():
     ids = torch.randint(1, 97, (1, 6))
     out = model(ids, labels=torch.full((1, 6), -100))
     out.loss.backward()
-    assert float(out.loss) == 0.0 and not torch.isnan(out.depth_loss).any()
+    assert out.loss.item() == 0.0 and not torch.isnan(out.depth_loss).any()
     assert all(torch.count_nonzero(g) == 0 for g in grads(model).values())
 
 
