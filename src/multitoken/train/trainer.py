@@ -311,6 +311,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
             if writer:
                 writer.write(last)
             log.train(last)
+        paused = time.perf_counter()  # evaluation and saving do not count as training time
         eval_due = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if eval_due or step == cfg.train.steps:
             losses, accs = _evaluate(step_fn, val_loader, val_start, cfg, group)
@@ -329,6 +330,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
                 "rng": torch.get_rng_state(),
             }
             save_checkpoint(run_dir, step, model, optimizer, extra, group)
+        window_start += time.perf_counter() - paused
         log.advance(step)
     log.close()
     if writer:
