@@ -105,6 +105,7 @@ def cp_step(shard, model: GPT, g: ParallelGroups, norm_group, grad_group) -> dic
         depth_tokens=out.depth_tokens,
         grads=grads(model),
         out=out,
+        normalizer=normalizer,
     )
 
 
@@ -116,5 +117,5 @@ def run_cp(depth: int, packed: bool, way: str, rows=None, attention: str = "docu
     halo = way == "halo"
     shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE, halo=halo)
     result = cp_step(shard, model, g, g.cp_group, g.cp_group)
-    result.pop("out")
+    result.pop("out"), result.pop("normalizer")
     return result

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from multitoken.parallel.reduce import MetricSums
 from multitoken.train.config import (
     ConfigError,
     TrainConfig,
@@ -11,7 +12,7 @@ from multitoken.train.config import (
     load_config,
     to_toml,
 )
-from multitoken.train.trainer import _Meter, lr_lambda, mtp_weight
+from multitoken.train.trainer import lr_lambda, mtp_weight
 
 
 def test_defaults_file_then_overrides(tmp_path):
@@ -174,8 +175,9 @@ def test_metric_sums_are_reduced_on_the_training_device(monkeypatch):
         raise Reduced(tensor.device)
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     device = torch.device("meta")
-    meter = _Meter(1, device)
+    meter = MetricSums(1, device)
     out = SimpleNamespace(
         depth_loss=torch.ones(2, device=device),
         depth_tokens=torch.ones(2, dtype=torch.long, device=device),

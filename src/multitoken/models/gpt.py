@@ -105,14 +105,6 @@ class GPTConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(cls(**PRESETS[name]), **overrides)
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count of the main model and the MTP depths."""
-        h, f, kv = self.dim, self.ffn_dim, self.n_kv_heads * (self.dim // self.n_heads)
-        layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
-        mtp = self.mtp.depth * (layer + 2 * h * h + 3 * h)
-        emb = self.vocab_size * h * (1 if self.tie_embeddings else 2) if include_embedding else 0
-        return self.n_layers * layer + h + mtp + emb
-
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024),

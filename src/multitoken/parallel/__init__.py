@@ -10,12 +10,12 @@
 from multitoken.parallel.apply import gather_sequence, parallelize
 from multitoken.parallel.context import (
     CPShard,
+    MetricSums,
     ShardMismatchError,
     ShardPlan,
     exchange_halo,
     global_normalizer,
     plan_shards,
-    reduce_metrics,
     shard_batch,
     sync_gradients,
 )
@@ -33,7 +33,7 @@ __all__ = [
     "ShardMismatchError",
     "global_normalizer",
     "sync_gradients",
-    "reduce_metrics",
+    "MetricSums",
     "parallelize",
     "gather_sequence",
 ]

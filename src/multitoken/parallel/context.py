@@ -9,7 +9,7 @@ either from the global batch at sharding time (default: no message in the forwar
 rank only has its local shard, by :func:`exchange_halo` with one collective.
 
 The collectives of a training step (:func:`global_normalizer`, :func:`sync_gradients`,
-:func:`reduce_metrics`) live in :mod:`.reduce` and are re-exported here.
+:class:`MetricSums`) live in :mod:`.reduce` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from multitoken.parallel.halo import (
     halo_targets,
 )
 from multitoken.parallel.plan import ShardPlan, plan_shards
-from multitoken.parallel.reduce import global_normalizer, reduce_metrics, sync_gradients
+from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
 
 __all__ = [
     "CPShard",
@@ -39,7 +39,7 @@ __all__ = [
     "exchange_halo",
     "global_normalizer",
     "sync_gradients",
-    "reduce_metrics",
+    "MetricSums",
     "ShardPlan",
     "plan_shards",
     "ShardMismatchError",

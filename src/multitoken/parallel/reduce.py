@@ -11,8 +11,6 @@ skips the collective (never the default world group).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -20,7 +18,7 @@ from torch import Tensor, nn
 from multitoken.lookahead import IGNORE_INDEX
 from multitoken.parallel.halo import ShardMismatchError, check_cp_group
 
-__all__ = ["global_normalizer", "sync_gradients", "reduce_metrics"]
+__all__ = ["global_normalizer", "sync_gradients", "MetricSums"]
 
 
 def _size(group: dist.ProcessGroup | None) -> int:
@@ -117,45 +115,40 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
             p.grad.copy_(chunk)
 
 
-def reduce_metrics(
-    output, group: dist.ProcessGroup | None, extra: Mapping[str, float | Tensor] | None = None
-) -> dict[str, float]:
-    """Step metrics as sums over ``group`` (one all_reduce), ratios as sum / sum.
+class MetricSums:
+    """Per-depth loss sums, valid targets and top-1 hits over steps, reduced sum/sum over ranks.
 
-    Args:
-        output: a ``GPTOutput`` or ``DepthLosses`` of this rank (``loss``, ``depth_loss``,
-            ``depth_tokens``, ``depth_correct``), computed with the global normaliser so that
-            its losses are this rank's share of the global ones.
-        group: the DP x CP group; None = this rank only.
-        extra: more numbers to sum over ranks (e.g. ``{"documents": n}``).
+    The one way metrics are reduced: every rank adds its share of each step, and
+    :meth:`reduce` sums the three vectors over the group in one all_reduce and divides once, so
+    the logged loss is the unsharded loss (never a mean of per-rank ratios). The sums stay on
+    the outputs' device (an NCCL group reduces only device tensors; no per-step host sync).
 
-    Returns:
-        ``loss`` (the global loss), per depth ``loss/<d>``, ``tokens/<d>`` and
-        ``accuracy/<d>`` = sum of hits / sum of tokens (0 where a depth has no target), with
-        ``<d>`` = ``main``, ``depth1``, ..., and every key of ``extra`` summed.
+    Example (one rank, D = 1)::
+
+        >>> sums = MetricSums(depth=1)
+        >>> sums.add(out, normalizer)           # after each step
+        >>> losses, accuracies, tokens = sums.reduce(group)   # at a logging step; resets
     """
-    depth_loss = output.depth_loss.detach().double()
-    names = ["main"] + [f"depth{k}" for k in range(1, depth_loss.numel())]
-    extra = dict(extra or {})
-    device = depth_loss.device
-    parts = [
-        output.loss.detach().double().view(1),
-        depth_loss,
-        output.depth_tokens.double(),
-        output.depth_correct.double(),
-        torch.tensor([float(v) for v in extra.values()], dtype=torch.float64, device=device),
-    ]
-    vec = torch.cat(parts)
-    if _size(group) > 1:
-        dist.all_reduce(vec, group=group)
-    n = depth_loss.numel()
-    losses, tokens, correct = vec[1 : 1 + n], vec[1 + n : 1 + 2 * n], vec[1 + 2 * n : 1 + 3 * n]
-    loss = vec[0]
-    metrics = {"loss": float(loss)}
-    for i, name in enumerate(names):
-        metrics[f"loss/{name}"] = float(losses[i])
-        metrics[f"tokens/{name}"] = float(tokens[i])
-        metrics[f"accuracy/{name}"] = float(correct[i]) / max(float(tokens[i]), 1.0)
-    for i, key in enumerate(extra):
-        metrics[key] = float(vec[1 + 3 * n + i])
-    return metrics
+
+    def __init__(self, depth: int, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(3, depth + 1, dtype=torch.float64, device=device)
+
+    def add(self, output, normalizer: Tensor) -> None:
+        """Add one step: ``output`` has ``depth_loss`` (normalised by ``normalizer``, the
+        global per-depth counts), ``depth_tokens`` and ``depth_correct``."""
+        # depth_loss is local_sum / global_count, so local_sum = depth_loss * global_count.
+        self.sums[0] += output.depth_loss.detach().double() * normalizer.double()
+        self.sums[1] += output.depth_tokens.double()
+        self.sums[2] += output.depth_correct.double()
+
+    def reduce(
+        self, group: dist.ProcessGroup | None
+    ) -> tuple[list[float], list[float], list[float]]:
+        """``(losses, accuracies, tokens)`` per depth (main first) over the group; resets."""
+        sums = self.sums.clone()
+        if _size(group) > 1:
+            dist.all_reduce(sums, group=group)  # one message for every metric
+        sums = sums.cpu()
+        tokens = sums[1].clamp(min=1)
+        self.sums.zero_()
+        return (sums[0] / tokens).tolist(), (sums[2] / tokens).tolist(), sums[1].tolist()

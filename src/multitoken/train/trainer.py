@@ -21,6 +21,7 @@ import torch
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import mtp_inputs
 from multitoken.models import GPT
+from multitoken.parallel.reduce import MetricSums, global_normalizer
 from multitoken.train.checkpoint import (
     check_resume_config,
     check_run_dir,
@@ -131,7 +132,7 @@ class _Step:
             mtp_ids, depth_labels = mtp_inputs(ids, labels, layout, depth, pad_id)
             inputs = dict(input_ids=ids, labels=labels, layout=layout)
             inputs.update(mtp_input_ids=mtp_ids, depth_labels=depth_labels)
-            return inputs, _normalizer(depth_labels, r.world_group)
+            return inputs, global_normalizer(depth_labels, r.world_group)
         from multitoken.parallel.context import exchange_halo, shard_batch
 
         exchange = self.cfg.parallel.lookahead == "exchange"
@@ -140,7 +141,7 @@ class _Step:
         )
         # The step's first collective: the global valid-target counts per depth, which also
         # checks that every CP peer cut the same plan (so a mismatch fails on every rank).
-        counts = _normalizer(shard, r.world_group)
+        counts = global_normalizer(shard, r.world_group)
         if exchange:
             shard = exchange_halo(shard, r.groups.cp_group)  # one all_to_all for all depths
         return shard.model_inputs(), counts
@@ -151,41 +152,6 @@ class _Step:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(**inputs, loss_normalizer=normalizer)
         return out, normalizer
-
-
-def _normalizer(depth_labels, group) -> torch.Tensor:
-    """Valid targets per depth summed over every rank (one all_reduce; local without group)."""
-    from multitoken.parallel.reduce import global_normalizer
-
-    return global_normalizer(depth_labels, group)
-
-
-class _Meter:
-    """Sums of per-depth losses, targets and hits over a logging window, reduced sum/sum."""
-
-    def __init__(self, depth: int, device: torch.device | str = "cpu"):
-        # On the training device: an NCCL group cannot reduce CPU tensors, and no per-step
-        # device-to-host copy (a sync) is needed.
-        self.sums = torch.zeros(3, depth + 1, dtype=torch.float64, device=device)
-        self.steps = 0
-
-    def add(self, out, normalizer: torch.Tensor) -> None:
-        # depth_loss is local_sum / global_count, so local_sum = depth_loss * global_count.
-        self.sums[0] += out.depth_loss.detach().double() * normalizer.double()
-        self.sums[1] += out.depth_tokens.double()
-        self.sums[2] += out.depth_correct.double()
-        self.steps += 1
-
-    def reduce(self, group) -> tuple[list[float], list[float], float]:
-        sums = self.sums.clone()
-        if group is not None:
-            torch.distributed.all_reduce(sums, group=group)  # one message for all metrics
-        sums = sums.cpu()
-        tokens = sums[1].clamp(min=1)
-        losses, accs = (sums[0] / tokens).tolist(), (sums[2] / tokens).tolist()
-        self.sums.zero_()
-        self.steps = 0
-        return losses, accs, float(sums[1, 0])
 
 
 def _record(step, losses, accs, weight, extra) -> dict[str, Any]:
@@ -205,7 +171,7 @@ def _record(step, losses, accs, weight, extra) -> dict[str, Any]:
 
 def _evaluate(step_fn: _Step, loader, start, cfg: TrainConfig, group) -> tuple[list, list]:
     step_fn.model.eval()
-    meter = _Meter(cfg.mtp.depth, step_fn.device)
+    meter = MetricSums(cfg.mtp.depth, step_fn.device)
     loader.load_state_dict(start)  # the same held-out batches at every evaluation
     with torch.no_grad():
         for _ in range(cfg.train.eval_batches):
@@ -272,7 +238,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
         else None
     )
     step_fn = _Step(cfg, model, ranks, device)
-    meter = _Meter(cfg.mtp.depth, device)
+    meter = MetricSums(cfg.mtp.depth, device)
     end = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     log = _Progress(is_main, start, end, cfg)
     last: dict[str, Any] = {}
