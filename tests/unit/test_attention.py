@@ -30,7 +30,6 @@ def test_dense_mask_rule():
 
 @pytest.mark.parametrize("mode", ["document", "causal"])
 def test_flex_block_mask_equals_sdpa_mask(mode):
-    pytest.importorskip("torch.nn.attention.flex_attention")
     from torch.nn.attention.flex_attention import flex_attention
 
     layout = _layout()
