@@ -220,12 +220,15 @@ def shard_batch(
     def local(x: Tensor, fill: int) -> Tensor:  # (B, T_local)
         return torch.where(real, x.reshape(-1)[source], fill).view(shape).to(x.dtype)
 
-    kv_layout = plan.kv_layout()
+    kv_layout = plan.kv_layout()  # (B, cp * T_local): every rank's layout, in rank order
     span = slice(cp_rank * plan.local_len, (cp_rank + 1) * plan.local_len)
+    local_layout = SequenceLayout(
+        kv_layout.doc_ids[:, span], kv_layout.positions[:, span], kv_layout.seq_index[:, span]
+    )  # (B, T_local)
     shard = CPShard(
         input_ids=local(input_ids, pad_id),
         labels=local(labels, ignore_index),
-        layout=SequenceLayout(*(t[:, span] for t in _fields(kv_layout))),
+        layout=local_layout,
         kv_layout=kv_layout,
         plan=plan,
         cp_rank=cp_rank,
@@ -240,10 +243,6 @@ def shard_batch(
         halo_from_global(input_ids, targets, pad_id),
         halo_from_global(labels, targets, ignore_index),
     )
-
-
-def _fields(layout: SequenceLayout) -> tuple[Tensor, Tensor, Tensor]:
-    return layout.doc_ids, layout.positions, layout.seq_index
 
 
 def exchange_halo(

@@ -4,10 +4,11 @@ Under context parallelism a rank holds two chunks of every piece (:mod:`.plan`).
 the MTP module needs ``lookahead(x, k)``, the value k places ahead in the same document, and
 for the last k tokens of a chunk that value lives in a later chunk, often on another rank. The
 *halo* of a chunk is the D values that follow it in its padded document (fill values where the
-document has ended). With the halo in hand every lookahead up to D is local:
+document has ended). With the halo in hand every lookahead up to D is local, read from the
+rank's *extended* buffer, where local chunk c (C = 2 per piece) is followed by its D halo slots:
 
-    ext = chunk_0 ++ halo_0 ++ chunk_1 ++ halo_1 ++ ...      (per rank, flat)
-    lookahead(x, k)[j] = ext[j + D * chunk_of(j) + k]        for every k <= D
+    extended = chunk_0 ++ halo_0 ++ chunk_1 ++ halo_1 ++ ...            (per rank, flat)
+    lookahead(x, k)[j] = extended[j + D * local_chunk(j) + k]            for every k <= D
 
 The halo of a chunk shorter than D reaches several chunks ahead, so its values can come from
 several ranks: owners are derived from the plan, never assumed to be the neighbour.
@@ -19,7 +20,7 @@ group from the local shards alone (:class:`HaloRoute`, :func:`exchange_values`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "ShardMismatchError",
     "check_cp_group",
     "halo_targets",
+    "halo_targets_all_ranks",
     "halo_from_global",
     "exchange_values",
 ]
@@ -54,7 +56,8 @@ def check_cp_group(group: dist.ProcessGroup, cp_size: int, cp_rank: int, what: s
     ranks = dist.get_process_group_ranks(group)
     blocks = [ranks[i : i + cp_size] for i in range(0, len(ranks), cp_size)]
     whole = len(ranks) % cp_size == 0 and all(
-        b == list(range(b[0], b[0] + cp_size)) and b[0] % cp_size == 0 for b in blocks
+        block == list(range(block[0], block[0] + cp_size)) and block[0] % cp_size == 0
+        for block in blocks
     )
     if not whole or dist.get_rank(group) % cp_size != cp_rank:
         raise ValueError(
@@ -66,82 +69,117 @@ def check_cp_group(group: dist.ProcessGroup, cp_size: int, cp_rank: int, what: s
 
 @dataclass(frozen=True)
 class HaloTargets:
-    """Where the halo values of one rank's chunks live (each field ``[..., C, D]``)."""
+    """Where the halo values of one rank's chunks live (each field ``[..., C, D]``: halo slot
+    ``d`` of local chunk ``c`` holds the value ``d + 1`` places after the chunk's last token)."""
 
     valid: Tensor  # the slot holds a real token of the same document
     global_flat: Tensor  # flat index of the value in the global [B, T] batch
     owner: Tensor  # rank holding the value
     owner_flat: Tensor  # flat index of the value in the owner's [B, T_local] shard
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> HaloTargets:
+        """``fn`` applied to every field."""
+        fields = (self.valid, self.global_flat, self.owner, self.owner_flat)
+        return HaloTargets(*(fn(t) for t in fields))
 
-def halo_targets(plan: ShardPlan, cp_rank: int | Tensor, depth: int) -> HaloTargets:
-    """Halo sources of every local chunk of ``cp_rank`` (an int, or ``[R, 1]`` ranks at once).
+    def by_slot(self) -> HaloTargets:
+        """The same targets with one entry per halo slot: every field ``[..., C * D]``."""
+        return self.map(lambda t: t.flatten(-2))
 
-    Local chunk ``q = 2 * piece + second`` (the first chunk of a piece, then its second) owns
-    halo slots ``q * D .. q * D + D - 1``.
+
+def halo_targets(plan: ShardPlan, cp_rank: int, depth: int) -> HaloTargets:
+    """Halo sources of every local chunk of rank ``cp_rank``: each field ``[C, D]``.
+
+    Local chunk ``c = 2 * piece + second`` (the first chunk of a piece, then its second) owns
+    halo slots ``c * D .. c * D + D - 1``.
     """
+    ranks = torch.tensor([cp_rank], device=plan.row.device)
+    return _halo_targets(plan, ranks, depth).map(lambda t: t[0])
+
+
+def halo_targets_all_ranks(plan: ShardPlan, depth: int) -> HaloTargets:
+    """:func:`halo_targets` of every rank at once: each field ``[cp, C, D]``, row r for rank r."""
+    return _halo_targets(plan, torch.arange(plan.cp_size, device=plan.row.device), depth)
+
+
+def _halo_targets(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloTargets:
+    """Halo sources of the ``R`` ranks in ``cp_ranks``: each field ``[R, C, D]``."""
     cp = plan.cp_size
-    s = plan.chunk_len.repeat_interleave(2)[:, None]  # (C, 1)
-    piece = torch.arange(2 * plan.num_pieces, device=s.device) // 2
-    second = (torch.arange(2 * plan.num_pieces, device=s.device) % 2)[:, None]
-    chunk = torch.where(second.bool(), 2 * cp - 1 - _col(cp_rank), _col(cp_rank))  # (R, C, 1)
-    ahead = torch.arange(depth, device=s.device)
-    offset = (chunk + 1) * s + ahead  # (..., C, D): piece offsets of the D following tokens
-    length, doc = plan.length[piece][:, None], plan.doc[piece][:, None]
-    valid = (offset < length) & (doc >= 0)
-    owner_chunk = torch.div(offset, s, rounding_mode="floor")
-    owner = torch.where(owner_chunk < cp, owner_chunk, 2 * cp - 1 - owner_chunk)
-    row, start = plan.row[piece][:, None], plan.start[piece][:, None]
-    local_start = plan.local_start[piece][:, None]
-    in_slot = torch.where(owner_chunk < cp, 0, s) + offset - owner_chunk * s
+    device = plan.row.device
+    local_chunk = torch.arange(2 * plan.num_pieces, device=device)  # (C,)
+    piece = local_chunk // 2  # (C,)
+    is_second = (local_chunk % 2)[:, None].bool()  # (C, 1)
+    chunk_len = plan.chunk_len[piece][:, None]  # (C, 1)
+    rank = cp_ranks[:, None, None]  # (R, 1, 1)
+    # Which of the piece's 2 * cp chunks each local chunk is: rank r keeps r and 2 * cp - 1 - r.
+    chunk = torch.where(is_second, 2 * cp - 1 - rank, rank)  # (R, C, 1)
+    step = torch.arange(depth, device=device)  # (D,)
+    # Piece offsets of the D tokens following each chunk.
+    offset = (chunk + 1) * chunk_len + step  # (R, C, D)
+    length, doc = plan.length[piece][:, None], plan.doc[piece][:, None]  # (C, 1)
+    valid = (offset < length) & (doc >= 0)  # (R, C, D)
+    # The chunk of the piece holding each value, its owner, and the value's offset among the
+    # owner's two local chunks of the piece (its first chunk at [0, chunk_len), its second at
+    # [chunk_len, 2 * chunk_len)): chunks below cp are an owner's first chunk.
+    source_chunk = torch.div(offset, chunk_len, rounding_mode="floor")  # (R, C, D)
+    owners_first = source_chunk < cp
+    owner = torch.where(owners_first, source_chunk, 2 * cp - 1 - source_chunk)
+    offset_in_chunk = offset - source_chunk * chunk_len
+    owner_offset = torch.where(owners_first, 0, chunk_len) + offset_in_chunk
+    row, start = plan.row[piece][:, None], plan.start[piece][:, None]  # (C, 1)
+    local_start = plan.local_start[piece][:, None]  # (C, 1)
     return HaloTargets(
         valid=valid,
         global_flat=(row * plan.seqlen + start + offset).expand_as(offset),
         owner=owner,
-        owner_flat=(row * plan.local_len + local_start + in_slot).expand_as(offset),
+        owner_flat=(row * plan.local_len + local_start + owner_offset).expand_as(offset),
     )
-
-
-def _fields(targets: HaloTargets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return targets.valid, targets.global_flat, targets.owner, targets.owner_flat
-
-
-def _col(cp_rank: int | Tensor) -> int | Tensor:
-    # An int stays an int; ranks [R, 1] become [R, 1, 1] to broadcast over (C, 1).
-    return cp_rank[..., None] if isinstance(cp_rank, Tensor) else cp_rank
 
 
 @dataclass(frozen=True)
 class HaloIndex:
-    """Positions of the local tokens and of the halo slots in the flat ``ext`` buffer of one
-    rank, and which entries of ``ext`` hold a real token (everything else reads as fill)."""
+    """Where the local tokens and the halo slots of one rank sit in its flat *extended* buffer
+    (every local chunk followed by its halo, module docstring), and which entries of that
+    buffer hold a real token (everything else reads as fill).
+
+    Attributes:
+        depth: D, halo slots per chunk.
+        shape: ``(B, T_local)`` of the local shard.
+        token_index: ``[B * T_local]`` index in the extended buffer of each local token.
+        halo_index: ``[C * D]`` index in the extended buffer of each halo slot.
+        extended_real: ``[B * T_local + C * D]`` bool: the entry holds a real token.
+        token_real: ``[B * T_local]`` bool: the local token itself belongs to a document.
+    """
 
     depth: int
     shape: tuple[int, int]
-    token_ext: Tensor  # (B * T_local,)
-    halo_ext: Tensor  # (C * D,)
-    ext_real: Tensor  # (B * T_local + C * D,) bool
-    token_real: Tensor  # (B * T_local,) bool: the token itself belongs to a document
+    token_index: Tensor
+    halo_index: Tensor
+    extended_real: Tensor
+    token_real: Tensor
 
     @classmethod
     def build(cls, plan: ShardPlan, cp_rank: int, depth: int, halo_valid: Tensor) -> HaloIndex:
         piece, offset = plan.token_pieces(cp_rank)  # (B * T_local,)
-        s = plan.chunk_len
-        second = torch.div(offset, s[piece], rounding_mode="floor") >= plan.cp_size
-        chunk = 2 * piece + second.long()  # local chunk of each token
-        token_ext = torch.arange(piece.numel(), device=piece.device) + depth * chunk
+        chunk_len = plan.chunk_len  # (N,)
+        is_second = torch.div(offset, chunk_len[piece], rounding_mode="floor") >= plan.cp_size
+        local_chunk = 2 * piece + is_second.long()  # (B * T_local,)
+        # Each token moves right by the D halo slots of every local chunk before it.
+        token_index = torch.arange(piece.numel(), device=piece.device) + depth * local_chunk
         n_chunks = 2 * plan.num_pieces
         # Flat end of every local chunk: chunks tile the shard, so a running sum of lengths.
-        chunk_end = torch.cumsum(s.repeat_interleave(2), 0)
-        slot = torch.arange(n_chunks * depth, device=piece.device)
-        q = torch.div(slot, max(depth, 1), rounding_mode="floor")
-        halo_ext = chunk_end[q] + depth * q + slot % max(depth, 1)
+        chunk_end = torch.cumsum(chunk_len.repeat_interleave(2), 0)  # (C,)
+        slot = torch.arange(n_chunks * depth, device=piece.device)  # (C * D,)
+        # max(depth, 1): with D = 0 there are no slots, but the division must stay defined.
+        slot_chunk = torch.div(slot, max(depth, 1), rounding_mode="floor")
+        halo_index = chunk_end[slot_chunk] + depth * slot_chunk + slot % max(depth, 1)
         token_real = (offset < plan.length[piece]) & (plan.doc[piece] >= 0)
-        ext_real = torch.zeros(piece.numel() + slot.numel(), dtype=torch.bool, device=s.device)
-        ext_real[token_ext] = token_real
-        ext_real[halo_ext] = halo_valid.reshape(-1)
+        extended_len = piece.numel() + slot.numel()
+        extended_real = torch.zeros(extended_len, dtype=torch.bool, device=piece.device)
+        extended_real[token_index] = token_real
+        extended_real[halo_index] = halo_valid.reshape(-1)
         shape = (plan.batch, plan.local_len)
-        return cls(depth, shape, token_ext, halo_ext, ext_real, token_real)
+        return cls(depth, shape, token_index, halo_index, extended_real, token_real)
 
     def lookahead(self, x: Tensor, halo: Tensor, shifts: Sequence[int], fill: int) -> Tensor:
         """``lookahead(x, k)`` of the local shard for every ``k`` in ``shifts`` (each <= D).
@@ -155,13 +193,13 @@ class HaloIndex:
         Returns:
             ``[len(shifts), B, T_local]``.
         """
-        ext = x.new_full(self.ext_real.shape, fill)
-        ext[self.token_ext] = x.reshape(-1)
-        ext[self.halo_ext] = halo.reshape(-1).to(x.dtype)
+        extended = x.new_full(self.extended_real.shape, fill)  # (B * T_local + C * D,)
+        extended[self.token_index] = x.reshape(-1)
+        extended[self.halo_index] = halo.reshape(-1).to(x.dtype)
         k = torch.tensor(list(shifts), dtype=torch.long, device=x.device)[:, None]  # (K, 1)
-        at = self.token_ext[None] + k  # (K, B * T_local)
-        keep = self.ext_real[at] & self.token_real[None]
-        out = torch.where(keep, ext[at], torch.full_like(ext[at], fill))
+        ahead = self.token_index[None] + k  # (K, B * T_local): index of the value k ahead
+        keep = self.extended_real[ahead] & self.token_real[None]
+        out = torch.where(keep, extended[ahead], torch.full_like(extended[ahead], fill))
         return out.view(len(shifts), *self.shape)
 
 
@@ -202,52 +240,58 @@ class HaloRoute:
     @classmethod
     def build(cls, plan: ShardPlan, cp_rank: int, depth: int) -> HaloRoute:
         cp = plan.cp_size
-        ranks = torch.arange(cp, device=plan.row.device)[:, None]
-        every = HaloTargets(*(t.flatten(-2) for t in _fields(halo_targets(plan, ranks, depth))))
-        # Fields (cp, C * D), slot-major: every rank's needs.
-        remote = every.valid & (every.owner != ranks)
+        # Every rank's needs, one entry per halo slot: fields (cp, C * D).
+        needs = halo_targets_all_ranks(plan, depth).by_slot()
+        requester_rank = torch.arange(cp, device=plan.row.device)[:, None]  # (cp, 1)
+        from_peer = needs.valid & (needs.owner != requester_rank)
         # What I send: slots of every other rank that I own, ordered by (requester, slot).
-        mine = remote & (every.owner == cp_rank)
-        requester, slot = torch.nonzero(mine, as_tuple=True)
-        send_index = every.owner_flat[requester, slot]
+        sent_by_me = from_peer & (needs.owner == cp_rank)
+        requester, slot = torch.nonzero(sent_by_me, as_tuple=True)
+        send_index = needs.owner_flat[requester, slot]
         send_counts = torch.bincount(requester, minlength=cp).tolist()
-        # What I receive: my remote slots, ordered by (owner, slot) to match the senders.
-        own = HaloTargets(*(t.flatten() for t in _fields(halo_targets(plan, cp_rank, depth))))
-        need = own.valid & (own.owner != cp_rank)
-        slots = torch.nonzero(need).view(-1)
-        order = torch.sort(own.owner[slots], stable=True).indices
-        recv_slot = slots[order]
-        recv_counts = torch.bincount(own.owner[slots], minlength=cp).tolist()
-        local = own.valid & (own.owner == cp_rank)
-        self_slot = torch.nonzero(local).view(-1)
+        # What I receive: my slots owned by a peer, ordered by (owner, slot) to match the
+        # senders' order.
+        mine = needs.map(lambda t: t[cp_rank])  # fields (C * D,)
+        remote_slots = torch.nonzero(from_peer[cp_rank]).view(-1)
+        remote_owner = mine.owner[remote_slots]
+        recv_slot = remote_slots[torch.sort(remote_owner, stable=True).indices]
+        recv_counts = torch.bincount(remote_owner, minlength=cp).tolist()
+        self_slot = torch.nonzero(mine.valid & (mine.owner == cp_rank)).view(-1)
         return cls(
             cp_rank=cp_rank,
             send_index=send_index,
             send_counts=send_counts,
             recv_slot=recv_slot,
             recv_counts=recv_counts,
-            self_index=own.owner_flat[self_slot],
+            self_index=mine.owner_flat[self_slot],
             self_slot=self_slot,
-            valid=own.valid,
+            valid=mine.valid,
         )
 
     def pack(self, values: Tensor, fingerprint: int) -> tuple[Tensor, list[int]]:
-        """Send buffer and split sizes for ``values [n, B * T_local]`` (n integer tensors)."""
-        n = values.shape[0]
+        """Send buffer and split sizes for ``values [n, B * T_local]`` (n integer tensors).
+
+        The segment for each peer is the fingerprint, then ``[count, n]`` values row-major.
+        """
+        n_tensors = values.shape[0]
         rows = values[:, self.send_index].t()  # (S, n): one row per value sent
-        parts, splits, at = [], [], 0
+        parts, splits, first_row = [], [], 0
         header = values.new_full((1,), fingerprint)
         for peer, count in enumerate(self.send_counts):
             if peer == self.cp_rank:
                 splits.append(0)
                 continue
-            parts += [header, rows[at : at + count].reshape(-1)]
-            splits.append(1 + count * n)
-            at += count
+            parts += [header, rows[first_row : first_row + count].reshape(-1)]
+            splits.append(1 + count * n_tensors)
+            first_row += count
         return torch.cat(parts) if parts else values.new_empty(0), splits
 
-    def recv_splits(self, n: int) -> list[int]:
-        return [0 if r == self.cp_rank else 1 + c * n for r, c in enumerate(self.recv_counts)]
+    def recv_splits(self, n_tensors: int) -> list[int]:
+        """Receive split sizes when ``n_tensors`` tensors travel (one fingerprint per peer)."""
+        return [
+            0 if peer == self.cp_rank else 1 + count * n_tensors
+            for peer, count in enumerate(self.recv_counts)
+        ]
 
     def local_halos(self, values: Tensor, fills: Sequence[int]) -> Tensor:
         """``[n, C * D]`` halos holding the fills and the values this rank owns itself."""
@@ -261,19 +305,20 @@ class HaloRoute:
         """Write the received values into ``halos [n, C * D]``, after checking that every peer
         sent the same plan fingerprint (the check sees every peer, so it fails on every rank).
         """
-        n = halos.shape[0]
-        values, peers, at = [], [], 0
+        n_tensors = halos.shape[0]
+        values, peer_fingerprints, segment_start = [], [], 0
         for peer, count in enumerate(self.recv_counts):
             if peer == self.cp_rank:
-                peers.append(fingerprint)
+                peer_fingerprints.append(fingerprint)
                 continue
-            peers.append(int(received[at]))
-            values.append(received[at + 1 : at + 1 + count * n].view(count, n))
-            at += 1 + count * n
-        if any(f != fingerprint for f in peers):
+            peer_fingerprints.append(int(received[segment_start]))
+            first, end = segment_start + 1, segment_start + 1 + count * n_tensors
+            values.append(received[first:end].view(count, n_tensors))
+            segment_start = end
+        if any(f != fingerprint for f in peer_fingerprints):
             raise ShardMismatchError(
                 f"the ranks of the CP group hold shards of different plans (plan fingerprints "
-                f"by CP rank: {peers}): every rank must shard the same global batch"
+                f"by CP rank: {peer_fingerprints}): every rank must shard the same global batch"
             )
         if values:
             halos[:, self.recv_slot] = torch.cat(values).t()

@@ -79,24 +79,39 @@ class ShardPlan:
         data = torch.cat([head, fields.reshape(-1).cpu()]).numpy().tobytes()
         return zlib.crc32(data) & 0xFFFFF
 
-    def token_pieces(self, cp_rank: int | Tensor) -> tuple[Tensor, Tensor]:
-        """Piece and offset inside the padded piece of every local token of rank(s) ``cp_rank``.
-
-        Args:
-            cp_rank: an int, or a ``[R, 1]`` tensor of ranks to do several at once.
+    def token_pieces(self, cp_rank: int) -> tuple[Tensor, Tensor]:
+        """Piece and offset inside the padded piece of every local token of rank ``cp_rank``.
 
         Returns:
-            ``(piece, offset)``, each ``[B * T_local]`` (or ``[R, B * T_local]``), flat in
-            row-major order of the local shard.
+            ``(piece, offset)``, each ``[B * T_local]``, flat in row-major order of the shard.
         """
-        two_s = 2 * self.chunk_len  # (N,)
-        piece = torch.repeat_interleave(torch.arange(self.num_pieces, device=two_s.device), two_s)
-        flat = torch.arange(piece.numel(), device=two_s.device)
-        within = flat - (self.row * self.local_len + self.local_start)[piece]  # in [0, 2s)
-        s = self.chunk_len[piece]
-        second = within >= s
-        chunk = torch.where(second, 2 * self.cp_size - 1 - cp_rank, cp_rank)
-        offset = chunk * s + within - second.long() * s
+        ranks = torch.tensor([cp_rank], device=self.row.device)
+        piece, offset = self._token_pieces(ranks)  # (1, B * T_local)
+        return piece[0], offset[0]
+
+    def token_pieces_all_ranks(self) -> tuple[Tensor, Tensor]:
+        """:meth:`token_pieces` of every rank at once: ``(piece, offset)``, each
+        ``[cp, B * T_local]``, row r for rank r."""
+        return self._token_pieces(torch.arange(self.cp_size, device=self.row.device))
+
+    def _token_pieces(self, cp_ranks: Tensor) -> tuple[Tensor, Tensor]:
+        """``(piece, offset)``, each ``[R, B * T_local]``, of the ``R`` ranks in ``cp_ranks``."""
+        # Every rank's shard is the same sequence of pieces, two chunks each; only which two
+        # chunks of the piece (so the offsets) depend on the rank.
+        device = self.row.device
+        tokens_per_rank = 2 * self.chunk_len  # (N,) tokens of each piece on every rank
+        pieces = torch.arange(self.num_pieces, device=device)
+        piece = torch.repeat_interleave(pieces, tokens_per_rank)  # (B * T_local,)
+        flat = torch.arange(piece.numel(), device=device)
+        # Offset inside the piece's two local chunks, in [0, 2 * chunk_len).
+        local_offset = flat - (self.row * self.local_len + self.local_start)[piece]
+        chunk_len = self.chunk_len[piece]  # (B * T_local,)
+        in_second = local_offset >= chunk_len
+        offset_in_chunk = local_offset - in_second.long() * chunk_len
+        rank = cp_ranks[:, None]  # (R, 1)
+        # Rank r keeps chunks r and 2 * cp - 1 - r of every piece.
+        chunk = torch.where(in_second, 2 * self.cp_size - 1 - rank, rank)  # (R, B * T_local)
+        offset = chunk * chunk_len + offset_in_chunk
         return piece.expand_as(offset), offset
 
     def layout_of(self, piece: Tensor, offset: Tensor) -> SequenceLayout:
@@ -112,15 +127,10 @@ class ShardPlan:
         shape = (self.batch, -1)
         return SequenceLayout(doc.view(shape), positions.view(shape), seq_index.view(shape))
 
-    def local_layout(self, cp_rank: int) -> SequenceLayout:
-        """Layout of rank ``cp_rank``'s shard ``[B, T_local]``."""
-        return self.layout_of(*self.token_pieces(cp_rank))
-
     def kv_layout(self) -> SequenceLayout:
         """Layout of the keys gathered over the CP group: every rank's shard, in rank order,
         concatenated along the sequence: ``[B, cp * T_local]``."""
-        ranks = torch.arange(self.cp_size, device=self.row.device)[:, None]
-        piece, offset = self.token_pieces(ranks)  # (cp, B * T_local)
+        piece, offset = self.token_pieces_all_ranks()  # (cp, B * T_local)
         flat = (self.batch, self.local_len)
 
         def row_major(t: Tensor) -> Tensor:  # (cp, B * T_local) -> (B * cp * T_local,)
@@ -129,7 +139,7 @@ class ShardPlan:
         return self.layout_of(row_major(piece), row_major(offset))
 
 
-def _runs(doc: Tensor) -> Tensor:
+def _piece_starts(doc: Tensor) -> Tensor:
     """``[B, T]`` bool: True where a token starts a run of equal document ids (a piece)."""
     starts = torch.ones_like(doc, dtype=torch.bool)
     starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
@@ -156,8 +166,8 @@ def plan_shards(layout: SequenceLayout, cp_size: int, *, pad: bool = True) -> Sh
         >>> plan = plan_shards(layout, cp_size=2)
         >>> plan.padded.tolist(), plan.chunk_len.tolist(), plan.local_len
         ([8, 8], [2, 2], 8)
-        >>> plan.local_layout(0).doc_ids  # chunks 0 and 3 of each document; -1 = padding
-        tensor([[ 0,  0, -1, -1,  1,  1,  1, -1]])
+        >>> plan.kv_layout().doc_ids  # rank 0 (chunks 0, 3 of each document), then rank 1
+        tensor([[ 0,  0, -1, -1,  1,  1,  1, -1,  0,  0,  0, -1,  1,  1,  1,  1]])
     """
     if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
         raise LayoutError(f"cp_size must be an int >= 1, got {cp_size!r}")
@@ -169,85 +179,92 @@ def plan_shards(layout: SequenceLayout, cp_size: int, *, pad: bool = True) -> Sh
             "layout.seq_index is not arange(T): the layout looks already sharded; shard the "
             "global batch"
         )
-    starts = _runs(doc)
-    row, col = torch.nonzero(starts, as_tuple=True)  # (N,), row-major
-    first_flat = row * seqlen + col
+    piece_starts = _piece_starts(doc)
+    row, start = torch.nonzero(piece_starts, as_tuple=True)  # (N,) each, row-major
+    first_flat = row * seqlen + start
     length = torch.diff(first_flat, append=first_flat.new_tensor([batch * seqlen]))
-    piece_doc = doc[row, col].clamp(min=-1)
-    pos0 = torch.where(piece_doc >= 0, positions[row, col], 0)
-    _check_documents(doc, positions, starts, row, piece_doc, pos0, col)
+    piece_doc = doc[row, start].clamp(min=-1)
+    pos0 = torch.where(piece_doc >= 0, positions[row, start], 0)
+    _check_documents(doc, positions, piece_starts, row, piece_doc, pos0, start)
 
     multiple = 2 * cp_size
     padded = (length + multiple - 1) // multiple * multiple
     if not pad and bool((padded != length).any()):
-        at = int(torch.nonzero(padded != length)[0, 0])
-        what = "row" if int(length[at]) == seqlen else f"document at token {int(col[at])} of row"
+        piece = int(torch.nonzero(padded != length)[0, 0])  # the first piece that needs padding
+        if int(length[piece]) == seqlen:
+            what = "row"
+        else:
+            what = f"document at token {int(start[piece])} of row"
         raise LayoutError(
-            f"{what} {int(row[at])} has {int(length[at])} tokens, not a multiple of "
+            f"{what} {int(row[piece])} has {int(length[piece])} tokens, not a multiple of "
             f"2*cp_size={multiple}: each of the {multiple} chunks needs an equal share; pass "
             "pad=True to pad every document, or make lengths multiples of 2*cp_size"
         )
     row_padded = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, row, padded)
-    target = int(row_padded.max())
-    tail_rows = torch.nonzero(row_padded < target).view(-1)
+    longest_row = int(row_padded.max())
+    tail_rows = torch.nonzero(row_padded < longest_row).view(-1)
     if tail_rows.numel():
         n_tail = tail_rows.numel()
         row = torch.cat([row, tail_rows])
         piece_doc = torch.cat([piece_doc, piece_doc.new_full((n_tail,), -1)])
-        col = torch.cat([col, col.new_full((n_tail,), seqlen)])
+        start = torch.cat([start, start.new_full((n_tail,), seqlen)])
         length = torch.cat([length, length.new_zeros(n_tail)])
-        padded = torch.cat([padded, target - row_padded[tail_rows]])
+        padded = torch.cat([padded, longest_row - row_padded[tail_rows]])
         pos0 = torch.cat([pos0, pos0.new_zeros(n_tail)])
         # A stable sort on the row puts each tail after its row's pieces.
         order = torch.sort(row, stable=True).indices
-        row, piece_doc, col, length, padded, pos0 = (
-            t[order] for t in (row, piece_doc, col, length, padded, pos0)
+        row, piece_doc, start, length, padded, pos0 = (
+            t[order] for t in (row, piece_doc, start, length, padded, pos0)
         )
-    local_piece = padded // cp_size  # two chunks per rank
-    cum = torch.cumsum(local_piece, 0) - local_piece  # exclusive
+    tokens_per_rank = padded // cp_size  # (N,) two chunks of every piece on every rank
+    # Where each piece starts in the concatenation of all local rows (exclusive running sum),
+    # then made relative to the start of its row.
+    flat_start = torch.cumsum(tokens_per_rank, 0) - tokens_per_rank
     # Pieces are sorted by row and every row has at least one: its first piece starts it.
-    row_first = cum[torch.searchsorted(row, torch.arange(batch, device=device))]
+    row_start = flat_start[torch.searchsorted(row, torch.arange(batch, device=device))]  # (B,)
     return ShardPlan(
         cp_size=cp_size,
         batch=batch,
         seqlen=seqlen,
-        local_len=target // cp_size,
+        local_len=longest_row // cp_size,
         row=row,
         doc=piece_doc,
-        start=col,
+        start=start,
         length=length,
         padded=padded,
         pos0=pos0,
-        local_start=cum - row_first[row],
+        local_start=flat_start - row_start[row],
     )
 
 
 def _check_documents(
     doc: Tensor,
     positions: Tensor,
-    starts: Tensor,
+    piece_starts: Tensor,
     row: Tensor,
     piece_doc: Tensor,
     pos0: Tensor,
-    col: Tensor,
+    start: Tensor,
 ) -> None:
     """The sharder treats every run as its own document; a layout that disagrees would make the
     sharded lookahead differ from the unsharded one, so refuse it."""
     real = piece_doc >= 0
+    # One key per (row, document id): a repeated key is a document split into two runs.
     keys = row[real] * (int(doc.max()) + 2) + piece_doc[real]
     if torch.unique(keys).numel() != keys.numel():
         raise LayoutError(
             "a document id appears in two separate runs of one row: give every document its "
             "own id (SequenceLayout.from_doc_ids checks this)"
         )
-    piece_of = torch.cumsum(starts.reshape(-1), 0) - 1  # (B*T,)
-    offset = torch.arange(doc.numel(), device=doc.device) - (row * doc.shape[1] + col)[piece_of]
-    expected = pos0[piece_of] + offset
-    bad = (doc.reshape(-1) >= 0) & (positions.reshape(-1) != expected)
-    if bool(bad.any()):
-        at = int(torch.nonzero(bad)[0, 0])
+    seqlen = doc.shape[1]
+    token_piece = torch.cumsum(piece_starts.reshape(-1), 0) - 1  # (B * T,)
+    offset = torch.arange(doc.numel(), device=doc.device) - (row * seqlen + start)[token_piece]
+    expected = pos0[token_piece] + offset  # (B * T,)
+    wrong = (doc.reshape(-1) >= 0) & (positions.reshape(-1) != expected)
+    if bool(wrong.any()):
+        token = int(torch.nonzero(wrong)[0, 0])  # first wrong token, flat over [B, T]
         raise LayoutError(
-            f"positions must count up by one inside a document; token {at % doc.shape[1]} of "
-            f"row {at // doc.shape[1]} has position {int(positions.reshape(-1)[at])}, expected "
-            f"{int(expected[at])}"
+            f"positions must count up by one inside a document; token {token % seqlen} of "
+            f"row {token // seqlen} has position {int(positions.reshape(-1)[token])}, expected "
+            f"{int(expected[token])}"
         )
