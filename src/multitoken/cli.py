@@ -2,12 +2,14 @@
 
 Bad input (an unknown config key, a value of the wrong type, a missing data path, an empty
 corpus, a sequence length CP cannot split) prints one ``error:`` line and exits with code 2,
-before any rank is started.
+before any rank is started: every :class:`~multitoken.errors.UserError`. Any other exception
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -15,14 +17,28 @@ import sys
 import uuid
 from pathlib import Path
 
+import torch
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from multitoken.errors import ConfigError, InputError, UserError
+from multitoken.generate import generate, teacher_forced_accuracy
+from multitoken.train.checkpoint import (
+    check_resume_config,
+    check_run_dir,
+    load_for_inference,
+    resume_checkpoint,
+)
+from multitoken.train.config_io import config_help, load_config
+from multitoken.train.data import prepare_data
+from multitoken.train.plot import plot_runs
+from multitoken.train.trainer import train
+
 __all__ = ["main"]
 
 USAGE_ERROR = 2
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from multitoken.train.config import config_help
-
     parser = sub.add_parser(
         "train",
         help="train a GPT with Multi-Token Prediction",
@@ -53,17 +69,11 @@ def _free_port() -> int:
 
 def _rank_entry(cfg):
     """What every launched rank runs (module level so that spawn can pickle it)."""
-    import torch
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    from multitoken.train.trainer import train
-
     return train(cfg)
 
 
 def _launch(cfg, nproc: int) -> dict:
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     launch = LaunchConfig(
         min_nodes=1,
@@ -81,14 +91,6 @@ def _launch(cfg, nproc: int) -> dict:
 
 
 def cmd_train(args) -> int:
-    from multitoken.train.checkpoint import (
-        check_resume_config,
-        check_run_dir,
-        resume_checkpoint,
-    )
-    from multitoken.train.config import ConfigError, load_config
-    from multitoken.train.data import prepare_data
-
     files = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     if len(files) > 1:
@@ -96,13 +98,11 @@ def cmd_train(args) -> int:
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
     cfg = load_config(files[0] if files else None, overrides)
-    world = cfg.parallel.dp * cfg.parallel.cp
+    world = cfg.parallel.world
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
-        from multitoken.train.trainer import train  # started by torchrun: we are one rank
-
-        train(cfg)
+        train(cfg)  # started by torchrun: we are one rank
         return 0
-    nproc = args.nproc or world
+    nproc = world if args.nproc is None else args.nproc
     if nproc != world:
         raise ConfigError(
             f"--nproc {nproc} but parallel.dp * parallel.cp = {world}: set parallel.dp and "
@@ -114,8 +114,6 @@ def cmd_train(args) -> int:
         resume_checkpoint(cfg.run_dir, world)  # the checkpoint fits this many ranks
     data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
     if world == 1:
-        from multitoken.train.trainer import train
-
         last = train(cfg, data)
     else:
         last = _launch(cfg, nproc)[0]
@@ -133,49 +131,108 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from multitoken.train.plot import plot_runs
-
     for path in plot_runs(args.runs, args.out):
         print(path)
     return 0
 
 
 def cmd_generate(args) -> int:
-    from multitoken.generate import generate_command
-    from multitoken.train.config import ConfigError
+    """``multitoken generate``: load a run, generate, print the text (or one JSON line).
 
-    try:
-        return _generate(generate_command, args)
-    except ValueError as err:  # e.g. --speculative on a model trained without MTP
-        raise ConfigError(str(err)) from None
+    On the CPU it decodes with one intra-op thread unless ``OMP_NUM_THREADS`` is set. The JSON
+    line holds ``text`` (the continuation), ``tokens`` (how many), ``token_ids``,
+    ``forwards``, ``tokens_per_forward``, ``acceptance`` (per depth, conditional on the
+    shallower depths; empty without ``--speculative``), ``teacher_forced_accuracy`` (per
+    depth), ``tokens_per_s`` and ``prompt_tokens``.
 
+    Returns:
+        The exit status, 0.
 
-def _generate(generate_command, args) -> int:
-    return generate_command(
-        run_dir=args.run,
-        prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        speculative=args.speculative,
-        draft_depth=args.draft_depth,
-        temperature=args.temperature,
-        as_json=args.json,
-        seed=args.seed,
+    Raises:
+        InputError: ``--speculative`` with a model trained without MTP heads, and the other
+            errors of :func:`~multitoken.generate.generate`.
+    """
+    run_dir, prompt, max_new_tokens = args.run, args.prompt, args.max_new_tokens
+    speculative, draft_depth, temperature = args.speculative, args.draft_depth, args.temperature
+    model, tokenizer = load_for_inference(run_dir)
+    model.eval()
+    if model.head_weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Decoding one row is a chain of small matrix-vector products: extra intra-op threads
+        # mostly synchronise, and stall outright while another process holds a core (measured
+        # here: 2 threads decode the default model ~20x slower than 1 on a busy 2-core machine).
+        torch.set_num_threads(1)
+    if speculative and model.depth == 0:
+        raise InputError(
+            f"run '{run_dir}' was trained without MTP heads (mtp.depth = 0), which speculative "
+            "decoding drafts with: drop --speculative, or train a run with an MTP depth >= 1"
+        )
+    generator = torch.Generator(device=model.head_weight.device).manual_seed(args.seed)
+    prompt_ids = tokenizer.encode(prompt)
+    if speculative or max_new_tokens:
+        # The first calls pay one-time costs (allocations, kernel choice): keep them out of
+        # tokens_per_s, which should be the steady rate.
+        depth = model.depth if speculative else 0
+        warm = min(depth + 2, model.decoder.max_seq_len - 1)
+        generate(model, prompt_ids[-8:], warm, speculative, draft_depth, start_id=tokenizer.eos_id)
+    result = generate(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        speculative=speculative,
+        draft_depth=draft_depth,
+        temperature=temperature,
+        eos_id=tokenizer.eos_id,
+        start_id=tokenizer.eos_id,
+        generator=generator,
     )
+    full = tokenizer.decode(result.prompt_ids + result.tokens)
+    head = tokenizer.decode(result.prompt_ids)
+    # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
+    text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
+    stats = result.stats
+    accuracy = [
+        hits / total if total else None
+        for hits, total in teacher_forced_accuracy(
+            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
+        )
+    ]
+    if args.json:
+        record = {
+            "text": text,
+            "tokens": stats.new_tokens,
+            "token_ids": result.tokens,
+            "forwards": stats.forwards,
+            "tokens_per_forward": round(stats.tokens_per_forward, 4),
+            "acceptance": [None if a is None else round(a, 4) for a in stats.acceptance],
+            "teacher_forced_accuracy": [None if a is None else round(a, 4) for a in accuracy],
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+            "prompt_tokens": len(result.prompt_ids),
+        }
+        print(json.dumps(record))
+        return 0
+    print(prompt + text)
+    summary = (
+        f"{stats.new_tokens} tokens in {stats.forwards} forwards "
+        f"({stats.tokens_per_forward:.2f} tokens/forward), {stats.tokens_per_s:.1f} tokens/s"
+    )
+    if speculative:
+        rates = ", ".join("n/a" if a is None else f"{a:.0%}" for a in stats.acceptance)
+        summary += f"; acceptance per depth: {rates}"
+    print(summary, file=sys.stderr)
+    return 0
 
 
 def cmd_bench(args) -> int:
     bench_dir = Path(__file__).resolve().parents[2] / "bench"
     if not bench_dir.is_dir():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"no bench/ folder next to the package ({bench_dir}): run from a source checkout"
         )
     available = sorted(p.stem for p in bench_dir.glob("*.py") if not p.stem.startswith("_"))
     names = args.names or ["lookahead", "loss", "step"]
     for name in names:
         if name not in available:
-            raise FileNotFoundError(
-                f"unknown benchmark {name!r}; available: {', '.join(available)}"
-            )
+            raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(available)}")
     for name in names:
         code = subprocess.call([sys.executable, str(bench_dir / f"{name}.py"), *args.extra])
         if code:
@@ -219,13 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from multitoken.data import DataError
-    from multitoken.layout import LayoutError
-    from multitoken.train.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, LayoutError, FileNotFoundError) as err:
+    except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ The MTP depths are draft models for free (DESIGN.md section 6). One speculative 
    model's own prediction after every prefix.
 3. **Accept** the longest prefix of drafts the main model agrees with, plus the main model's
    token after it (so every forward yields at least one token), and roll the caches back to
-   the accepted positions (:meth:`multitoken.kv_cache.DecodeState.commit`).
+   the accepted positions (:meth:`multitoken.decode_state.DecodeState.commit`).
 
 With ``temperature == 0`` the output is token for token plain greedy decoding. With
 ``temperature > 0`` drafts are sampled from the depths' distributions and accepted with the
@@ -21,14 +21,11 @@ from ``max(0, p - q)``, normalised), so the output distribution is the main mode
 **Context.** Prompt and new tokens must fit ``max_seq_len``: a longer prompt keeps its last
 ``max_seq_len - max_new_tokens`` tokens (plain and speculative decoding see the same ones), and
 ``max_new_tokens`` above ``max_seq_len - 1`` is refused. An empty prompt starts from
-``start_id`` (the tokenizer's end-of-document id in :func:`generate_command`).
+``start_id`` (the tokenizer's end-of-document id in ``multitoken generate``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from multitoken.kv_cache import DecodeState
-from multitoken.models.gpt import GPT
+from multitoken.decode_state import DecodeState
+from multitoken.errors import InputError
+from multitoken.model import MTPModel
 
 __all__ = [
     "Generation",
@@ -45,7 +43,6 @@ __all__ = [
     "accept_drafts",
     "fit_prompt",
     "generate",
-    "generate_command",
     "teacher_forced_accuracy",
 ]
 
@@ -135,9 +132,9 @@ def fit_prompt(
         [1]
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens > max_seq_len - 1:
-        raise ValueError(
+        raise InputError(
             f"max_new_tokens={max_new_tokens} does not fit the model's context: with "
             f"max_seq_len={max_seq_len} at most {max_seq_len - 1} new tokens follow a prompt"
         )
@@ -198,7 +195,7 @@ def _pick(
 
 
 def generate(
-    model: GPT,
+    model: MTPModel,
     prompt_ids: Sequence[int] | Tensor,
     max_new_tokens: int,
     speculative: bool = False,
@@ -212,7 +209,7 @@ def generate(
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
     Args:
-        model: the :class:`~multitoken.models.gpt.GPT` (put it in eval mode).
+        model: the :class:`~multitoken.model.MTPModel` (put it in eval mode).
         prompt_ids: token ids (a list or a 1-D tensor); see :func:`fit_prompt` for long and
             empty prompts.
         max_new_tokens: at most this many new tokens (fewer when ``eos_id`` comes first).
@@ -220,21 +217,21 @@ def generate(
         draft_depth: MTP depths to draft with, 1..D; None = all D.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
         eos_id: stop after generating this token.
-        start_id: the token an empty prompt starts from; None = ``model.config.pad_id``.
+        start_id: the token an empty prompt starts from; None = ``model.pad_id``.
         generator: random source for sampling.
 
     Returns:
         A :class:`Generation`; ``stats.acceptance`` per depth when speculative.
 
     Raises:
-        ValueError: speculative decoding of a model without MTP heads (D = 0), a draft depth
+        InputError: speculative decoding of a model without MTP heads (D = 0), a draft depth
             outside 1..D, a negative temperature, prompt ids outside the vocabulary, or
             ``max_new_tokens`` that does not fit the context.
     """
-    cfg = model.config
-    depth = cfg.mtp.depth
+    decoder = model.decoder
+    depth = model.depth
     if speculative and depth == 0:
-        raise ValueError(
+        raise InputError(
             "speculative decoding drafts with the MTP heads, and this model has none "
             "(mtp.depth = 0): train it with an MTP depth >= 1, or decode without --speculative"
         )
@@ -243,18 +240,18 @@ def generate(
     elif draft_depth is None:
         draft_depth = depth
     elif not 1 <= draft_depth <= depth:
-        raise ValueError(
+        raise InputError(
             f"draft_depth must be in 1..{depth} (the model's MTP depths), got {draft_depth}"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
     if isinstance(prompt_ids, Tensor):
         prompt_ids = prompt_ids.reshape(-1).tolist()
-    start_id = cfg.pad_id if start_id is None else start_id
-    prompt = fit_prompt(prompt_ids, max_new_tokens, cfg.max_seq_len, start_id)
-    bad = [i for i in prompt if not 0 <= i < cfg.vocab_size]
+    start_id = model.pad_id if start_id is None else start_id
+    prompt = fit_prompt(prompt_ids, max_new_tokens, decoder.max_seq_len, start_id)
+    bad = [i for i in prompt if not 0 <= i < decoder.vocab_size]
     if bad:
-        raise ValueError(f"prompt id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        raise InputError(f"prompt id {bad[0]} is outside the vocabulary [0, {decoder.vocab_size})")
 
     stats = GenerationStats(
         draft_depth=draft_depth,
@@ -302,7 +299,9 @@ def generate(
     return Generation(prompt, new, stats, state)
 
 
-def teacher_forced_accuracy(model: GPT, ids: Sequence[int], start: int) -> list[tuple[int, int]]:
+def teacher_forced_accuracy(
+    model: MTPModel, ids: Sequence[int], start: int
+) -> list[tuple[int, int]]:
     """Unconditional teacher-forced accuracy of each MTP depth on a finished sequence.
 
     Depth k at position j predicts ``ids[j + k + 1]`` from the true tokens; counted for the
@@ -313,10 +312,10 @@ def teacher_forced_accuracy(model: GPT, ids: Sequence[int], start: int) -> list[
     Returns:
         ``[(hits, targets)]`` for depths 1..D.
     """
-    depth = model.config.mtp.depth
+    depth = model.depth
     with torch.inference_mode():
         x = torch.tensor([list(ids)], dtype=torch.long, device=model.head_weight.device)
-        hidden = model(x).hidden_states
+        hidden = model(x)
         result = []
         for k in range(1, depth + 1):
             first = max(start - k - 1, 0)  # first position whose target is generated
@@ -325,98 +324,3 @@ def teacher_forced_accuracy(model: GPT, ids: Sequence[int], start: int) -> list[
             hits = int((predicted == x[0, positions + k + 1]).sum())
             result.append((hits, positions.numel()))
     return result
-
-
-def generate_command(
-    run_dir: str,
-    prompt: str,
-    max_new_tokens: int,
-    speculative: bool,
-    draft_depth: int | None,
-    temperature: float,
-    as_json: bool,
-    seed: int,
-) -> int:
-    """``multitoken generate``: load a run, generate, print the text (or one JSON line).
-
-    On the CPU it decodes with one intra-op thread unless ``OMP_NUM_THREADS`` is set. The JSON
-    line holds ``text`` (the continuation), ``tokens`` (how many), ``token_ids``,
-    ``forwards``, ``tokens_per_forward``, ``acceptance`` (per depth, conditional on the
-    shallower depths; empty without ``--speculative``), ``teacher_forced_accuracy`` (per
-    depth), ``tokens_per_s`` and ``prompt_tokens``.
-
-    Returns:
-        The exit status, 0.
-
-    Raises:
-        ValueError: ``speculative`` with a model trained without MTP heads, and the other
-            errors of :func:`generate`.
-    """
-    from multitoken.train.checkpoint import load_for_inference
-
-    model, tokenizer = load_for_inference(run_dir)
-    model.eval()
-    if model.head_weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Decoding one row is a chain of small matrix-vector products: extra intra-op threads
-        # mostly synchronise, and stall outright while another process holds a core (measured
-        # here: 2 threads decode the default model ~20x slower than 1 on a busy 2-core machine).
-        torch.set_num_threads(1)
-    if speculative and model.config.mtp.depth == 0:
-        raise ValueError(
-            f"run '{run_dir}' was trained without MTP heads (mtp.depth = 0), which speculative "
-            "decoding drafts with: drop --speculative, or train a run with an MTP depth >= 1"
-        )
-    generator = torch.Generator(device=model.head_weight.device).manual_seed(seed)
-    prompt_ids = tokenizer.encode(prompt)
-    if speculative or max_new_tokens:
-        # The first calls pay one-time costs (allocations, kernel choice): keep them out of
-        # tokens_per_s, which should be the steady rate.
-        depth = model.config.mtp.depth if speculative else 0
-        warm = min(depth + 2, model.config.max_seq_len - 1)
-        generate(model, prompt_ids[-8:], warm, speculative, draft_depth, start_id=tokenizer.eos_id)
-    result = generate(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        speculative=speculative,
-        draft_depth=draft_depth,
-        temperature=temperature,
-        eos_id=tokenizer.eos_id,
-        start_id=tokenizer.eos_id,
-        generator=generator,
-    )
-    full = tokenizer.decode(result.prompt_ids + result.tokens)
-    head = tokenizer.decode(result.prompt_ids)
-    # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
-    text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
-    stats = result.stats
-    accuracy = [
-        hits / total if total else None
-        for hits, total in teacher_forced_accuracy(
-            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
-        )
-    ]
-    if as_json:
-        record = {
-            "text": text,
-            "tokens": stats.new_tokens,
-            "token_ids": result.tokens,
-            "forwards": stats.forwards,
-            "tokens_per_forward": round(stats.tokens_per_forward, 4),
-            "acceptance": [None if a is None else round(a, 4) for a in stats.acceptance],
-            "teacher_forced_accuracy": [None if a is None else round(a, 4) for a in accuracy],
-            "tokens_per_s": round(stats.tokens_per_s, 2),
-            "prompt_tokens": len(result.prompt_ids),
-        }
-        print(json.dumps(record))
-        return 0
-    print(prompt + text)
-    summary = (
-        f"{stats.new_tokens} tokens in {stats.forwards} forwards "
-        f"({stats.tokens_per_forward:.2f} tokens/forward), {stats.tokens_per_s:.1f} tokens/s"
-    )
-    if speculative:
-        rates = ", ".join("n/a" if a is None else f"{a:.0%}" for a in stats.acceptance)
-        summary += f"; acceptance per depth: {rates}"
-    print(summary, file=sys.stderr)
-    return 0

@@ -23,22 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from multitoken.errors import LayoutError, check_int_tensor
+
 __all__ = ["SequenceLayout", "LayoutError"]
 
-_INT_DTYPES = (torch.int32, torch.int64)
 
-
-class LayoutError(ValueError):
-    """A layout or a tensor that does not fit it (a ``ValueError``)."""
-
-
-def _check_int_tensor(name: str, t: Tensor, ndim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise LayoutError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _INT_DTYPES:
-        raise LayoutError(f"{name} must be int32 or int64, got {t.dtype}: cast it with .long()")
-    if t.dim() != ndim:
-        raise LayoutError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+def _check_int_tensor(name: str, t: object, ndim: int) -> None:
+    check_int_tensor(name, t, ndim, error=LayoutError)
 
 
 @dataclass(frozen=True)
@@ -126,6 +117,54 @@ class SequenceLayout:
             positions=positions.view(batch, seqlen),
             seq_index=torch.arange(seqlen, device=cu.device).expand(batch, seqlen),
         )
+
+    @classmethod
+    def from_lengths(
+        cls,
+        lengths: Sequence[Sequence[int]] | Sequence[int],
+        shape: tuple[int, int] | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> SequenceLayout:
+        """Layout from document lengths, one list per row (or one flat list and a shape).
+
+        Example::
+
+            >>> SequenceLayout.from_lengths([[2, 3], [5]]).doc_ids
+            tensor([[0, 0, 1, 1, 1],
+                    [2, 2, 2, 2, 2]])
+
+        Args:
+            lengths: per-row lists of document lengths, each row summing to T; or a flat list
+                over the ``B * T`` tokens, with ``shape``.
+            shape: ``(B, T)``; required for a flat list, checked for per-row lists.
+            device: where the layout's tensors live.
+
+        Raises:
+            LayoutError: rows of different lengths, negative lengths, or a total that does not
+                match ``shape``.
+        """
+        rows = list(lengths)
+        if rows and all(isinstance(r, (list, tuple)) for r in rows):
+            totals = {sum(int(n) for n in r) for r in rows}
+            if len(totals) != 1:
+                raise LayoutError(
+                    f"rows hold {sorted(totals)} tokens: every row of a batch must hold the "
+                    "same number T"
+                )
+            derived = (len(rows), totals.pop())
+            if shape is not None and tuple(shape) != derived:
+                raise LayoutError(f"lengths describe a {derived} batch, shape says {shape}")
+            shape = derived
+            flat = [int(n) for r in rows for n in r]
+        else:
+            if shape is None:
+                raise LayoutError("a flat list of lengths needs shape=(B, T)")
+            flat = [int(n) for n in rows]
+        if any(n < 0 for n in flat):
+            raise LayoutError(f"document lengths must be >= 0, got {flat}")
+        cu = torch.tensor([0, *flat], dtype=torch.long).cumsum(0)
+        return cls.from_cu_seqlens(cu.to(device), tuple(shape))
 
     @classmethod
     def from_doc_ids(cls, doc_ids: Tensor, *, validate: bool = True) -> SequenceLayout:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from multitoken.layout import LayoutError, SequenceLayout
+from multitoken.errors import InputError
+from multitoken.layout import SequenceLayout
 
 __all__ = ["lookahead", "next_token_labels", "mtp_inputs", "IGNORE_INDEX"]
 
@@ -30,7 +31,7 @@ IGNORE_INDEX = -100
 def _resolve(x: Tensor, layout: SequenceLayout | None) -> SequenceLayout:
     if not isinstance(x, Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise LayoutError(f"lookahead expects a [B, T] tensor, got {shape}")
+        raise InputError(f"lookahead expects a [B, T] tensor, got {shape}")
     if layout is None:
         return SequenceLayout.rows(*x.shape, device=x.device)
     layout.check_tensor("x", x)
@@ -63,7 +64,7 @@ def lookahead(
     single = isinstance(shifts, int)
     ks = [shifts] if single else list(shifts)
     if any((not isinstance(k, int)) or k < 0 for k in ks):
-        raise LayoutError(f"shifts must be non-negative ints, got {shifts!r}")
+        raise InputError(f"shifts must be non-negative ints, got {shifts!r}")
     batch, seqlen = x.shape
     doc = layout.doc_ids
     # Bitwise-and with the largest id maps every negative id (no document) to a huge one that

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from multitoken.errors import InputError, check_in_range
+
 __all__ = ["linear_cross_entropy", "LossStats", "DEFAULT_CHUNK_ELEMENTS"]
 
 # 2**23 fp32 logits = 32 MiB per chunk: 256 tokens at vocab 32k, 64 at 128k.
@@ -174,27 +176,28 @@ def linear_cross_entropy(
         True
     """
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(
+        raise InputError(
             f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: targets "
             "must have hidden's shape without the last dimension"
         )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
+        raise InputError(
             f"head weight must be [vocab, {hidden.shape[-1]}], got {tuple(weight.shape)}"
         )
     if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+        raise InputError(f"targets must be an integer tensor, got {targets.dtype}")
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1).long()
     valid = flat_t != ignore_index
     vocab = weight.shape[0]
-    bad = valid & ((flat_t < 0) | (flat_t >= vocab))
-    if bool(bad.any()):
-        value = int(flat_t[bad][0])
-        raise ValueError(
-            f"target id {value} is outside the vocabulary [0, {vocab}) and is not ignore_index "
-            f"({ignore_index}): check the tokenizer's vocab size against the model's"
-        )
+    check_in_range(
+        "target id",
+        flat_t,
+        vocab,
+        f"it is neither a token of the head's vocabulary nor ignore_index ({ignore_index}): "
+        "check the tokenizer's vocab size against the model's",
+        ignore=ignore_index,
+    )
     loss_sum, correct = _LinearCrossEntropy.apply(
         flat_h, weight, flat_t, ignore_index, chunk_elements
     )

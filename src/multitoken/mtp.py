@@ -17,52 +17,101 @@ over depth k's valid targets divided by their count over every rank (:func:`dept
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from multitoken.errors import ConfigError, InputError
 from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, linear_cross_entropy
 
 __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth_losses"]
 
+# Marks the fields that shape the weights: a run cannot be resumed with other values.
+FIXED = {"fixed_on_resume": True}
+
 
 @dataclass
 class MTPConfig:
-    """Multi-Token Prediction settings.
+    """Multi-Token Prediction and its loss (field docstrings become CLI help).
 
     Attributes:
-        depth: number of extra future tokens predicted (D); 0 disables MTP.
-        loss_weight: lambda in ``L_main + lambda / D * sum_k L_k`` (DeepSeek-V3: 0.3, then 0.1).
-        hidden_first: concatenate ``[hidden; embedding]`` (MiMo's weights) instead of
-            ``[embedding; hidden]`` (DeepSeek-V3, GLM-4.5, Qwen3-Next).
-        recompute: recompute each depth's layer in the backward (less activation memory, same
-            loss and gradients).
+        depth: extra future tokens predicted (D); 0 = plain next-token training.
+        loss_weight: lambda in L_main + lambda/D * sum_k L_k (DeepSeek-V3: 0.3, then 0.1).
+        loss_weight_final: lambda after the switch; < 0 = no switch.
+        loss_weight_switch: fraction of train.steps after which loss_weight_final applies.
+        hidden_first: concatenate [hidden; embedding] (MiMo's weights) instead of
+            [embedding; hidden] (DeepSeek-V3, GLM-4.5, Qwen3-Next).
+        recompute: recompute each depth's layer in the backward (less memory, same result).
+        loss_chunk_elements: logits per chunk of the chunked cross-entropy.
     """
 
-    depth: int = 1
+    depth: int = field(default=2, metadata=FIXED)
     loss_weight: float = 0.3
-    hidden_first: bool = False
+    loss_weight_final: float = -1.0
+    loss_weight_switch: float = 0.7
+    hidden_first: bool = field(default=False, metadata=FIXED)
     recompute: bool = False
+    loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
-        if not isinstance(self.depth, int) or self.depth < 0:
-            raise ValueError(f"mtp depth must be an int >= 0, got {self.depth!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`~multitoken.errors.ConfigError` naming the first bad field."""
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
+            raise ConfigError(f"must be an int >= 0, got {self.depth!r}", "depth")
+        for key in ("loss_weight", "loss_weight_final"):
+            value = getattr(self, key)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"must be a finite number, got {value}", key)
         if self.loss_weight < 0:
-            raise ValueError(f"mtp loss_weight must be >= 0, got {self.loss_weight}")
+            raise ConfigError(f"must be >= 0, got {self.loss_weight}", "loss_weight")
+        if not 0 <= self.loss_weight_switch <= 1:
+            raise ConfigError(
+                f"must be in [0, 1], got {self.loss_weight_switch}", "loss_weight_switch"
+            )
+        if self.loss_chunk_elements < 1:
+            raise ConfigError(
+                f"must be >= 1, got {self.loss_chunk_elements}", "loss_chunk_elements"
+            )
+
+    def weight_at(self, step: int, total_steps: int) -> float:
+        """lambda at optimiser step ``step`` of ``total_steps`` (the DeepSeek-V3 switch)."""
+        if self.loss_weight_final >= 0 and step > self.loss_weight_switch * total_steps:
+            return self.loss_weight_final
+        return self.loss_weight
+
+    @classmethod
+    def fixed_fields(cls) -> list[str]:
+        """Fields a run's weights depend on."""
+        return [f.name for f in fields(cls) if f.metadata.get("fixed_on_resume")]
 
 
 class MTPDepth(nn.Module):
-    """One MTP depth: two input norms, the 2H -> H projection, one layer, the final norm."""
+    """One MTP depth: two input norms, the 2H -> H projection, one layer, the final norm.
 
-    def __init__(self, dim: int, layer: nn.Module, eps: float, hidden_first: bool = False):
+    Args:
+        dim: hidden size H.
+        layer: the depth's transformer layer, called as ``layer(x, **layer_kwargs)``.
+        make_norm: builds a fresh norm over H (the decoder's kind).
+        hidden_first: ``[hidden; embedding]`` order (MiMo) instead of ``[embedding; hidden]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layer: nn.Module,
+        make_norm: Callable[[], nn.Module],
+        hidden_first: bool = False,
+    ):
         super().__init__()
-        self.enorm = nn.RMSNorm(dim, eps=eps)
-        self.hnorm = nn.RMSNorm(dim, eps=eps)
+        self.enorm = make_norm()
+        self.hnorm = make_norm()
         self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
         self.layer = layer
-        self.final_norm = nn.RMSNorm(dim, eps=eps)
+        self.final_norm = make_norm()
         self.hidden_first = hidden_first
 
     def forward(self, hidden: Tensor, embedded: Tensor, **layer_kwargs) -> Tensor:
@@ -82,7 +131,9 @@ class MultiTokenPredictor(nn.Module):
         dim: hidden size H of the main model.
         layer_factory: ``layer_factory(k)`` returns depth k's transformer layer, a module called
             as ``layer(x, **layer_kwargs)`` (same kind as the main model's layers).
-        eps: RMSNorm epsilon.
+        norm_factory: returns a fresh norm over H (the main model's kind).
+
+    Use :meth:`for_decoder` to build one for a :class:`~multitoken.decoder.Decoder`.
     """
 
     def __init__(
@@ -90,14 +141,19 @@ class MultiTokenPredictor(nn.Module):
         config: MTPConfig,
         dim: int,
         layer_factory: Callable[[int], nn.Module],
-        eps: float = 1e-5,
+        norm_factory: Callable[[], nn.Module],
     ):
         super().__init__()
         self.config = config
         self.depths = nn.ModuleList(
-            MTPDepth(dim, layer_factory(k), eps, config.hidden_first)
+            MTPDepth(dim, layer_factory(k), norm_factory, config.hidden_first)
             for k in range(1, config.depth + 1)
         )
+
+    @classmethod
+    def for_decoder(cls, config: MTPConfig, decoder) -> MultiTokenPredictor:
+        """Depths whose layers and norms are of ``decoder``'s kind."""
+        return cls(config, decoder.hidden_size, decoder.make_mtp_layer, decoder.make_norm)
 
     def forward(
         self,
@@ -120,7 +176,7 @@ class MultiTokenPredictor(nn.Module):
             D tensors ``[B, T, H]``, depth 1 first, each already through its final norm.
         """
         if mtp_input_ids.shape[0] != len(self.depths):
-            raise ValueError(
+            raise InputError(
                 f"mtp_input_ids holds {mtp_input_ids.shape[0]} depths, the module has "
                 f"{len(self.depths)}"
             )
@@ -144,12 +200,14 @@ class DepthLosses:
         depth_loss: ``[D + 1]`` differentiable per-depth losses (local sum / global count).
         depth_tokens: ``[D + 1]`` int64 valid targets per depth in this batch (local).
         depth_correct: ``[D + 1]`` int64 top-1 hits per depth (local).
+        loss_sum: ``[D + 1]`` detached fp32 summed losses per depth (local), for metrics.
     """
 
     loss: Tensor
     depth_loss: Tensor
     depth_tokens: Tensor
     depth_correct: Tensor
+    loss_sum: Tensor
 
 
 def depth_losses(
@@ -175,7 +233,7 @@ def depth_losses(
         chunk_elements: logits per chunk in :func:`linear_cross_entropy`.
     """
     if len(hidden_states) != depth_labels.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"{len(hidden_states)} hidden states but {depth_labels.shape[0]} label depths"
         )
     sums, tokens, correct = [], [], []
@@ -188,7 +246,7 @@ def depth_losses(
     depth_tokens = torch.stack(tokens)
     normalizer = depth_tokens if loss_normalizer is None else loss_normalizer
     if normalizer.shape != depth_tokens.shape:
-        raise ValueError(
+        raise InputError(
             f"loss_normalizer must have shape {tuple(depth_tokens.shape)} (one count per "
             f"depth, main first), got {tuple(normalizer.shape)}"
         )
@@ -198,4 +256,4 @@ def depth_losses(
     loss = depth_loss[0]
     if depth > 0:
         loss = loss + (loss_weight / depth) * depth_loss[1:].sum()
-    return DepthLosses(loss, depth_loss, depth_tokens, torch.stack(correct))
+    return DepthLosses(loss, depth_loss, depth_tokens, torch.stack(correct), loss_sum.detach())

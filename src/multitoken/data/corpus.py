@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitoken.errors import DataError
+
 __all__ = [
     "DataError",
     "Document",
@@ -30,10 +32,6 @@ __all__ = [
 ]
 
 _DATA_HINT = "pass --data a folder of text files or a .jsonl file with a 'text' field"
-
-
-class DataError(ValueError):
-    """Bad training data or data settings; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)

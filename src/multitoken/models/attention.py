@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multitoken.errors import ConfigError, LayoutError
 from multitoken.layout import SequenceLayout
 
 if TYPE_CHECKING:
-    from multitoken.kv_cache import LayerKVCache
+    from multitoken.models.kv_cache import LayerKVCache
 
 __all__ = ["AttentionMask", "Attention", "ATTENTION_MODES", "BACKENDS"]
 
@@ -53,12 +54,12 @@ class AttentionMask:
         backend: str = "auto",
     ):
         if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+            raise ConfigError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
         if backend not in BACKENDS:
-            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+            raise ConfigError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         kv_layout = q_layout if kv_layout is None else kv_layout
         if kv_layout.shape[0] != q_layout.shape[0]:
-            raise ValueError(
+            raise LayoutError(
                 f"key layout has {kv_layout.shape[0]} rows, query layout {q_layout.shape[0]}"
             )
         if backend == "auto":
@@ -129,16 +130,16 @@ class Attention(nn.Module):
     :class:`AttentionMask` carries the matching key layout. The model never talks to other ranks.
 
     ``cache`` is the incremental-decoding hook (:mod:`multitoken.generate`): the new rotated keys
-    and values are appended to a :class:`~multitoken.kv_cache.LayerKVCache` and the queries
-    attend over everything it holds; the mask then carries the cached key layout.
+    and values are appended to a :class:`~multitoken.models.kv_cache.LayerKVCache` and the
+    queries attend over everything it holds; the mask then carries the cached key layout.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"dim {dim} is not divisible by n_heads {n_heads}")
         if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads {n_heads} is not divisible by n_kv_heads {n_kv_heads}")
+            raise ConfigError(f"n_heads {n_heads} is not divisible by n_kv_heads {n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)

@@ -2,26 +2,26 @@
 
 * :mod:`.mesh`: the ``(dp, cp)`` mesh and its process groups.
 * :mod:`.plan`: the load-balanced split of a batch over the CP ranks.
-* :mod:`.context`: CP shards with halos, the one-collective fallback exchange, the step's
-  collectives (global normaliser, gradient sum, metrics).
+* :mod:`.halo`: the MTP halo of every chunk, and who owns it.
+* :mod:`.context`: CP shards with halos and the one-collective fallback exchange.
+* :mod:`.reduce`: the step's collectives (global normaliser, gradient sum, metrics).
 * :mod:`.apply`: ``parallelize(model, groups)``: all-gather-KV attention.
 """
 
 from multitoken.parallel.apply import gather_sequence, parallelize
 from multitoken.parallel.context import (
     CPShard,
-    MetricSums,
     ShardMismatchError,
     ShardPlan,
     exchange_halo,
-    global_normalizer,
     plan_shards,
     shard_batch,
-    sync_gradients,
 )
-from multitoken.parallel.mesh import ParallelGroups, build_mesh, init_distributed
+from multitoken.parallel.mesh import ParallelGroups, build_mesh, init_distributed, local_device
+from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
 
 __all__ = [
+    "local_device",
     "init_distributed",
     "build_mesh",
     "ParallelGroups",

@@ -17,40 +17,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from multitoken.errors import InputError
 from multitoken.models.attention import Attention
 
 __all__ = ["parallelize", "SequenceGather", "gather_sequence"]
 
-# Backends whose reduce_scatter is known to fail; filled at first failure (older gloo).
-_NO_REDUCE_SCATTER: set[str] = set()
-
 
 def _all_gather(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
-    if hasattr(dist, "all_gather_single"):  # torch >= 2.10 name
+    # all_gather_single is the torch >= 2.10 name; the older one warns there.
+    if hasattr(dist, "all_gather_single"):
         dist.all_gather_single(out, x, group=group)
     else:
         dist.all_gather_into_tensor(out, x, group=group)
 
 
 def _reduce_scatter(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
-    backend = str(dist.get_backend(group))
-    if backend not in _NO_REDUCE_SCATTER:
-        try:
-            if hasattr(dist, "reduce_scatter_single"):
-                dist.reduce_scatter_single(out, x, group=group)
-            else:
-                dist.reduce_scatter_tensor(out, x, group=group)
-            return
-        except (RuntimeError, NotImplementedError):
-            # Gloo before torch 2.x had no reduce_scatter; the call fails on every rank alike,
-            # before any message, so falling back here keeps the ranks in step.
-            if backend != "gloo":
-                raise
-            _NO_REDUCE_SCATTER.add(backend)
-    full = x.clone()
-    dist.all_reduce(full, group=group)
-    rank = dist.get_rank(group)
-    out.copy_(full[rank * out.shape[0] : (rank + 1) * out.shape[0]])
+    if hasattr(dist, "reduce_scatter_single"):
+        dist.reduce_scatter_single(out, x, group=group)
+    else:
+        dist.reduce_scatter_tensor(out, x, group=group)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -111,7 +96,7 @@ def parallelize(model: nn.Module, groups) -> nn.Module:
 
     Sets ``kv_gather`` on every :class:`Attention` module (the main layers and every MTP
     depth) to an all-gather over ``groups.cp_group``; with ``cp_size == 1`` (or ``groups`` None)
-    it clears the hooks. Feed the model :meth:`CPShard.model_inputs` so the mask sees the
+    it clears the hooks. Feed the model :meth:`CPShard.step_batch` so the mask sees the
     gathered keys' layout.
 
     Args:
@@ -128,7 +113,7 @@ def parallelize(model: nn.Module, groups) -> nn.Module:
             module.kv_gather = hook
             found += 1
     if hook is not None and not found:
-        raise ValueError(
+        raise InputError(
             f"parallelize found no multitoken Attention module in {type(model).__name__}: "
             "context parallelism would silently attend to local keys only"
         )

@@ -1,15 +1,15 @@
 """Context-parallel shards of a batch: tokens, layouts, MTP inputs and targets of one rank.
 
 :func:`shard_batch` cuts a global batch with the load-balanced split of :mod:`.plan` and hands
-each rank a :class:`CPShard` whose ``model_inputs()`` are the keyword arguments of
-:meth:`multitoken.models.GPT.forward`: the local tokens, their layout (global positions and
+each rank a :class:`CPShard` whose :meth:`~CPShard.step_batch` is the rank's
+:class:`~multitoken.batch.StepBatch`: the local tokens, their layout (global positions and
 document ids), the layout of the keys gathered over the CP group, and the MTP inputs and
 targets of every depth. Those come from the *halo* of each local chunk (:mod:`.halo`), filled
 either from the global batch at sharding time (default: no message in the forward) or, when a
 rank only has its local shard, by :func:`exchange_halo` with one collective.
 
 The collectives of a training step (:func:`global_normalizer`, :func:`sync_gradients`,
-:class:`MetricSums`) live in :mod:`.reduce` and are re-exported here.
+:class:`MetricSums`) live in :mod:`.reduce`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from multitoken.batch import StepBatch
 from multitoken.layout import LayoutError, SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX
 from multitoken.parallel.halo import (
@@ -31,15 +32,11 @@ from multitoken.parallel.halo import (
     halo_targets,
 )
 from multitoken.parallel.plan import ShardPlan, plan_shards
-from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
 
 __all__ = [
     "CPShard",
     "shard_batch",
     "exchange_halo",
-    "global_normalizer",
-    "sync_gradients",
-    "MetricSums",
     "ShardPlan",
     "plan_shards",
     "ShardMismatchError",
@@ -103,21 +100,21 @@ class CPShard:
             depth_labels=index.lookahead(self.labels, halo_labels, [0, *shifts], self.ignore_index),
         )
 
-    def model_inputs(self) -> dict:
-        """Keyword arguments of ``GPT.forward`` (add ``loss_normalizer`` from
-        :func:`global_normalizer`)."""
+    def step_batch(self, normalizer: Tensor) -> StepBatch:
+        """This rank's :class:`~multitoken.batch.StepBatch`, with ``normalizer`` from
+        :func:`~multitoken.parallel.global_normalizer` (the counts summed over the group)."""
         if not self.has_halo:
             raise RuntimeError(
                 "this shard has no halo yet: call exchange_halo(shard, cp_group) first, or "
                 "shard with halo=True"
             )
-        return dict(
+        return StepBatch(
             input_ids=self.input_ids,
-            labels=self.labels,
             layout=self.layout,
-            kv_layout=self.kv_layout,
             mtp_input_ids=self.mtp_input_ids,
             depth_labels=self.depth_labels,
+            normalizer=normalizer,
+            kv_layout=self.kv_layout,
         )
 
     def target_counts(self) -> Tensor:

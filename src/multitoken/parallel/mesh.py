@@ -20,7 +20,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["init_distributed", "build_mesh", "build_groups", "ParallelGroups"]
+__all__ = ["local_device", "init_distributed", "build_mesh", "ParallelGroups"]
+
+
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:<LOCAL_RANK>`` (made current) when CUDA is available, else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def init_distributed(backend: str | None = None) -> torch.device:
@@ -33,10 +42,7 @@ def init_distributed(backend: str | None = None) -> torch.device:
         This rank's device (``cuda:<LOCAL_RANK>`` or ``cpu``).
     """
     use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = local_device() if use_cuda else torch.device("cpu")
     if dist.is_initialized():
         return device
     backend = backend or ("nccl" if use_cuda else "gloo")
@@ -135,8 +141,3 @@ class ParallelGroups:
             cp_rank=mesh.get_local_rank("cp"),
             cp_size=mesh.size(1),
         )
-
-
-def build_groups(dp: int | None, cp: int, device_type: str = "cpu") -> ParallelGroups:
-    """The mesh and its groups in one call: ``ParallelGroups.build(dp, cp, device_type)``."""
-    return ParallelGroups.build(dp, cp, device_type)

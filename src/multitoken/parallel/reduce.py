@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from multitoken.errors import InputError
 from multitoken.lookahead import IGNORE_INDEX
+from multitoken.mtp import DepthLosses
+from multitoken.parallel.context import CPShard
 from multitoken.parallel.halo import ShardMismatchError, check_cp_group
 
 __all__ = ["global_normalizer", "sync_gradients", "MetricSums"]
@@ -46,8 +49,6 @@ def global_normalizer(depth_labels, group: dist.ProcessGroup | None, ignore_inde
         >>> global_normalizer(torch.tensor([[[5, -100, 7]], [[-100, -100, 2]]]), None)
         tensor([2, 1])
     """
-    from multitoken.parallel.context import CPShard  # context imports this module
-
     check = None
     if isinstance(depth_labels, CPShard):
         shard = depth_labels
@@ -55,7 +56,7 @@ def global_normalizer(depth_labels, group: dist.ProcessGroup | None, ignore_inde
         check = (shard.plan.fingerprint(), shard.cp_size, shard.cp_rank)
     else:
         if not isinstance(depth_labels, Tensor) or depth_labels.dim() not in (2, 3):
-            raise ValueError("depth_labels must be a [D + 1, B, T] tensor or a CPShard")
+            raise InputError("depth_labels must be a [D + 1, B, T] tensor or a CPShard")
         labels = depth_labels if depth_labels.dim() == 3 else depth_labels[None]
         counts = (labels != ignore_index).sum((1, 2))
     if group is None:
@@ -126,20 +127,18 @@ class MetricSums:
     Example (one rank, D = 1)::
 
         >>> sums = MetricSums(depth=1)
-        >>> sums.add(out, normalizer)           # after each step
+        >>> sums.add(losses)                    # a DepthLosses, after each step
         >>> losses, accuracies, tokens = sums.reduce(group)   # at a logging step; resets
     """
 
     def __init__(self, depth: int, device: torch.device | str = "cpu"):
         self.sums = torch.zeros(3, depth + 1, dtype=torch.float64, device=device)
 
-    def add(self, output, normalizer: Tensor) -> None:
-        """Add one step: ``output`` has ``depth_loss`` (normalised by ``normalizer``, the
-        global per-depth counts), ``depth_tokens`` and ``depth_correct``."""
-        # depth_loss is local_sum / global_count, so local_sum = depth_loss * global_count.
-        self.sums[0] += output.depth_loss.detach().double() * normalizer.double()
-        self.sums[1] += output.depth_tokens.double()
-        self.sums[2] += output.depth_correct.double()
+    def add(self, losses: DepthLosses) -> None:
+        """Add one step's local loss sums, valid targets and top-1 hits per depth."""
+        self.sums[0] += losses.loss_sum.double()
+        self.sums[1] += losses.depth_tokens.double()
+        self.sums[2] += losses.depth_correct.double()
 
     def reduce(
         self, group: dist.ProcessGroup | None

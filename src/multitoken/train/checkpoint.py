@@ -26,6 +26,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from multitoken.data import Tokenizer
+from multitoken.errors import CheckpointError, ConfigError
+from multitoken.model import MTPModel
+from multitoken.train.config import TrainConfig, fixed_keys
+from multitoken.train.config_io import load_config
+
 __all__ = [
     "check_run_dir",
     "clear_run_dir",
@@ -51,10 +57,6 @@ def _quiet_single_process():
 
 def _rank(group) -> int:
     return dist.get_rank(group) if group is not None else 0
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group) if group is not None else 1
 
 
 def _barrier(group) -> None:
@@ -123,8 +125,6 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     A fresh run in a folder with checkpoints would leave the earlier run's newer checkpoints in
     place, and a later resume would silently continue the wrong run.
     """
-    from multitoken.train.config import ConfigError
-
     run_dir = Path(run_dir)
     earlier = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
     if earlier and not resume and not overwrite:
@@ -161,41 +161,21 @@ def latest_checkpoint(run_dir: Path, world: int | None = None) -> Path | None:
     return max(found)[1] if found else None
 
 
-# What a run's weights and tokenizer depend on. The rest (schedule, logging, parallel layout,
-# recompute, backend) may change when a run is resumed.
-_RESUME_FIXED = (
-    "model.dim",
-    "model.n_layers",
-    "model.n_heads",
-    "model.n_kv_heads",
-    "model.ffn_dim",
-    "model.tie_embeddings",
-    "model.attention",
-    "model.rope_theta",
-    "mtp.depth",
-    "mtp.hidden_first",
-    "data.path",
-    "data.max_files",
-    "data.vocab_size",
-)
-
-
-def check_resume_config(run_dir: Path, cfg) -> None:
+def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a run with settings its weights or tokenizer do not fit.
 
     Called before anything is written to the run folder (config.toml, tokenizer.json) and
     before any collective, the same on every rank.
 
     Raises:
-        ConfigError: naming the first setting that differs from the run's ``config.toml``.
+        ConfigError: naming the first setting that differs from the run's ``config.toml``
+            (the settings marked fixed on resume: model shape, MTP depths, corpus, tokenizer).
     """
-    from multitoken.train.config import ConfigError, load_config
-
     saved_file = Path(run_dir) / "config.toml"
     if not saved_file.is_file():
         return
     saved = load_config(str(saved_file))
-    for key in _RESUME_FIXED:
+    for key in fixed_keys(cfg):
         section, name = key.split(".")
         old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
         if old != new:
@@ -212,8 +192,6 @@ def resume_checkpoint(run_dir: Path, world: int) -> Path | None:
         ConfigError: it was written by another number of ranks than ``world`` (the same on
             every rank, before any collective), which would otherwise start over at step 0.
     """
-    from multitoken.train.config import ConfigError
-
     newest = latest_checkpoint(run_dir)
     if newest is not None and _world_of(newest) != world:
         raise ConfigError(
@@ -238,7 +216,7 @@ def load_checkpoint(
     rank = _rank(group)
     extra_file = path / f"extra_rank{rank}.pt"
     if not extra_file.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{extra_file} is missing: this checkpoint was written by {_world_of(path)} ranks; "
             "resume with the same parallel.dp and parallel.cp"
         )
@@ -249,7 +227,7 @@ def _world_of(path: Path) -> int:
     return len(list(path.glob("extra_rank*.pt")))
 
 
-def load_for_inference(run_dir: str | Path, step: int | None = None):
+def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MTPModel, Tokenizer]:
     """The trained model (eval mode, CPU) and the tokenizer of a run, in one process.
 
     Args:
@@ -258,22 +236,23 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
 
     Returns:
         ``(model, tokenizer)``.
-    """
-    from multitoken.data import Tokenizer
-    from multitoken.models import GPT
-    from multitoken.train.config import gpt_config, load_config
 
+    Raises:
+        CheckpointError: not a run folder, or no complete checkpoint in it.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{run_dir} is not a run folder (no config.toml): train one with `multitoken train`"
         )
     cfg = load_config(str(run_dir / "config.toml"))
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     path = run_dir / "checkpoints" / f"step_{step:06d}" if step else latest_checkpoint(run_dir)
     if path is None or not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
-    model = GPT(gpt_config(cfg, tokenizer.vocab_size))
+        raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    model = MTPModel.from_config(
+        cfg.model_config(tokenizer.vocab_size), cfg.mtp, pad_id=tokenizer.pad_id
+    )
     state = {"model": model.state_dict()}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))

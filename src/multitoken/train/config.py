@@ -1,88 +1,45 @@
-"""Training configuration: dataclasses merged from defaults, a TOML file, then ``key=value``.
+"""Training configuration: one dataclass per section, the model's own nested as they are.
 
-Every field is documented in its section's docstring (``Attributes:``); those lines are the
-CLI's help (``multitoken train --help``). Unknown keys and values of the wrong type are errors
-that name the key and the fix, raised before any process is started.
-
-Example::
-
-    cfg = load_config("configs/default.toml", ["model.dim=128", "train.steps=50", "parallel.cp=2"])
+``TrainConfig.model`` *is* the reference decoder's :class:`~multitoken.models.GPTConfig` and
+``TrainConfig.mtp`` *is* :class:`~multitoken.mtp.MTPConfig` (lingua nests its model args the
+same way): defaults and checks live once, on the dataclass that uses them. Every section
+checks itself when it is built (``__post_init__``); checks across sections live in
+:meth:`TrainConfig.validate`. Field docstrings (``Attributes:``) are the CLI's help. Loading
+from TOML and ``key=value`` overrides is :mod:`multitoken.train.config_io`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import sys
-import typing
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from multitoken.errors import ConfigError
+from multitoken.models.gpt import FIXED, GPTConfig
+from multitoken.mtp import MTPConfig
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "config_help", "to_toml", "gpt_config"]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
-
-
-@dataclass
-class ModelSection:
-    """The reference GPT (vocab_size comes from the tokenizer).
-
-    Attributes:
-        dim: hidden size.
-        n_layers: transformer layers of the main model.
-        n_heads: query heads.
-        n_kv_heads: key/value heads (grouped-query attention); 0 = n_heads.
-        ffn_dim: SwiGLU hidden size; 0 = 8/3 * dim rounded to 64.
-        max_seq_len: longest position the rotary table covers.
-        tie_embeddings: share the embedding with the output head.
-        attention: "document" (causal within documents) or "causal" (across the row).
-        backend: "auto" (FlexAttention on CUDA, SDPA on CPU), "sdpa" or "flex".
-        rope_theta: rotary base.
-        init_std: weight initialisation standard deviation.
-        recompute: recompute the main model's layers in the backward (less memory).
-    """
-
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_dim: int = 0
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    attention: str = "document"
-    backend: str = "auto"
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-    recompute: bool = False
+__all__ = [
+    "TrainConfig",
+    "DataSection",
+    "TrainSection",
+    "ParallelSection",
+    "RunSection",
+    "ConfigError",
+    "alignment",
+    "fixed_keys",
+]
 
 
-@dataclass
-class MTPSection:
-    """Multi-Token Prediction.
+def _require(checks: list[tuple[bool, str, str]], section: object) -> None:
+    """Raise a :class:`ConfigError` for the first ``(ok, field, message)`` that fails."""
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{message}, got {getattr(section, key)!r}", key)
 
-    Attributes:
-        depth: extra future tokens predicted (D); 0 = plain next-token training.
-        loss_weight: lambda in L_main + lambda/D * sum_k L_k.
-        loss_weight_final: lambda after the switch (DeepSeek-V3: 0.3 then 0.1); <0 = no switch.
-        loss_weight_switch: fraction of train.steps after which loss_weight_final applies.
-        hidden_first: concatenate [hidden; embedding] (MiMo order) instead of DeepSeek's.
-        recompute: recompute the MTP layers in the backward (less memory, same result).
-    """
 
-    depth: int = 2
-    loss_weight: float = 0.3
-    loss_weight_final: float = -1.0
-    loss_weight_switch: float = 0.7
-    hidden_first: bool = False
-    recompute: bool = False
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @dataclass
@@ -101,14 +58,26 @@ class DataSection:
         cache_dir: where the tokenizer and token arrays are cached.
     """
 
-    path: str = ""
-    max_files: int = 0
-    vocab_size: int = 4096
+    path: str = field(default="", metadata=FIXED)
+    max_files: int = field(default=0, metadata=FIXED)
+    vocab_size: int = field(default=4096, metadata=FIXED)
     seq_len: int = 512
     batch_size: int = 8
     val_fraction: float = 0.02
     align: int = 0
     cache_dir: str = ".cache/multitoken"
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (self.max_files >= 0, "max_files", "must be >= 0 (0 = all)"),
+                (self.seq_len >= 1, "seq_len", "must be >= 1"),
+                (self.batch_size >= 1, "batch_size", "must be >= 1"),
+                (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
+                (self.align >= 0, "align", "must be >= 0 (0 = 2 * parallel.cp)"),
+            ],
+            self,
+        )
 
 
 @dataclass
@@ -132,6 +101,8 @@ class TrainSection:
         resume: continue from the newest complete checkpoint of this run.
         seed: seed of the weights and the data order.
         bf16: bf16 autocast on CUDA (ignored on CPU).
+        check_inputs: check every batch's values (token ids, positions); off saves a few
+            host syncs per step on GPU.
     """
 
     steps: int = 200
@@ -150,6 +121,33 @@ class TrainSection:
     resume: bool = False
     seed: int = 0
     bf16: bool = True
+    check_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (self.steps >= 1, "steps", "must be >= 1"),
+                (self.stop_after >= 0, "stop_after", "must be >= 0 (0 = train.steps)"),
+                (_finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0"),
+                (_finite(self.min_lr) and self.min_lr >= 0, "min_lr", "must be >= 0"),
+                (self.min_lr <= self.lr, "min_lr", f"must be <= train.lr={self.lr}"),
+                (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+                (
+                    _finite(self.weight_decay) and self.weight_decay >= 0,
+                    "weight_decay",
+                    "must be >= 0",
+                ),
+                (0 <= self.beta1 < 1, "beta1", "must be in [0, 1)"),
+                (0 <= self.beta2 < 1, "beta2", "must be in [0, 1)"),
+                (_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "must be >= 0"),
+                (self.log_every >= 1, "log_every", "must be >= 1"),
+                (self.eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)"),
+                (self.eval_batches >= 1, "eval_batches", "must be >= 1"),
+                (self.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)"),
+                (0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)"),
+            ],
+            self,
+        )
 
 
 @dataclass
@@ -166,6 +164,24 @@ class ParallelSection:
     dp: int = 1
     cp: int = 2
     lookahead: str = "halo"
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (self.dp >= 1, "dp", "must be >= 1"),
+                (self.cp >= 1, "cp", "must be >= 1"),
+                (
+                    self.lookahead in ("halo", "exchange"),
+                    "lookahead",
+                    'must be "halo" or "exchange"',
+                ),
+            ],
+            self,
+        )
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.cp
 
 
 @dataclass
@@ -188,12 +204,17 @@ class RunSection:
 
 @dataclass
 class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    mtp: MTPSection = field(default_factory=MTPSection)
+    """Everything ``multitoken train`` needs; see ``multitoken train --help``."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @property
     def run_dir(self) -> Path:
@@ -202,136 +223,46 @@ class TrainConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
 
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The decoder's config with the tokenizer's vocabulary (``model.vocab_size = 0``)."""
+        if self.model.vocab_size and self.model.vocab_size != vocab_size:
+            raise ConfigError(
+                f"is {self.model.vocab_size} but the tokenizer has {vocab_size} tokens: set "
+                "model.vocab_size=0 (the tokenizer's) or data.vocab_size",
+                "model.vocab_size",
+            )
+        return GPTConfig(**{**asdict(self.model), "vocab_size": vocab_size})
 
-def _sections() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
-
-
-def _field_type(section_cls: type, name: str) -> type:
-    hints = typing.get_type_hints(section_cls)
-    return hints[name]
-
-
-def _coerce(key: str, raw: Any, kind: type, from_cli: bool) -> Any:
-    """Convert a TOML value (typed) or a command-line string (parsed) to the field's type."""
-    from_cli = from_cli and isinstance(raw, str) and kind is not str
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if from_cli and raw.lower() in ("true", "1", "yes", "on"):
-            return True
-        if from_cli and raw.lower() in ("false", "0", "no", "off"):
-            return False
-    elif kind is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if from_cli and re.fullmatch(r"[+-]?\d+", raw.strip()):
-            return int(raw)
-    elif kind is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if from_cli:
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-    elif kind is str and isinstance(raw, str):
-        return raw
-    name = getattr(kind, "__name__", str(kind))
-    raise ConfigError(f"{key} must be {name}, got {raw!r}")
-
-
-def _set(cfg: TrainConfig, key: str, raw: Any, from_cli: bool = False) -> None:
-    section_name, _, name = key.partition(".")
-    sections = _sections()
-    if section_name not in sections or not name:
-        raise ConfigError(
-            f"unknown config key {key!r}: keys are <section>.<field> with section one of "
-            f"{', '.join(sections)} (see `multitoken train --help`)"
-        )
-    section = getattr(cfg, section_name)
-    names = [f.name for f in dataclasses.fields(section)]
-    if name not in names:
-        close = [n for n in names if n.startswith(name[:3])]
-        hint = f"; did you mean {section_name}.{close[0]}?" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{hint} (see `multitoken train --help`)")
-    setattr(section, name, _coerce(key, raw, _field_type(type(section), name), from_cli))
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need no data and no process: raise :class:`ConfigError` on the first."""
-    checks = [
-        (cfg.parallel.dp >= 1 and cfg.parallel.cp >= 1, "parallel.dp and parallel.cp must be >= 1"),
-        (
-            cfg.parallel.lookahead in ("halo", "exchange"),
-            'parallel.lookahead must be "halo" or "exchange"',
-        ),
-        (cfg.mtp.depth >= 0, "mtp.depth must be >= 0"),
-        (cfg.mtp.loss_weight >= 0, "mtp.loss_weight must be >= 0"),
-        (cfg.model.dim >= 2, "model.dim must be >= 2"),
-        (cfg.model.n_layers >= 1, "model.n_layers must be >= 1"),
-        (cfg.model.n_heads >= 1, "model.n_heads must be >= 1"),
-        (cfg.model.n_kv_heads >= 0, "model.n_kv_heads must be >= 0 (0 = model.n_heads)"),
-        (cfg.model.ffn_dim >= 0, "model.ffn_dim must be >= 0 (0 = 8/3 * model.dim)"),
-        (cfg.model.rope_theta > 0, "model.rope_theta must be > 0"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (cfg.train.min_lr >= 0, "train.min_lr must be >= 0"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (cfg.train.stop_after >= 0, "train.stop_after must be >= 0 (0 = train.steps)"),
-        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
-        (cfg.train.eval_batches >= 1, "train.eval_batches must be >= 1"),
-        (
-            0 <= cfg.train.beta1 < 1 and 0 <= cfg.train.beta2 < 1,
-            "train.beta1 and train.beta2 must be in [0, 1)",
-        ),
-        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = off)"),
-        (cfg.data.max_files >= 0, "data.max_files must be >= 0 (0 = all)"),
-        (cfg.train.steps >= 1, "train.steps must be >= 1"),
-        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.data.vocab_size >= 260, "data.vocab_size must be >= 260 (256 bytes + special tokens)"),
-        (0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
-        (
-            cfg.model.attention in ("document", "causal"),
-            'model.attention must be "document" or "causal"',
-        ),
-        (
-            cfg.model.backend in ("auto", "sdpa", "flex"),
-            'model.backend must be "auto", "sdpa" or "flex"',
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if cfg.data.batch_size % cfg.parallel.dp:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} rows cannot be split over parallel.dp="
-            f"{cfg.parallel.dp} ranks: make batch_size a multiple of dp"
-        )
-    align = alignment(cfg)
-    if align % (2 * cfg.parallel.cp):
-        raise ConfigError(
-            f"data.align={align} must be a multiple of 2 * parallel.cp = {2 * cfg.parallel.cp}"
-        )
-    if cfg.data.seq_len % align or cfg.data.seq_len < align:
-        suggestion = max(align, cfg.data.seq_len // align * align)
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is not compatible with parallel.cp="
-            f"{cfg.parallel.cp}: it must be a positive multiple of {align} (2 * cp chunks per "
-            f"document, see data.align), e.g. data.seq_len={suggestion}"
-        )
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: "
-            "raise model.max_seq_len"
-        )
-    if cfg.model.dim % cfg.model.n_heads or (cfg.model.dim // cfg.model.n_heads) % 2:
-        raise ConfigError(
-            f"model.dim={cfg.model.dim} must split into model.n_heads={cfg.model.n_heads} heads "
-            "of an even size"
-        )
-    kv = cfg.model.n_kv_heads or cfg.model.n_heads
-    if cfg.model.n_heads % kv:
-        raise ConfigError(f"model.n_heads={cfg.model.n_heads} is not a multiple of n_kv_heads={kv}")
+    def validate(self) -> None:
+        """Checks across sections (each section checked itself when it was built)."""
+        data, parallel = self.data, self.parallel
+        if data.batch_size % parallel.dp:
+            raise ConfigError(
+                f"data.batch_size={data.batch_size} rows cannot be split over parallel.dp="
+                f"{parallel.dp} ranks: make batch_size a multiple of dp"
+            )
+        align = alignment(self)
+        if align % (2 * parallel.cp):
+            raise ConfigError(
+                f"data.align={align} must be a multiple of 2 * parallel.cp = {2 * parallel.cp}"
+            )
+        if data.seq_len % align or data.seq_len < align:
+            suggestion = max(align, data.seq_len // align * align)
+            raise ConfigError(
+                f"data.seq_len={data.seq_len} is not compatible with parallel.cp={parallel.cp}: "
+                f"it must be a positive multiple of {align} (2 * cp chunks per document, see "
+                f"data.align), e.g. data.seq_len={suggestion}"
+            )
+        if data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}: raise model.max_seq_len"
+            )
+        if self.mtp.depth >= data.seq_len:
+            raise ConfigError(
+                f"mtp.depth={self.mtp.depth} leaves no target in rows of data.seq_len="
+                f"{data.seq_len} tokens: lower mtp.depth or raise data.seq_len"
+            )
 
 
 def alignment(cfg: TrainConfig) -> int:
@@ -339,101 +270,11 @@ def alignment(cfg: TrainConfig) -> int:
     return cfg.data.align or 2 * cfg.parallel.cp
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the TOML file at ``path`` (if any), then ``section.key=value`` overrides."""
-    values: dict[str, Any] = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            values = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path!r} is not valid TOML: {err}") from None
-    cfg = TrainConfig()
-    for section, entries in values.items():
-        if not isinstance(entries, dict):
-            raise ConfigError(f"unknown config key {section!r}: put keys under [section] tables")
-        for key, value in entries.items():
-            _set(cfg, f"{section}.{key}", value)
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set(cfg, key.strip(), value.strip(), from_cli=True)
-    validate(cfg)
-    return cfg
-
-
-def _field_docs(section_cls: type) -> dict[str, str]:
-    """Field help from the ``Attributes:`` block of a section's docstring."""
-    docs: dict[str, str] = {}
-    current = None
-    for line in (section_cls.__doc__ or "").splitlines()[1:]:
-        match = re.match(r"\s{8}(\w+): (.*)", line)
-        if match:
-            current = match.group(1)
-            docs[current] = match.group(2).strip()
-        elif current and line.startswith(" " * 12):
-            docs[current] += " " + line.strip()
-    return docs
-
-
-def config_help() -> str:
-    """Every key with its default and documentation, for ``--help``."""
-    lines = []
-    defaults = TrainConfig()
-    for name, cls in _sections().items():
-        lines.append(f"[{name}] {(cls.__doc__ or '').splitlines()[0]}")
-        docs = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            value = getattr(getattr(defaults, name), f.name)
-            lines.append(f"  {name}.{f.name}={value!r}: {docs.get(f.name, '')}")
-    return "\n".join(lines)
-
-
-def to_toml(cfg: TrainConfig) -> str:
-    """The resolved configuration as TOML (written next to every run)."""
-    out = []
-    for section, entries in cfg.to_dict().items():
-        out.append(f"[{section}]")
-        for key, value in entries.items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            out.append(f"{key} = {text}")
-        out.append("")
-    return "\n".join(out)
-
-
-def gpt_config(cfg: TrainConfig, vocab_size: int, pad_id: int = 0):
-    """The :class:`~multitoken.models.GPTConfig` a training configuration describes."""
-    from multitoken.models import GPTConfig
-    from multitoken.mtp import MTPConfig
-
-    m = cfg.model
-    return GPTConfig(
-        vocab_size=vocab_size,
-        dim=m.dim,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads or None,
-        ffn_dim=m.ffn_dim or None,
-        max_seq_len=m.max_seq_len,
-        tie_embeddings=m.tie_embeddings,
-        attention=m.attention,
-        backend=m.backend,
-        rope_theta=m.rope_theta,
-        init_std=m.init_std,
-        recompute=m.recompute,
-        pad_id=pad_id,
-        mtp=MTPConfig(
-            depth=cfg.mtp.depth,
-            loss_weight=cfg.mtp.loss_weight,
-            hidden_first=cfg.mtp.hidden_first,
-            recompute=cfg.mtp.recompute,
-        ),
-    )
+def fixed_keys(cfg: TrainConfig) -> list[str]:
+    """``section.field`` keys a run's weights and tokenizer depend on (fixed on resume)."""
+    keys = []
+    for section in fields(cfg):
+        for item in fields(getattr(cfg, section.name)):
+            if item.metadata.get("fixed_on_resume"):
+                keys.append(f"{section.name}.{item.name}")
+    return keys

@@ -1,8 +1,4 @@
-"""Key/value caches for incremental decoding, and the decoding state of one sequence.
-
-A :class:`LayerKVCache` is a preallocated (static) buffer of one attention layer's rotated
-keys and values; :meth:`LayerKVCache.truncate` rolls it back and zeroes what it drops, so a
-rejected speculative draft leaves no trace.
+"""The decoding state of one sequence: KV caches of the main layers and of every MTP depth.
 
 A :class:`DecodeState` holds everything that decoding one sequence keeps: the committed
 tokens, the main model's caches, and, for self-speculative decoding, one cache per MTP depth
@@ -10,82 +6,44 @@ plus the hidden states ``h^0 .. h^{D-1}`` that feed the next depth. The bookkeep
 MTP recurrence read position by position: depth k at position j needs ``h^{k-1}_j`` and the
 token ``t_{j+k}``, so with ``L`` committed tokens the main model can be cached up to position
 ``L - 2`` (the last token is its next input) and depth k up to position ``L - 1 - k``.
+
+It drives the model only through the :class:`~multitoken.decoder.Decoder` interface
+(``new_kv_cache``, ``layer_kwargs``, ``hidden``, ``embed``) and the MTP depths of an
+:class:`~multitoken.model.MTPModel`, so any decoder that implements it decodes the same way.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from multitoken.models.gpt import GPT
+from multitoken.errors import InputError
+from multitoken.layout import SequenceLayout
+from multitoken.model import MTPModel
 
-__all__ = ["LayerKVCache", "DecodeState"]
+__all__ = ["DecodeState", "decode_layer_kwargs"]
 
 
-class LayerKVCache:
-    """Rotated keys and values of one attention layer, ``[B, Hkv, capacity, d]`` each.
+def decode_layer_kwargs(decoder, batch: int, start: int, length: int, device) -> dict[str, Any]:
+    """Layer keyword arguments for ``length`` new tokens after ``start`` cached ones.
 
-    Args:
-        batch: rows B.
-        n_kv_heads: key/value heads.
-        head_dim: per-head size d.
-        capacity: the most positions it can hold.
-        device: where the buffers live.
-        dtype: the model's dtype.
-
-    Example::
-
-        >>> cache = LayerKVCache(1, 2, 8, capacity=16)
-        >>> k_all, v_all = cache.update(torch.ones(1, 2, 3, 8), torch.ones(1, 2, 3, 8))
-        >>> cache.length, tuple(k_all.shape)
-        (3, (1, 2, 3, 8))
-        >>> cache.truncate(1); cache.length
-        1
+    One document per row: the queries take positions ``start .. start + length - 1`` and
+    attend causally over the cached keys and themselves, so the mask is the document rule
+    with the cached keys' layout.
     """
-
-    def __init__(
-        self,
-        batch: int,
-        n_kv_heads: int,
-        head_dim: int,
-        capacity: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k, v [B, Hkv, T, d]``; return every cached key and value, new ones included."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(
-                f"KV cache full: {self.length} + {k.shape[2]} positions exceed its capacity "
-                f"{self.capacity}"
-            )
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions; zero the dropped ones."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        # Zeroing is not needed for correctness (attention only reads [:length]) but makes
-        # "a rolled-back cache equals a cache that never saw the drafts" checkable bit for bit.
-        self.k[:, :, length : self.length] = 0
-        self.v[:, :, length : self.length] = 0
-        self.length = length
+    end = start + length
+    if end > decoder.max_seq_len:
+        raise InputError(
+            f"decoding reaches position {end - 1} but max_seq_len is {decoder.max_seq_len}: "
+            "shorten the prompt or max_new_tokens"
+        )
+    key_pos = torch.arange(end, device=device).expand(batch, end)
+    query_pos = key_pos[:, start:]
+    q_layout = SequenceLayout(torch.zeros_like(query_pos), query_pos, query_pos)
+    kv_layout = SequenceLayout(torch.zeros_like(key_pos), key_pos, key_pos)
+    return decoder.layer_kwargs(q_layout, kv_layout, decoding=True)
 
 
 class DecodeState:
@@ -101,32 +59,29 @@ class DecodeState:
       when they draft; everything past the kept lengths is zero.
 
     Args:
-        model: the :class:`~multitoken.models.gpt.GPT`.
+        model: the :class:`~multitoken.model.MTPModel`.
         capacity: the longest sequence (prompt plus new tokens) this state will hold.
         mtp_depths: how many MTP depths keep caches (0 for plain decoding).
     """
 
-    def __init__(self, model: GPT, capacity: int, mtp_depths: int = 0):
-        cfg = model.config
-        param = model.tok_embeddings.weight
-        head_dim = cfg.dim // cfg.n_heads
-
-        def new_cache() -> LayerKVCache:
-            return LayerKVCache(1, cfg.n_kv_heads, head_dim, capacity, param.device, param.dtype)
-
-        self.model = model
+    def __init__(self, model: MTPModel, capacity: int, mtp_depths: int = 0):
+        if not 0 <= mtp_depths <= model.depth:
+            raise InputError(f"{mtp_depths} MTP depths asked, the model has {model.depth}")
+        decoder = model.decoder
+        head = model.head_weight
+        self.model, self.decoder = model, decoder
         self.tokens: list[int] = []
-        self.main = [new_cache() for _ in range(cfg.n_layers)]
-        self.mtp = [new_cache() for _ in range(mtp_depths)]
+        self.main = [decoder.new_kv_cache(1, capacity) for _ in range(decoder.num_layers)]
+        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(mtp_depths)]
         # hidden[k][:, j] = h^k_j, the hidden input of depth k + 1 at position j.
         self.hidden = torch.zeros(
-            mtp_depths, 1, capacity, cfg.dim, device=param.device, dtype=param.dtype
+            mtp_depths, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
         )
         self._hidden_end = [0] * mtp_depths  # one past the last position written, per depth
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.head_weight.device
 
     def _ids(self, ids: list[int]) -> Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
@@ -134,7 +89,8 @@ class DecodeState:
     def forward_main(self, ids: list[int]) -> Tensor:
         """Run the main model on ``ids`` after the cached prefix; return ``h^0 [T, H]``."""
         start = self.main[0].length
-        h0 = self.model.forward_cached(self._ids(ids), self.main)  # (1, T, H)
+        kwargs = decode_layer_kwargs(self.decoder, 1, start, len(ids), self.device)
+        h0 = self.decoder.hidden(self._ids(ids), kwargs, caches=self.main)  # (1, T, H)
         if len(self.mtp):
             self.hidden[0, :, start : start + len(ids)] = h0
             self._hidden_end[0] = max(self._hidden_end[0], start + len(ids))
@@ -155,10 +111,12 @@ class DecodeState:
         cache = self.mtp[depth - 1]
         start = cache.length
         if end <= start:
-            raise ValueError(f"MTP depth {depth} already holds positions up to {start - 1}")
+            raise InputError(f"MTP depth {depth} already holds positions up to {start - 1}")
         hidden = self.hidden[depth - 1, :, start:end]  # (1, T, H)
         ids = self._ids(tokens[start + depth : end + depth])
-        out = self.model.mtp_forward_cached(depth, hidden, ids, cache)  # (1, T, H)
+        kwargs = decode_layer_kwargs(self.decoder, 1, start, end - start, self.device)
+        module = self.model.mtp.depths[depth - 1]
+        out = module(hidden, self.decoder.embed(ids), **kwargs, cache=cache)  # (1, T, H)
         if depth < len(self.mtp):
             self.hidden[depth, :, start:end] = out
             self._hidden_end[depth] = max(self._hidden_end[depth], end)

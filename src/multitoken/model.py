@@ -1,0 +1,175 @@
+"""A decoder with MTP depths on top: hidden states out, the loss computed by the step.
+
+:class:`MTPModel` bundles any :class:`~multitoken.decoder.Decoder` with a
+:class:`~multitoken.mtp.MultiTokenPredictor` built from the decoder's own layer and norm
+kinds. Its ``forward`` returns the hidden states ``h^0 .. h^D`` (torchtitan's split: the model
+computes activations, the training step computes the loss with the step's loss weight and
+normaliser, :func:`step_loss`). :meth:`MTPModel.loss` is the one-call convenience for library
+users.
+
+Example (the reference GPT, packed documents, D = 2)::
+
+    >>> model = MTPModel.from_config(GPTConfig.preset("tiny", vocab_size=4096), MTPConfig(depth=2))
+    >>> ids = torch.randint(1, 4096, (2, 16))
+    >>> layout = SequenceLayout.from_lengths([[5, 11], [16]])
+    >>> out = model.loss(ids, next_token_labels(ids, layout), layout)
+    >>> out.loss.backward(); out.depth_loss.shape
+    torch.Size([3])
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from multitoken.batch import StepBatch
+from multitoken.decoder import Decoder
+from multitoken.errors import InputError
+from multitoken.layout import SequenceLayout
+from multitoken.lookahead import IGNORE_INDEX, lookahead
+from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
+from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
+
+__all__ = ["MTPModel", "step_loss"]
+
+
+class MTPModel(nn.Module):
+    """A decoder and its MTP depths (``mtp`` is None for D = 0).
+
+    Args:
+        decoder: any module implementing :class:`~multitoken.decoder.Decoder`.
+        config: :class:`~multitoken.mtp.MTPConfig`.
+        pad_id: input token where a lookahead leaves its document (never a target).
+
+    The MTP depths keep the constructor's default initialisation: :meth:`from_config` (the
+    reference GPT from scratch) initialises decoder and depths together; an adapter for a
+    pretrained decoder initialises only the depths.
+    """
+
+    def __init__(self, decoder: nn.Module, config: MTPConfig, *, pad_id: int = 0):
+        super().__init__()
+        if not isinstance(decoder, Decoder):
+            raise InputError(
+                f"{type(decoder).__name__} does not implement multitoken.decoder.Decoder "
+                "(embed, hidden, layer_kwargs, make_mtp_layer, make_norm, head_weight, ...)"
+            )
+        if not 0 <= pad_id < decoder.vocab_size:
+            raise InputError(f"pad_id {pad_id} outside the vocabulary [0, {decoder.vocab_size})")
+        self.decoder = decoder
+        self.config = config
+        self.pad_id = pad_id
+        self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
+
+    @classmethod
+    def from_config(cls, model: GPTConfig, mtp: MTPConfig, *, pad_id: int = 0) -> MTPModel:
+        """The reference GPT with ``mtp.depth`` depths, every weight initialised together.
+
+        The residual projections of the main and MTP layers are scaled by their total count
+        (:func:`~multitoken.models.gpt.init_weights`).
+        """
+        built = cls(GPT(model, init=False), mtp, pad_id=pad_id)
+        init_weights(built, model.init_std, model.n_layers + mtp.depth)
+        return built
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.mtp is None else len(self.mtp.depths)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """``[V, H]`` the shared output-head weight."""
+        return self.decoder.head_weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        layout: SequenceLayout | None = None,
+        *,
+        kv_layout: SequenceLayout | None = None,
+        mtp_input_ids: Tensor | None = None,
+    ) -> list[Tensor]:
+        """Hidden states ``h^0 .. h^D``, each ``[B, T, H]`` and through its final norm.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            layout: their documents; None = one document per row.
+            kv_layout: layout of the keys gathered over the CP group (sharded input only).
+            mtp_input_ids: ``[D, B, T]`` MTP inputs; None = ``lookahead`` of ``input_ids``
+                (a whole batch only: a shard's lookahead needs its halo).
+        """
+        decoder = self.decoder
+        layout = check_batch(input_ids, layout, decoder.vocab_size)
+        if self.mtp is not None and mtp_input_ids is None:
+            if kv_layout is not None:
+                raise InputError(
+                    "a sharded batch (kv_layout given) needs mtp_input_ids built from its halo: "
+                    "see multitoken.parallel.shard_batch"
+                )
+            shifts = list(range(1, self.depth + 1))
+            mtp_input_ids = lookahead(input_ids, layout, shifts, fill=self.pad_id)
+        kwargs = decoder.layer_kwargs(layout, kv_layout)
+        hidden_states = [decoder.hidden(input_ids, kwargs)]
+        if self.mtp is not None:
+            hidden_states += self.mtp(hidden_states[0], mtp_input_ids, decoder.embed, **kwargs)
+        return hidden_states
+
+    def logits(self, input_ids: Tensor, layout: SequenceLayout | None = None) -> Tensor:
+        """``[B, T, V]`` next-token logits of the main head (inference; no MTP depths run)."""
+        layout = check_batch(input_ids, layout, self.decoder.vocab_size)
+        h0 = self.decoder.hidden(input_ids, self.decoder.layer_kwargs(layout))
+        return h0 @ self.head_weight.t()
+
+    def loss(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        layout: SequenceLayout | None = None,
+        *,
+        loss_weight: float | None = None,
+        normalizer: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> DepthLosses:
+        """One call from a batch to its losses (single process).
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            labels: ``[B, T]`` next-token labels (see :func:`~multitoken.next_token_labels`).
+            layout: documents; None = one document per row.
+            loss_weight: lambda; None = ``config.loss_weight``.
+            normalizer: ``[D + 1]`` counts to divide by; None = this batch's.
+            ignore_index: the "no target" label.
+        """
+        batch = StepBatch.build(input_ids, labels, layout, self.depth, self.pad_id, ignore_index)
+        if normalizer is not None:
+            batch = StepBatch(
+                batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
+            )
+        weight = self.config.loss_weight if loss_weight is None else loss_weight
+        return step_loss(self, batch, weight, ignore_index)
+
+
+def step_loss(
+    model: nn.Module, batch: StepBatch, loss_weight: float, ignore_index: int = IGNORE_INDEX
+) -> DepthLosses:
+    """The loss of one step: ``model``'s hidden states through the shared head, per depth.
+
+    Args:
+        model: an :class:`MTPModel` (possibly wrapped by a parallelism that keeps its call).
+        batch: this rank's :class:`~multitoken.batch.StepBatch`.
+        loss_weight: the step's lambda (schedules pass it here; nothing is mutated).
+        ignore_index: the "no target" label.
+    """
+    hidden_states = model(
+        batch.input_ids,
+        batch.layout,
+        kv_layout=batch.kv_layout,
+        mtp_input_ids=batch.mtp_input_ids,
+    )
+    return depth_losses(
+        hidden_states,
+        model.head_weight,
+        batch.depth_labels,
+        loss_weight,
+        batch.normalizer,
+        ignore_index,
+        model.config.loss_chunk_elements,
+    )

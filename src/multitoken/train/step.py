@@ -1,0 +1,154 @@
+"""The pieces of one training step: this rank's place, its batch, the model, the optimiser.
+
+:func:`prepare_step` turns the global batch (the same on every rank, from the deterministic
+loader) into this rank's :class:`~multitoken.batch.StepBatch`: its data-parallel rows, then,
+under context parallelism, its shard with the MTP halo (or the one-collective exchange), and
+the per-depth valid-target counts summed over every rank (one all_reduce, the step's first
+collective). Whatever the layout, the trainer then runs one path:
+``step_loss(model, batch, weight).loss.backward()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from multitoken.batch import StepBatch
+from multitoken.data import dp_slice
+from multitoken.errors import ConfigError
+from multitoken.layout import SequenceLayout
+from multitoken.model import MTPModel
+from multitoken.parallel import (
+    ParallelGroups,
+    exchange_halo,
+    global_normalizer,
+    init_distributed,
+    parallelize,
+    shard_batch,
+)
+from multitoken.train.config import TrainConfig
+
+__all__ = ["Ranks", "setup_ranks", "prepare_step", "build_model", "build_optimizer", "lr_lambda"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the ``(dp, cp)`` mesh; ``groups`` is None in a single process."""
+
+    groups: ParallelGroups | None
+    rank: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+
+    @property
+    def world_group(self) -> dist.ProcessGroup | None:
+        """The DP x CP group (loss normaliser, gradients, metrics); None in one process."""
+        return None if self.groups is None else self.groups.dp_cp_group
+
+    @property
+    def world(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
+    """Join the process group (when ``dp * cp > 1``) and build the mesh's groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and cfg.parallel.world == 1:
+        return Ranks(None)
+    if world != cfg.parallel.world:  # before any collective: no rank hangs
+        raise ConfigError(
+            f"{world} ranks were started but parallel.dp * parallel.cp = {cfg.parallel.world}: "
+            "launch dp * cp ranks"
+        )
+    init_distributed()
+    groups = ParallelGroups.build(cfg.parallel.dp, cfg.parallel.cp, device.type)
+    return Ranks(
+        groups, dist.get_rank(), groups.dp_rank, groups.dp_size, groups.cp_rank, groups.cp_size
+    )
+
+
+def prepare_step(
+    global_batch: dict[str, torch.Tensor],
+    ranks: Ranks,
+    depth: int,
+    pad_id: int,
+    device: torch.device,
+    lookahead: str = "halo",
+) -> StepBatch:
+    """This rank's :class:`StepBatch` of a global batch (``input_ids``, ``labels``,
+    ``cu_seqlens`` as the loader yields it).
+
+    Args:
+        global_batch: the same dict on every rank.
+        ranks: this rank's place (:func:`setup_ranks`).
+        depth: D.
+        pad_id: input fill where a lookahead leaves its document.
+        device: where the batch goes.
+        lookahead: ``"halo"`` (from the global batch, no message) or ``"exchange"`` (one
+            all_to_all over the CP group, as when only local shards exist).
+    """
+    local = dp_slice(global_batch, ranks.dp_rank, ranks.dp_size)
+    ids, labels = local["input_ids"].to(device), local["labels"].to(device)
+    layout = SequenceLayout.from_cu_seqlens(local["cu_seqlens"].to(device), ids.shape)
+    if ranks.cp_size == 1:
+        # No sharder at cp = 1: the CP tests compare the sharded path against this one.
+        batch = StepBatch.build(ids, labels, layout, depth, pad_id)
+        normalizer = global_normalizer(batch.depth_labels, ranks.world_group)
+        return StepBatch(
+            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
+        )
+    exchange = lookahead == "exchange"
+    shard = shard_batch(
+        ids, labels, layout, ranks.cp_size, ranks.cp_rank, depth, pad_id, halo=not exchange
+    )
+    # The step's first collective: the global valid-target counts per depth, which also
+    # checks that every CP peer cut the same plan (so a mismatch fails on every rank).
+    normalizer = global_normalizer(shard, ranks.world_group)
+    if exchange:
+        shard = exchange_halo(shard, group=ranks.groups.cp_group)  # one all_to_all, all depths
+    return shard.step_batch(normalizer)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int, ranks: Ranks) -> MTPModel:
+    """The reference GPT with MTP, seeded by ``train.seed``, with CP applied from outside."""
+    torch.manual_seed(cfg.train.seed)
+    model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
+    if ranks.cp_size > 1:
+        parallelize(model, ranks.groups)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+    )
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup, then cosine decay from ``lr`` to ``min_lr`` over ``train.steps``."""
+    t = cfg.train
+
+    def factor(step: int) -> float:  # step = optimiser steps taken so far
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        floor = t.min_lr / t.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
