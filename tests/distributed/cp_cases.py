@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from multitoken import MTPConfig, SequenceLayout, next_token_labels
-from multitoken.models import GPT, GPTConfig
+from multitoken import MTPConfig, MTPModel, SequenceLayout, next_token_labels, step_loss
+from multitoken.models import GPTConfig
 from multitoken.parallel import (
     ParallelGroups,
     exchange_halo,
@@ -37,7 +37,7 @@ def groups(dp: int, cp: int) -> ParallelGroups:
     return _GROUPS[(dp, cp)]
 
 
-def make_model(depth: int, seed: int = 0, attention: str = "document") -> GPT:
+def make_model(depth: int, seed: int = 0, attention: str = "document") -> MTPModel:
     torch.manual_seed(seed)
     config = GPTConfig(
         vocab_size=VOCAB,
@@ -46,11 +46,9 @@ def make_model(depth: int, seed: int = 0, attention: str = "document") -> GPT:
         n_heads=4,
         n_kv_heads=2,
         max_seq_len=64,
-        pad_id=PAD,
         attention=attention,
-        mtp=MTPConfig(depth=depth, loss_weight=0.3),
     )
-    return GPT(config)
+    return MTPModel.from_config(config, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
 
 
 def make_batch(packed: bool, seed: int = 0, rows: list[list[int]] | None = None):
@@ -59,19 +57,12 @@ def make_batch(packed: bool, seed: int = 0, rows: list[list[int]] | None = None)
     if not packed:
         ids = torch.randint(1, VOCAB, UNPACKED_SHAPE, generator=gen)
         return ids, next_token_labels(ids), None
-    rows = rows or PACKED_ROWS
-    seqlen = sum(rows[0])
-    cu = [0]
-    for lengths in rows:
-        assert sum(lengths) == seqlen
-        for length in lengths:
-            cu.append(cu[-1] + length)
-    layout = SequenceLayout.from_cu_seqlens(torch.tensor(cu), (len(rows), seqlen))
+    layout = SequenceLayout.from_lengths(rows or PACKED_ROWS)
     ids = torch.randint(1, VOCAB, layout.shape, generator=gen)
     return ids, next_token_labels(ids, layout), layout
 
 
-def grads(model: GPT) -> dict[str, torch.Tensor]:
+def grads(model: MTPModel) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -79,7 +70,7 @@ def reference(depth: int, packed: bool, rows=None, attention: str = "document") 
     """The CP = 1 run: the plain model on the global batch, in this process."""
     model = make_model(depth, attention=attention)
     ids, labels, layout = make_batch(packed, rows=rows)
-    out = model(ids, labels=labels, layout=layout)
+    out = model.loss(ids, labels, layout)
     out.loss.backward()
     return dict(
         loss=out.loss.detach(),
@@ -89,14 +80,14 @@ def reference(depth: int, packed: bool, rows=None, attention: str = "document") 
     )
 
 
-def cp_step(shard, model: GPT, g: ParallelGroups, norm_group, grad_group) -> dict:
+def cp_step(shard, model: MTPModel, g: ParallelGroups, norm_group, grad_group) -> dict:
     """One training step of a shard: normaliser, halo exchange if the shard has none, forward,
     backward, gradient sum. The normaliser goes first: it checks that the CP peers agree on
     the plan before any collective whose sizes depend on it."""
     normalizer = global_normalizer(shard, norm_group)
     if not shard.has_halo:
         shard = exchange_halo(shard, group=g.cp_group)
-    out = model(**shard.model_inputs(), loss_normalizer=normalizer)
+    out = step_loss(model, shard.step_batch(normalizer), model.config.loss_weight)
     out.loss.backward()
     sync_gradients(model, grad_group)
     return dict(
@@ -105,7 +96,6 @@ def cp_step(shard, model: GPT, g: ParallelGroups, norm_group, grad_group) -> dic
         depth_tokens=out.depth_tokens,
         grads=grads(model),
         out=out,
-        normalizer=normalizer,
     )
 
 
@@ -117,5 +107,5 @@ def run_cp(depth: int, packed: bool, way: str, rows=None, attention: str = "docu
     halo = way == "halo"
     shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE, halo=halo)
     result = cp_step(shard, model, g, g.cp_group, g.cp_group)
-    result.pop("out"), result.pop("normalizer")
+    result.pop("out")
     return result

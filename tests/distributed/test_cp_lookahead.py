@@ -128,8 +128,8 @@ def step_messages(way: str) -> dict:
     shard = shard_batch(ids, labels, layout, 2, g.cp_rank, depth, PAD, IGNORE, halo=way == "halo")
     with count_comms() as log:
         cp_step(shard, model, g, g.dp_cp_group, g.dp_cp_group)
-    head_dim = model.config.dim // model.config.n_heads
-    kv_bytes = 2 * 2 * model.config.n_kv_heads * shard.plan.local_len * head_dim * 4
+    model_cfg = model.decoder.config
+    kv_bytes = 2 * 2 * model_cfg.kv_heads * shard.plan.local_len * model_cfg.head_dim * 4
     named = {"cp": g.cp_group, "dp_cp": g.dp_cp_group, "dp": g.dp_group}
     return dict(
         calls=[

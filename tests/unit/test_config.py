@@ -1,18 +1,16 @@
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 
-from multitoken.parallel.reduce import MetricSums
-from multitoken.train.config import (
-    ConfigError,
-    TrainConfig,
-    config_help,
-    gpt_config,
-    load_config,
-    to_toml,
-)
-from multitoken.train.trainer import lr_lambda, mtp_weight
+from multitoken import MTPConfig
+from multitoken.models import GPTConfig
+from multitoken.mtp import DepthLosses
+from multitoken.parallel import MetricSums
+from multitoken.train.checkpoint import check_resume_config, check_run_dir, clear_run_dir
+from multitoken.train.config import ConfigError, TrainConfig, fixed_keys
+from multitoken.train.config_io import config_help, load_config, to_toml
+from multitoken.train.step import lr_lambda
 
 
 def test_defaults_file_then_overrides(tmp_path):
@@ -53,12 +51,21 @@ def test_toml_round_trip(tmp_path):
         (["model.ffn_dim=-5"], "model.ffn_dim must be >= 0"),
         (["model.rope_theta=0"], "model.rope_theta must be > 0"),
         (["mtp.loss_weight=-1"], "mtp.loss_weight must be >= 0"),
-        (["train.lr=0"], "train.lr must be > 0"),
+        (["train.lr=0"], "train.lr must be a finite number > 0"),
         (["train.min_lr=-1"], "train.min_lr must be >= 0"),
         (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
         (["train.stop_after=-1"], "train.stop_after must be >= 0"),
         (["train.eval_batches=0"], "train.eval_batches must be >= 1"),
-        (["train.beta1=2"], "train.beta1 and train.beta2 must be in \\[0, 1\\)"),
+        (["train.beta1=2"], "train.beta1 must be in \\[0, 1\\)"),
+        # Accepted silently before the restructure.
+        (["train.weight_decay=-1"], "train.weight_decay must be >= 0"),
+        (["train.min_lr=1", "train.lr=0.1"], "train.min_lr must be <= train.lr=0.1"),
+        (["train.lr=inf"], "train.lr must be a finite number > 0"),
+        (["mtp.loss_weight=inf"], "mtp.loss_weight must be a finite number"),
+        (["model.init_std=-1"], "model.init_std must be > 0"),
+        (["mtp.depth=8", "data.seq_len=8", "parallel.cp=1"], "mtp.depth=8 leaves no target"),
+        (["run.name=a\nb"], "run.name must not contain control characters"),
+        (["model.n_heads=3"], "model.n_heads must split dim=128 into heads of an even size"),
         (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
         (["data.max_files=-3"], "data.max_files must be >= 0"),
     ],
@@ -111,19 +118,34 @@ def test_schedules():
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(100) == pytest.approx(0.1) and 0.1 < f(50) < 1.0
-    assert mtp_weight(cfg, 70) == 0.3 and mtp_weight(cfg, 71) == 0.1
+    assert cfg.mtp.weight_at(70, 100) == 0.3 and cfg.mtp.weight_at(71, 100) == 0.1
 
 
-def test_gpt_config_mapping():
-    cfg = TrainConfig()
-    model = gpt_config(cfg, vocab_size=512)
-    assert model.vocab_size == 512 and model.mtp.depth == cfg.mtp.depth
-    assert model.n_kv_heads == cfg.model.n_kv_heads and model.ffn_dim % 64 == 0
+def test_the_model_config_is_nested_not_mirrored():
+    # One dataclass per concept: the training config holds the library's own configs.
+    cfg = load_config(None, ["model.dim=64", "mtp.depth=3"])
+    assert type(cfg.model) is GPTConfig and type(cfg.mtp) is MTPConfig
+    model = cfg.model_config(vocab_size=512)
+    assert model.vocab_size == 512 and model.dim == 64 and model.ffn_hidden % 64 == 0
+    assert cfg.model.vocab_size == 0  # the config is not mutated
+    with pytest.raises(ConfigError, match="model.vocab_size is 300 but the tokenizer has 512"):
+        load_config(None, ["model.vocab_size=300"]).model_config(512)
+    # The same check whether the library or the CLI builds the config.
+    with pytest.raises(ConfigError, match="n_heads must be >= 1, got 0"):
+        GPTConfig(n_heads=0)
+    with pytest.raises(ConfigError, match="depth must be an int >= 0"):
+        MTPConfig(depth=-1)
+
+
+def test_fixed_keys_come_from_the_dataclasses():
+    keys = fixed_keys(TrainConfig())
+    assert {"model.dim", "model.n_layers", "mtp.depth", "mtp.hidden_first", "data.path"} <= set(
+        keys
+    )
+    assert not {"model.recompute", "model.backend", "mtp.loss_weight", "train.steps"} & set(keys)
 
 
 def test_shipped_configs_parse():
-    from pathlib import Path
-
     configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
     assert configs
     for path in configs:
@@ -132,8 +154,6 @@ def test_shipped_configs_parse():
 
 
 def test_run_dir_protection(tmp_path):
-    from multitoken.train.checkpoint import check_run_dir, clear_run_dir
-
     check_run_dir(tmp_path / "new", resume=False, overwrite=False)  # nothing there: fine
     (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
@@ -148,8 +168,6 @@ def test_run_dir_protection(tmp_path):
 def test_resume_refuses_a_changed_model(tmp_path):
     # Resuming with other model settings failed inside the checkpoint load (a traceback) after
     # config.toml had been overwritten, or, with fewer MTP depths, silently dropped weights.
-    from multitoken.train.checkpoint import check_resume_config
-
     saved = load_config(None, ["model.dim=64", "mtp.depth=2"])
     (tmp_path / "config.toml").write_text(to_toml(saved))
     check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.depth=2"]))
@@ -178,12 +196,9 @@ def test_metric_sums_are_reduced_on_the_training_device(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     device = torch.device("meta")
     meter = MetricSums(1, device)
-    out = SimpleNamespace(
-        depth_loss=torch.ones(2, device=device),
-        depth_tokens=torch.ones(2, dtype=torch.long, device=device),
-        depth_correct=torch.ones(2, dtype=torch.long, device=device),
-    )
-    meter.add(out, torch.ones(2, dtype=torch.long, device=device))
+    ones = torch.ones(2, dtype=torch.long, device=device)
+    out = DepthLosses(torch.ones((), device=device), ones.float(), ones, ones, ones.float())
+    meter.add(out)
     with pytest.raises(Reduced) as reduced:
         meter.reduce(group=object())
     assert reduced.value.args[0] == device

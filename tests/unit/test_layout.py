@@ -45,7 +45,7 @@ def test_rows_is_one_document_per_row():
         (torch.tensor([1, 5, 12]), (1, 12), "must start at 0"),
         (torch.tensor([0, 5, 12]), (2, 6), "crosses the boundary between rows 0 and 1"),
         (torch.tensor([0.0, 12.0]), (1, 12), "int32 or int64"),
-        (torch.tensor([[0, 12]]), (1, 12), "1 dimension"),
+        (torch.tensor([[0, 12]]), (1, 12), "must be a \\[N\\] tensor"),
         (torch.tensor([12]), (1, 12), "at least 2 entries"),
         (torch.tensor([0, 0]), (1, 0), "B >= 1 rows of T >= 1"),
     ],
@@ -60,7 +60,7 @@ def test_from_doc_ids_errors():
         SequenceLayout.from_doc_ids(torch.tensor([[0, 0, 1, 0]]))
     with pytest.raises(LayoutError, match="int32 or int64"):
         SequenceLayout.from_doc_ids(torch.zeros(2, 3))
-    with pytest.raises(LayoutError, match="2 dimension"):
+    with pytest.raises(LayoutError, match="must be a \\[B, T\\] tensor"):
         SequenceLayout.from_doc_ids(torch.zeros(3, dtype=torch.long))
 
 
@@ -77,3 +77,20 @@ def test_from_doc_ids_allows_several_padding_runs():
     layout = SequenceLayout.from_doc_ids(torch.tensor([[0, 0, -1, 1, 1, -1]]))
     assert layout.doc_ids[0].tolist()[2] == -1 and layout.doc_ids[0].tolist()[5] == -1
     assert layout.positions[0].tolist() == [0, 1, 0, 0, 1, 0]
+
+
+def test_from_lengths_matches_cu_seqlens():
+    per_row = SequenceLayout.from_lengths([[2, 0, 3], [5]])
+    flat = SequenceLayout.from_lengths([2, 0, 3, 5], shape=(2, 5))
+    ref = SequenceLayout.from_cu_seqlens(torch.tensor([0, 2, 2, 5, 10]), shape=(2, 5))
+    for layout in (per_row, flat):
+        assert torch.equal(layout.doc_ids, ref.doc_ids)
+        assert torch.equal(layout.positions, ref.positions)
+    with pytest.raises(LayoutError, match="every row of a batch must hold the same number T"):
+        SequenceLayout.from_lengths([[2, 3], [4]])
+    with pytest.raises(LayoutError, match="needs shape"):
+        SequenceLayout.from_lengths([2, 3])
+    with pytest.raises(LayoutError, match="must end at B\\*T"):
+        SequenceLayout.from_lengths([2, 2], shape=(1, 5))
+    with pytest.raises(LayoutError, match=">= 0"):
+        SequenceLayout.from_lengths([[-1, 6]])

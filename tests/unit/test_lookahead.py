@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multitoken import IGNORE_INDEX, LayoutError, SequenceLayout, lookahead, mtp_inputs
+from multitoken import IGNORE_INDEX, InputError, LayoutError, SequenceLayout, lookahead, mtp_inputs
 
 
 def naive_lookahead(x, doc_lengths_per_row, k, fill):
@@ -81,9 +81,9 @@ def test_padding_tokens_are_never_looked_into():
 
 def test_lookahead_errors():
     layout = SequenceLayout.rows(1, 4)
-    with pytest.raises(LayoutError, match="non-negative ints"):
+    with pytest.raises(InputError, match="non-negative ints"):
         lookahead(torch.zeros(1, 4, dtype=torch.long), layout, -1, 0)
-    with pytest.raises(LayoutError, match="expects a \\[B, T\\] tensor"):
+    with pytest.raises(InputError, match="expects a \\[B, T\\] tensor"):
         lookahead(torch.zeros(4, dtype=torch.long), None, 1, 0)
     with pytest.raises(LayoutError, match="has shape"):
         lookahead(torch.zeros(1, 5, dtype=torch.long), layout, 1, 0)

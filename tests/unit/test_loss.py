@@ -104,7 +104,7 @@ def test_largest_allocation_is_bounded_by_the_chunk():
 
 def test_errors_name_the_problem():
     hidden, weight, targets = _inputs(6, 4, 10)
-    with pytest.raises(ValueError, match="outside the vocabulary \\[0, 10\\)"):
+    with pytest.raises(ValueError, match="target id 10 is outside \\[0, 10\\)"):
         linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10, 3, 4, 5]))
     with pytest.raises(ValueError, match="disagree"):
         linear_cross_entropy(hidden, weight, targets[:5])

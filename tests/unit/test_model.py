@@ -4,15 +4,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multitoken import LayoutError, MTPConfig, SequenceLayout, next_token_labels
+from multitoken import (
+    ConfigError,
+    Decoder,
+    InputError,
+    LayoutError,
+    MTPConfig,
+    MTPModel,
+    SequenceLayout,
+    next_token_labels,
+)
 from multitoken.models import GPT, GPTConfig
 
 
-def make_model(depth, seed=0, **overrides):
+def make_model(depth, seed=0, recompute=False, recompute_main=False, **overrides):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    cfg.update(overrides)
-    return GPT(GPTConfig(**cfg, mtp=MTPConfig(depth=depth, loss_weight=0.3)))
+    cfg.update(overrides, recompute=recompute_main)
+    mtp = MTPConfig(depth=depth, loss_weight=0.3, recompute=recompute)
+    return MTPModel.from_config(GPTConfig(**cfg), mtp)
 
 
 def grads(model):
@@ -25,12 +35,7 @@ DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
 def packed_batch(seed=0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 97, (2, 24), generator=gen)
-    flat = [0]
-    for row in DOC_LENGTHS:
-        for length in row:
-            flat.append(flat[-1] + length)
-    layout = SequenceLayout.from_cu_seqlens(torch.tensor(flat), shape=(2, 24))
-    return ids, layout
+    return ids, SequenceLayout.from_lengths(DOC_LENGTHS)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -38,7 +43,7 @@ def test_packed_equals_documents_run_one_by_one(depth):
     model = make_model(depth)
     ids, layout = packed_batch()
     labels = next_token_labels(ids, layout)
-    out = model(ids, labels=labels, layout=layout)
+    out = model.loss(ids, labels, layout)
     out.loss.backward()
     packed_grads = grads(model)
     model.zero_grad()
@@ -52,7 +57,7 @@ def test_packed_equals_documents_run_one_by_one(depth):
             start += length
     per_doc = []
     for doc in docs:
-        per_doc.append(model(doc, labels=next_token_labels(doc)))
+        per_doc.append(model.loss(doc, next_token_labels(doc)))
     tokens = torch.stack([o.depth_tokens for o in per_doc])  # (docs, D+1)
     assert torch.equal(tokens.sum(0), out.depth_tokens)
     # Combined by token counts: sum_doc loss_doc * n_doc / sum_doc n_doc, per depth.
@@ -65,7 +70,7 @@ def test_packed_equals_documents_run_one_by_one(depth):
 
     # Gradients: each document normalised by the batch's counts, then summed.
     for doc in docs:
-        model(doc, labels=next_token_labels(doc), loss_normalizer=out.depth_tokens).loss.backward()
+        model.loss(doc, next_token_labels(doc), normalizer=out.depth_tokens).loss.backward()
     for name, grad in grads(model).items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert set(packed_grads) == {n for n, _ in model.named_parameters()}
@@ -76,14 +81,13 @@ def test_depth_zero_is_the_plain_next_token_model():
     assert model.mtp is None
     ids, layout = packed_batch(1)
     labels = next_token_labels(ids, layout)
-    out = model(ids, labels=labels, layout=layout)
+    out = model.loss(ids, labels, layout)
     assert out.depth_loss.shape == (1,)
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
     # Reference: full logits and F.cross_entropy, no MTP machinery at all.
-    hidden = model(ids, layout=layout).hidden_states[0]
-    ref = F.cross_entropy((hidden @ model.head_weight.t()).view(-1, 97), labels.view(-1))
+    ref = F.cross_entropy(model.logits(ids, layout).view(-1, 97), labels.view(-1))
     ref.backward()
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
     for name, grad in grads(model).items():
@@ -96,8 +100,8 @@ def test_mtp_does_not_touch_the_main_path():
     plain, with_mtp = make_model(0), make_model(2)
     missing = with_mtp.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing and all(k.startswith("mtp.") for k in missing)
-    a = plain(ids, labels=labels, layout=layout)
-    b = with_mtp(ids, labels=labels, layout=layout)
+    a = plain.loss(ids, labels, layout)
+    b = with_mtp.loss(ids, labels, layout)
     torch.testing.assert_close(a.depth_loss[0], b.depth_loss[0], rtol=1e-6, atol=1e-6)
 
 
@@ -106,9 +110,8 @@ def test_recompute_gives_identical_loss_and_gradients():
     labels = next_token_labels(ids, layout)
     results = []
     for recompute in (False, True):
-        model = make_model(2)
-        model.config.mtp.recompute = recompute
-        out = model(ids, labels=labels, layout=layout)
+        model = make_model(2, recompute=recompute, recompute_main=recompute)
+        out = model.loss(ids, labels, layout)
         out.loss.backward()
         results.append((out.depth_loss.detach(), grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
@@ -119,20 +122,20 @@ def test_recompute_gives_identical_loss_and_gradients():
 def test_causal_mode_attends_across_documents():
     ids, layout = packed_batch(4)
     labels = next_token_labels(ids, layout)
-    doc = make_model(1, attention="document")(ids, labels=labels, layout=layout)
-    causal = make_model(1, attention="causal")(ids, labels=labels, layout=layout)
+    doc = make_model(1, attention="document").loss(ids, labels, layout)
+    causal = make_model(1, attention="causal").loss(ids, labels, layout)
     # Same weights, same targets; only the first document of each row is seen identically.
     assert torch.equal(doc.depth_tokens, causal.depth_tokens)
     assert not torch.allclose(doc.depth_loss, causal.depth_loss)
-    row_docs = make_model(1, attention="causal")(ids, labels=next_token_labels(ids))
-    same = make_model(1, attention="document")(ids, labels=next_token_labels(ids))
+    row_docs = make_model(1, attention="causal").loss(ids, next_token_labels(ids))
+    same = make_model(1, attention="document").loss(ids, next_token_labels(ids))
     torch.testing.assert_close(row_docs.depth_loss, same.depth_loss, rtol=1e-6, atol=1e-6)
 
 
 def test_untied_head_and_no_valid_target():
     model = make_model(2, tie_embeddings=False)
     ids = torch.randint(1, 97, (1, 6))
-    out = model(ids, labels=torch.full((1, 6), -100))
+    out = model.loss(ids, torch.full((1, 6), -100))
     out.loss.backward()
     assert out.loss.item() == 0.0 and not torch.isnan(out.depth_loss).any()
     assert all(torch.count_nonzero(g) == 0 for g in grads(model).values())
@@ -141,28 +144,62 @@ def test_untied_head_and_no_valid_target():
 def test_bad_input_errors():
     model = make_model(1)
     ids = torch.randint(1, 97, (2, 8))
-    with pytest.raises(LayoutError, match="input id 97 is outside the vocabulary"):
+    with pytest.raises(InputError, match="input id 97 is outside \\[0, 97\\)"):
         model(torch.full((2, 8), 97))
-    with pytest.raises(LayoutError, match="input id -1 is outside"):
+    with pytest.raises(InputError, match="input id -1 is outside"):
         model(torch.full((2, 8), -1))
-    with pytest.raises(LayoutError, match="int32 or int64 token ids"):
+    with pytest.raises(InputError, match="input_ids must be int32 or int64"):
         model(ids.float())
-    with pytest.raises(LayoutError, match="must be a \\[B, T\\] tensor"):
+    with pytest.raises(InputError, match="must be a \\[B, T\\] tensor"):
         model(ids[0])
-    with pytest.raises(LayoutError, match="labels has shape"):
-        model(ids, labels=ids[:, :7])
-    with pytest.raises(LayoutError, match="labels must be int32 or int64"):
-        model(ids, labels=ids.float())
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        model(ids, labels=torch.full((2, 8), 500))
-    with pytest.raises(LayoutError, match="max_seq_len is 64"):
+    with pytest.raises(InputError, match="labels .* and input_ids .* differ in shape"):
+        model.loss(ids, ids[:, :7])
+    with pytest.raises(InputError, match="labels must be int32 or int64"):
+        model.loss(ids, ids.float())
+    with pytest.raises(InputError, match="target id 500 is outside"):
+        model.loss(ids, torch.full((2, 8), 500))
+    with pytest.raises(InputError, match="a document position 64 is outside \\[0, 64\\)"):
         model(torch.randint(1, 97, (1, 65)))
-    with pytest.raises(ValueError, match="attention must be one of"):
+    with pytest.raises(LayoutError, match="the layout is \\[2, 8\\]"):
+        model(ids[:1], SequenceLayout.rows(2, 8))
+    with pytest.raises(InputError, match="kv_layout given\\) needs mtp_input_ids"):
+        model(ids, kv_layout=SequenceLayout.rows(2, 8))
+    with pytest.raises(ConfigError, match="attention must be one of"):
         make_model(1, attention="sliding")
-    with pytest.raises(ValueError, match="need n_layers >= 1"):
+    with pytest.raises(ConfigError, match="n_layers must be >= 1"):
         make_model(1, n_layers=0)
-    with pytest.raises(ValueError, match="mtp depth must be an int >= 0"):
-        MTPConfig(depth=-1)
+    with pytest.raises(ConfigError, match="vocab_size must be set"):
+        GPT(GPTConfig())
+    with pytest.raises(InputError, match="does not implement multitoken.decoder.Decoder"):
+        MTPModel(torch.nn.Linear(2, 2), MTPConfig(depth=1))
+
+
+def test_value_checks_can_be_turned_off():
+    # validation(False) drops the host syncs of the value checks (ids in the vocabulary):
+    # shape and dtype checks stay.
+    from multitoken import validation
+
+    model = make_model(1)
+    with validation(False):
+        model(torch.randint(1, 97, (2, 8)))  # still runs
+        with pytest.raises(InputError, match="must be a \\[B, T\\] tensor"):
+            model(torch.randint(1, 97, (8,)))
+        with pytest.raises(IndexError):  # no friendly message: the embedding's own error
+            model(torch.full((2, 8), 97))
+    with pytest.raises(InputError, match="input id 97"):
+        model(torch.full((2, 8), 97))
+
+
+def test_the_reference_gpt_implements_the_decoder_interface():
+    gpt = GPT(GPTConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=64))
+    assert isinstance(gpt, Decoder)
+    ids, layout = packed_batch(5)
+    kwargs = gpt.layer_kwargs(layout)
+    h0 = gpt.hidden(ids, kwargs)
+    torch.testing.assert_close(h0, gpt(ids, layout))
+    layer = gpt.make_mtp_layer(1)
+    assert type(layer) is type(gpt.layers[0]) and layer(h0, **kwargs).shape == h0.shape
+    assert gpt.head_weight.shape == (97, 32) and gpt.embed(ids).shape == (2, 24, 32)
 
 
 @pytest.mark.parametrize("depth", [0, 2])
@@ -172,7 +209,7 @@ def test_padding_tokens_never_carry_a_target(depth):
     ids = torch.randint(1, 97, (1, 8))
     labels = next_token_labels(ids, layout)
     labels[0, 3] = 5
-    out = make_model(depth)(ids, labels=labels, layout=layout)
+    out = make_model(depth).loss(ids, labels, layout)
     assert int(out.depth_tokens[0]) == 4
 
 
@@ -182,11 +219,11 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32():
     # runs outside autocast) must cope. CPU autocast exercises the same code as CUDA's.
     ids, layout = packed_batch()
     labels = next_token_labels(ids, layout)
-    ref = make_model(2)(ids, labels=labels, layout=layout)
+    ref = make_model(2).loss(ids, labels, layout)
     model = make_model(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids, labels=labels, layout=layout)
-    assert any(h.dtype == torch.bfloat16 for h in out.hidden_states)
+        assert any(h.dtype == torch.bfloat16 for h in model(ids, layout))
+        out = model.loss(ids, labels, layout)
     out.loss.backward()
     got = grads(model)
     assert len(got) == len(list(model.parameters()))

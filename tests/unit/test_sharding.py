@@ -261,18 +261,14 @@ def test_exchange_detects_ranks_with_different_plans():
         simulate_exchange([rank0, rank1])
 
 
-def test_model_inputs_need_a_halo():
+def test_step_batch_needs_a_halo():
     layout = make_layout([[6]])
     ids, labels = make_batch(layout)
     shard = shard_batch(ids, labels, layout, 2, 0, 1, PAD, halo=False)
+    counts = torch.tensor([5, 4])
     with pytest.raises(RuntimeError, match="no halo yet"):
-        shard.model_inputs()
+        shard.step_batch(counts)
     full = shard_batch(ids, labels, layout, 2, 0, 1, PAD)
-    assert set(full.model_inputs()) == {
-        "input_ids",
-        "labels",
-        "layout",
-        "kv_layout",
-        "mtp_input_ids",
-        "depth_labels",
-    }
+    batch = full.step_batch(counts)
+    assert batch.kv_layout is full.kv_layout and batch.normalizer is counts
+    assert torch.equal(batch.mtp_input_ids, full.mtp_input_ids) and batch.depth == 1
