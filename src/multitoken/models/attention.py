@@ -18,17 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from multitoken.errors import ConfigError, LayoutError
 from multitoken.layout import SequenceLayout
-
-if TYPE_CHECKING:
-    from multitoken.models.kv_cache import LayerKVCache
+from multitoken.models.kv_cache import LayerKVCache
 
 __all__ = ["AttentionMask", "Attention", "ATTENTION_MODES", "BACKENDS"]
 
@@ -83,8 +81,6 @@ class AttentionMask:
     def block_mask(self):
         """FlexAttention ``BlockMask`` with the same rule as :meth:`dense`."""
         if self._block is None:
-            from torch.nn.attention.flex_attention import create_block_mask
-
             q, kv, causal = self.q, self.kv, self.mode == "causal"
 
             def mask_mod(b, h, qi, ki):
@@ -108,8 +104,6 @@ class AttentionMask:
 
 @cache
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
     # Uncompiled FlexAttention materialises the scores; compiled it is a fused kernel.
     return torch.compile(flex_attention, dynamic=False)
 

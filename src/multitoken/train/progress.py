@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 __all__ = ["Progress"]
 
 
@@ -15,13 +19,9 @@ class Progress:
         self.enabled, self.bar = enabled, None
         if not enabled:
             return
-        from rich.console import Console
-
         self.console = Console(stderr=True)
         if self.console.is_terminal:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
+            self.bar = RichProgress(
                 TextColumn("[bold]step {task.completed}/{task.total}"),
                 BarColumn(),
                 TextColumn("{task.description}"),
