@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: thread pinning, interleaved timing, peak memory, output.
+"""Shared helpers of the benchmarks: thread pinning, interleaved timing, peak memory, output,
+packed batches of random documents.
 
 Every benchmark prints one or more ``rich`` tables and ends with exactly one JSON line on
 stdout holding all of its numbers, so ``python bench/x.py | tail -n 1 | jq`` works.
@@ -32,6 +33,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from multitoken import SequenceLayout
+
 __all__ = [
     "base_parser",
     "setup_threads",
@@ -45,6 +48,8 @@ __all__ = [
     "print_table",
     "emit_json",
     "console",
+    "random_doc_lengths",
+    "random_packed_layout",
 ]
 
 # Tables go to stdout, the JSON line last; rich must not wrap the JSON line.
@@ -162,6 +167,23 @@ class PeakMemory:
             live += nbytes
             peak = max(peak, live)
         self.peak_bytes, self.end_bytes = peak, live
+
+
+def random_doc_lengths(seqlen: int, docs: int, gen: torch.Generator) -> list[int]:
+    """Lengths of ``docs`` documents (each at least 1 token) that fill ``seqlen`` tokens.
+
+    The cut points are ``docs - 1`` distinct positions drawn at random from ``1 .. seqlen - 1``.
+    """
+    if not 1 <= docs <= seqlen:
+        raise ValueError(f"cannot cut {seqlen} tokens into {docs} non-empty documents")
+    cuts = sorted((torch.randperm(seqlen - 1, generator=gen)[: docs - 1] + 1).tolist())
+    bounds = [0, *cuts, seqlen]
+    return [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def random_packed_layout(rows: int, seqlen: int, docs: int, gen: torch.Generator) -> SequenceLayout:
+    """``rows`` rows of ``seqlen`` tokens, each packed with ``docs`` random-length documents."""
+    return SequenceLayout.from_lengths([random_doc_lengths(seqlen, docs, gen) for _ in range(rows)])
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

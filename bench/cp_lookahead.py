@@ -35,8 +35,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import base_parser, emit_json, environment, print_table, setup_threads  # noqa: E402
-from multitoken import SequenceLayout, next_token_labels  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser,
+    emit_json,
+    environment,
+    print_table,
+    random_packed_layout,
+    setup_threads,
+)
+from multitoken import next_token_labels  # noqa: E402
 from multitoken.parallel import ParallelGroups, exchange_halo, shard_batch  # noqa: E402
 from multitoken.parallel.comms import count_comms  # noqa: E402
 from multitoken.parallel.halo import halo_from_global, halo_targets  # noqa: E402
@@ -48,11 +55,7 @@ WAYS = ("halo", "exchange", "roll")
 def make_batch(rows: int, seqlen: int, docs: int, seed: int):
     """Rows of ``docs`` documents of random lengths (at least 1 token) each."""
     gen = torch.Generator().manual_seed(seed)
-    cu = [0]
-    for row in range(rows):
-        cuts = torch.randperm(seqlen - 1, generator=gen)[: docs - 1].add(1).sort().values
-        cu += [row * seqlen + bound for bound in [*cuts.tolist(), seqlen]]
-    layout = SequenceLayout.from_cu_seqlens(torch.tensor(cu), (rows, seqlen))
+    layout = random_packed_layout(rows, seqlen, docs, gen)
     ids = torch.randint(1, VOCAB, (rows, seqlen), generator=gen)
     return ids, next_token_labels(ids, layout), layout
 

@@ -37,10 +37,11 @@ from _common import (
     median,
     paired_ratios,
     print_table,
+    random_packed_layout,
     setup_threads,
     time_interleaved,
 )
-from multitoken import SequenceLayout, lookahead
+from multitoken import lookahead
 
 FILL = -100
 TARGET_DOCS = 64
@@ -72,11 +73,6 @@ def prefilled_loop_lookahead(x: torch.Tensor, cu_seqlens: list[int], shifts: lis
     return out
 
 
-def random_cu_seqlens(total: int, n_docs: int, gen: torch.Generator) -> list[int]:
-    cuts = torch.randperm(total - 1, generator=gen)[: n_docs - 1] + 1
-    return [0, *sorted(cuts.tolist()), total]
-
-
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None, help="samples per contender")
@@ -93,8 +89,8 @@ def main() -> None:
     for depth in depths:
         shifts = list(range(1, depth + 1))
         for n_docs in doc_counts:
-            cu = random_cu_seqlens(seqlen, n_docs, gen)
-            layout = SequenceLayout.from_cu_seqlens(torch.tensor(cu), shape=(1, seqlen))
+            layout = random_packed_layout(1, seqlen, n_docs, gen)
+            cu = layout.cu_seqlens().tolist()  # the loops' document boundaries
             x = torch.randint(0, 50_000, (1, seqlen), generator=gen)
 
             contenders = {

@@ -52,17 +52,17 @@ from _common import (
     print_table,
     setup_threads,
 )
+from multitoken import MTPConfig, MTPModel, next_token_labels
+from multitoken.data import load_corpus, split_corpus, stdlib_corpus
+from multitoken.decode_state import DecodeState
 from multitoken.generate import GenerationStats, generate, teacher_forced_accuracy
-from multitoken.kv_cache import DecodeState
-from multitoken.models import GPT
+from multitoken.models import GPTConfig
+from multitoken.train.checkpoint import load_for_inference
+from multitoken.train.config_io import load_config
 
 
 def heldout_prompts(run: str, count: int, length: int, room: int, seed: int):
     """The run's model and tokenizer, and ``count`` prompts from its held-out documents."""
-    from multitoken.data import load_corpus, split_corpus, stdlib_corpus
-    from multitoken.train.checkpoint import load_for_inference
-    from multitoken.train.config import load_config
-
     model, tokenizer = load_for_inference(run)
     cfg = load_config(f"{run}/config.toml")
     # The trainer's split (multitoken.train.data): same corpus, same file cap, same hash seed.
@@ -87,9 +87,6 @@ def heldout_prompts(run: str, count: int, length: int, room: int, seed: int):
 
 def synthetic_prompts(count: int, length: int, seed: int, steps: int):
     """A tiny D = 3 model trained inline on a phrase stream, and prompts from its held-out tail."""
-    from multitoken import MTPConfig, next_token_labels
-    from multitoken.models import GPTConfig
-
     gen = torch.Generator().manual_seed(seed)
     vocab, phrases = 64, 24
     lengths = torch.randint(2, 8, (phrases,), generator=gen)
@@ -103,15 +100,14 @@ def synthetic_prompts(count: int, length: int, seed: int, steps: int):
     train, heldout = stream[:50_000], stream[50_000:]
     torch.manual_seed(seed)
     config = GPTConfig(
-        vocab_size=vocab, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512,
-        mtp=MTPConfig(depth=3, loss_weight=0.5),
-    )  # fmt: skip
-    model = GPT(config)
+        vocab_size=vocab, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512
+    )
+    model = MTPModel.from_config(config, MTPConfig(depth=3, loss_weight=0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         starts = torch.randint(0, len(train) - 64, (8,), generator=gen)
         ids = train[starts[:, None] + torch.arange(64)]  # (8, 64)
-        loss = model(ids, labels=next_token_labels(ids)).loss
+        loss = model.loss(ids, next_token_labels(ids)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -120,9 +116,9 @@ def synthetic_prompts(count: int, length: int, seed: int, steps: int):
     return model.eval(), None, prompts, f"synthetic phrase stream ({steps} training steps)"
 
 
-def run_prompt(model: GPT, prompt: list[int], max_new: int, eos_id, rotation: int):
+def run_prompt(model: MTPModel, prompt: list[int], max_new: int, eos_id, rotation: int):
     """Plain and every speculative draft depth on one prompt, in rotating order."""
-    names = ["plain"] + [f"draft {d}" for d in range(1, model.config.mtp.depth + 1)]
+    names = ["plain"] + [f"draft {d}" for d in range(1, model.depth + 1)]
     shift = rotation % len(names)
     results = {}
     for name in names[shift:] + names[:shift]:
@@ -136,9 +132,9 @@ def run_prompt(model: GPT, prompt: list[int], max_new: int, eos_id, rotation: in
     return names, results
 
 
-def step_costs(model: GPT, prompt: list[int], repeats: int = 200) -> dict[str, float]:
+def step_costs(model: MTPModel, prompt: list[int], repeats: int = 200) -> dict[str, float]:
     """Milliseconds of the pieces of a decoding step, each the median of ``repeats`` calls."""
-    depth = model.config.mtp.depth
+    depth = model.depth
     state = DecodeState(model, len(prompt) + depth + 2, depth)
     head = model.head_weight.t()
 
@@ -194,7 +190,7 @@ def main() -> None:
         model, eos_id, prompts, source = heldout_prompts(
             args.run, args.prompts, args.prompt_tokens, args.max_new_tokens, args.seed
         )
-    depth = model.config.mtp.depth
+    depth = model.depth
     if depth == 0:
         raise SystemExit(f"{source}: the model has no MTP heads (mtp.depth = 0), nothing to draft")
     setup_s = time.perf_counter() - began

@@ -44,19 +44,20 @@ from _common import (
     median,
     paired_ratios,
     print_table,
+    random_packed_layout,
     setup_threads,
     time_interleaved,
 )
-from multitoken import MTPConfig, SequenceLayout, next_token_labels
-from multitoken.models import GPT, GPTConfig
+from multitoken import MTPConfig, MTPModel, next_token_labels
+from multitoken.models import GPTConfig
 
 TARGET_TOLERANCE = 0.25
 
 
 def flops_per_token(cfg: GPTConfig, seqlen: int) -> dict[str, float]:
     """Forward matmul FLOPs per token of one main layer, the head and an MTP projection."""
-    dim, ffn = cfg.dim, cfg.ffn_dim
-    kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    dim, ffn = cfg.dim, cfg.ffn_hidden
+    kv = cfg.kv_heads * cfg.head_dim
     projections = 2 * (dim * dim + 2 * dim * kv + dim * dim + 3 * dim * ffn)
     attention = 4 * seqlen * dim
     return {
@@ -76,11 +77,7 @@ def predicted_ratio(cfg: GPTConfig, seqlen: int, depth: int) -> float:
 
 
 def packed_batch(batch: int, seqlen: int, docs_per_row: int, vocab: int, gen: torch.Generator):
-    bounds = [0]
-    for row in range(batch):
-        cuts = torch.randperm(seqlen - 1, generator=gen)[: docs_per_row - 1] + 1
-        bounds += [row * seqlen + int(c) for c in sorted(cuts.tolist())] + [(row + 1) * seqlen]
-    layout = SequenceLayout.from_cu_seqlens(torch.tensor(bounds), shape=(batch, seqlen))
+    layout = random_packed_layout(batch, seqlen, docs_per_row, gen)
     ids = torch.randint(1, vocab, (batch, seqlen), generator=gen)
     return ids, next_token_labels(ids, layout), layout
 
@@ -94,42 +91,36 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
 
     if args.quick:
-        batch, seqlen, docs, overrides = (
-            1,
-            256,
-            3,
-            dict(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=None),
-        )
+        batch, seqlen, docs = 1, 256, 3
+        overrides = dict(dim=64, n_heads=4, n_kv_heads=2)
         repeats = args.repeats or 3
     else:
         batch, seqlen, docs, overrides = 2, 1024, 4, {}
         repeats = args.repeats or 7
     depths = list(range(args.max_depth + 1))
 
-    configs, models = {}, {}
+    # One decoder config for every D: the models differ only in their MTP depths.
+    cfg = GPTConfig.preset("small", vocab_size=4096, max_seq_len=seqlen, **overrides)
+    models = {}
     for depth in depths:
         torch.manual_seed(args.seed)
-        configs[depth] = GPTConfig.preset(
-            "small", vocab_size=4096, max_seq_len=seqlen, mtp=MTPConfig(depth=depth), **overrides
-        )
-        models[depth] = GPT(configs[depth])
+        models[depth] = MTPModel.from_config(cfg, MTPConfig(depth=depth))
     ids, labels, layout = packed_batch(batch, seqlen, docs, 4096, gen)
 
     def train_step(depth: int) -> None:
         model = models[depth]
         model.zero_grad(set_to_none=True)
-        model(ids, labels=labels, layout=layout).loss.backward()
+        model.loss(ids, labels, layout).loss.backward()
 
     samples = time_interleaved(
         {f"D={d}": (lambda d=d: train_step(d)) for d in depths}, repeats=repeats, warmup=1
     )
-    cfg0 = configs[0]
-    flops = flops_per_token(cfg0, seqlen)
+    flops = flops_per_token(cfg, seqlen)
     results = []
     for depth in depths:
         ratios = paired_ratios(samples, f"D={depth}", "D=0")
         measured = median(ratios)
-        predicted = predicted_ratio(cfg0, seqlen, depth)
+        predicted = predicted_ratio(cfg, seqlen, depth)
         results.append(
             {
                 "depth": depth,
@@ -147,7 +138,7 @@ def main() -> None:
         )
 
     print_table(
-        f"GPT 'small' (H={cfg0.dim}, L={cfg0.n_layers}, V={cfg0.vocab_size}), B x T = "
+        f"GPT 'small' (H={cfg.dim}, L={cfg.n_layers}, V={cfg.vocab_size}), B x T = "
         f"{batch} x {seqlen}, {docs} docs/row, forward+backward, {args.threads} thread(s), "
         f"median of {repeats}",
         ["D", "params", "step CPU s", "t(D)/t(0)", "(min-max)", "FLOP-predicted", "meas/pred"],
@@ -164,7 +155,7 @@ def main() -> None:
             for r in results
         ],
     )
-    main_flops = 3 * cfg0.n_layers * flops["layer"] + 4 * flops["head"]
+    main_flops = 3 * cfg.n_layers * flops["layer"] + 4 * flops["head"]
     depth_flops = 3 * (flops["layer"] + flops["eh_proj"]) + 4 * flops["head"]
     console.print(
         f"training FLOPs per token: main {main_flops / 1e6:.2f}M "
@@ -186,12 +177,12 @@ def main() -> None:
             "repeats": repeats,
             "shape": {"batch": batch, "seqlen": seqlen, "docs_per_row": docs},
             "model": {
-                "dim": cfg0.dim,
-                "n_layers": cfg0.n_layers,
-                "n_heads": cfg0.n_heads,
-                "n_kv_heads": cfg0.n_kv_heads,
-                "ffn_dim": cfg0.ffn_dim,
-                "vocab": cfg0.vocab_size,
+                "dim": cfg.dim,
+                "n_layers": cfg.n_layers,
+                "n_heads": cfg.n_heads,
+                "n_kv_heads": cfg.kv_heads,
+                "ffn_dim": cfg.ffn_hidden,
+                "vocab": cfg.vocab_size,
             },
             "flops_per_token_forward": flops,
             "training_flops_per_token": {"main": main_flops, "per_depth": depth_flops},

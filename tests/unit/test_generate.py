@@ -7,24 +7,22 @@ the heads break the tie differently, so full, partial and zero acceptance all oc
 """
 
 import json
-import sys
-import types
 
 import pytest
 import torch
 
-from multitoken import MTPConfig, next_token_labels
-from multitoken.generate import fit_prompt, generate, generate_command, teacher_forced_accuracy
-from multitoken.kv_cache import DecodeState, LayerKVCache
-from multitoken.lookahead import mtp_inputs
-from multitoken.models import GPT, GPTConfig
+import multitoken.cli
+from multitoken import InputError, MTPConfig, MTPModel, lookahead, next_token_labels
+from multitoken.decode_state import DecodeState, decode_layer_kwargs
+from multitoken.generate import fit_prompt, generate, teacher_forced_accuracy
+from multitoken.models import GPTConfig, LayerKVCache
 
 
 def make_model(depth, seed=0, vocab=24, **overrides):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)
     cfg.update(overrides)
-    return GPT(GPTConfig(**cfg, mtp=MTPConfig(depth=depth, loss_weight=1.0))).eval()
+    return MTPModel.from_config(GPTConfig(**cfg), MTPConfig(depth=depth, loss_weight=1.0)).eval()
 
 
 def phrase_stream(seed=0, vocab=24, phrases=8, length=20000):
@@ -49,7 +47,7 @@ def trained():
     for _ in range(100):
         starts = torch.randint(0, len(stream) - 32, (8,), generator=gen)
         ids = stream[starts[:, None] + torch.arange(32)]  # (8, 32)
-        loss = model(ids, labels=next_token_labels(ids)).loss
+        loss = model.loss(ids, next_token_labels(ids)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -61,36 +59,46 @@ def naive_greedy(model, prompt, n):
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(int(model.logits(torch.tensor([seq]))[0, -1].argmax()))
     return seq[len(prompt) :]
 
 
 # ---------------------------------------------------------------- cached == uncached
 @pytest.mark.parametrize("attention", ["document", "causal"])
 def test_cached_forward_in_chunks_equals_full_forward(attention):
+    """Through the Decoder interface: the main layers and every MTP depth, fed in chunks with
+    their caches, give the hidden states of one uncached forward."""
     model = make_model(3, attention=attention)
-    ids = torch.randint(0, 24, (2, 17), generator=torch.Generator().manual_seed(0))
+    decoder = model.decoder
+    batch, seqlen, chunks = 2, 17, [5, 1, 3, 1, 7]
+    ids = torch.randint(0, 24, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+
+    def decode_kwargs(start, length):
+        return decode_layer_kwargs(decoder, batch, start, length, ids.device)
+
     with torch.no_grad():
-        full = model(ids).hidden_states  # D + 1 tensors (2, 17, H)
-        main = [LayerKVCache(2, 2, 8, 17) for _ in model.layers]
-        chunks = [5, 1, 3, 1, 7]
+        full = model(ids)  # D + 1 tensors (2, 17, H)
+        main = [decoder.new_kv_cache(batch, seqlen) for _ in range(decoder.num_layers)]
         got, start = [], 0
         for size in chunks:
-            got.append(model.forward_cached(ids[:, start : start + size], main))
+            part = ids[:, start : start + size]
+            got.append(decoder.hidden(part, decode_kwargs(start, size), caches=main))
             start += size
+        assert [cache.length for cache in main] == [seqlen] * decoder.num_layers
         torch.testing.assert_close(torch.cat(got, 1), full[0], rtol=1e-5, atol=1e-5)
         # Depth k, fed the previous depth's states and the tokens k ahead, matches at every
         # position whose lookahead stays inside the row.
-        ahead, _ = mtp_inputs(ids, None, None, 3, pad_id=0)
+        ahead = lookahead(ids, None, [1, 2, 3], fill=model.pad_id)  # (3, 2, 17)
         for k in range(1, 4):
-            cache, got, start = LayerKVCache(2, 2, 8, 17), [], 0
+            depth = model.mtp.depths[k - 1]
+            cache, got, start = decoder.new_kv_cache(batch, seqlen), [], 0
             for size in chunks:
                 part = slice(start, start + size)
-                got.append(
-                    model.mtp_forward_cached(k, full[k - 1][:, part], ahead[k - 1][:, part], cache)
-                )
+                embedded = decoder.embed(ahead[k - 1][:, part])
+                kwargs = decode_kwargs(cache.length, size)
+                got.append(depth(full[k - 1][:, part], embedded, **kwargs, cache=cache))
                 start += size
-            valid = 17 - k
+            valid = seqlen - k
             torch.testing.assert_close(
                 torch.cat(got, 1)[:, :valid], full[k][:, :valid], rtol=1e-5, atol=1e-5
             )
@@ -103,7 +111,7 @@ def test_layer_cache_update_truncate_and_capacity():
     assert cache.length == 4 and torch.equal(k_all, k)
     cache.truncate(1)
     assert cache.length == 1 and bool((cache.k[:, :, 1:] == 0).all())
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(InputError, match="capacity"):
         cache.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
     with pytest.raises(ValueError, match="truncate"):
         cache.truncate(3)
@@ -183,7 +191,7 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
         out = generate(model, stream[start : start + 7].tolist(), 40, speculative=True)
         seq = out.prompt_ids + out.tokens
         with torch.no_grad():
-            hidden = model(torch.tensor([seq])).hidden_states
+            hidden = model(torch.tensor([seq]))
         for depth, end, read, draft in calls:
             if read == seq[: end + depth]:
                 teacher = int((hidden[depth][0, end - 1] @ model.head_weight.t()).argmax())
@@ -192,28 +200,48 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
     assert checked > 50 and {call[0] for call in calls} == {1, 2, 3}
 
 
-def test_rejected_drafts_leave_no_trace_in_the_caches(trained):
-    model, stream = trained
-    prompt = stream[3:10].tolist()
-    spec = generate(model, prompt, 45, speculative=True)
-    assert spec.stats.accepted_histogram[0] + spec.stats.accepted_histogram[1] > 0
-    state = spec.state
-    tokens = prompt + spec.tokens
-    assert state.tokens == tokens and state.main[0].length == len(tokens) - 1
-    # A fresh state fed only the committed tokens, as far as each cache of the run reaches.
-    ref = DecodeState(model, len(tokens), 3)
+def assert_state_is_fresh(model, state):
+    """``state`` equals a fresh state fed only its committed tokens, as far as each of its
+    caches reaches: whole buffers, so nothing past a kept length survives either."""
+    tokens, depth = state.tokens, len(state.mtp)
+    assert state.main[0].length == len(tokens) - 1
+    ref = DecodeState(model, state.main[0].capacity, depth)
+    ref.tokens = list(tokens)
     with torch.no_grad():
         ref.forward_main(tokens[: state.main[0].length])
-        for k in range(1, 4):
+        for k in range(1, depth + 1):
             assert state.mtp[k - 1].length <= len(tokens) - 1 - k
             if state.mtp[k - 1].length:
                 ref.forward_depth(k, tokens, end=state.mtp[k - 1].length)
     for got, want in zip(state.main + state.mtp, ref.main + ref.mtp):
         assert got.length == want.length
-        # Whole buffers: equal where kept, zero past the kept length in both.
         torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.hidden, ref.hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_rejected_drafts_leave_no_trace_in_the_caches(trained, monkeypatch):
+    """After every step of a speculative run (checked at each commit), the caches and hidden
+    states hold exactly what the committed tokens alone would give."""
+    model, stream = trained
+    commit = DecodeState.commit
+    checked = []
+
+    def checking(self, tokens, exact_upto):
+        commit(self, tokens, exact_upto)
+        assert_state_is_fresh(model, self)
+        checked.append(self.tokens)
+
+    monkeypatch.setattr(DecodeState, "commit", checking)
+    prompt = stream[3:10].tolist()
+    full = generate(model, prompt, 45, speculative=True)
+    assert full.state.tokens == prompt + full.tokens and len(checked) == full.stats.forwards
+    assert sum(full.stats.reached) > sum(full.stats.accepted)  # some drafts were rejected
+    # Stopping at an end-of-document token cuts a step short, past accepted drafts too.
+    for eos in set(full.tokens[5:25]):
+        out = generate(model, prompt, 45, speculative=True, eos_id=eos)
+        assert out.tokens == full.tokens[: full.tokens.index(eos) + 1]
+        assert checked[-1] == prompt + out.tokens
 
 
 # ---------------------------------------------------------------- edges
@@ -254,21 +282,23 @@ def test_fit_prompt_rules():
     assert fit_prompt([5, 6, 7, 8], 6, 8, start_id=1) == [7, 8]
     assert fit_prompt([], 3, 8, start_id=1) == [1]
     assert fit_prompt([5, 6], 7, 8, start_id=1) == [6]
-    with pytest.raises(ValueError, match="max_seq_len=8"):
+    with pytest.raises(InputError, match="max_seq_len=8"):
         fit_prompt([5], 8, 8, start_id=1)
 
 
 def test_errors_are_clear():
     plain = make_model(0)
-    with pytest.raises(ValueError, match="MTP heads"):
+    with pytest.raises(InputError, match="MTP heads"):
         generate(plain, [1, 2, 3], 4, speculative=True)
     model = make_model(2)
-    with pytest.raises(ValueError, match="draft_depth must be in 1..2"):
+    with pytest.raises(InputError, match="draft_depth must be in 1..2"):
         generate(model, [1, 2, 3], 4, speculative=True, draft_depth=3)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(InputError, match="outside the vocabulary"):
         generate(model, [1, 99], 4)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(InputError, match="temperature"):
         generate(model, [1, 2], 4, temperature=-1.0)
+    with pytest.raises(InputError, match="max_seq_len is 96"):
+        DecodeState(model, 100).forward_main(list(range(97)))
 
 
 def test_teacher_forced_accuracy_counts(trained):
@@ -293,18 +323,21 @@ class CharTokenizer:
 
 
 @pytest.fixture
-def fake_run(monkeypatch, trained):
+def fake_runs(monkeypatch, trained):
+    """``multitoken generate --run mtp`` loads the trained D = 3 model, ``--run plain`` a D = 0
+    one; both with a character tokenizer."""
     models = {"mtp": trained[0], "plain": make_model(0)}
-    module = types.ModuleType("multitoken.train.checkpoint")
-    module.load_for_inference = lambda run_dir: (models[run_dir], CharTokenizer())
-    monkeypatch.setitem(sys.modules, "multitoken.train.checkpoint", module)
+    monkeypatch.setattr(
+        multitoken.cli, "load_for_inference", lambda run_dir: (models[run_dir], CharTokenizer())
+    )
     threads = torch.get_num_threads()
     yield
-    torch.set_num_threads(threads)  # generate_command pins 1 thread on the CPU
+    torch.set_num_threads(threads)  # the command pins 1 thread on the CPU
 
 
-def test_generate_command_json(fake_run, capsys):
-    assert generate_command("mtp", "def parse(", 16, True, None, 0.0, True, 0) == 0
+def test_generate_command_json(fake_runs, capsys):
+    argv = ["generate", "--run", "mtp", "--prompt", "def parse(", "--max-new-tokens", "16"]
+    assert multitoken.cli.main([*argv, "--speculative", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip())
     assert record["tokens"] == len(record["token_ids"]) <= 16
     assert record["tokens_per_forward"] == pytest.approx(
@@ -312,10 +345,14 @@ def test_generate_command_json(fake_run, capsys):
     )
     assert len(record["acceptance"]) == 3 and len(record["teacher_forced_accuracy"]) == 3
     assert isinstance(record["text"], str) and record["tokens_per_s"] > 0
-    assert generate_command("plain", "x = 1", 4, False, None, 0.0, False, 0) == 0
+    plain = ["generate", "--run", "plain", "--prompt", "x = 1", "--max-new-tokens", "4"]
+    assert multitoken.cli.main(plain) == 0
     assert capsys.readouterr().out.startswith("x = 1")
 
 
-def test_generate_command_refuses_speculative_without_heads(fake_run):
-    with pytest.raises(ValueError, match="without MTP heads"):
-        generate_command("plain", "x = 1", 4, True, None, 0.0, False, 0)
+def test_generate_command_refuses_speculative_without_heads(fake_runs, capsys):
+    argv = ["generate", "--run", "plain", "--prompt", "x = 1", "--max-new-tokens", "4"]
+    assert multitoken.cli.main([*argv, "--speculative"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and "without MTP heads" in captured.err

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from multitoken import MTPConfig
+from multitoken import MTPConfig, MTPModel
 from multitoken.generate import accept_drafts, generate
-from multitoken.models import GPT, GPTConfig
+from multitoken.models import GPTConfig
 
 
 def test_acceptance_rule_reproduces_the_target_distribution():
@@ -43,22 +43,19 @@ def test_acceptance_rule_accepts_when_draft_equals_target():
 
 def exact_two_token_law(model, prompt, temperature):
     """P(x1, x2 | prompt) of plain sampling, ``[V, V]``."""
-    vocab = model.config.vocab_size
+    vocab = model.decoder.vocab_size
     with torch.no_grad():
-        first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        first = torch.softmax(model.logits(torch.tensor([prompt]))[0, -1] / temperature, -1)
         seqs = torch.tensor([[*prompt, x] for x in range(vocab)])
-        second = torch.softmax(model(seqs).logits[:, -1] / temperature, -1)  # (V, V)
+        second = torch.softmax(model.logits(seqs)[:, -1] / temperature, -1)  # (V, V)
     return first[:, None] * second
 
 
 @pytest.mark.parametrize("draft_depth", [1, 2])
 def test_speculative_sampling_matches_plain_sampling_law(draft_depth):
     torch.manual_seed(0)
-    cfg = GPTConfig(
-        vocab_size=4, dim=16, n_layers=1, n_heads=2, max_seq_len=16, init_std=1.0,
-        mtp=MTPConfig(depth=2),
-    )  # fmt: skip
-    model = GPT(cfg).eval()
+    cfg = GPTConfig(vocab_size=4, dim=16, n_layers=1, n_heads=2, max_seq_len=16, init_std=1.0)
+    model = MTPModel.from_config(cfg, MTPConfig(depth=2)).eval()
     prompt, temperature = [1, 3, 0, 2], 1.3
     exact = exact_two_token_law(model, prompt, temperature)
     gen = torch.Generator().manual_seed(1)
@@ -81,7 +78,8 @@ def test_speculative_sampling_matches_plain_sampling_law(draft_depth):
 
 def test_plain_sampling_is_seeded():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=32)).eval()
+    cfg = GPTConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=32)
+    model = MTPModel.from_config(cfg, MTPConfig(depth=0)).eval()
 
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
