@@ -60,14 +60,14 @@ class MTPModel(nn.Module):
         self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
 
     @classmethod
-    def from_config(cls, model: GPTConfig, mtp: MTPConfig, *, pad_id: int = 0) -> MTPModel:
+    def from_config(cls, decoder_config: GPTConfig, mtp: MTPConfig, *, pad_id: int = 0) -> MTPModel:
         """The reference GPT with ``mtp.depth`` depths, every weight initialised together.
 
         The residual projections of the main and MTP layers are scaled by their total count
         (:func:`~multitoken.models.gpt.init_weights`).
         """
-        built = cls(GPT(model, init=False), mtp, pad_id=pad_id)
-        init_weights(built, model.init_std, model.n_layers + mtp.depth)
+        built = cls(GPT(decoder_config, init=False), mtp, pad_id=pad_id)
+        init_weights(built, decoder_config.init_std, decoder_config.n_layers + mtp.depth)
         return built
 
     @property

@@ -71,7 +71,7 @@ class LayerKVCache:
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions; zero the dropped ones."""
         if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+            raise InputError(f"cannot truncate a cache of {self.length} positions to {length}")
         # Zeroing is not needed for correctness (attention only reads [:length]) but makes
         # "a rolled-back cache equals a cache that never saw the drafts" checkable bit for bit.
         self.k[:, :, length : self.length] = 0

@@ -17,6 +17,7 @@ from multitoken.parallel.context import (
     plan_shards,
     shard_batch,
 )
+from multitoken.parallel.fsdp import apply_fsdp
 from multitoken.parallel.mesh import ParallelGroups, build_mesh, init_distributed, local_device
 from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
 
@@ -35,5 +36,6 @@ __all__ = [
     "sync_gradients",
     "MetricSums",
     "parallelize",
+    "apply_fsdp",
     "gather_sequence",
 ]

@@ -96,6 +96,9 @@ class ParallelGroups:
         mesh: the device mesh.
         dp_group, cp_group, dp_cp_group: dedicated groups (never the default world group).
         dp_rank, dp_size, cp_rank, cp_size: this rank's coordinates.
+        dp_cp_mesh: a 1-D mesh over ``dp_cp_group``: FSDP2 shards the parameters over every
+            rank that holds different tokens (data and context parallel alike, as torchtitan
+            does), so CP ranks also share the memory of parameters and optimiser state.
     """
 
     mesh: DeviceMesh
@@ -106,6 +109,7 @@ class ParallelGroups:
     dp_size: int
     cp_rank: int
     cp_size: int
+    dp_cp_mesh: DeviceMesh
 
     @classmethod
     def build(cls, dp: int | None, cp: int, device_type: str = "cpu") -> ParallelGroups:
@@ -140,4 +144,7 @@ class ParallelGroups:
             dp_size=mesh.size(0),
             cp_rank=mesh.get_local_rank("cp"),
             cp_size=mesh.size(1),
+            dp_cp_mesh=DeviceMesh.from_group(
+                dp_cp_group, mesh.device_type, mesh_dim_names=("dp_cp",)
+            ),
         )

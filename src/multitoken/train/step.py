@@ -24,6 +24,7 @@ from multitoken.layout import SequenceLayout
 from multitoken.model import MTPModel
 from multitoken.parallel import (
     ParallelGroups,
+    apply_fsdp,
     exchange_halo,
     global_normalizer,
     init_distributed,
@@ -119,12 +120,20 @@ def prepare_step(
     return shard.step_batch(normalizer)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int, ranks: Ranks) -> MTPModel:
-    """The reference GPT with MTP, seeded by ``train.seed``, with CP applied from outside."""
+def build_model(
+    cfg: TrainConfig, vocab_size: int, pad_id: int, ranks: Ranks, device: torch.device
+) -> MTPModel:
+    """The reference GPT with MTP, seeded by ``train.seed``, on ``device``, with parallelism
+    applied from outside in torchtitan's order: context parallelism (the K/V all-gather
+    hooks), then FSDP2 over the data x context-parallel ranks (replaces a gradient all_reduce).
+    """
     torch.manual_seed(cfg.train.seed)
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
+    model.to(device)
     if ranks.cp_size > 1:
         parallelize(model, ranks.groups)
+    if ranks.world > 1:
+        apply_fsdp(model, ranks.groups.dp_cp_mesh)
     return model
 
 

@@ -4,8 +4,8 @@ Per step, on every rank: the same global batch from the deterministic loader, th
 :class:`~multitoken.batch.StepBatch` (:func:`~multitoken.train.step.prepare_step`: its rows,
 its CP shard with the MTP halo, the global valid-target counts), the loss
 (:func:`~multitoken.model.step_loss` with the step's lambda), backward, gradients summed over
-all ranks (one flattened all_reduce), clip, AdamW. Metrics are summed over ranks and divided
-once (sum/sum).
+all ranks (FSDP2's reduce-scatters, layer by layer), clip, AdamW. Metrics are summed over
+ranks and divided once (sum/sum).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from multitoken.errors import set_validation
 from multitoken.model import MTPModel, step_loss
-from multitoken.parallel import MetricSums, local_device, sync_gradients
+from multitoken.parallel import MetricSums, local_device
 from multitoken.train.checkpoint import (
     check_resume_config,
     check_run_dir,
@@ -100,8 +100,9 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, data: PreparedData, ranks: Ranks, device: torch.device):
         self.cfg, self.data, self.ranks, self.device = cfg, data, ranks, device
         tokenizer = data.tokenizer
-        self.model: MTPModel = build_model(cfg, tokenizer.vocab_size, tokenizer.pad_id, ranks)
-        self.model.to(device)
+        self.model: MTPModel = build_model(
+            cfg, tokenizer.vocab_size, tokenizer.pad_id, ranks, device
+        )
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.val_start = data.val_loader.state_dict()
@@ -140,8 +141,7 @@ class _Trainer:
 
     def train_step(self, weight: float):
         losses = self.forward(next(self.data.train_loader), weight)
-        losses.loss.backward()
-        sync_gradients(self.model, self.ranks.world_group)
+        losses.loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()

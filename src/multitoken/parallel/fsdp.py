@@ -1,0 +1,84 @@
+"""Data parallelism with FSDP2: parameters, gradients and optimiser state sharded over ranks.
+
+``apply_fsdp(model, mesh)`` wraps every transformer layer of the decoder and every MTP depth
+in its own FSDP2 unit and the model itself in the root unit, following torchtitan: a unit's
+parameters are all-gathered just before it runs and freed after, and its gradients are
+reduce-scattered as soon as its backward is done, overlapping with the layers still to go.
+
+Two choices specific to MTP:
+
+* The shared embedding and output head live in the **root** unit, whose parameters FSDP2 keeps
+  unsharded from the forward through the backward: every MTP depth reads the embedding, and
+  the loss reads the head after the forward returns (:func:`~multitoken.model.step_loss`).
+* Gradients are **summed**, not averaged, over the mesh: every rank's loss is already divided
+  by the valid-target count of the whole global batch (DESIGN.md section 4), so the sum of
+  the ranks' gradients is the gradient of the global loss.
+
+The mesh is the flattened data x context-parallel one (``ParallelGroups.dp_cp_mesh``): CP
+ranks hold different tokens of the same rows, so their gradients are summed exactly like DP
+ranks', and they share the parameter memory too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from multitoken.errors import InputError
+
+__all__ = ["apply_fsdp", "fsdp_units"]
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that become their own FSDP2 unit: the decoder's layers, the MTP depths."""
+    decoder = getattr(model, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise InputError(
+            f"apply_fsdp needs model.decoder.layers (an nn.ModuleList of transformer layers); "
+            f"{type(decoder).__name__} has none"
+        )
+    units = list(layers)
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        units += list(mtp.depths)
+    return units
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard ``model`` (an :class:`~multitoken.model.MTPModel`) over ``mesh`` in place.
+
+    Args:
+        model: the model, already on its device, with identical weights on every rank.
+        mesh: a 1-D mesh of the ranks whose gradients are summed (data x context parallel).
+        param_dtype: compute dtype of the gathered parameters (bf16 on CUDA); None = the
+            parameters' own. Gradients are reduced in fp32.
+        reshard_after_forward: free every layer's gathered parameters after its forward
+            (less memory, one more all-gather in the backward).
+
+    Returns:
+        The same module, now an ``FSDPModule``.
+    """
+    if mesh.ndim != 1:
+        raise InputError(f"apply_fsdp takes a 1-D mesh, got {mesh.ndim} dimensions")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root keeps the shared embedding and head unsharded through forward and backward.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    assert isinstance(model, FSDPModule)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum over ranks: each rank's loss is already divided by the global target count.
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM (gloo has no PREMUL_SUM, and there is nothing to scale anyway).
+            module.set_force_sum_reduction_for_comms(True)
+    return model

@@ -1,0 +1,69 @@
+"""FSDP2 data parallelism (alone and with CP) equals the single process on the global batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from cp_cases import PAD, groups, make_batch, make_model
+from test_cp_model import DP_ROWS, assert_matches
+
+from multitoken import SequenceLayout, StepBatch, step_loss
+from multitoken.parallel import apply_fsdp, global_normalizer, parallelize, shard_batch
+
+
+def _full_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        out[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+    return out
+
+
+def run_fsdp(dp: int, cp: int, depth: int) -> dict:
+    g = groups(dp, cp)
+    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
+    rows_per_rank = len(DP_ROWS) // dp
+    rows = slice(rows_per_rank * g.dp_rank, rows_per_rank * (g.dp_rank + 1))
+    local_layout = SequenceLayout.from_lengths(DP_ROWS[rows])
+    model = parallelize(make_model(depth), g)
+    apply_fsdp(model, g.dp_cp_mesh)
+    if cp == 1:
+        batch = StepBatch.build(ids[rows], labels[rows], local_layout, depth, PAD)
+        normalizer = global_normalizer(batch.depth_labels, g.dp_cp_group)
+        batch = StepBatch(
+            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
+        )
+    else:
+        shard = shard_batch(ids[rows], labels[rows], local_layout, cp, g.cp_rank, depth, PAD)
+        batch = shard.step_batch(global_normalizer(shard, g.dp_cp_group))
+    out = step_loss(model, batch, model.config.loss_weight)
+    out.loss.backward()
+    sharded = {n: p.to_local().numel() for n, p in model.named_parameters()}
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=_full_grads(model),
+        local_numel=sum(sharded.values()),
+        rank=dist.get_rank(),
+    )
+
+
+@pytest.mark.parametrize(("dp", "cp"), [(2, 1), (4, 1), (2, 2)])
+def test_fsdp_equals_single_process(rank_pool, dp, cp):
+    depth = 2
+    model = make_model(depth)
+    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
+    out = model.loss(ids, labels, layout)
+    out.loss.backward()
+    ref = dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads={n: p.grad for n, p in model.named_parameters()},
+    )
+    results = rank_pool(dp * cp).run(run_fsdp, dp, cp, depth)
+    assert_matches(results, ref, f"fsdp dp={dp} cp={cp}")
+    # Every rank holds about 1 / world of the parameters (dim-0 shards, rounded up).
+    total = sum(p.numel() for p in model.parameters())
+    for r in results:
+        assert r["local_numel"] <= total / (dp * cp) + 64 * len(ref["grads"]), r["local_numel"]
