@@ -39,7 +39,8 @@ def test_toml_round_trip(tmp_path):
         (["model.dim"], "must look like section.key=value"),
         (["data.seq_len=250", "parallel.cp=2"], "data.seq_len=250 is not compatible with"),
         (["data.batch_size=3", "parallel.dp=2"], "cannot be split over parallel.dp=2"),
-        (["data.align=6", "parallel.cp=2"], "must be a multiple of 2 \\* parallel.cp = 4"),
+        (["data.align=6", "parallel.cp=2"], "which data.align=6 does not divide: set data.align=4"),
+        (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
         (["data.seq_len=2048"], "exceeds model.max_seq_len"),
         # Values that used to get past validation and crash (a traceback) or mislead later.
@@ -135,6 +136,14 @@ def test_the_model_config_is_nested_not_mirrored():
         GPTConfig(n_heads=0)
     with pytest.raises(ConfigError, match="depth must be an int >= 0"):
         MTPConfig(depth=-1)
+
+
+def test_the_batches_do_not_depend_on_cp():
+    # One data stream: every layout with the same global batch packs the same rows.
+    from multitoken.train.config import alignment
+
+    aligns = {alignment(load_config(None, [f"parallel.cp={cp}"])) for cp in (1, 2, 4)}
+    assert aligns == {8}
 
 
 def test_fixed_keys_come_from_the_dataclasses():

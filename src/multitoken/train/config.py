@@ -54,7 +54,8 @@ class DataSection:
         seq_len: tokens per packed row (global, before context-parallel sharding).
         batch_size: rows per global batch (split over data-parallel ranks).
         val_fraction: share of documents held out for validation.
-        align: pad every document piece to a multiple of this inside its row; 0 = 2 * cp.
+        align: pad every document piece to a multiple of this inside its row (2 * parallel.cp
+            must divide it); 0 = 8, which serves cp 1, 2 and 4 with the same batches.
         cache_dir: where the tokenizer and token arrays are cached.
     """
 
@@ -74,7 +75,7 @@ class DataSection:
                 (self.seq_len >= 1, "seq_len", "must be >= 1"),
                 (self.batch_size >= 1, "batch_size", "must be >= 1"),
                 (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
-                (self.align >= 0, "align", "must be >= 0 (0 = 2 * parallel.cp)"),
+                (self.align >= 0, "align", "must be >= 0 (0 = 8)"),
             ],
             self,
         )
@@ -244,7 +245,10 @@ class TrainConfig:
         align = alignment(self)
         if align % (2 * parallel.cp):
             raise ConfigError(
-                f"data.align={align} must be a multiple of 2 * parallel.cp = {2 * parallel.cp}"
+                f"parallel.cp={parallel.cp} cuts every document piece into 2 * cp = "
+                f"{2 * parallel.cp} chunks, which data.align={align} does not divide: set "
+                f"data.align={max(align, 2 * parallel.cp) // (2 * parallel.cp) * 2 * parallel.cp}"
+                " (and the same value in every run you compare: it decides the batches)"
             )
         if data.seq_len % align or data.seq_len < align:
             suggestion = max(align, data.seq_len // align * align)
@@ -265,9 +269,16 @@ class TrainConfig:
             )
 
 
+DEFAULT_ALIGN = 8
+
+
 def alignment(cfg: TrainConfig) -> int:
-    """Multiple every packed document piece is padded to (so CP shards need no more padding)."""
-    return cfg.data.align or 2 * cfg.parallel.cp
+    """Multiple every packed document piece is padded to (so CP shards need no more padding).
+
+    Independent of ``parallel.cp`` by default, so that every parallel layout with the same
+    global batch trains on the same tokens in the same order (CP = 1 and CP = 4 alike).
+    """
+    return cfg.data.align or DEFAULT_ALIGN
 
 
 def fixed_keys(cfg: TrainConfig) -> list[str]:
