@@ -67,3 +67,62 @@ def test_fsdp_equals_single_process(rank_pool, dp, cp):
     total = sum(p.numel() for p in model.parameters())
     for r in results:
         assert r["local_numel"] <= total / (dp * cp) + 64 * len(ref["grads"]), r["local_numel"]
+
+
+def fsdp_step_footprint(dp: int) -> dict:
+    """One optimiser step on ``dp`` FSDP2 ranks: this rank's parameter + gradient + AdamW
+    bytes, and the collectives of the step by name and group."""
+    from multitoken.parallel.comms import count_comms
+
+    g = groups(dp, 1)
+    depth = 2
+    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
+    rows_per_rank = len(DP_ROWS) // dp
+    rows = slice(rows_per_rank * g.dp_rank, rows_per_rank * (g.dp_rank + 1))
+    model = apply_fsdp(make_model(depth), g.dp_cp_mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = StepBatch.build(
+        ids[rows], labels[rows], SequenceLayout.from_lengths(DP_ROWS[rows]), depth, PAD
+    )
+    with count_comms() as log:
+        normalizer = global_normalizer(batch.depth_labels, g.dp_cp_group)
+        batch = StepBatch(
+            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
+        )
+        step_loss(model, batch, 0.3).loss.backward()
+    optimizer.step()
+
+    def local_bytes(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    state = [v for s in optimizer.state.values() for v in s.values() if v.dim() > 0]
+    footprint = sum(local_bytes(p) + local_bytes(p.grad) for p in model.parameters())
+    footprint += sum(local_bytes(v) for v in state)
+    named = {"dp_cp": g.dp_cp_group}
+    calls = {}
+    for r in log.records:
+        key = (r.name, next((k for k, v in named.items() if v is r.group), "other"))
+        calls[key] = calls.get(key, 0) + 1
+    return dict(bytes=footprint, calls=calls)
+
+
+def test_fsdp_memory_and_collectives(pool4):
+    """dp_shard = 4 holds at most a quarter of the parameter, gradient and optimiser bytes
+    (plus the rounding of dim-0 shards), and each FSDP unit costs exactly its all-gathers and
+    one reduce-scatter per step, all on the DP x CP group."""
+    model = make_model(2)
+    full = 4 * 4 * sum(p.numel() for p in model.parameters())  # param + grad + 2 AdamW, fp32
+    results = pool4.run(fsdp_step_footprint, 4)
+    n_params = len(list(model.parameters()))
+    for r in results:
+        assert r["bytes"] <= full / 4 + 4 * 4 * 3 * n_params, (r["bytes"], full)
+    # Units: 2 main layers + 2 MTP depths resharded after forward (gathered again for the
+    # backward), the root (embedding, final norm) kept from forward to backward.
+    units = 2 + 2
+    calls = results[0]["calls"]
+    gathers = sum(n for (name, _), n in calls.items() if name.startswith("all_gather"))
+    scatters = sum(n for (name, _), n in calls.items() if name.startswith("reduce_scatter"))
+    assert gathers == 2 * units + 1 and scatters == units + 1, calls
+    assert calls[("all_reduce", "dp_cp")] == 1  # the loss normaliser
+    assert {group for _, group in calls} == {"dp_cp"}, calls

@@ -27,7 +27,6 @@ TINY = [
     "data.seq_len=64",
     "data.batch_size=4",
     "data.val_fraction=0.1",
-    "data.align=4",  # the same packed batches whatever parallel.cp is (1 or 2)
     "train.steps=6",
     "train.warmup_steps=2",
     "train.log_every=1",
