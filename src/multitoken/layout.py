@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from multitoken.errors import LayoutError, check_int_tensor
+from multitoken.errors import LayoutError, check_int_tensor, validation_enabled
 
 __all__ = ["SequenceLayout", "LayoutError"]
 
@@ -61,7 +61,7 @@ class SequenceLayout:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_cu_seqlens(
-        cls, cu_seqlens: Tensor, shape: tuple[int, int], *, validate: bool = True
+        cls, cu_seqlens: Tensor, shape: tuple[int, int], *, validate: bool | None = None
     ) -> SequenceLayout:
         """Layout from cumulative document lengths over the flattened ``B * T`` tokens.
 
@@ -69,7 +69,8 @@ class SequenceLayout:
             cu_seqlens: ``[N + 1]`` int32/int64, first 0, last ``B * T``, non-decreasing (empty
                 documents are allowed); every row start ``b * T`` must be a boundary.
             shape: ``(B, T)`` of the batch.
-            validate: check the conditions above (costs a device sync on CUDA).
+            validate: check the conditions above (costs a device sync on CUDA); None = unless
+                value checks are off (:func:`multitoken.errors.set_validation`).
 
         Raises:
             LayoutError: naming the violated condition.
@@ -78,7 +79,7 @@ class SequenceLayout:
         _check_int_tensor("cu_seqlens", cu_seqlens, 1)
         cu = cu_seqlens.long()
         total = batch * seqlen
-        if validate:
+        if validation_enabled() if validate is None else validate:
             if cu.numel() < 2:
                 raise LayoutError(
                     f"cu_seqlens must hold at least 2 entries (0 and B*T={total}), got {cu.numel()}"
@@ -167,7 +168,7 @@ class SequenceLayout:
         return cls.from_cu_seqlens(cu.to(device), tuple(shape))
 
     @classmethod
-    def from_doc_ids(cls, doc_ids: Tensor, *, validate: bool = True) -> SequenceLayout:
+    def from_doc_ids(cls, doc_ids: Tensor, *, validate: bool | None = None) -> SequenceLayout:
         """Layout from per-token document ids ``[B, T]``.
 
         A document is a maximal run of equal ids inside a row; a row start always starts a new
@@ -184,7 +185,7 @@ class SequenceLayout:
         ids = doc_ids.long()
         starts = torch.ones_like(ids, dtype=torch.bool)
         starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        if validate and seqlen > 1:
+        if (validation_enabled() if validate is None else validate) and seqlen > 1:
             # The same id in two separate runs of one row is almost always a bug upstream.
             # Padding (negative ids) may come in several runs; real ids may not.
             row_runs = (starts & (ids >= 0)).sum(1)
