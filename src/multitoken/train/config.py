@@ -104,6 +104,9 @@ class TrainSection:
         bf16: bf16 autocast on CUDA (ignored on CPU).
         check_inputs: check every batch's values (token ids, positions); off saves a few
             host syncs per step on GPU.
+        compile: compile every transformer layer and MTP depth with torch.compile (the
+            first steps pay the compilation; falls back to eager, with a message, where
+            torch.compile cannot run).
     """
 
     steps: int = 200
@@ -123,6 +126,7 @@ class TrainSection:
     seed: int = 0
     bf16: bool = True
     check_inputs: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -33,7 +33,15 @@ from multitoken.parallel import (
 )
 from multitoken.train.config import TrainConfig
 
-__all__ = ["Ranks", "setup_ranks", "prepare_step", "build_model", "build_optimizer", "lr_lambda"]
+__all__ = [
+    "Ranks",
+    "setup_ranks",
+    "prepare_step",
+    "build_model",
+    "compile_layers",
+    "build_optimizer",
+    "lr_lambda",
+]
 
 
 @dataclass(frozen=True)
@@ -125,16 +133,46 @@ def build_model(
 ) -> MTPModel:
     """The reference GPT with MTP, seeded by ``train.seed``, on ``device``, with parallelism
     applied from outside in torchtitan's order: context parallelism (the K/V all-gather
-    hooks), then FSDP2 over the data x context-parallel ranks (replaces a gradient all_reduce).
+    hooks), then ``train.compile`` (per layer), then FSDP2 over the data x context-parallel
+    ranks (replaces a gradient all_reduce).
     """
     torch.manual_seed(cfg.train.seed)
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
     if ranks.cp_size > 1:
         parallelize(model, ranks.groups)
+    if cfg.train.compile:
+        compile_layers(model, verbose=ranks.is_main)
     if ranks.world > 1:
         apply_fsdp(model, ranks.groups.dp_cp_mesh)
     return model
+
+
+def compile_available(device_type: str = "cpu") -> str | None:
+    """None when torch.compile works here, else the reason (no C++ compiler, no Triton...)."""
+    try:
+        probe = torch.compile(lambda x: x * 2 + 1, dynamic=False)
+        probe(torch.ones(4, device=device_type))
+    except Exception as err:  # any backend failure means: train eagerly
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+def compile_layers(model: MTPModel, verbose: bool = True) -> bool:
+    """Compile every main layer and MTP depth in place (each its own graph, reused by every
+    layer of the same shape); returns False, after saying why, where compile cannot run."""
+    device_type = model.head_weight.device.type
+    reason = compile_available(device_type)
+    if reason is not None:
+        if verbose:
+            print(f"train.compile=true but torch.compile cannot run here ({reason}): "
+                  "training eagerly", flush=True)  # fmt: skip
+        return False
+    layers = getattr(model.decoder, "layers", [])
+    for module in [*layers, *(model.mtp.depths if model.mtp is not None else [])]:
+        # Shapes are fixed by the packing (seq_len, batch): one static graph per kind.
+        module.compile(dynamic=False)
+    return True
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
