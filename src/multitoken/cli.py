@@ -168,12 +168,17 @@ def cmd_generate(args) -> int:
         )
     generator = torch.Generator(device=model.head_weight.device).manual_seed(args.seed)
     prompt_ids = tokenizer.encode(prompt)
+    capacity = len(prompt_ids) + max_new_tokens
     if speculative or max_new_tokens:
-        # The first calls pay one-time costs (allocations, kernel choice): keep them out of
-        # tokens_per_s, which should be the steady rate.
+        # The first calls pay one-time costs (allocations, kernel choice, compilation): keep
+        # them out of tokens_per_s, which should be the steady rate.
         depth = model.depth if speculative else 0
         warm = min(depth + 2, model.decoder.max_seq_len - 1)
-        generate(model, prompt_ids[-8:], warm, speculative, draft_depth, start_id=tokenizer.eos_id)
+        warm_prompt = prompt_ids[-8:]
+        generate(
+            model, warm_prompt, warm, speculative, draft_depth, start_id=tokenizer.eos_id,
+            compile=args.compile, capacity=min(capacity, model.decoder.max_seq_len),
+        )  # fmt: skip
     result = generate(
         model,
         prompt_ids,
@@ -184,6 +189,7 @@ def cmd_generate(args) -> int:
         eos_id=tokenizer.eos_id,
         start_id=tokenizer.eos_id,
         generator=generator,
+        compile=args.compile,
     )
     full = tokenizer.decode(result.prompt_ids + result.tokens)
     head = tokenizer.decode(result.prompt_ids)
@@ -262,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--draft-depth", type=int, default=None, help="MTP depths to draft with")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled static-shape decode steps (the first call compiles, tens of seconds)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON line of statistics")
     gen.set_defaults(func=cmd_generate)

@@ -89,8 +89,7 @@ class DecodeState:
     def forward_main(self, ids: list[int]) -> Tensor:
         """Run the main model on ``ids`` after the cached prefix; return ``h^0 [T, H]``."""
         start = self.main[0].length
-        kwargs = decode_layer_kwargs(self.decoder, 1, start, len(ids), self.device)
-        h0 = self.decoder.hidden(self._ids(ids), kwargs, caches=self.main)  # (1, T, H)
+        h0 = self._run_main(self._ids(ids), start)  # (1, T, H)
         if len(self.mtp):
             self.hidden[0, :, start : start + len(ids)] = h0
             self._hidden_end[0] = max(self._hidden_end[0], start + len(ids))
@@ -114,13 +113,21 @@ class DecodeState:
             raise InputError(f"MTP depth {depth} already holds positions up to {start - 1}")
         hidden = self.hidden[depth - 1, :, start:end]  # (1, T, H)
         ids = self._ids(tokens[start + depth : end + depth])
-        kwargs = decode_layer_kwargs(self.decoder, 1, start, end - start, self.device)
-        module = self.model.mtp.depths[depth - 1]
-        out = module(hidden, self.decoder.embed(ids), **kwargs, cache=cache)  # (1, T, H)
+        out = self._run_depth(depth, hidden, ids, start)  # (1, T, H)
         if depth < len(self.mtp):
             self.hidden[depth, :, start:end] = out
             self._hidden_end[depth] = max(self._hidden_end[depth], end)
         return out[0]
+
+    # The two forwards, through the Decoder interface (StaticDecodeState compiles them).
+    def _run_main(self, ids: Tensor, start: int) -> Tensor:
+        kwargs = decode_layer_kwargs(self.decoder, 1, start, ids.shape[1], self.device)
+        return self.decoder.hidden(ids, kwargs, caches=self.main)
+
+    def _run_depth(self, depth: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
+        kwargs = decode_layer_kwargs(self.decoder, 1, start, ids.shape[1], self.device)
+        module = self.model.mtp.depths[depth - 1]
+        return module(hidden, self.decoder.embed(ids), **kwargs, cache=self.mtp[depth - 1])
 
     def commit(self, tokens: list[int], exact_upto: int) -> None:
         """Make ``tokens`` the committed sequence and roll back what no longer holds.

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from multitoken.decode_state import DecodeState
 from multitoken.errors import InputError
+from multitoken.fast_decode import StaticDecodeState
 from multitoken.model import MTPModel
 
 __all__ = [
@@ -205,6 +206,8 @@ def generate(
     eos_id: int | None = None,
     start_id: int | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
+    capacity: int | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
@@ -219,6 +222,11 @@ def generate(
         eos_id: stop after generating this token.
         start_id: the token an empty prompt starts from; None = ``model.pad_id``.
         generator: random source for sampling.
+        compile: run the decode steps as compiled static-shape graphs
+            (:class:`~multitoken.fast_decode.StaticDecodeState`; reference GPT only). The first
+            call per process pays the compilation; the tokens are those of eager decoding.
+        capacity: positions the caches hold (at least prompt + new tokens); a warm-up call
+            with the capacity of the real one compiles the graphs the real one will use.
 
     Returns:
         A :class:`Generation`; ``stats.acceptance`` per depth when speculative.
@@ -259,7 +267,11 @@ def generate(
         accepted=[0] * draft_depth,
         accepted_histogram=[0] * (draft_depth + 1),
     )
-    state = DecodeState(model, len(prompt) + max_new_tokens, draft_depth)
+    capacity = max(capacity or 0, len(prompt) + max_new_tokens)
+    if compile:
+        state = StaticDecodeState(model, capacity, draft_depth)
+    else:
+        state = DecodeState(model, capacity, draft_depth)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
