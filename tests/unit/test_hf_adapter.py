@@ -180,3 +180,12 @@ def test_from_pretrained_round_trip(tmp_path):
         expected = tiny_model("qwen3")(ids).logits
         ours = MTPModel(decoder, MTPConfig(depth=0)).logits(ids)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_wrapped_model_still_runs_as_a_plain_transformers_model():
+    decoder = HFDecoder(tiny_model("qwen2"))
+    ids = torch.randint(2, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            decoder.model(ids).logits, tiny_model("qwen2")(ids).logits, rtol=1e-5, atol=1e-5
+        )

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from multitoken.errors import ConfigError, InputError
 from multitoken.layout import SequenceLayout
@@ -115,10 +116,14 @@ def multitoken_attention(
         transformers' ``(attn_output [B, Tq, H, d], attn_weights | None)``.
     """
     if not isinstance(attention_mask, HFAttentionMask):
-        raise InputError(
-            "a multitoken HF decoder layer was called without a layout mask: build its keyword "
-            "arguments with HFDecoder.layer_kwargs(layout)"
-        )
+        # The wrapped model called as a plain transformers model (its own forward, generate):
+        # transformers built an sdpa-format mask for it (see register), so sdpa it is.
+        if attention_mask is not None and not isinstance(attention_mask, Tensor):
+            raise InputError(
+                f"unexpected attention mask {type(attention_mask).__name__}: build a multitoken "
+                "layer's keyword arguments with HFDecoder.layer_kwargs(layout)"
+            )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     gather = getattr(module, "kv_gather", None)
     if gather is not None:
         # K and V travel together: one all-gather (one reduce-scatter back) per layer.
@@ -142,5 +147,10 @@ def multitoken_attention(
 
 
 def register() -> None:
-    """Make ``"multitoken"`` a transformers attention implementation (idempotent)."""
+    """Make ``"multitoken"`` a transformers attention implementation (idempotent).
+
+    Its mask builder is sdpa's, so the wrapped model's own forward (and ``generate``) keeps
+    working as a plain sdpa model when it is called without a layout.
+    """
     AttentionInterface.register(ATTENTION_NAME, multitoken_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
