@@ -127,13 +127,18 @@ class HFDecoder(nn.Module):
         read_config(path)
         # AutoConfig first: an unknown model_type fails here with transformers' own message.
         AutoConfig.from_pretrained(str(path), local_files_only=True)
-        hf_logging.disable_progress_bar()  # one progress bar per load drowns the CLI's output
+        # No progress bar per load, and no "UNEXPECTED keys" report: the MTP keys it would list
+        # are loaded (or refused, listed) by multitoken.hf.weights, never dropped.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
             )
         finally:
             hf_logging.enable_progress_bar()
+            hf_logging.set_verbosity(verbosity)
         return cls(model.eval(), implementation, attention)
 
     # ------------------------------------------------------------------ parts of the model
