@@ -59,7 +59,7 @@ def read_tensors(folder: str | Path, keys: set[str] | None = None) -> dict[str, 
     out = {}
     for file in _files(Path(folder)):
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if keys is None or key in keys:
                     out[key] = handle.get_tensor(key)
     return out
@@ -144,7 +144,7 @@ def save_with_mtp(
 
 
 def save_pretrained(model: MTPModel, folder: str | Path, fmt: str) -> Path:
-    """Write ``model`` (an HF decoder with MTP depths) as an HF folder with MTP weights in ``fmt``."""
+    """Write ``model`` (an HF decoder with MTP depths) as an HF folder, MTP weights in ``fmt``."""
     folder = Path(folder)
     hf_model = model.decoder.model
     saved = hf_model.config._attn_implementation
