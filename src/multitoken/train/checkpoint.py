@@ -55,6 +55,14 @@ _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 _TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Model and optimiser state without frozen parameters, tied aliases included (a frozen
+    tied head appears under its own name too, which ``ignore_frozen_params`` misses)."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
+
+
 @contextmanager
 def _quiet_single_process():
     """DCP warns when it runs without a process group; here a single process is intended."""
@@ -107,7 +115,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier(group)
-    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    model_state, optim_state = _run_state(model, optimizer)
     with _quiet_single_process() if group is None else nullcontext():
         dcp.save(
             {"model": model_state, "optim": optim_state},
@@ -214,7 +222,7 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None
 ) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save_checkpoint` in place; return this rank's extra."""
-    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    model_state, optim_state = _run_state(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with _quiet_single_process() if group is None else nullcontext():
         dcp.load(state, checkpoint_id=str(path), process_group=group)
@@ -271,7 +279,7 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
             cfg.model_config(tokenizer.vocab_size), cfg.mtp, pad_id=tokenizer.pad_id
         )
     # Only what the run trained is in its checkpoint (not a frozen backbone).
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))

@@ -122,6 +122,10 @@ def prepare_step(
 def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int, ranks: Ranks) -> MTPModel:
     """The reference GPT with MTP, seeded by ``train.seed``, with CP applied from outside."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
+        from multitoken.hf.train import build_hf_model  # optional extra: only when used
+
+        return build_hf_model(cfg, pad_id, ranks)
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     if ranks.cp_size > 1:
         parallelize(model, ranks.groups)
