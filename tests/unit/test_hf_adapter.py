@@ -189,3 +189,39 @@ def test_the_wrapped_model_still_runs_as_a_plain_transformers_model():
         torch.testing.assert_close(
             decoder.model(ids).logits, tiny_model("qwen2")(ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def test_trap_num_items_in_batch_gradient_accumulation_is_exact():
+    # The HF Trainer passes num_items_in_batch to a forward taking **kwargs and then skips its
+    # own division by the accumulation steps. multitoken's forward takes no **kwargs (the
+    # Trainer cannot take that path) and the step divides by the global per-depth counts, so
+    # micro-batches accumulate to exactly the whole batch's loss and gradients.
+    import inspect
+
+    params = inspect.signature(MTPModel.forward).parameters.values()
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    from multitoken.batch import StepBatch
+    from multitoken.model import step_loss
+
+    model = hf_mtp_model("qwen3", 2)
+    ids, layout = packed_batch()
+    whole = StepBatch.build(ids, next_token_labels(ids, layout), layout, 2)
+    out = step_loss(model, whole, 0.3)
+    out.loss.backward()
+    expected = grads(model)
+    model.zero_grad()
+    total = 0
+    for row in range(2):
+        sub = SequenceLayout.from_lengths([DOC_LENGTHS[row]])
+        micro = StepBatch.build(
+            ids[row : row + 1], next_token_labels(ids[row : row + 1], sub), sub, 2
+        )
+        micro = StepBatch(
+            micro.input_ids, micro.layout, micro.mtp_input_ids, micro.depth_labels, whole.normalizer
+        )
+        loss = step_loss(model, micro, 0.3).loss
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
