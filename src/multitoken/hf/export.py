@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder
@@ -158,8 +158,11 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
             embed=decoder.tok_embeddings.weight,
             head=decoder.head_weight,
         )
-    with torch.no_grad():
+    hf_logging.disable_progress_bar()  # the CLI prints one line for the export
+    try:
         hf_model.save_pretrained(out)
+    finally:
+        hf_logging.enable_progress_bar()
     if tensors:
         save_with_mtp(out, tensors, entries)
     hf_tokenizer.save_pretrained(out)

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
@@ -149,10 +150,12 @@ def save_pretrained(model: MTPModel, folder: str | Path, fmt: str) -> Path:
     hf_model = model.decoder.model
     saved = hf_model.config._attn_implementation
     hf_model.config._attn_implementation = "sdpa"  # what a reader of the folder should get
+    hf_logging.disable_progress_bar()
     try:
         hf_model.save_pretrained(folder)
     finally:
         hf_model.config._attn_implementation = saved
+        hf_logging.enable_progress_bar()
     if model.mtp is not None:
         save_with_mtp(folder, *mtp_tensors(model, fmt))
     return folder
