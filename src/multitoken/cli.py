@@ -1,4 +1,4 @@
-"""The ``multitoken`` command: ``train``, ``plot``, ``generate``, ``bench``.
+"""The ``multitoken`` command: ``train``, ``plot``, ``generate``, ``export``, ``bench``.
 
 Bad input (an unknown config key, a value of the wrong type, a missing data path, an empty
 corpus, a sequence length CP cannot split) prints one ``error:`` line and exits with code 2,
@@ -228,6 +228,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """``multitoken export``: a run as a Hugging Face folder (MTP weights in a released format)."""
+    from multitoken.hf.export import export_model  # the optional [hf] extra, only when used
+
+    model, tokenizer = load_for_inference(args.run)
+    export_model(model, tokenizer, args.out, args.format)
+    depths = f"{model.depth} MTP depth(s) in the {args.format} format" if model.depth else "no MTP"
+    print(
+        f"exported {args.run} to {args.out}/ ({depths}); load it with "
+        f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) or model.hf={args.out}"
+    )
+    return 0
+
+
 def cmd_bench(args) -> int:
     bench_dir = Path(__file__).resolve().parents[2] / "bench"
     if not bench_dir.is_dir():
@@ -276,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON line of statistics")
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="write a run as a Hugging Face model folder")
+    export.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer")
+    export.add_argument("--run", default="runs/default", help="run folder")
+    export.add_argument(
+        "--format",
+        default="mimo",
+        choices=["mimo", "deepseek", "qwen3_next"],
+        help="MTP weight format (default mimo: a dense Llama-family MTP block, like the GPT's)",
+    )
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="run benchmarks from bench/ (default: the core ones)")
     bench.add_argument("names", nargs="*", help="benchmark names (files in bench/)")

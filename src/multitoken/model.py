@@ -19,6 +19,7 @@ Example (the reference GPT, packed documents, D = 2)::
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from multitoken.batch import StepBatch
@@ -29,7 +30,7 @@ from multitoken.lookahead import IGNORE_INDEX, lookahead
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
-__all__ = ["MTPModel", "step_loss"]
+__all__ = ["MTPModel", "step_loss", "base_targets"]
 
 
 class MTPModel(nn.Module):
@@ -58,6 +59,10 @@ class MTPModel(nn.Module):
         self.config = config
         self.pad_id = pad_id
         self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
+        if config.freeze_base:
+            # No parameter of the decoder requires grad, so autograd records none of its
+            # operations: the backbone runs as under no_grad, and only MTP params get grads.
+            decoder.requires_grad_(False)
 
     @classmethod
     def from_config(cls, decoder_config: GPTConfig, mtp: MTPConfig, *, pad_id: int = 0) -> MTPModel:
@@ -164,12 +169,51 @@ def step_loss(
         kv_layout=batch.kv_layout,
         mtp_input_ids=batch.mtp_input_ids,
     )
+    depth_labels = batch.depth_labels
+    if model.config.targets == "base" and len(hidden_states) > 1:
+        if batch.kv_layout is not None:
+            raise InputError(
+                "mtp.targets=base needs the whole rows (the greedy token i + k may live on "
+                "another CP rank): use parallel.cp=1"
+            )
+        depth_labels = base_targets(hidden_states[0], model.head_weight, depth_labels, ignore_index)
     return depth_losses(
         hidden_states,
         model.head_weight,
-        batch.depth_labels,
+        depth_labels,
         loss_weight,
         batch.normalizer,
         ignore_index,
         model.config.loss_chunk_elements,
     )
+
+
+def base_targets(
+    h0: Tensor, head_weight: Tensor, depth_labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Self-distillation targets: depth k learns the decoder's own greedy next tokens.
+
+    Depth k's target at position i is normally ``t_{i+k+1}`` (``depth_labels[k, :, i]``); here it
+    is the decoder's greedy prediction of that token, ``argmax(h^0_{i+k} W^T)``, wherever the data
+    target exists (so the document bounds stay exactly those of the data). Index 0, the main
+    next-token labels, is kept.
+
+    Args:
+        h0: ``[B, T, H]`` the decoder's final hidden states.
+        head_weight: ``[V, H]`` the output head.
+        depth_labels: ``[D + 1, B, T]`` data targets.
+        ignore_index: the "no target" label.
+
+    Returns:
+        ``[D + 1, B, T]`` targets.
+    """
+    with torch.no_grad():
+        # One row at a time: the [T, V] logits of a row, never the whole batch's.
+        greedy = torch.stack([(row @ head_weight.t()).argmax(-1) for row in h0])  # (B, T)
+    out = depth_labels.clone()
+    for k in range(1, depth_labels.shape[0]):
+        shifted = torch.full_like(greedy, ignore_index)
+        shifted[:, : greedy.shape[1] - k] = greedy[:, k:]
+        # A valid depth-k target at i means i + k + 1 is in i's document, so i + k is too.
+        out[k] = torch.where(depth_labels[k] != ignore_index, shifted, depth_labels[k])
+    return out

@@ -30,6 +30,8 @@ __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth
 
 # Marks the fields that shape the weights: a run cannot be resumed with other values.
 FIXED = {"fixed_on_resume": True}
+# What the MTP depths predict: the data's tokens, or the decoder's own greedy next tokens.
+TARGETS = ("data", "base")
 
 
 @dataclass
@@ -45,6 +47,12 @@ class MTPConfig:
             [embedding; hidden] (DeepSeek-V3, GLM-4.5, Qwen3-Next).
         recompute: recompute each depth's layer in the backward (less memory, same result).
         loss_chunk_elements: logits per chunk of the chunked cross-entropy.
+        freeze_base: train the MTP heads only: the decoder runs without autograd and only the
+            MTP parameters are optimised and checkpointed (a pretrained or fine-tuned model
+            gets working draft heads back).
+        targets: what the MTP depths learn to predict: "data" (the corpus' tokens) or "base"
+            (the decoder's own greedy next tokens: self-distillation, which maximises
+            speculative acceptance).
     """
 
     depth: int = field(default=2, metadata=FIXED)
@@ -54,6 +62,9 @@ class MTPConfig:
     hidden_first: bool = field(default=False, metadata=FIXED)
     recompute: bool = False
     loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    # --- Hugging Face heads-only training (issue 9): merge point ---
+    freeze_base: bool = field(default=False, metadata=FIXED)
+    targets: str = "data"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +83,12 @@ class MTPConfig:
             raise ConfigError(
                 f"must be in [0, 1], got {self.loss_weight_switch}", "loss_weight_switch"
             )
+        if self.freeze_base and self.depth == 0:
+            raise ConfigError(
+                "with depth = 0 leaves nothing to train: set mtp.depth >= 1", "freeze_base"
+            )
+        if self.targets not in TARGETS:
+            raise ConfigError(f"must be one of {TARGETS}, got {self.targets!r}", "targets")
         if self.loss_chunk_elements < 1:
             raise ConfigError(
                 f"must be >= 1, got {self.loss_chunk_elements}", "loss_chunk_elements"

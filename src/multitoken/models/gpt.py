@@ -47,6 +47,9 @@ class GPTConfig:
         backend: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or "flex".
         init_std: standard deviation of the weight initialisation.
         recompute: recompute the main layers' activations in the backward (less memory).
+        hf: a local Hugging Face model folder (config.json, safetensors, tokenizer); when set
+            it is the decoder, its tokenizer tokenises the corpus, and the shape fields above
+            are ignored (needs multitoken[hf]).
     """
 
     vocab_size: int = field(default=0, metadata=FIXED)
@@ -63,6 +66,8 @@ class GPTConfig:
     backend: str = "auto"
     init_std: float = 0.02
     recompute: bool = False
+    # --- Hugging Face models (issue 9): merge point ---
+    hf: str = field(default="", metadata=FIXED)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -24,7 +24,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from multitoken.data import Tokenizer
 from multitoken.errors import CheckpointError, ConfigError
@@ -45,6 +49,18 @@ __all__ = [
 ]
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
+# Frozen parameters (a pretrained backbone under mtp.freeze_base) are not part of a run's state:
+# they come from model.hf, and the checkpoint holds only what training changes.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+_TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Model and optimiser state without frozen parameters, tied aliases included (a frozen
+    tied head appears under its own name too, which ``ignore_frozen_params`` misses)."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
 
 
 @contextmanager
@@ -99,7 +115,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier(group)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = _run_state(model, optimizer)
     with _quiet_single_process() if group is None else nullcontext():
         dcp.save(
             {"model": model_state, "optim": optim_state},
@@ -206,12 +222,16 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None
 ) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save_checkpoint` in place; return this rank's extra."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = _run_state(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with _quiet_single_process() if group is None else nullcontext():
         dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_TRAINABLE_LOAD,
     )
     rank = _rank(group)
     extra_file = path / f"extra_rank{rank}.pt"
@@ -246,15 +266,22 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
             f"{run_dir} is not a run folder (no config.toml): train one with `multitoken train`"
         )
     cfg = load_config(str(run_dir / "config.toml"))
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     path = run_dir / "checkpoints" / f"step_{step:06d}" if step else latest_checkpoint(run_dir)
     if path is None or not (path / ".metadata").is_file():
         raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
-    model = MTPModel.from_config(
-        cfg.model_config(tokenizer.vocab_size), cfg.mtp, pad_id=tokenizer.pad_id
-    )
-    state = {"model": model.state_dict()}
+    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
+        from multitoken.hf.train import hf_model_and_tokenizer  # optional extra: only when used
+
+        model, tokenizer = hf_model_and_tokenizer(cfg)
+    else:
+        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+        model = MTPModel.from_config(
+            cfg.model_config(tokenizer.vocab_size), cfg.mtp, pad_id=tokenizer.pad_id
+        )
+    # Only what the run trained is in its checkpoint (not a frozen backbone).
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=not cfg.mtp.freeze_base)
     return model.eval(), tokenizer

@@ -69,7 +69,12 @@ def prepare_data(cfg: TrainConfig, verbose: bool = True, group=None) -> Prepared
     if group is not None and rank != 0:
         dist.barrier(group=group)  # rank 0 fills the cache first
     train_docs, val_docs = _documents(cfg)
-    tokenizer = train_tokenizer(train_docs, cfg.data.vocab_size, cache, verbose=verbose)
+    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
+        from multitoken.hf.train import hf_tokenizer  # optional extra: only when used
+
+        tokenizer = hf_tokenizer(cfg)
+    else:
+        tokenizer = train_tokenizer(train_docs, cfg.data.vocab_size, cache, verbose=verbose)
     train_tokens = tokenize_corpus(tokenizer, train_docs, cache, verbose=verbose)
     val_tokens = tokenize_corpus(tokenizer, val_docs, cache, verbose=verbose)
     if group is not None and rank == 0:

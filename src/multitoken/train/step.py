@@ -137,6 +137,10 @@ def build_model(
     ranks (replaces a gradient all_reduce).
     """
     torch.manual_seed(cfg.train.seed)
+    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
+        from multitoken.hf.train import build_hf_model  # optional extra: only when used
+
+        return build_hf_model(cfg, pad_id, ranks)
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
     if ranks.cp_size > 1:
@@ -176,9 +180,11 @@ def compile_layers(model: MTPModel, verbose: bool = True) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on matrices only, over the trainable parameters (the MTP heads
+    alone under ``mtp.freeze_base``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
     t = cfg.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],

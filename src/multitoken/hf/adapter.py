@@ -1,0 +1,291 @@
+"""The decoder interface for a Hugging Face causal LM (DESIGN.md section 7).
+
+:class:`HFDecoder` wraps a transformers ``*ForCausalLM`` and implements
+:class:`~multitoken.decoder.Decoder`: the embedding, the output head and the rotary embedding
+are the model's own and shared; MTP depth layers are built from the model's own decoder-layer
+class with a copy of its config (so QK-norm, biases, sliding windows and the norm kind come
+along), and the depth norms are the model's norm class. A
+:class:`~multitoken.layout.SequenceLayout` becomes the per-document ``position_ids`` and the
+document mask (:mod:`multitoken.hf.attention`), so packed batches are exact.
+
+Example (a local folder written by ``save_pretrained``; D = 2 heads on top)::
+
+    >>> decoder = HFDecoder.from_pretrained("path/to/llama")
+    >>> model = MTPModel(decoder, MTPConfig(depth=2), pad_id=0)
+    >>> init_mtp_weights(model)
+    >>> out = model.loss(ids, next_token_labels(ids, layout), layout)
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from multitoken.errors import ConfigError, InputError, check_in_range
+from multitoken.hf.attention import ATTENTION_NAME, IMPLEMENTATIONS, HFAttentionMask, register
+from multitoken.layout import SequenceLayout
+from multitoken.models.kv_cache import LayerKVCache
+
+__all__ = ["HFDecoder", "HFLayerCache", "SUPPORTED_MODEL_TYPES", "init_mtp_weights", "read_config"]
+
+# Architectures whose decoder layers this adapter drives exactly, each checked by the tests
+# against the model's own forward (tests/unit/test_hf_adapter.py). Others may need an embedding
+# scale, logit softcapping, attention sinks or non-attention layers the adapter does not apply.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a local HF model folder, refusing anything else with the fix."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} is not a Hugging Face model folder (no config.json): point model.hf at a "
+            "folder written by save_pretrained (config.json, *.safetensors, tokenizer files)"
+        )
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ", ".join(config.get("architectures") or ["?"])
+        raise ConfigError(
+            f"{folder} holds a {arch} (model_type {model_type!r}), which the multitoken HF "
+            f"adapter does not support: supported model types are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not list(folder.glob("*.safetensors")):
+        raise ConfigError(
+            f"{folder} has no *.safetensors weights: save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    return config
+
+
+class HFLayerCache(LayerKVCache):
+    """A :class:`LayerKVCache` that a transformers attention module can append to.
+
+    transformers calls ``cache.update(k, v, layer_idx, ...)`` on a cache of all layers; here each
+    layer gets its own cache, so the layer index is not needed.
+    """
+
+    def update(self, k: Tensor, v: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return super().update(k, v)
+
+
+class HFDecoder(nn.Module):
+    """A transformers decoder-only causal LM as a :class:`~multitoken.decoder.Decoder`.
+
+    Args:
+        model: a loaded ``*ForCausalLM`` of a type in :data:`SUPPORTED_MODEL_TYPES`.
+        implementation: the attention implementation the document mask is handed to
+            (``"sdpa"``, ``"eager"`` or ``"flex_attention"``).
+        attention: ``"document"`` (causal inside each document) or ``"causal"`` (across rows).
+
+    Attributes:
+        model: the wrapped transformers model (its state dict is the HF checkpoint's).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, implementation: str = "sdpa", attention: str = "document"
+    ):
+        super().__init__()
+        config = model.config
+        _check_model(model)
+        if implementation not in IMPLEMENTATIONS:
+            raise ConfigError(
+                f"attention implementation {implementation!r} cannot take a document mask: "
+                f"use one of {IMPLEMENTATIONS}"
+            )
+        register()
+        # Only this copy's layers dispatch to the multitoken mask; the config object is shared
+        # by every layer of the model, so one assignment switches them all.
+        config._attn_implementation = ATTENTION_NAME
+        self.model = model
+        self.implementation, self.attention = implementation, attention
+        self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
+        self.max_seq_len = config.max_position_embeddings
+        self.num_layers = config.num_hidden_layers
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        implementation: str = "sdpa",
+        attention: str = "document",
+        dtype: torch.dtype = torch.float32,
+    ) -> HFDecoder:
+        """Load a local HF model folder (no hub access), refusing unsupported ones first."""
+        read_config(path)
+        # AutoConfig first: an unknown model_type fails here with transformers' own message.
+        AutoConfig.from_pretrained(str(path), local_files_only=True)
+        # No progress bar per load, and no "UNEXPECTED keys" report: the MTP keys it would list
+        # are loaded (or refused, listed) by multitoken.hf.weights, never dropped.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+            )
+        finally:
+            hf_logging.enable_progress_bar()
+            hf_logging.set_verbosity(verbosity)
+        return cls(model.eval(), implementation, attention)
+
+    # ------------------------------------------------------------------ parts of the model
+    @property
+    def base(self) -> nn.Module:
+        """The model without its head (``model.model``: embeddings, layers, norm, rotary)."""
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.layers
+
+    # ------------------------------------------------------------------ Decoder interface
+    @property
+    def head_weight(self) -> Tensor:
+        """``[V, H]`` the output head (the embedding when the model ties them)."""
+        return self.model.get_output_embeddings().weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.base.embed_tokens(input_ids)  # (B, T, H)
+
+    def layer_kwargs(
+        self,
+        layout: SequenceLayout,
+        kv_layout: SequenceLayout | None = None,
+        *,
+        decoding: bool = False,
+    ) -> dict[str, Any]:
+        """``attention_mask`` (:class:`HFAttentionMask`), ``position_ids`` (restarting in every
+        document; never rolled) and ``position_embeddings`` (the model's rotary cos, sin)."""
+        check_in_range(
+            "a document position",
+            layout.positions,
+            self.max_seq_len,
+            "raise max_position_embeddings in the model's config.json or split long documents",
+        )
+        implementation = "sdpa" if decoding else self.implementation
+        mask = HFAttentionMask(layout, kv_layout, self.attention, implementation)
+        positions = layout.positions
+        reference = self.base.embed_tokens.weight
+        cos, sin = self.base.rotary_emb(reference, position_ids=positions)  # (B, T, d) each
+        return {
+            "attention_mask": mask,
+            "position_ids": positions,
+            "position_embeddings": (cos, sin),
+        }
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        layer_kwargs: dict[str, Any],
+        caches: list[HFLayerCache] | None = None,
+    ) -> Tensor:
+        if caches is not None and len(caches) != len(self.layers):
+            raise InputError(f"{len(caches)} caches for {len(self.layers)} layers")
+        x = self.embed(input_ids)  # (B, T, H)
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            x = _output(layer(x, **layer_kwargs, cache=cache))
+        return self.base.norm(x)
+
+    def make_mtp_layer(self, depth: int) -> nn.Module:
+        """A fresh decoder layer of the model's class, numbered after the main layers.
+
+        The config copy counts the MTP layers as full-attention layers after the main ones
+        (DeepSeek numbers depth k's layer ``L + k - 1``); a model whose every layer slides
+        (Mistral's ``sliding_window``) gives its MTP layers the same window.
+        """
+        config = copy.deepcopy(self.model.config)
+        index = self.num_layers + depth - 1
+        config.num_hidden_layers = index + 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types[: self.num_layers])
+            config.layer_types += ["full_attention"] * (index + 1 - self.num_layers)
+        layer = type(self.layers[0])(config, index)
+        return layer.to(self.head_weight.dtype)
+
+    def make_norm(self) -> nn.Module:
+        norm = copy.deepcopy(self.base.norm)
+        with torch.no_grad():
+            # A fresh norm: the constructor's weight (ones, or zeros for zero-centred norms).
+            fresh = type(norm)(self.hidden_size, eps=_norm_eps(norm))
+            norm.load_state_dict(fresh.state_dict())
+        return norm
+
+    def new_kv_cache(self, batch: int, capacity: int) -> HFLayerCache:
+        attn = self.layers[0].self_attn
+        weight = self.head_weight
+        kv_heads = self.model.config.num_key_value_heads
+        return HFLayerCache(batch, kv_heads, attn.head_dim, capacity, weight.device, weight.dtype)
+
+
+def _output(result) -> Tensor:
+    # transformers 5 decoder layers return the hidden state; tolerate a (hidden, ...) tuple.
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return getattr(norm, name)
+    raise ConfigError(f"cannot read the epsilon of {type(norm).__name__}")
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse a model the adapter cannot drive exactly, naming what is missing."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{type(model).__name__} (model_type {model_type!r}) is not supported by the "
+            f"multitoken HF adapter: supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    base = getattr(model, "model", None)
+    missing = [
+        name for name in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, name)
+    ]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        missing.append("lm_head")
+    elif getattr(head, "bias", None) is not None:
+        missing.append("a bias-free lm_head")
+    if missing:
+        raise ConfigError(
+            f"{type(model).__name__} lacks what the adapter needs: {', '.join(missing)}"
+        )
+    forward = inspect.signature(type(base.layers[0]).forward).parameters
+    if "cache" not in forward:
+        raise ConfigError(
+            f"{type(base.layers[0]).__name__}.forward takes no 'cache' argument: install "
+            "transformers >= 5.24 (pip install 'multitoken[hf]')"
+        )
+
+
+def init_mtp_weights(model: nn.Module, std: float | None = None) -> None:
+    """Initialise the MTP depths of an :class:`~multitoken.model.MTPModel` on an HF decoder.
+
+    Matrices ~ Normal(0, std) (default: the model's ``initializer_range``, as transformers
+    initialises its own layers), biases 0, norms as constructed. The backbone is untouched.
+    """
+    if model.mtp is None:
+        return
+    if std is None:
+        std = getattr(model.decoder.model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for module in model.mtp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    module.bias.zero_()

@@ -1,0 +1,169 @@
+"""A trained multitoken model as a Hugging Face folder that transformers loads.
+
+The reference GPT is a Llama (pre-norm RMSNorm, RoPE with the half-split rotation, SwiGLU,
+grouped-query attention, optional tied embeddings), so it is written as a
+``LlamaForCausalLM``: the same rotation convention as transformers' ``rotate_half`` (no
+permutation of q/k rows), ``rope_theta`` and ``rms_norm_eps`` carried over. Its MTP depths are
+written in a released format (default ``mimo``: MiMo's MTP block is a dense Llama-family
+decoder layer like the reference's, where DeepSeek/GLM blocks are MLA/MoE and Qwen3-Next's are
+zero-centred; the concatenation order is converted exactly). A model on an HF decoder is
+written with its own class.
+
+Example::
+
+    >>> model, tokenizer = load_for_inference("runs/default")
+    >>> export_model(model, tokenizer, "exported")          # config.json, model.safetensors, ...
+    >>> AutoModelForCausalLM.from_pretrained("exported")     # logits equal multitoken's
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from multitoken.errors import CheckpointError
+from multitoken.hf.adapter import HFDecoder
+from multitoken.hf.formats import FORMATS, to_format
+from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
+from multitoken.model import MTPModel
+from multitoken.models.gpt import GPT
+
+__all__ = ["export_model", "llama_config", "llama_state_dict", "DEFAULT_FORMAT"]
+
+DEFAULT_FORMAT = "mimo"
+# Reference layer parameter -> transformers Llama decoder-layer parameter.
+_BLOCK = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+}
+
+
+def _block_key(key: str) -> str:
+    """``attention.wq.weight`` -> ``self_attn.q_proj.weight``."""
+    stem, leaf = key.rsplit(".", 1)
+    if stem not in _BLOCK:
+        raise CheckpointError(f"no Llama name for the reference parameter {key!r}")
+    return f"{_BLOCK[stem]}.{leaf}"
+
+
+def llama_config(gpt: GPT, tokenizer) -> LlamaConfig:
+    """The ``LlamaConfig`` of a reference GPT."""
+    cfg = gpt.config
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        pad_token_id=tokenizer.pad_id,
+        eos_token_id=tokenizer.eos_id,
+        bos_token_id=None,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def llama_state_dict(gpt: GPT) -> dict[str, Tensor]:
+    """The reference GPT's weights under transformers Llama names."""
+    out = {}
+    for key, value in gpt.state_dict().items():
+        if key == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = value
+        elif key == "norm.weight":
+            out["model.norm.weight"] = value
+        elif key == "output.weight":
+            out["lm_head.weight"] = value
+        elif key.startswith("layers."):
+            _, index, rest = key.split(".", 2)
+            out[f"model.layers.{index}.{_block_key(rest)}"] = value
+        else:
+            raise CheckpointError(f"no Llama name for the reference parameter {key!r}")
+    if gpt.config.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not empty: export into a new folder")
+
+
+def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT_FORMAT) -> Path:
+    """Write ``model`` and its tokenizer as an HF folder; MTP weights in ``fmt``.
+
+    Everything is built and checked before the first file is written, so a refused export
+    writes nothing.
+
+    Args:
+        model: a trained :class:`MTPModel` (reference GPT or HF decoder).
+        tokenizer: the run's tokenizer (a ``tokenizers`` backend under ``.backend``).
+        out: a new (or empty) folder.
+        fmt: the MTP weight format, one of :data:`~multitoken.hf.formats.FORMATS`.
+    """
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown MTP weight format {fmt!r}: choose one of {FORMATS}")
+    _check_out(out)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend,
+        pad_token=tokenizer.backend.id_to_token(tokenizer.pad_id),
+        eos_token=tokenizer.backend.id_to_token(tokenizer.eos_id),
+        clean_up_tokenization_spaces=False,
+    )
+    decoder = model.decoder
+    if isinstance(decoder, HFDecoder):
+        if model.mtp is not None:
+            mtp_tensors(model, fmt)  # a format that cannot hold the depths fails before writing
+        save_pretrained(model, out, fmt)
+        hf_tokenizer.save_pretrained(out)
+        return out
+    if not isinstance(decoder, GPT):
+        raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
+    hf_model = LlamaForCausalLM(llama_config(decoder, tokenizer))
+    state = llama_state_dict(decoder)
+    hf_model.load_state_dict(state, strict=True)
+    tensors, entries = {}, {}
+    if model.mtp is not None:
+        depths = []
+        for depth in model.mtp.depths:
+            canonical = {}
+            for key, value in depth.state_dict().items():
+                if key.startswith("layer."):
+                    key = "layer." + _block_key(key.removeprefix("layer."))
+                canonical[key] = value
+            depths.append(canonical)
+        tensors, entries = to_format(
+            depths,
+            fmt,
+            num_layers=decoder.num_layers,
+            hidden_first=model.config.hidden_first,
+            embed=decoder.tok_embeddings.weight,
+            head=decoder.head_weight,
+        )
+    hf_logging.disable_progress_bar()  # the CLI prints one line for the export
+    try:
+        hf_model.save_pretrained(out)
+    finally:
+        hf_logging.enable_progress_bar()
+    if tensors:
+        save_with_mtp(out, tensors, entries)
+    hf_tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,141 @@
+"""``multitoken train model.hf=PATH``: the HF folder's tokenizer and model in the trainer.
+
+The trainer asks for three things, each answered here from the folder: the tokenizer that
+tokenises the corpus (:func:`hf_tokenizer`, called before any rank starts or anything is
+written, so a bad folder is one ``error:`` line), the model (:func:`build_hf_model`, with
+context parallelism applied from outside as for the reference GPT), and, for inference, both
+(:func:`hf_model_and_tokenizer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from multitoken.errors import ConfigError, DataError
+from multitoken.hf.adapter import read_config
+from multitoken.hf.formats import CONFIG_KEYS, detect_format
+from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
+from multitoken.model import MTPModel
+
+__all__ = ["HFTokenizer", "hf_tokenizer", "build_hf_model", "hf_model_and_tokenizer"]
+
+
+class HFTokenizer:
+    """A folder's fast (``tokenizer.json``) tokenizer with the interface multitoken's data
+    pipeline and decoding use (``encode``, ``encode_batch``, ``decode``, ``pad_id``, ``eos_id``,
+    ``vocab_size``, ``save``, ``backend``).
+
+    Args:
+        path: the HF model folder.
+        model_vocab_size: rows of the model's embedding; the tokenizer must fit in them.
+    """
+
+    def __init__(self, path: str | Path, model_vocab_size: int):
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} has no tokenizer transformers can load ({err})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise DataError(
+                f"{path} has a slow tokenizer only: save a fast one (tokenizer.json) with it"
+            )
+        if tokenizer.eos_token_id is None:
+            raise DataError(f"the tokenizer of {path} has no eos token to end documents with")
+        if len(tokenizer) > model_vocab_size:
+            raise ConfigError(
+                f"the tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary "
+                f"(vocab_size in config.json) has {model_vocab_size}: use the tokenizer the "
+                "model was trained with"
+            )
+        # As multitoken's own tokenizer: text is text, so data cannot forge a document end.
+        backend.encode_special_tokens = True
+        self.hf, self.backend = tokenizer, backend
+        self.eos_id = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_id = self.eos_id if pad is None else int(pad)
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.backend.to_str())
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos={self.eos_id})"
+
+
+def _check_folder(cfg) -> dict:
+    """Everything about ``model.hf`` that can be refused without loading the weights."""
+    path = cfg.model.hf
+    config = read_config(path)
+    if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
+            f"{config['max_position_embeddings']}: lower data.seq_len"
+        )
+    extra = set(checkpoint_keys(path))
+    prefix_free = {k for k in extra if not k.startswith(("model.embed_tokens.", "model.norm."))}
+    main = config["num_hidden_layers"]
+    own = {
+        k
+        for k in prefix_free
+        if k.startswith("lm_head.")
+        or (k.startswith("model.layers.") and int(k.split(".")[2]) < main)
+    }
+    fmt = detect_format(prefix_free - own, config)
+    if fmt is not None and cfg.mtp.depth:
+        stored = 1 if fmt == "qwen3_next" else int(config[CONFIG_KEYS[fmt]])
+        if stored != cfg.mtp.depth:
+            raise ConfigError(
+                f"{path} holds {stored} MTP depth(s) ({fmt} format) but mtp.depth="
+                f"{cfg.mtp.depth}: set mtp.depth={stored}"
+            )
+    return config
+
+
+def hf_tokenizer(cfg) -> HFTokenizer:
+    """The tokenizer of ``model.hf``, after refusing a folder that cannot be trained."""
+    config = _check_folder(cfg)
+    return HFTokenizer(cfg.model.hf, config["vocab_size"])
+
+
+def build_hf_model(cfg, pad_id: int, ranks=None) -> MTPModel:
+    """The folder's model with ``mtp.depth`` depths (its MTP weights when it has them), with
+    context parallelism applied from outside: every attention module gathers K and V over the
+    CP group, and the layout mask sees the gathered keys' layout."""
+    model = load_hf_mtp_model(
+        cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
+    )
+    if ranks is not None and ranks.cp_size > 1:
+        from multitoken.parallel.apply import SequenceGather  # parallel sits above hf
+
+        hook = SequenceGather(ranks.groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
+        for module in model.modules():
+            if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+                module.kv_gather = hook
+    return model
+
+
+def hf_model_and_tokenizer(cfg) -> tuple[MTPModel, HFTokenizer]:
+    """Model and tokenizer of an HF run for inference (CPU, eval mode)."""
+    tokenizer = hf_tokenizer(cfg)
+    with torch.device("cpu"):
+        model = build_hf_model(cfg, tokenizer.pad_id)
+    return model.eval(), tokenizer

@@ -1,0 +1,187 @@
+"""An HF model folder with MTP weights: load it into an :class:`MTPModel`, save one back.
+
+``AutoModelForCausalLM.from_pretrained`` drops keys its class does not know (the MTP weights
+of every released format) with a warning. Here the folder's safetensors are read directly, the
+keys that are not the backbone's are matched to exactly one format
+(:func:`multitoken.hf.formats.detect_format`) and every one of them is loaded, or the load
+fails listing them: never a silent drop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from transformers.utils import logging as hf_logging
+
+from multitoken.errors import CheckpointError
+from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
+from multitoken.hf.formats import CONFIG_KEYS, detect_format, from_format, to_format
+from multitoken.model import MTPModel
+from multitoken.mtp import MTPConfig
+
+__all__ = [
+    "read_tensors",
+    "checkpoint_keys",
+    "depth_states",
+    "load_mtp_weights",
+    "mtp_tensors",
+    "save_with_mtp",
+    "save_pretrained",
+    "load_hf_mtp_model",
+]
+
+_WEIGHTS = "model.safetensors"
+
+
+def _files(folder: Path) -> list[Path]:
+    index = folder / f"{_WEIGHTS}.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def checkpoint_keys(folder: str | Path) -> list[str]:
+    """Every tensor name in the folder's safetensors (without reading the tensors)."""
+    keys = []
+    for file in _files(Path(folder)):
+        with safe_open(str(file), framework="pt") as handle:
+            keys += list(handle.keys())
+    return keys
+
+
+def read_tensors(folder: str | Path, keys: set[str] | None = None) -> dict[str, Tensor]:
+    """The folder's tensors (only ``keys`` when given)."""
+    out = {}
+    for file in _files(Path(folder)):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if keys is None or key in keys:
+                    out[key] = handle.get_tensor(key)
+    return out
+
+
+def depth_states(model: MTPModel) -> list[dict[str, Tensor]]:
+    """The canonical per-depth dicts of ``model``'s MTP depths (depth 1 first)."""
+    return [dict(depth.state_dict()) for depth in model.mtp.depths] if model.mtp else []
+
+
+def _shared(model: MTPModel) -> dict[str, Tensor]:
+    return {"embed": model.decoder.base.embed_tokens.weight, "head": model.head_weight}
+
+
+def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
+    """Load the MTP weights ``folder`` carries into ``model``; returns their format (or None).
+
+    Raises:
+        CheckpointError: keys of no format or of several, a config.json that does not describe
+            them, a depth count other than ``model.depth``, missing or unexpected keys.
+    """
+    folder = Path(folder)
+    config = read_config(folder)
+    backbone = set(model.decoder.model.state_dict())
+    extra = set(checkpoint_keys(folder)) - backbone
+    fmt = detect_format(extra, config)
+    if fmt is None:
+        return None
+    stored = int(config[CONFIG_KEYS[fmt]]) if fmt != "qwen3_next" else 1
+    if stored != model.depth:
+        raise CheckpointError(
+            f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.depth = {model.depth}: "
+            f"set mtp.depth={stored}"
+        )
+    depths = from_format(
+        read_tensors(folder, extra),
+        fmt,
+        template=depth_states(model),
+        num_layers=model.decoder.num_layers,
+        hidden_first=model.config.hidden_first,
+        **_shared(model),
+    )
+    with torch.no_grad():
+        for module, state in zip(model.mtp.depths, depths):
+            module.load_state_dict(state, strict=True)
+    return fmt
+
+
+def mtp_tensors(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """``model``'s MTP weights in ``fmt`` and the config.json entries that describe them."""
+    return to_format(
+        depth_states(model),
+        fmt,
+        num_layers=model.decoder.num_layers,
+        hidden_first=model.config.hidden_first,
+        **_shared(model),
+    )
+
+
+def save_with_mtp(
+    folder: str | Path, tensors: dict[str, Tensor], config_entries: dict[str, int]
+) -> None:
+    """Add MTP ``tensors`` to a folder written by ``save_pretrained`` (one weights file or an
+    index), and their ``config_entries`` to its config.json."""
+    folder = Path(folder)
+    index = folder / f"{_WEIGHTS}.index.json"
+    if index.is_file():
+        save_file(tensors, str(folder / "model-mtp.safetensors"), metadata={"format": "pt"})
+        data = json.loads(index.read_text())
+        data["weight_map"].update({key: "model-mtp.safetensors" for key in tensors})
+        index.write_text(json.dumps(data, indent=2))
+    else:
+        merged = read_tensors(folder)
+        clash = sorted(set(merged) & set(tensors))
+        if clash:
+            raise CheckpointError(f"MTP keys clash with the model's own: {clash[:10]}")
+        save_file({**merged, **tensors}, str(folder / _WEIGHTS), metadata={"format": "pt"})
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(config_entries)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_pretrained(model: MTPModel, folder: str | Path, fmt: str) -> Path:
+    """Write ``model`` (an HF decoder with MTP depths) as an HF folder, MTP weights in ``fmt``."""
+    folder = Path(folder)
+    hf_model = model.decoder.model
+    saved = hf_model.config._attn_implementation
+    hf_model.config._attn_implementation = "sdpa"  # what a reader of the folder should get
+    hf_logging.disable_progress_bar()
+    try:
+        hf_model.save_pretrained(folder)
+    finally:
+        hf_model.config._attn_implementation = saved
+        hf_logging.enable_progress_bar()
+    if model.mtp is not None:
+        save_with_mtp(folder, *mtp_tensors(model, fmt))
+    return folder
+
+
+def load_hf_mtp_model(
+    path: str | Path,
+    mtp: MTPConfig,
+    *,
+    pad_id: int = 0,
+    implementation: str = "sdpa",
+    attention: str = "document",
+    seed: int = 0,
+) -> MTPModel:
+    """A local HF folder as an :class:`MTPModel` with ``mtp.depth`` depths.
+
+    The depths come from the folder's MTP weights when it carries some (any format), else they
+    are initialised as the model initialises its layers (seeded by ``seed``).
+    """
+    decoder = HFDecoder.from_pretrained(path, implementation, attention)
+    torch.manual_seed(seed)
+    model = MTPModel(decoder, mtp, pad_id=pad_id)
+    init_mtp_weights(model)
+    if mtp.depth:
+        load_mtp_weights(model, path)
+    else:
+        extra = set(checkpoint_keys(path)) - set(decoder.model.state_dict())
+        detect_format(extra, read_config(path))  # still refuse keys of no format
+    return model
