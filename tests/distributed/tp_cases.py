@@ -79,13 +79,25 @@ def tp_reference(depth: int, rows, tie: bool = True) -> dict:
 
 
 def group_roles(g: ParallelGroups) -> dict[str, str]:
-    """Group name -> role, to tag recorded collectives (the default world group is "WORLD")."""
+    """Group name -> role of the groups of ``g``, and a role by member ranks for the rest.
+
+    The default world group is "WORLD" by name. Other groups are named by their member ranks:
+    torch compares device meshes by layout, not by group, so DTensor's caches may hand a step
+    the equal TP mesh of another ``ParallelGroups`` built earlier in this pool (same ranks,
+    another group object). With ``dp = 1`` the DP x CP ranks are the CP ranks: "cp".
+    """
     roles = {dist.group.WORLD.group_name: "WORLD"}
-    for role in ("tp", "cp", "dp_cp", "dp"):
+    for role in ("tp", "cp", "dp_cp"):
         group = getattr(g, f"{role}_group")
         if dist.get_world_size(group) > 1:
-            roles.setdefault(group.group_name, role)
+            roles.setdefault(tuple(dist.get_process_group_ranks(group)), role)
     return roles
+
+
+def role_of(group: dist.ProcessGroup, roles: dict) -> str:
+    if group.group_name in roles:
+        return roles[group.group_name]
+    return roles.get(tuple(dist.get_process_group_ranks(group)), "other")
 
 
 def _local_batch(g: ParallelGroups, rows, depth: int) -> StepBatch:
@@ -122,7 +134,7 @@ def run_tp(dp: int, cp: int, tp: int, depth: int, rows, fsdp: bool = False, tie:
             sync_gradients(model, g.dp_cp_group if dp * cp > 1 else None)
     calls: dict[tuple[str, str], int] = {}
     for record in log.records:
-        key = (record.name, roles.get(record.group.group_name, "other"))
+        key = (record.name, role_of(record.group, roles))
         calls[key] = calls.get(key, 0) + 1
     return dict(
         loss=out.loss.detach(),
