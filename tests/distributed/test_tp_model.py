@@ -60,6 +60,7 @@ def assert_matches(results: list[dict], ref: dict, what: str) -> None:
     torch.testing.assert_close(depth_loss, ref["depth_loss"], rtol=RTOL, atol=ATOL, msg=what)
     assert torch.equal(sum(r["depth_tokens"] for r in firsts), ref["depth_tokens"]), what
     for r in results:
+        torch.testing.assert_close(r["grad_norm"], ref["grad_norm"], rtol=RTOL, atol=ATOL)
         assert r["grads"].keys() == ref["grads"].keys(), what
         for name, grad in ref["grads"].items():
             torch.testing.assert_close(

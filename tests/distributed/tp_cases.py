@@ -18,6 +18,7 @@ from multitoken.parallel import (
     apply_fsdp,
     apply_tp,
     global_normalizer,
+    grad_norm,
     parallelize,
     shard_batch,
     sync_gradients,
@@ -75,6 +76,7 @@ def tp_reference(depth: int, rows, tie: bool = True) -> dict:
         depth_loss=out.depth_loss.detach(),
         depth_tokens=out.depth_tokens,
         grads={n: p.grad for n, p in model.named_parameters()},
+        grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")),
     )
 
 
@@ -141,6 +143,7 @@ def run_tp(dp: int, cp: int, tp: int, depth: int, rows, fsdp: bool = False, tie:
         depth_loss=out.depth_loss.detach(),
         depth_tokens=out.depth_tokens,
         grads=full_grads(model),
+        grad_norm=grad_norm(model.parameters()),  # mixed meshes (TP, FSDP2 + TP)
         calls=calls,
         coords=(g.dp_rank, g.cp_rank, g.tp_rank),
     )

@@ -9,6 +9,7 @@
 * :mod:`.tensor`: ``apply_tp(model, groups)``: tensor parallelism with DTensor.
 * :mod:`.vocab_loss`: the vocabulary-parallel chunked cross-entropy.
 * :mod:`.fsdp`: ``apply_fsdp(model, mesh)``: FSDP2 over the data x context-parallel ranks.
+* :mod:`.grad_norm`: gradient clipping over parameters sharded on different meshes.
 """
 
 from multitoken.parallel.apply import gather_sequence, parallelize
@@ -21,6 +22,7 @@ from multitoken.parallel.context import (
     shard_batch,
 )
 from multitoken.parallel.fsdp import apply_fsdp
+from multitoken.parallel.grad_norm import clip_grad_norm, grad_norm
 from multitoken.parallel.mesh import ParallelGroups, build_mesh, init_distributed, local_device
 from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
 from multitoken.parallel.tensor import apply_tp
@@ -43,6 +45,8 @@ __all__ = [
     "parallelize",
     "apply_fsdp",
     "apply_tp",
+    "clip_grad_norm",
+    "grad_norm",
     "VocabParallelCrossEntropy",
     "gather_sequence",
 ]

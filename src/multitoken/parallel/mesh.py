@@ -126,6 +126,8 @@ class ParallelGroups:
             tensor parallelism it is flattened from ``mesh``: FSDP2 composes with DTensor
             parameters only when both meshes come from one root.
         tp_mesh: the 1-D tensor-parallel mesh (``mesh["tp"]``).
+        world_group: a dedicated group of every rank (checkpoints, data preparation: what
+            every rank must join); ``dp_cp_group`` itself when ``tp = 1``.
     """
 
     mesh: DeviceMesh
@@ -141,6 +143,7 @@ class ParallelGroups:
     tp_rank: int = 0
     tp_size: int = 1
     tp_mesh: DeviceMesh | None = None
+    world_group: dist.ProcessGroup | None = None
 
     @classmethod
     def build(
@@ -181,6 +184,7 @@ class ParallelGroups:
             # A strict subset of the world (tp > 1), so DeviceMesh makes it a new group.
             dp_cp_mesh = root["dp", "cp"]._flatten("dp_cp")
             dp_cp_group = dp_cp_mesh.get_group()
+        all_ranks = own(dist.group.WORLD)
         return cls(
             mesh=root,
             dp_group=dp_group,
@@ -195,4 +199,5 @@ class ParallelGroups:
             tp_rank=root.get_local_rank("tp"),
             tp_size=tp_size,
             tp_mesh=root["tp"],
+            world_group=all_ranks,
         )
