@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tp_cases import tp_groups
 from torch.utils._python_dispatch import TorchDispatchMode
+from tp_cases import tp_groups
 
 from multitoken.parallel import VocabParallelCrossEntropy
 from multitoken.parallel.comms import count_comms
