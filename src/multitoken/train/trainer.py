@@ -19,7 +19,7 @@ import torch
 
 from multitoken.errors import set_validation
 from multitoken.model import MTPModel, step_loss
-from multitoken.parallel import MetricSums, local_device
+from multitoken.parallel import MetricSums, clip_grad_norm, local_device
 from multitoken.train.checkpoint import (
     check_resume_config,
     check_run_dir,
@@ -143,7 +143,8 @@ class _Trainer:
         losses = self.forward(next(self.data.train_loader), weight)
         losses.loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
         if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
+            clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
