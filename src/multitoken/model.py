@@ -27,6 +27,7 @@ from multitoken.decoder import Decoder
 from multitoken.errors import InputError
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
+from multitoken.loss import linear_cross_entropy
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
@@ -40,6 +41,10 @@ class MTPModel(nn.Module):
         decoder: any module implementing :class:`~multitoken.decoder.Decoder`.
         config: :class:`~multitoken.mtp.MTPConfig`.
         pad_id: input token where a lookahead leaves its document (never a target).
+
+    ``cross_entropy`` is the head's loss (:func:`~multitoken.loss.linear_cross_entropy`);
+    tensor parallelism replaces it from outside by a vocabulary-parallel one, as context
+    parallelism sets ``Attention.kv_gather``.
 
     The MTP depths keep the constructor's default initialisation: :meth:`from_config` (the
     reference GPT from scratch) initialises decoder and depths together; an adapter for a
@@ -59,6 +64,8 @@ class MTPModel(nn.Module):
         self.config = config
         self.pad_id = pad_id
         self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
+        # The head's cross-entropy; tensor parallelism swaps in the vocabulary-parallel one.
+        self.cross_entropy = linear_cross_entropy
         if config.freeze_base:
             # No parameter of the decoder requires grad, so autograd records none of its
             # operations: the backbone runs as under no_grad, and only MTP params get grads.
@@ -185,6 +192,7 @@ def step_loss(
         batch.normalizer,
         ignore_index,
         model.config.loss_chunk_elements,
+        getattr(model, "cross_entropy", linear_cross_entropy),
     )
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multitoken.errors import ConfigError, InputError
-from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, linear_cross_entropy
+from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, linear_cross_entropy
 
 __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth_losses"]
 
@@ -235,6 +235,7 @@ def depth_losses(
     loss_normalizer: Tensor | None = None,
     ignore_index: int = -100,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
 ) -> DepthLosses:
     """Cross-entropy of every depth through the shared head, normalised per depth.
 
@@ -248,6 +249,8 @@ def depth_losses(
             losses and gradients over ranks gives the unsharded ones. ``None``: local counts.
         ignore_index: the "no target" label.
         chunk_elements: logits per chunk in :func:`linear_cross_entropy`.
+        cross_entropy: the head's loss, called as :func:`linear_cross_entropy`; tensor
+            parallelism passes a vocabulary-parallel one (``MTPModel.cross_entropy``).
     """
     if len(hidden_states) != depth_labels.shape[0]:
         raise InputError(
@@ -255,7 +258,7 @@ def depth_losses(
         )
     sums, tokens, correct = [], [], []
     for hidden, labels in zip(hidden_states, depth_labels):
-        stats = linear_cross_entropy(hidden, head_weight, labels, ignore_index, chunk_elements)
+        stats = cross_entropy(hidden, head_weight, labels, ignore_index, chunk_elements)
         sums.append(stats.loss_sum)
         tokens.append(stats.num_valid)
         correct.append(stats.num_correct)

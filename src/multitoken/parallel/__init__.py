@@ -1,11 +1,15 @@
-"""Context and data parallelism for MTP training on ``torch.distributed``.
+"""Context, tensor and data parallelism for MTP training on ``torch.distributed``.
 
-* :mod:`.mesh`: the ``(dp, cp)`` mesh and its process groups.
+* :mod:`.mesh`: the ``(dp, cp, tp)`` mesh and its process groups.
 * :mod:`.plan`: the load-balanced split of a batch over the CP ranks.
 * :mod:`.halo`: the MTP halo of every chunk, and who owns it.
 * :mod:`.context`: CP shards with halos and the one-collective fallback exchange.
 * :mod:`.reduce`: the step's collectives (global normaliser, gradient sum, metrics).
 * :mod:`.apply`: ``parallelize(model, groups)``: all-gather-KV attention.
+* :mod:`.tensor`: ``apply_tp(model, groups)``: tensor parallelism with DTensor.
+* :mod:`.vocab_loss`: the vocabulary-parallel chunked cross-entropy.
+* :mod:`.fsdp`: ``apply_fsdp(model, mesh)``: FSDP2 over the data x context-parallel ranks.
+* :mod:`.grad_norm`: gradient clipping over parameters sharded on different meshes.
 """
 
 from multitoken.parallel.apply import gather_sequence, parallelize
@@ -18,8 +22,11 @@ from multitoken.parallel.context import (
     shard_batch,
 )
 from multitoken.parallel.fsdp import apply_fsdp
+from multitoken.parallel.grad_norm import clip_grad_norm, grad_norm
 from multitoken.parallel.mesh import ParallelGroups, build_mesh, init_distributed, local_device
 from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
+from multitoken.parallel.tensor import apply_tp
+from multitoken.parallel.vocab_loss import VocabParallelCrossEntropy
 
 __all__ = [
     "local_device",
@@ -37,5 +44,9 @@ __all__ = [
     "MetricSums",
     "parallelize",
     "apply_fsdp",
+    "apply_tp",
+    "clip_grad_norm",
+    "grad_norm",
+    "VocabParallelCrossEntropy",
     "gather_sequence",
 ]

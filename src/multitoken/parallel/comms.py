@@ -4,6 +4,10 @@ Wraps the ``torch.distributed`` functions for the duration of the block and reco
 call made through the module (``dist.all_reduce(...)``), its name, kind (collective or
 point-to-point), group and the bytes this rank hands to it. Used by the tests (to prove that
 the sharding halo sends nothing and the fallback one collective) and by the benchmark.
+
+DTensor (tensor parallelism) and FSDP2's gradient hooks may call the *functional* collectives
+(``torch.ops._c10d_functional.*``), which never go through those Python functions: a dispatch
+mode records them too, named as the ``dist`` function that does the same thing.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["CommRecord", "CommLog", "count_comms"]
 
@@ -106,6 +113,45 @@ class _Counted:
         return hash(self.fn)
 
 
+# Functional collectives, by the name of the ``dist`` call that does the same thing.
+FUNCTIONAL = {
+    "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "all_gather_into_tensor": "all_gather_into_tensor",
+    "all_gather_into_tensor_coalesced": "all_gather_into_tensor",
+    "reduce_scatter_tensor": "reduce_scatter_tensor",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter_tensor",
+    "all_to_all_single": "all_to_all_single",
+    "broadcast": "broadcast",
+}
+
+
+class _FunctionalCollectives(TorchDispatchMode):
+    """Records ``torch.ops._c10d_functional`` collectives (their last argument is the group)."""
+
+    def __init__(self, log: CommLog):
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(issubclass(t, DTensor) for t in types):
+            # Let DTensor lower the op first: its collectives then reach this mode on the
+            # local tensors.
+            return NotImplemented
+        if func.namespace == "_c10d_functional":
+            name = FUNCTIONAL.get(func.overloadpacket.__name__)
+            if name is not None:
+                group = args[-1] if args else kwargs["group_name"]
+                if not isinstance(group, dist.ProcessGroup):
+                    group = _resolve_process_group(group)
+                first = args[0]
+                tensors = first if isinstance(first, (list, tuple)) else [first]
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                self.log.records.append(CommRecord(name, "collective", group, nbytes))
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def count_comms() -> Iterator[CommLog]:
     """Record every ``torch.distributed`` communication call made inside the block.
@@ -140,7 +186,8 @@ def count_comms() -> Iterator[CommLog]:
     saved["batch_isend_irecv"] = dist.batch_isend_irecv
     dist.batch_isend_irecv = counted_batch
     try:
-        yield log
+        with _FunctionalCollectives(log):
+            yield log
     finally:
         for name, fn in saved.items():
             setattr(dist, name, fn)

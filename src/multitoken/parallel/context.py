@@ -247,6 +247,8 @@ def exchange_halo(
     depth: int | None = None,
     group: dist.ProcessGroup | None = None,
     pad_id: int | None = None,
+    *,
+    tp_size: int = 1,
 ) -> CPShard:
     """Fill the halos of a local shard with one collective over the CP ``group``.
 
@@ -261,6 +263,8 @@ def exchange_halo(
             be given its MTP inputs here).
         group: the CP process group (``exchange_halo(shard, cp_group)`` also works).
         pad_id: input fill; None = ``shard.pad_id``.
+        tp_size: the mesh's tensor-parallel size (to check ``group``, see
+            :func:`~multitoken.parallel.halo.check_cp_group`).
 
     Raises:
         ValueError: ``group`` does not match the shard's CP size and rank (before any message).
@@ -277,7 +281,7 @@ def exchange_halo(
     if shard.cp_size > 1:
         if group is None:
             raise ValueError("exchange_halo needs the CP process group when cp_size > 1")
-        check_cp_group(group, shard.cp_size, shard.cp_rank, "exchange_halo")
+        check_cp_group(group, shard.cp_size, shard.cp_rank, "exchange_halo", tp_size)
         if dist.get_world_size(group) != shard.cp_size:
             raise ValueError(
                 f"exchange_halo needs the CP group of {shard.cp_size} ranks, got a group of "

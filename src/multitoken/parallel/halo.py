@@ -45,25 +45,40 @@ class ShardMismatchError(RuntimeError):
     """The ranks of a CP group disagree on the split (different batches, shapes or plans)."""
 
 
-def check_cp_group(group: dist.ProcessGroup, cp_size: int, cp_rank: int, what: str) -> None:
+def check_cp_group(
+    group: dist.ProcessGroup, cp_size: int, cp_rank: int, what: str, tp_size: int = 1
+) -> None:
     """Refuse, before any collective, a group that is not made of whole CP groups.
 
-    CP groups are blocks of ``cp_size`` consecutive world ranks starting at a multiple of
-    ``cp_size`` (the ``(dp, cp)`` layout of :func:`~multitoken.parallel.mesh.build_mesh`). The
-    test reads only the group's member list, which every member sees alike, so a wrong group
-    (the DP group, say) fails on all of its members instead of leaving some in a collective.
+    On the ``(dp, cp, tp)`` mesh of :func:`~multitoken.parallel.mesh.build_mesh`, world rank
+    ``w`` has coordinates ``tp_rank = w % tp``, ``cp_rank = w // tp % cp`` and
+    ``dp_rank = w // (tp * cp)``. A CP group (or a DP x CP group) holds ranks of one
+    ``tp_rank``; in group order, member ``i`` has ``cp_rank = i % cp`` and each block of ``cp``
+    consecutive members shares one ``dp_rank``. With ``tp = 1`` that is: blocks of ``cp``
+    consecutive world ranks starting at a multiple of ``cp``. The test reads only the group's
+    member list, which every member sees alike, so a wrong group (the DP group, say) fails on
+    all of its members instead of leaving some in a collective.
+
+    Args:
+        group: the group to check.
+        cp_size, cp_rank: the shard's CP size and this rank's CP index.
+        what: the caller's name, for the message.
+        tp_size: the mesh's tensor-parallel size (the stride between CP peers).
     """
     ranks = dist.get_process_group_ranks(group)
-    blocks = [ranks[i : i + cp_size] for i in range(0, len(ranks), cp_size)]
-    whole = len(ranks) % cp_size == 0 and all(
-        block == list(range(block[0], block[0] + cp_size)) and block[0] % cp_size == 0
-        for block in blocks
+    tp_rank = {w % tp_size for w in ranks}
+    coords = [(w // (tp_size * cp_size), w // tp_size % cp_size) for w in ranks]  # (dp, cp)
+    whole = (
+        len(ranks) % cp_size == 0
+        and len(tp_rank) == 1
+        and all(cp == i % cp_size for i, (_, cp) in enumerate(coords))
+        and all(coords[i][0] == coords[i - i % cp_size][0] for i in range(len(coords)))
     )
     if not whole or dist.get_rank(group) % cp_size != cp_rank:
         raise ValueError(
-            f"{what} needs the CP group (or the DP x CP group) of CP size {cp_size}; got a "
-            f"group of world ranks {ranks} where this rank is {dist.get_rank(group)}, but the "
-            f"shard is cp_rank {cp_rank}: pass the CP group"
+            f"{what} needs the CP group (or the DP x CP group) of CP size {cp_size} on a mesh "
+            f"of TP size {tp_size}; got a group of world ranks {ranks} where this rank is "
+            f"{dist.get_rank(group)}, but the shard is cp_rank {cp_rank}: pass the CP group"
         )
 
 

@@ -1,9 +1,13 @@
-"""The ``(dp, cp)`` device mesh and the process groups every collective takes explicitly.
+"""The ``(dp, cp, tp)`` device mesh and the process groups every collective takes explicitly.
 
-Ranks are laid out data-parallel-major: world rank ``= dp_rank * cp + cp_rank``, so the ranks of
-one CP group are neighbours (on one node when ``cp`` divides the GPUs per node). Three groups
-are used: the CP group (K/V all-gather, halo exchange), the DP group, and the flattened DP x CP
-group (loss normaliser, gradient sum, metrics).
+Ranks are laid out data-parallel-major, tensor-parallel innermost (as torchtitan does):
+world rank ``= (dp_rank * cp + cp_rank) * tp + tp_rank``, so the ranks of one TP group, whose
+collectives run on every layer, are neighbours, then those of a CP group. Four groups are
+used: the TP group (DTensor's all-reduces and all-gathers, the vocabulary-parallel loss), the
+CP group (K/V all-gather, halo exchange), the DP group, and the flattened DP x CP group (loss
+normaliser, gradient sum, metrics), which holds every rank with other tokens and the same
+tensor shard. With ``tp = 1`` the layout is the ``(dp, cp)`` one: world rank
+``= dp_rank * cp + cp_rank``.
 
 ``DeviceMesh`` hands out the default world group for a mesh axis that spans the whole world;
 :class:`ParallelGroups` replaces it by a dedicated group, so that no library collective ever
@@ -54,51 +58,76 @@ def init_distributed(backend: str | None = None) -> torch.device:
     return device
 
 
-def build_mesh(dp: int | None, cp: int, device_type: str = "cpu") -> DeviceMesh:
-    """A ``(dp, cp)`` mesh with dim names ``("dp", "cp")`` over the whole world.
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def build_mesh(dp: int | None, cp: int, device_type: str = "cpu", tp: int = 1) -> DeviceMesh:
+    """A ``(dp, cp, tp)`` mesh with dim names ``("dp", "cp", "tp")`` over the whole world.
+
+    Tensor parallelism is innermost (world rank ``= (dp_rank * cp + cp_rank) * tp + tp_rank``),
+    as in torchtitan: its collectives run on every layer, forward and backward, so its ranks
+    should be the closest (one node, NVLink).
 
     Args:
-        dp: data-parallel size; None or -1 = ``world_size // cp``.
+        dp: data-parallel size; None or -1 = ``world_size // (cp * tp)``.
         cp: context-parallel size.
         device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL).
+        tp: tensor-parallel size.
 
     Raises:
         ValueError: before any collective, the same on every rank, when the sizes are not
-            positive ints or ``dp * cp`` is not the world size.
+            positive ints or ``dp * cp * tp`` is not the world size.
     """
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs torch.distributed: call init_distributed() first")
     world = dist.get_world_size()
-    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
-        raise ValueError(f"cp must be an int >= 1, got {cp!r}")
+    _check_size("cp", cp)
+    _check_size("tp", tp)
     if world % cp:
         raise ValueError(
             f"cp={cp} does not divide the world size {world}: choose cp among "
             f"{[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    if world % (cp * tp):
+        raise ValueError(
+            f"cp * tp = {cp} * {tp} does not divide the world size {world}: choose tp among "
+            f"{[d for d in range(1, world // cp + 1) if world // cp % d == 0]}"
+        )
     if dp is None or dp == -1:
-        dp = world // cp
+        dp = world // (cp * tp)
     if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
         raise ValueError(f"dp must be an int >= 1 (or None / -1 to infer it), got {dp!r}")
-    if dp * cp != world:
+    if dp * cp * tp != world:
+        product = f"dp * cp = {dp} * {cp}" if tp == 1 else f"dp * cp * tp = {dp} * {cp} * {tp}"
         raise ValueError(
-            f"dp * cp = {dp} * {cp} = {dp * cp} but the world has {world} ranks: use "
-            f"dp={world // cp} (or dp=None)"
+            f"{product} = {dp * cp * tp} but the world has {world} ranks: use "
+            f"dp={world // (cp * tp)} (or dp=None)"
         )
-    return init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    return init_device_mesh(device_type, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
 
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """Process groups and coordinates of this rank on a ``(dp, cp)`` mesh.
+    """Process groups and coordinates of this rank on a ``(dp, cp, tp)`` mesh.
 
     Attributes:
-        mesh: the device mesh.
-        dp_group, cp_group, dp_cp_group: dedicated groups (never the default world group).
-        dp_rank, dp_size, cp_rank, cp_size: this rank's coordinates.
+        mesh: the device mesh, rebuilt over the dedicated groups below (DTensor's tensor-parallel
+            collectives run on ``mesh["tp"]``, so it must not hold the default world group).
+        dp_group, cp_group, tp_group, dp_cp_group: dedicated groups (never the default world
+            group). ``dp_cp_group`` holds every rank with different tokens and the same tensor
+            shard: the loss normaliser, the gradient sum and the metrics reduce over it only
+            (the ranks of a TP group hold the same tokens).
+        dp_rank, dp_size, cp_rank, cp_size, tp_rank, tp_size: this rank's coordinates.
         dp_cp_mesh: a 1-D mesh over ``dp_cp_group``: FSDP2 shards the parameters over every
             rank that holds different tokens (data and context parallel alike, as torchtitan
-            does), so CP ranks also share the memory of parameters and optimiser state.
+            does), so CP ranks also share the memory of parameters and optimiser state. Under
+            tensor parallelism it is flattened from ``mesh``: FSDP2 composes with DTensor
+            parameters only when both meshes come from one root.
+        tp_mesh: the 1-D tensor-parallel mesh (``mesh["tp"]``).
+        world_group: a dedicated group of every rank (checkpoints, data preparation: what
+            every rank must join); ``dp_cp_group`` itself when ``tp = 1``.
     """
 
     mesh: DeviceMesh
@@ -110,17 +139,25 @@ class ParallelGroups:
     cp_rank: int
     cp_size: int
     dp_cp_mesh: DeviceMesh
+    tp_group: dist.ProcessGroup | None = None
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp_mesh: DeviceMesh | None = None
+    world_group: dist.ProcessGroup | None = None
 
     @classmethod
-    def build(cls, dp: int | None, cp: int, device_type: str = "cpu") -> ParallelGroups:
+    def build(
+        cls, dp: int | None, cp: int, device_type: str = "cpu", tp: int = 1
+    ) -> ParallelGroups:
         """:func:`build_mesh` then :meth:`from_mesh`."""
-        return cls.from_mesh(build_mesh(dp, cp, device_type))
+        return cls.from_mesh(build_mesh(dp, cp, device_type, tp))
 
     @classmethod
     def from_mesh(cls, mesh: DeviceMesh) -> ParallelGroups:
-        """Groups of a mesh with dims ``("dp", "cp")``; collective over the world (setup)."""
-        if mesh.mesh_dim_names != ("dp", "cp"):
-            raise ValueError(f"expected mesh dims ('dp', 'cp'), got {mesh.mesh_dim_names}")
+        """Groups of a mesh with dims ``("dp", "cp", "tp")``; collective over the world (setup)."""
+        names = ("dp", "cp", "tp")
+        if mesh.mesh_dim_names != names:
+            raise ValueError(f"expected mesh dims {names}, got {mesh.mesh_dim_names}")
         world_group: list[dist.ProcessGroup] = []
 
         def own(group: dist.ProcessGroup) -> dist.ProcessGroup:
@@ -132,19 +169,35 @@ class ParallelGroups:
                 world_group.append(dist.new_group(list(range(dist.get_world_size()))))
             return world_group[0]
 
-        dp_group, cp_group = own(mesh.get_group("dp")), own(mesh.get_group("cp"))
-        # The flattened mesh always spans the world: use the dedicated world-sized group.
-        dp_cp_group = own(dist.group.WORLD)
+        dp_group, cp_group, tp_group = (own(mesh.get_group(name)) for name in names)
+        root = DeviceMesh.from_group(
+            [dp_group, cp_group, tp_group], mesh.device_type, mesh.mesh, mesh_dim_names=names
+        )
+        dp_size, cp_size, tp_size = root.shape
+        if tp_size == 1:
+            # The flattened mesh spans the world: use the dedicated world-sized group.
+            dp_cp_group = own(dist.group.WORLD)
+            dp_cp_mesh = DeviceMesh.from_group(
+                dp_cp_group, mesh.device_type, mesh_dim_names=("dp_cp",)
+            )
+        else:
+            # A strict subset of the world (tp > 1), so DeviceMesh makes it a new group.
+            dp_cp_mesh = root["dp", "cp"]._flatten("dp_cp")
+            dp_cp_group = dp_cp_mesh.get_group()
+        all_ranks = own(dist.group.WORLD)
         return cls(
-            mesh=mesh,
+            mesh=root,
             dp_group=dp_group,
             cp_group=cp_group,
             dp_cp_group=dp_cp_group,
-            dp_rank=mesh.get_local_rank("dp"),
-            dp_size=mesh.size(0),
-            cp_rank=mesh.get_local_rank("cp"),
-            cp_size=mesh.size(1),
-            dp_cp_mesh=DeviceMesh.from_group(
-                dp_cp_group, mesh.device_type, mesh_dim_names=("dp_cp",)
-            ),
+            dp_rank=root.get_local_rank("dp"),
+            dp_size=dp_size,
+            cp_rank=root.get_local_rank("cp"),
+            cp_size=cp_size,
+            dp_cp_mesh=dp_cp_mesh,
+            tp_group=tp_group,
+            tp_rank=root.get_local_rank("tp"),
+            tp_size=tp_size,
+            tp_mesh=root["tp"],
+            world_group=all_ranks,
         )

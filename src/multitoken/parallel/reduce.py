@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from multitoken.errors import InputError
 from multitoken.lookahead import IGNORE_INDEX
@@ -28,7 +29,13 @@ def _size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def global_normalizer(depth_labels, group: dist.ProcessGroup | None, ignore_index=IGNORE_INDEX):
+def global_normalizer(
+    depth_labels,
+    group: dist.ProcessGroup | None,
+    ignore_index=IGNORE_INDEX,
+    *,
+    tp_size: int = 1,
+):
     """``[D + 1]`` int64 valid-target counts per depth, summed over ``group`` (one all_reduce).
 
     Args:
@@ -38,8 +45,12 @@ def global_normalizer(depth_labels, group: dist.ProcessGroup | None, ignore_inde
             the CP peers sharded the same plan: make it the step's first collective, and
             ranks fed different batches fail together here instead of aborting inside a
             collective of mismatched sizes.
-        group: the DP x CP group (or the CP group); None = this rank only.
+        group: the DP x CP group (or the CP group); None = this rank only. Never a group
+            with tensor-parallel peers: they hold the same tokens, so they would be counted
+            twice.
         ignore_index: the "no target" label (tensor input only; a shard knows its own).
+        tp_size: the mesh's tensor-parallel size (to check a shard's group, see
+            :func:`~multitoken.parallel.halo.check_cp_group`).
 
     Raises:
         ShardMismatchError: on every rank, when some CP peers disagree on the plan.
@@ -65,7 +76,7 @@ def global_normalizer(depth_labels, group: dist.ProcessGroup | None, ignore_inde
         dist.all_reduce(counts, group=group)
         return counts
     fingerprint, cp, cp_rank = check
-    check_cp_group(group, cp, cp_rank, "global_normalizer")
+    check_cp_group(group, cp, cp_rank, "global_normalizer", tp_size)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     # One slot per DP replica holds the sum and the sum of squares of its CP ranks'
     # fingerprints: n * sum(h^2) == sum(h)^2 iff they are all equal (exact in int64).
@@ -99,21 +110,26 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return
-    dtypes = {p.dtype for p in params}
+    # Under tensor parallelism a gradient is a DTensor: its local shard is what the ranks
+    # holding the same shard (the DP x CP group) sum.
+    grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
+    dtypes = {g.dtype for g in grads}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    flat = torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-            for p in params
-        ]
-    )
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
     dist.all_reduce(flat, group=group)
-    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-        chunk = chunk.view_as(p).to(p.dtype)
-        if p.grad is None:
+    for p, grad, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
+        chunk = chunk.view_as(grad).to(grad.dtype)
+        if p.grad is None and isinstance(p, DTensor):
+            p.grad = DTensor.from_local(chunk.clone(), p.device_mesh, p.placements)
+        elif p.grad is None:
             p.grad = chunk.clone()
         else:
-            p.grad.copy_(chunk)
+            grad.copy_(chunk)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: writing to it writes the DTensor); else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class MetricSums:

@@ -157,24 +157,27 @@ class TrainSection:
 
 @dataclass
 class ParallelSection:
-    """Parallelism over local or torchrun-launched ranks (world = dp * cp).
+    """Parallelism over local or torchrun-launched ranks (world = dp * cp * tp).
 
     Attributes:
         dp: data-parallel ranks.
         cp: context-parallel ranks (each row is sharded over them).
         lookahead: "halo" (MTP lookahead filled when sharding, no messages) or "exchange"
             (one collective per step from local shards).
+        tp: tensor-parallel ranks (heads, feed-forward and vocabulary split over them).
     """
 
     dp: int = 1
     cp: int = 2
     lookahead: str = "halo"
+    tp: int = 1
 
     def __post_init__(self) -> None:
         _require(
             [
                 (self.dp >= 1, "dp", "must be >= 1"),
                 (self.cp >= 1, "cp", "must be >= 1"),
+                (self.tp >= 1, "tp", "must be >= 1"),
                 (
                     self.lookahead in ("halo", "exchange"),
                     "lookahead",
@@ -186,7 +189,7 @@ class ParallelSection:
 
     @property
     def world(self) -> int:
-        return self.dp * self.cp
+        return self.dp * self.cp * self.tp
 
 
 @dataclass
@@ -265,6 +268,22 @@ class TrainConfig:
             raise ConfigError(
                 f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}: raise model.max_seq_len"
+            )
+        model, tp = self.model, parallel.tp
+        for key, size in (
+            ("n_heads", model.n_heads),
+            ("n_kv_heads", model.kv_heads),
+            ("ffn_dim", model.ffn_hidden),
+        ):
+            if size % tp:
+                raise ConfigError(
+                    f"model.{key}={size} is not divisible by parallel.tp={tp}: every TP rank "
+                    "computes an equal share of the heads and of the feed-forward width"
+                )
+        if model.vocab_size and model.vocab_size % tp:
+            raise ConfigError(
+                f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp}: "
+                "the head and the embedding are split by vocabulary rows"
             )
         if self.mtp.depth >= data.seq_len:
             raise ConfigError(

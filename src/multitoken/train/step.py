@@ -25,6 +25,7 @@ from multitoken.model import MTPModel
 from multitoken.parallel import (
     ParallelGroups,
     apply_fsdp,
+    apply_tp,
     exchange_halo,
     global_normalizer,
     init_distributed,
@@ -46,7 +47,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in the ``(dp, cp)`` mesh; ``groups`` is None in a single process."""
+    """This process's place in the ``(dp, cp, tp)`` mesh; ``groups`` is None in a single
+    process."""
 
     groups: ParallelGroups | None
     rank: int = 0
@@ -54,14 +56,29 @@ class Ranks:
     dp_size: int = 1
     cp_rank: int = 0
     cp_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def world_group(self) -> dist.ProcessGroup | None:
-        """The DP x CP group (loss normaliser, gradients, metrics); None in one process."""
+        """A dedicated group of every rank (checkpoints, data preparation, metrics); the
+        DP x CP group when ``tp = 1``; None in one process."""
+        return None if self.groups is None else self.groups.world_group
+
+    @property
+    def token_group(self) -> dist.ProcessGroup | None:
+        """The DP x CP group: every rank with other tokens, never a TP peer (same tokens).
+        The loss normaliser sums over it; None in one process."""
         return None if self.groups is None else self.groups.dp_cp_group
 
     @property
     def world(self) -> int:
+        """Processes: ``dp * cp * tp``."""
+        return self.dp_size * self.cp_size * self.tp_size
+
+    @property
+    def token_world(self) -> int:
+        """Ranks holding different tokens (the size of :attr:`token_group`): ``dp * cp``."""
         return self.dp_size * self.cp_size
 
     @property
@@ -70,19 +87,27 @@ class Ranks:
 
 
 def setup_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
-    """Join the process group (when ``dp * cp > 1``) and build the mesh's groups."""
+    """Join the process group (when ``dp * cp * tp > 1``) and build the mesh's groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel.world == 1:
         return Ranks(None)
     if world != cfg.parallel.world:  # before any collective: no rank hangs
         raise ConfigError(
-            f"{world} ranks were started but parallel.dp * parallel.cp = {cfg.parallel.world}: "
-            "launch dp * cp ranks"
+            f"{world} ranks were started but parallel.dp * parallel.cp * parallel.tp = "
+            f"{cfg.parallel.world}: launch dp * cp * tp ranks"
         )
     init_distributed()
-    groups = ParallelGroups.build(cfg.parallel.dp, cfg.parallel.cp, device.type)
+    p = cfg.parallel
+    groups = ParallelGroups.build(p.dp, p.cp, device.type, p.tp)
     return Ranks(
-        groups, dist.get_rank(), groups.dp_rank, groups.dp_size, groups.cp_rank, groups.cp_size
+        groups,
+        dist.get_rank(),
+        groups.dp_rank,
+        groups.dp_size,
+        groups.cp_rank,
+        groups.cp_size,
+        groups.tp_rank,
+        groups.tp_size,
     )
 
 
@@ -112,7 +137,7 @@ def prepare_step(
     if ranks.cp_size == 1:
         # No sharder at cp = 1: the CP tests compare the sharded path against this one.
         batch = StepBatch.build(ids, labels, layout, depth, pad_id)
-        normalizer = global_normalizer(batch.depth_labels, ranks.world_group)
+        normalizer = global_normalizer(batch.depth_labels, ranks.token_group)
         return StepBatch(
             batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
         )
@@ -122,9 +147,9 @@ def prepare_step(
     )
     # The step's first collective: the global valid-target counts per depth, which also
     # checks that every CP peer cut the same plan (so a mismatch fails on every rank).
-    normalizer = global_normalizer(shard, ranks.world_group)
-    if exchange:
-        shard = exchange_halo(shard, group=ranks.groups.cp_group)  # one all_to_all, all depths
+    normalizer = global_normalizer(shard, ranks.token_group, tp_size=ranks.tp_size)
+    if exchange:  # one all_to_all, all depths
+        shard = exchange_halo(shard, group=ranks.groups.cp_group, tp_size=ranks.tp_size)
     return shard.step_batch(normalizer)
 
 
@@ -132,9 +157,9 @@ def build_model(
     cfg: TrainConfig, vocab_size: int, pad_id: int, ranks: Ranks, device: torch.device
 ) -> MTPModel:
     """The reference GPT with MTP, seeded by ``train.seed``, on ``device``, with parallelism
-    applied from outside in torchtitan's order: context parallelism (the K/V all-gather
-    hooks), then ``train.compile`` (per layer), then FSDP2 over the data x context-parallel
-    ranks (replaces a gradient all_reduce).
+    applied from outside in torchtitan's order: tensor parallelism (DTensor), context
+    parallelism (the K/V all-gather hooks), then ``train.compile`` (per layer), then FSDP2
+    over the data x context-parallel ranks (replaces a gradient all_reduce).
     """
     torch.manual_seed(cfg.train.seed)
     if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
@@ -143,11 +168,13 @@ def build_model(
         return build_hf_model(cfg, pad_id, ranks)
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
+    if ranks.tp_size > 1:
+        apply_tp(model, ranks.groups)
     if ranks.cp_size > 1:
         parallelize(model, ranks.groups)
     if cfg.train.compile:
         compile_layers(model, verbose=ranks.is_main)
-    if ranks.world > 1:
+    if ranks.token_world > 1:
         apply_fsdp(model, ranks.groups.dp_cp_mesh)
     return model
 

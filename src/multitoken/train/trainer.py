@@ -19,7 +19,7 @@ import torch
 
 from multitoken.errors import set_validation
 from multitoken.model import MTPModel, step_loss
-from multitoken.parallel import MetricSums, local_device
+from multitoken.parallel import MetricSums, clip_grad_norm, local_device
 from multitoken.train.checkpoint import (
     check_resume_config,
     check_run_dir,
@@ -143,7 +143,8 @@ class _Trainer:
         losses = self.forward(next(self.data.train_loader), weight)
         losses.loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
         if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
+            clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
@@ -160,7 +161,7 @@ class _Trainer:
             for _ in range(cfg.train.eval_batches):
                 meter.add(self.forward(next(loader), cfg.mtp.weight_at(0, cfg.train.steps)))
         self.model.train()
-        losses, accs, _ = meter.reduce(self.ranks.world_group)
+        losses, accs, _ = meter.reduce(self.ranks.token_group)
         return _record(step, losses, accs, weight, split="val", tokens=self.tokens_seen)
 
     def save(self, step: int) -> None:
@@ -195,7 +196,7 @@ class _Trainer:
             self.tokens_seen += self.batch_tokens
             clock.tokens += self.batch_tokens
             if step % t.log_every == 0 or step == end:
-                mean_losses, accs, _ = meter.reduce(self.ranks.world_group)
+                mean_losses, accs, _ = meter.reduce(self.ranks.token_group)
                 rate = clock.rate()
                 last = _record(
                     step, mean_losses, accs, weight, tokens=self.tokens_seen, lr=lr,

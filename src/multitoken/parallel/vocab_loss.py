@@ -1,0 +1,222 @@
+"""Cross-entropy through a vocabulary-parallel head, chunked over tokens (tensor parallelism).
+
+Under tensor parallelism the output head (the embedding, when tied) is sharded by vocabulary
+rows: TP rank r holds rows ``[r * V / tp, (r + 1) * V / tp)`` and every rank of the TP group
+holds the same (replicated) hidden states. :class:`VocabParallelCrossEntropy` is the drop-in
+for :func:`~multitoken.loss.linear_cross_entropy` in that layout: each rank walks the tokens
+in chunks of at most ``chunk_elements`` logits of *its* vocabulary shard (so no rank ever holds
+``[tokens, V / tp]`` logits), keeping per token only a few floats:
+
+    local max m_r, sum_r = sum_v exp(logit_v - m_r), target logit (where r owns the target),
+    "my top-1 is the target"
+
+and one all-gather of those ``[tokens, 5]`` floats over the TP group gives every rank the
+global log-sum-exp ``M + log(sum_r sum_r * exp(m_r - M))``, the target logit and the top-1 hit
+(the first rank holding the global max decides, as ``max`` picks the first index). That is one
+collective per call in the forward instead of two per chunk (MAX, then SUM).
+
+The backward recomputes each chunk's local logits from the saved global log-sum-exp:
+``grad_logits = softmax - onehot`` restricted to the shard, so the weight shard's gradient is
+complete and stays local, while the hidden states' gradient is a partial sum over the shards,
+summed with one all-reduce over the TP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+from multitoken.errors import InputError, check_in_range
+from multitoken.loss import (
+    DEFAULT_CHUNK_ELEMENTS,
+    LossStats,
+    _chunk_logits,
+    _chunk_rows,
+    _compute_dtype,
+)
+from multitoken.parallel.apply import _all_gather
+
+__all__ = ["VocabParallelCrossEntropy"]
+
+# Columns of the per-token statistics every rank contributes.
+_MAX, _SHIFT, _SUMEXP, _TARGET, _HIT = range(5)
+
+
+def _local_stats(hidden, weight, targets, owned, rows, dtype) -> Tensor:
+    """``[N, 5]`` per-token statistics of this rank's vocabulary shard (module docstring)."""
+    n_tokens, vocab_local = hidden.shape[0], weight.shape[0]
+    stats = torch.zeros(n_tokens, 5, dtype=torch.float32, device=hidden.device)
+    buffer = hidden.new_empty((rows, vocab_local), dtype=torch.float32)  # one chunk of logits
+    for start in range(0, n_tokens, rows):
+        stop = min(start + rows, n_tokens)
+        logits = _chunk_logits(hidden[start:stop].to(dtype), weight, buffer)  # (C, V / tp)
+        tgt = targets[start:stop]
+        picked = logits.gather(1, tgt[:, None]).squeeze(1)
+        row_max, top1 = logits.max(dim=-1)
+        # As torch.logsumexp: an infinite max is replaced by 0 so that inf - inf is no NaN.
+        shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
+        sumexp = logits.sub_(shift[:, None]).exp_().sum(dim=-1)
+        mine = owned[start:stop]
+        chunk = stats[start:stop]
+        chunk[:, _MAX], chunk[:, _SHIFT], chunk[:, _SUMEXP] = row_max, shift, sumexp
+        chunk[:, _TARGET] = torch.where(mine, picked, 0.0)
+        chunk[:, _HIT] = (mine & (top1 == tgt)).float()
+    return stats
+
+
+def _combine(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Global ``(lse, target_logit, hit)`` per token from every rank's ``[tp, N, 5]`` stats."""
+    shift = gathered[..., _SHIFT]  # (tp, N)
+    top = shift.max(dim=0).values  # (N,)
+    lse = top + (gathered[..., _SUMEXP] * (shift - top).exp()).sum(0).log()
+    target_logit = gathered[..., _TARGET].sum(0)  # only the owner's entry is non-zero
+    row_max = gathered[..., _MAX]
+    # The first rank holding the global max has the global top-1 (its own first index).
+    first = (row_max == row_max.max(dim=0).values).int().argmax(dim=0)  # (N,)
+    hit = gathered[..., _HIT].gather(0, first[None]).squeeze(0) > 0
+    return lse, target_logit, hit
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, valid, vocab_start, group, chunk_elements):
+        # hidden (N, H) replicated over the group, weight (V / tp, H) this rank's rows,
+        # targets (N,) global ids (0 where not valid).
+        n_tokens, vocab_local = hidden.shape[0], weight.shape[0]
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
+        rows = min(_chunk_rows(vocab_local, chunk_elements), max(n_tokens, 1))
+        local_targets = targets - vocab_start
+        owned = valid & (local_targets >= 0) & (local_targets < vocab_local)
+        local_targets = torch.where(owned, local_targets, torch.zeros_like(local_targets))
+        stats = _local_stats(hidden, w, local_targets, owned, rows, dtype)  # (N, 5)
+        tp = dist.get_world_size(group)
+        gathered = stats.new_empty((tp * n_tokens, 5))  # rank after rank along dim 0
+        _all_gather(gathered, stats, group)
+        lse, target_logit, hit = _combine(gathered.view(tp, n_tokens, 5))
+        loss_sum = torch.where(valid, lse - target_logit, 0.0).sum()
+        correct = (hit & valid).sum()
+        ctx.save_for_backward(hidden, weight, local_targets, owned, valid, lse)
+        ctx.rows, ctx.dtype, ctx.group = rows, dtype, group
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        hidden, weight, local_targets, owned, valid, lse = ctx.saved_tensors
+        rows, dtype = ctx.rows, ctx.dtype
+        w = weight.to(dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        row_scale = valid.float() * grad_loss.float()  # (N,)
+        buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], rows):
+            stop = min(start + rows, hidden.shape[0])
+            h = hidden[start:stop]
+            # softmax - onehot(t) on this shard's columns; the one-hot only where it owns t.
+            probs = _chunk_logits(h.to(dtype), w, buffer)  # (C, V / tp)
+            probs.sub_(lse[start:stop, None]).exp_()
+            minus_one = -owned[start:stop, None].float()
+            probs.scatter_add_(1, local_targets[start:stop, None], minus_one)
+            grad_logits = probs.to(dtype)
+            scale = row_scale[start:stop, None]  # (C, 1)
+            if need_h:
+                grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
+            if need_w:
+                grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
+            del probs, grad_logits
+        if need_h:
+            # Each shard's columns contribute a partial sum of d loss / d hidden.
+            dist.all_reduce(grad_h, group=ctx.group)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+class VocabParallelCrossEntropy:
+    """:func:`~multitoken.loss.linear_cross_entropy` for a head sharded by vocabulary rows.
+
+    Set as ``MTPModel.cross_entropy`` by :func:`~multitoken.parallel.tensor.apply_tp`; a class
+    rather than a closure so the model stays picklable and prints its group.
+
+    Args:
+        group: the TP group; rank r of it holds vocabulary rows ``[r * V / tp, (r + 1) * V / tp)``.
+
+    Example (2 TP ranks, ``w`` the full ``[V, H]`` head, ``h`` the same on both)::
+
+        >>> ce = VocabParallelCrossEntropy(tp_group)
+        >>> stats = ce(h, w.chunk(2)[tp_rank], targets)
+        >>> torch.allclose(stats.loss_sum, F.cross_entropy(h @ w.T, targets, reduction="sum"))
+        True
+    """
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __call__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        ignore_index: int = -100,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> LossStats:
+        """Summed cross-entropy of the replicated ``hidden [..., H]`` against ``targets [...]``.
+
+        Args:
+            hidden: ``[..., H]`` hidden states, the same on every rank of the group.
+            weight: this rank's ``[V / tp, H]`` rows of the head, or the head as a DTensor
+                sharded by rows (``Shard(0)``) over the group.
+            targets: ``[...]`` global token ids, ``ignore_index`` where there is no target.
+            ignore_index: the "no target" value.
+            chunk_elements: at most this many logits of the shard exist at once.
+
+        Returns:
+            :class:`~multitoken.loss.LossStats`, the same on every rank of the group.
+        """
+        tp = dist.get_world_size(self.group)
+        if isinstance(weight, DTensor):
+            if tuple(weight.placements) != (Shard(0),):
+                raise InputError(
+                    f"the head must be sharded by vocabulary rows (Shard(0)) over the TP group, "
+                    f"got placements {weight.placements}"
+                )
+            weight = weight.to_local()  # differentiable: the gradient comes back as Shard(0)
+        if hidden.shape[:-1] != targets.shape:
+            raise InputError(
+                f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
+                "targets must have hidden's shape without the last dimension"
+            )
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise InputError(
+                f"head shard must be [vocab / tp, {hidden.shape[-1]}], got {tuple(weight.shape)}"
+            )
+        if targets.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"targets must be an integer tensor, got {targets.dtype}")
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        flat_t = targets.reshape(-1).long()
+        vocab = weight.shape[0] * tp
+        check_in_range(
+            "target id",
+            flat_t,
+            vocab,
+            f"it is neither a token of the head's vocabulary nor ignore_index ({ignore_index}): "
+            "check the tokenizer's vocab size against the model's",
+            ignore=ignore_index,
+        )
+        valid = flat_t != ignore_index
+        safe = torch.where(valid, flat_t, torch.zeros_like(flat_t))
+        vocab_start = dist.get_rank(self.group) * weight.shape[0]
+        loss_sum, correct = _VocabParallelCrossEntropy.apply(
+            flat_h, weight, safe, valid, vocab_start, self.group, chunk_elements
+        )
+        return LossStats(loss_sum, valid.sum(), correct)
+
+    def __repr__(self) -> str:
+        ranks = dist.get_process_group_ranks(self.group)
+        return f"VocabParallelCrossEntropy(ranks={ranks})"

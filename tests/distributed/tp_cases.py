@@ -1,0 +1,149 @@
+"""Models, groups and per-rank steps shared by the tensor-parallel tests.
+
+The reference is the plain model on the global batch in the pytest process (no
+``multitoken.parallel``); the ranks report their losses, full gradients and the collectives of
+one step, each tagged with the role of its group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from cp_cases import IGNORE, PAD, make_batch
+
+from multitoken import MTPConfig, MTPModel, SequenceLayout, StepBatch, step_loss
+from multitoken.models import GPTConfig
+from multitoken.parallel import (
+    ParallelGroups,
+    apply_fsdp,
+    apply_tp,
+    global_normalizer,
+    grad_norm,
+    parallelize,
+    shard_batch,
+    sync_gradients,
+)
+from multitoken.parallel.comms import count_comms
+
+# 64 tokens, 8 query and 4 key/value heads, a feed-forward of 128: tp in {1, 2, 4} splits all.
+TP_VOCAB = 64
+N_LAYERS = 2
+
+_GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
+
+
+def tp_groups(dp: int, cp: int, tp: int) -> ParallelGroups:
+    """The (dp, cp, tp) groups of this pool, built once per shape (new_group is collective)."""
+    if (dp, cp, tp) not in _GROUPS:
+        _GROUPS[(dp, cp, tp)] = ParallelGroups.build(dp, cp, "cpu", tp)
+    return _GROUPS[(dp, cp, tp)]
+
+
+def make_tp_model(depth: int, seed: int = 0, tie: bool = True, **overrides) -> MTPModel:
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=TP_VOCAB,
+        dim=32,
+        n_layers=N_LAYERS,
+        n_heads=8,
+        n_kv_heads=4,
+        max_seq_len=64,
+        tie_embeddings=tie,
+    )
+    config = GPTConfig(**{**fields, **overrides})
+    return MTPModel.from_config(config, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
+
+
+def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient (DTensor shards gathered: a collective, outside the
+    counted step)."""
+    out = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is not None:
+            out[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
+    return out
+
+
+def tp_reference(depth: int, rows, tie: bool = True) -> dict:
+    """The single process on the global batch."""
+    model = make_tp_model(depth, tie=tie)
+    ids, labels, layout = make_batch(True, rows=rows)
+    out = model.loss(ids, labels, layout)
+    out.loss.backward()
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads={n: p.grad for n, p in model.named_parameters()},
+        grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")),
+    )
+
+
+def group_roles(g: ParallelGroups) -> dict[str, str]:
+    """Group name -> role of the groups of ``g``, and a role by member ranks for the rest.
+
+    The default world group is "WORLD" by name. Other groups are named by their member ranks:
+    torch compares device meshes by layout, not by group, so DTensor's caches may hand a step
+    the equal TP mesh of another ``ParallelGroups`` built earlier in this pool (same ranks,
+    another group object). With ``dp = 1`` the DP x CP ranks are the CP ranks: "cp".
+    """
+    roles = {dist.group.WORLD.group_name: "WORLD"}
+    for role in ("tp", "cp", "dp_cp"):
+        group = getattr(g, f"{role}_group")
+        if dist.get_world_size(group) > 1:
+            roles.setdefault(tuple(dist.get_process_group_ranks(group)), role)
+    return roles
+
+
+def role_of(group: dist.ProcessGroup, roles: dict) -> str:
+    if group.group_name in roles:
+        return roles[group.group_name]
+    return roles.get(tuple(dist.get_process_group_ranks(group)), "other")
+
+
+def _local_batch(g: ParallelGroups, rows, depth: int) -> StepBatch:
+    """This rank's batch: its data-parallel rows, then its CP shard; TP peers get the same."""
+    ids, labels, layout = make_batch(True, rows=rows)
+    per_replica = len(rows) // g.dp_size
+    mine = slice(per_replica * g.dp_rank, per_replica * (g.dp_rank + 1))
+    ids, labels = ids[mine], labels[mine]
+    layout = SequenceLayout.from_lengths(rows[mine])
+    reduce_group = g.dp_cp_group if g.dp_size * g.cp_size > 1 else None
+    if g.cp_size == 1:
+        batch = StepBatch.build(ids, labels, layout, depth, PAD)
+        normalizer = global_normalizer(batch.depth_labels, reduce_group)
+        return StepBatch(
+            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
+        )
+    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
+    return shard.step_batch(global_normalizer(shard, reduce_group, tp_size=g.tp_size))
+
+
+def run_tp(dp: int, cp: int, tp: int, depth: int, rows, fsdp: bool = False, tie: bool = True):
+    """One counted step on every rank: TP, then CP hooks, then (optionally) FSDP2."""
+    g = tp_groups(dp, cp, tp)
+    model = apply_tp(make_tp_model(depth, tie=tie), g)
+    parallelize(model, g)
+    if fsdp:
+        apply_fsdp(model, g.dp_cp_mesh)
+    roles = group_roles(g)
+    with count_comms() as log:
+        batch = _local_batch(g, rows, depth)
+        out = step_loss(model, batch, model.config.loss_weight)
+        out.loss.backward()
+        if not fsdp:
+            sync_gradients(model, g.dp_cp_group if dp * cp > 1 else None)
+    calls: dict[tuple[str, str], int] = {}
+    for record in log.records:
+        key = (record.name, role_of(record.group, roles))
+        calls[key] = calls.get(key, 0) + 1
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=full_grads(model),
+        grad_norm=grad_norm(model.parameters()),  # mixed meshes (TP, FSDP2 + TP)
+        calls=calls,
+        coords=(g.dp_rank, g.cp_rank, g.tp_rank),
+    )
