@@ -202,6 +202,18 @@ class PackedLoader:
         self._current = _Window(epoch, index, rows, _ReorderedCorpus(self.corpus, doc_ids), plan)
         return self._current
 
+    def epoch_padding(self, epoch: int = 0) -> float:
+        """Pad tokens over all row tokens of a whole epoch's packing (every window packed:
+        costs a pass over the corpus's lengths; for reports, not for the training loop)."""
+        current = self._current
+        real = rows = 0
+        for index in range(self.num_windows):
+            self._current = None  # pack afresh, leave the serving window alone
+            packed = self._pack(epoch, index)
+            real, rows = real + packed.num_tokens, rows + packed.num_rows
+        self._current = current
+        return 1.0 - real / max(rows * self.seq_len, 1)
+
     def _seek(self, epoch: int, window: int, row: int, batch_in_epoch: int) -> None:
         self._epoch, self._window, self._row = epoch, window, row
         self._batch_in_epoch = batch_in_epoch
