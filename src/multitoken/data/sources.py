@@ -5,7 +5,8 @@ never holds the corpus in memory, so a 100 GB corpus costs what one document (or
 record batch) costs. Every source also has a cheap :meth:`Source.fingerprint` (file names,
 sizes and modification times, no content read) that keys the token store's cache.
 
-Formats (``format="auto"`` picks by the path):
+Formats (``format="auto"`` picks by the path; a folder holding only JSONL or only Parquet
+files is read as that format):
 
 - ``text``: a folder read recursively; every file whose path relative to the folder matches
   ``glob`` (an ``fnmatch`` pattern, ``*`` crosses folders) is one document. Binary, non-UTF-8
@@ -92,6 +93,12 @@ def _detect_format(root: Path) -> str:
     if root.is_dir():
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             return "hf_disk"
+        names = [name.lower() for name, _ in _walk_files(root, frozenset({"__pycache__"}))]
+        # A folder of shards is a dataset, not a folder of text documents.
+        if names and all(name.endswith(_JSONL_SUFFIXES) for name in names):
+            return "jsonl"
+        if names and all(name.endswith(".parquet") for name in names):
+            return "parquet"
         return "text"
     name = root.name.lower()
     if name.endswith(_JSONL_SUFFIXES):
