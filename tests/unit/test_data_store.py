@@ -166,7 +166,8 @@ def test_empty_corpus_is_a_clear_error(tokenizer, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "blob.bin").write_bytes(b"\x00\x01")
-    with pytest.raises(DataError, match=r"holds no documents \(skipped 1: 1 binary or not UTF-8"):
+    message = r"is empty: no non-empty UTF-8 document \(skipped 1: 1 binary or not UTF-8"
+    with pytest.raises(DataError, match=message):
         build_store(open_source(corpus), tokenizer, tmp_path / "cache", **SMALL)
 
 

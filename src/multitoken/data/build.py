@@ -48,7 +48,7 @@ from multitoken.data.store import (
 )
 from multitoken.data.tokenizer import Tokenizer
 
-__all__ = ["build_store", "store_key"]
+__all__ = ["build_store", "empty_corpus_message", "store_key"]
 
 CHUNK_CHARS = 1 << 22
 PART_TOKENS = 1 << 26  # 64 M tokens: 128 MB of uint16 per part, the work an interruption loses
@@ -57,6 +57,14 @@ PART_TOKENS = 1 << 26  # 64 M tokens: 128 MB of uint16 per part, the work an int
 def _log(message: str, verbose: bool) -> None:
     if verbose:
         print(f"multitoken: {message}", file=sys.stderr, flush=True)
+
+
+def empty_corpus_message(source: Source) -> str:
+    """The error for a source without documents, with what was skipped and why."""
+    return (
+        f"the {source.describe()} is empty: no non-empty UTF-8 document "
+        f"({source.skipped.summary()}); point data.path at text, or set data.text_field"
+    )
 
 
 def store_key(
@@ -436,10 +444,7 @@ def build_store(
             docs = {s: sum(p["splits"][s]["num_docs"] for p in parts) for s in SPLITS}
             if rule.count == 0:
                 shutil.rmtree(partial)
-                raise DataError(
-                    f"the {source.describe()} holds no documents ({source.skipped.summary()}): "
-                    "point data.path at non-empty UTF-8 text, or set data.text_field"
-                )
+                raise DataError(empty_corpus_message(source))
             # A small corpus may hash no document to one side; move the extreme one there,
             # as split_corpus does (a second pass, only ever on corpora of a few documents).
             if rule.count >= 2 and val_fraction > 0 and docs["val"] == 0 and not force_val:

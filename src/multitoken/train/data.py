@@ -31,6 +31,7 @@ from multitoken.data import (
     stdlib_source,
     train_tokenizer,
 )
+from multitoken.data.build import empty_corpus_message
 from multitoken.data.corpus import _unit_hash
 from multitoken.train.config import TrainConfig, alignment
 
@@ -87,6 +88,8 @@ def _tokenizer(cfg: TrainConfig, source: Source, verbose: bool) -> Tokenizer:
         raise DataError(
             f"data.tokenizer_sample_mb must be >= 1, got {cfg.data.tokenizer_sample_mb}"
         )
+    if next(iter(source), None) is None:  # before training on nothing
+        raise DataError(empty_corpus_message(source))
     key = f"{source.fingerprint()}|sample={cfg.data.tokenizer_sample_mb}MB|"
     key += f"val={cfg.data.val_fraction}|seed={cfg.train.seed}"
     return train_tokenizer(
