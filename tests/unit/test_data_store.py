@@ -1,5 +1,7 @@
 """The memory-mapped token store: equal to the in-memory reference, cached, checked, resumable."""
 
+import gzip
+import json
 import os
 import shutil
 
@@ -174,3 +176,20 @@ def test_empty_corpus_is_a_clear_error(tokenizer, tmp_path):
 def test_token_dtype():
     assert token_dtype(4096) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32 and token_dtype(151_936) == np.uint32
+
+
+def test_every_format_gives_the_tokens_of_the_text_folder(tokenizer, corpus_dir, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    texts = [doc.text for doc in open_source(corpus_dir)]
+    jsonl = tmp_path / "c.jsonl.gz"
+    jsonl.write_bytes(
+        gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    )
+    parquet.write_table(pa.table({"text": texts}), tmp_path / "c.parquet", row_group_size=7)
+    settings = dict(val_fraction=0.0, **SMALL)  # names differ by format; keep every document
+    expected = build_store(open_source(corpus_dir), tokenizer, tmp_path / "a", **settings)
+    for path in (jsonl, tmp_path / "c.parquet"):
+        store = build_store(open_source(path), tokenizer, tmp_path / path.suffix, **settings)
+        assert np.array_equal(store.split("train").tokens, expected.split("train").tokens)
+        assert np.array_equal(store.split("train").offsets, expected.split("train").offsets)
