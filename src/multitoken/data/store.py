@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -50,6 +51,8 @@ __all__ = [
 STORE_FORMAT = 1
 SPLITS = ("train", "val")
 _READ_BLOCK = 1 << 24
+# Documents read between two unmappings of a split's pages (see StoreSplit.release).
+_RELEASE_EVERY = 64
 
 
 class StoreError(DataError):
@@ -73,7 +76,18 @@ def file_checksum(path: Path) -> str:
 def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if count == 0:  # mmap cannot map an empty file
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    # Documents are read in shuffled order: reading ahead would only fill the page cache.
+    raw = getattr(tokens, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+        raw.madvise(mmap.MADV_RANDOM)
+    return tokens
+
+
+def _unmap_pages(tokens: np.ndarray) -> None:
+    raw = getattr(tokens, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+        raw.madvise(mmap.MADV_DONTNEED)
 
 
 class StoreSplit:
@@ -96,11 +110,29 @@ class StoreSplit:
         ]
         self._part_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._num_tokens = int(entry["num_tokens"])
+        self._reads = 0
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def release(self) -> None:
+        """Unmap the pages read so far (they stay in the page cache; a later read maps
+        them again).
+
+        The kernel maps a whole page-cache folio (up to 2 MB of a sequentially written
+        file) around every document touched, so a shuffled epoch would map most of the
+        store into each rank's RSS; :meth:`__getitem__` calls this every
+        ``_RELEASE_EVERY`` documents, which bounds the mapped pages by what that many
+        reads touch, whatever the corpus size.
+        """
+        for part in self._parts:
+            _unmap_pages(part)
+        self._reads = 0
+
     def __getitem__(self, index: int) -> np.ndarray:
+        self._reads += 1
+        if self._reads >= _RELEASE_EVERY:
+            self.release()
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         # A document never spans two shard files, so one searchsorted finds it.
         part = int(np.searchsorted(self._part_starts, start, side="right")) - 1
