@@ -49,7 +49,9 @@ def prepare(corpus: str, cache: str, workers: int) -> dict:
         "mb_per_s": source.total_bytes / 1e6 / seconds,
         "tokens": tokens,
         "store_bytes_per_token": store.num_bytes / tokens,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # VmHWM, not ru_maxrss: Linux carries the launching process's peak across exec into
+        # ru_maxrss, so a probe started by a big parent would report the parent's peak.
+        "peak_rss_mb": _status_kb("VmHWM") / 1024,
         "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
 
