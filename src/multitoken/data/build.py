@@ -24,11 +24,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from multitoken.data.corpus import DataError, _unit_hash
+from multitoken.data.encode import encoder
 from multitoken.data.sources import Source
 from multitoken.data.store import (
     SPLITS,
@@ -106,61 +105,6 @@ class _SplitRule:
         if name == self.force_train:
             return False
         return score < self.val_fraction
-
-
-def _init_worker(tokenizer: Tokenizer) -> None:
-    # One thread per worker: the workers are the parallelism.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _encode_in_worker(texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    return _WORKER_TOKENIZER.encode_documents(texts, dtype)
-
-
-@contextmanager
-def _encoder(tokenizer: Tokenizer, dtype: np.dtype, workers: int):
-    """A function mapping an iterator of (texts, meta) to (tokens, lengths, meta), in order.
-
-    Worker processes get at most ``2 * workers`` chunks ahead of the writer, which bounds
-    memory (``Pool.imap`` would read the whole corpus into its task queue).
-    """
-    if workers <= 1:
-        yield lambda chunks: (
-            (*tokenizer.encode_documents(texts, dtype), meta) for texts, meta in chunks
-        )
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    # Set while the workers fork, so that tokenizers does not warn about forking after its
-    # thread pool was used (training); restored for this process's own encoding after.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-    def run(chunks):
-        pending: deque = deque()
-        for texts, meta in chunks:
-            pending.append((pool.apply_async(_encode_in_worker, (texts, dtype)), meta))
-            if len(pending) >= 2 * workers:
-                result, meta = pending.popleft()
-                yield (*result.get(), meta)
-        while pending:
-            result, meta = pending.popleft()
-            yield (*result.get(), meta)
-
-    try:
-        yield run
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -306,7 +250,7 @@ def _write_parts(
     if parts:
         _log(f"resuming: {len(parts)} finished part(s), {skip:,} documents done", verbose)
     writer: _PartWriter | None = None
-    with _progress(source, verbose) as progress, _encoder(tokenizer, dtype, workers) as encode:
+    with _progress(source, verbose) as progress, encoder(tokenizer, dtype, workers) as encode:
         task = progress.add_task("", total=source.total_bytes, docs=0) if progress else None
         chunks = _chunks(iter(source), rule, skip, chunk_chars)
         for tokens, lengths, (is_val, docs_read) in encode(chunks):
