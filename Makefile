@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup test lint format train bench clean
+.PHONY: setup test test-slow lint format train bench bench-data clean
 
 # Idempotent: re-runs only when pyproject.toml changes. torch is pinned so that pip takes the
 # CPU wheel instead of pulling a multi-GB CUDA build.
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev,hf,data]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,7 +28,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests bench
 
 test: setup lint
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow" tests
+
+# The long ones (minutes): e.g. preparing and loading a 1 GB synthetic corpus.
+test-slow: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slow -s tests
 
 train: setup
 	$(VENV)/bin/multitoken train $(ARGS)
@@ -37,6 +41,10 @@ bench: setup
 	$(PY) bench/lookahead.py
 	$(PY) bench/loss.py
 	$(PY) bench/step.py
+
+# Tokenisation throughput, store size, loader speed and RSS against corpus size (minutes).
+bench-data: setup
+	$(PY) bench/data.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

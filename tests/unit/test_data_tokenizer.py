@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from multitoken.data import Tokenizer, tokenize_corpus, train_tokenizer
 from multitoken.data.corpus import DataError, Document, stdlib_corpus
-from multitoken.data.tokenizer import Tokenizer, tokenize_corpus, train_tokenizer
 
 VOCAB = 512  # small: trains in well under a second on 40 files
 

@@ -1,10 +1,10 @@
-"""A byte-level BPE tokenizer trained on the corpus, and the corpus as one token array.
+"""The tokenizer: a byte-level BPE trained on the corpus, or an existing one loaded.
 
-Both are cached on disk (default ``.cache/multitoken/`` in the current directory), keyed
-by a hash of what they were built from, so only the first run pays the seconds that
-training and encoding take; later runs load them in milliseconds.
+A trained tokenizer is cached on disk (default ``.cache/multitoken/`` in the current
+directory), keyed by what it was trained on, so only the first run pays for training.
 
-Special tokens: ``<|pad|>`` is id 0, ``<|endoftext|>`` (end of document) is id 1. Text
+Special tokens of a trained tokenizer: ``<|pad|>`` is id 0, ``<|endoftext|>`` (end of
+document) is id 1; an existing tokenizer keeps its own (see :class:`Tokenizer`). Text
 is always encoded as text: a literal ``"<|endoftext|>"`` inside a document becomes
 ordinary byte-level tokens, never the control id, so data cannot forge a document end.
 """
@@ -12,10 +12,11 @@ ordinary byte-level tokens, never the control id, so data cannot forge a documen
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from multitoken.data.corpus import DataError, Document
 
 __all__ = [
+    "documents_with_eos",
     "DEFAULT_CACHE_DIR",
     "EOS_TOKEN",
     "PAD_TOKEN",
-    "TokenizedCorpus",
     "Tokenizer",
-    "tokenize_corpus",
     "train_tokenizer",
 ]
 
@@ -42,9 +42,10 @@ _CACHE_FORMAT = 1
 # 256 byte symbols plus the two special tokens: the smallest vocabulary that can
 # encode every string.
 _MIN_VOCAB_SIZE = 258
-# Documents are encoded in chunks of about this many characters: the backend's
-# Encoding objects cost ~100 bytes per token, too much to hold for a whole corpus.
-_ENCODE_CHUNK_CHARS = 8_000_000
+# End and pad tokens of common tokenizers, tried in order when no config names them.
+_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")
+_PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+_HF_CONFIG = "tokenizer_config.json"
 
 
 def _log(message: str, verbose: bool) -> None:
@@ -53,25 +54,47 @@ def _log(message: str, verbose: bool) -> None:
 
 
 class Tokenizer:
-    """A thin wrapper over a ``tokenizers.Tokenizer`` with fixed special tokens.
+    """A thin wrapper over a ``tokenizers.Tokenizer`` that knows its end and pad tokens.
+
+    A tokenizer trained by :func:`train_tokenizer` has ``<|pad|>`` = 0 and
+    ``<|endoftext|>`` = 1. An existing one (:meth:`load` of a ``tokenizer.json`` or a
+    Hugging Face model folder) keeps its ids: the end-of-document token comes from
+    ``tokenizer_config.json`` when there is one, else from the usual names (``</s>``,
+    ``<|end_of_text|>``, ...); a tokenizer without a pad token pads with its end token
+    (padding never has a label, so the id only fills the row).
 
     Attributes:
         backend: The wrapped ``tokenizers.Tokenizer``.
+        eos_token: The end-of-document token.
+        pad_token: The padding token.
         from_cache: True when :func:`train_tokenizer` loaded this tokenizer from its
             cache instead of training it.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, from_cache: bool = False) -> None:
-        pad_id = backend.token_to_id(PAD_TOKEN)
-        eos_id = backend.token_to_id(EOS_TOKEN)
-        if pad_id != 0 or eos_id != 1:
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        from_cache: bool = False,
+        eos_token: str | None = EOS_TOKEN,
+        pad_token: str | None = PAD_TOKEN,
+    ) -> None:
+        eos_token = eos_token or _first_present(backend, _EOS_CANDIDATES)
+        pad_token = pad_token or _first_present(backend, _PAD_CANDIDATES) or eos_token
+        eos_id = backend.token_to_id(eos_token) if eos_token else None
+        pad_id = backend.token_to_id(pad_token) if pad_token else None
+        if eos_id is None or pad_id is None:
+            specials = [t.content for t in backend.get_added_tokens_decoder().values()]
             raise DataError(
-                f"tokenizer has {PAD_TOKEN} id {pad_id} and {EOS_TOKEN} id {eos_id}, "
-                "expected 0 and 1: train it with multitoken's train_tokenizer"
+                f"tokenizer has no end-of-document token {eos_token!r} or pad token "
+                f"{pad_token!r} (its special tokens: {specials[:20]}): name them in a "
+                "tokenizer_config.json beside tokenizer.json ('eos_token', 'pad_token')"
             )
         # Not stored in the JSON, so set on every construction (see the module docstring).
         backend.encode_special_tokens = True
         self.backend = backend
+        self.eos_token, self.pad_token = eos_token, pad_token
+        self._eos_id, self._pad_id = eos_id, pad_id
         self.from_cache = from_cache
 
     @property
@@ -81,11 +104,21 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return 0
+        return self._pad_id
 
     @property
     def eos_id(self) -> int:
-        return 1
+        return self._eos_id
+
+    @property
+    def is_default(self) -> bool:
+        """True for multitoken's own special tokens (pad 0, end 1)."""
+        return (self.pad_token, self.eos_token, self.pad_id, self.eos_id) == (
+            PAD_TOKEN,
+            EOS_TOKEN,
+            0,
+            1,
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without any special token added."""
@@ -96,30 +129,50 @@ class Tokenizer:
         encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        """The text of ``ids``; ``decode(encode(text)) == text`` for every string.
+    def encode_documents(
+        self, texts: Sequence[str], dtype: np.dtype
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids followed by the end-of-document id, flat, and each document's length.
 
-        Special tokens are shown as ``<|pad|>`` / ``<|endoftext|>`` unless skipped.
+        Returns:
+            ``(tokens, lengths)``: ``tokens`` of ``dtype``, shape ``(sum(lengths),)``;
+            ``lengths`` int64, shape ``(len(texts),)``, end token included.
+        """
+        return documents_with_eos(self.encode_batch(texts), self.eos_id, dtype)
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``; ``decode(encode(text)) == text`` for a byte-level BPE.
+
+        Special tokens are shown (e.g. ``<|pad|>`` / ``<|endoftext|>``) unless skipped.
         """
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokenizer as ``tokenizers`` JSON (atomically, so readers never see
-        half a file)."""
-        _atomic_write_text(Path(path), self.backend.to_str())
+        half a file); an existing tokenizer's special tokens go to ``tokenizer_config.json``
+        beside it, where :meth:`load` finds them."""
+        path = Path(path)
+        _atomic_write_text(path, self.backend.to_str())
+        if not self.is_default:
+            config = {"eos_token": self.eos_token, "pad_token": self.pad_token}
+            _atomic_write_text(path.parent / _HF_CONFIG, json.dumps(config, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Read a tokenizer written by :meth:`save`.
+        """Read a ``tokenizer.json`` (written by :meth:`save` or by Hugging Face), or a model
+        folder holding one; special tokens from ``tokenizer_config.json`` when present.
 
         Raises:
-            DataError: If the file does not exist or is not a multitoken tokenizer.
+            DataError: If there is no such file, it is not a tokenizers JSON file, or the
+                end-of-document token cannot be found.
         """
         path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(
                 f"tokenizer file '{path}' does not exist: train one with train_tokenizer "
-                "or pass the path of a saved tokenizer JSON"
+                "or pass a tokenizer.json or a Hugging Face model folder that holds one"
             )
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
@@ -127,10 +180,35 @@ class Tokenizer:
             raise DataError(
                 f"'{path}' is not a tokenizers JSON file ({err}): delete it and retrain"
             ) from None
-        return cls(backend)
+        config = _read_hf_config(path.parent / _HF_CONFIG)
+        return cls(backend, eos_token=config.get("eos_token"), pad_token=config.get("pad_token"))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, pad_id=0, eos_id=1)"
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})"
+        )
+
+
+def _first_present(backend: tokenizers.Tokenizer, names: Sequence[str]) -> str | None:
+    return next((name for name in names if backend.token_to_id(name) is not None), None)
+
+
+def _read_hf_config(path: Path) -> dict[str, str]:
+    """``eos_token`` / ``pad_token`` of a Hugging Face ``tokenizer_config.json`` (or {})."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise DataError(f"'{path}' is not valid JSON ({err}): fix or delete it") from None
+    found = {}
+    for key in ("eos_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):  # {"content": "</s>", "lstrip": false, ...}
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            found[key] = value
+    return found
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -139,13 +217,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
     os.replace(tmp, path)
 
 
@@ -175,11 +246,12 @@ def _corpus_summary(docs: Sequence[Document]) -> str:
 
 
 def train_tokenizer(
-    docs: Sequence[Document],
+    docs: Sequence[Document] | Iterable[Document],
     vocab_size: int = 4096,
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     verbose: bool = True,
+    cache_key: str | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on ``docs``, or load it from the cache.
 
@@ -188,12 +260,15 @@ def train_tokenizer(
     content), ``vocab_size`` and the ``tokenizers`` version.
 
     Args:
-        docs: The training corpus (usually the train split).
+        docs: The training corpus (usually the train split): a sequence, or with
+            ``cache_key`` any iterable (streamed, read once, never held in memory).
         vocab_size: Requested vocabulary size, special tokens included, at least 258.
             A tiny corpus may stop short of it: use ``Tokenizer.vocab_size``.
         cache_dir: Folder for the cache; default ``.cache/multitoken`` in the current
             directory.
         verbose: Print one progress line to stderr when training.
+        cache_key: Identifies ``docs`` in the cache instead of hashing their content
+            (a streamed source's fingerprint).
 
     Returns:
         The tokenizer; its ``from_cache`` flag says whether it was loaded.
@@ -201,7 +276,7 @@ def train_tokenizer(
     Raises:
         DataError: On an empty corpus or a vocabulary below 258.
     """
-    if not docs:
+    if cache_key is None and not docs:
         raise DataError(
             "cannot train a tokenizer on an empty corpus: pass --data a folder of text "
             "files or a .jsonl file with a 'text' field"
@@ -211,7 +286,10 @@ def train_tokenizer(
             f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
             f"{_MIN_VOCAB_SIZE} (256 bytes + 2 special tokens)"
         )
-    hasher = _corpus_fingerprint(docs)
+    if cache_key is None:
+        hasher = _corpus_fingerprint(docs)
+    else:
+        hasher = hashlib.blake2b(cache_key.encode(), digest_size=16)
     hasher.update(f"|vocab={vocab_size}|v{_CACHE_FORMAT}|{tokenizers.__version__}".encode())
     path = _resolve_cache_dir(cache_dir) / f"tokenizer-{vocab_size}-{hasher.hexdigest()}.json"
     if path.is_file():
@@ -223,10 +301,8 @@ def train_tokenizer(
             tokenizer.from_cache = True
             return tokenizer
 
-    _log(
-        f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {_corpus_summary(docs)}",
-        verbose,
-    )
+    summary = _corpus_summary(docs) if cache_key is None else "a streamed sample"
+    _log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {summary}", verbose)
     backend = tokenizers.Tokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(text)) == text exactly.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -238,115 +314,32 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator((doc.text for doc in docs), trainer, length=len(docs))
+    length = len(docs) if isinstance(docs, Sequence) else None
+    seen = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal seen
+        for doc in docs:
+            seen += 1
+            yield doc.text
+
+    backend.train_from_iterator(texts(), trainer, length=length)
+    if not seen:
+        raise DataError(
+            "cannot train a tokenizer on an empty corpus: pass --data a folder of text "
+            "files or a .jsonl file with a 'text' field"
+        )
     tokenizer = Tokenizer(backend)
     tokenizer.save(path)
     return tokenizer
 
 
-@dataclass(frozen=True, eq=False)
-class TokenizedCorpus:
-    """Every document's token ids, end-of-document token included, in one flat array.
-
-    Document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``; indexing the corpus gives
-    that slice (a view, no copy).
-
-    Attributes:
-        tokens: int32 array of shape ``(num_tokens,)``.
-        offsets: int64 array of shape ``(num_docs + 1,)``, ``offsets[0] == 0``,
-            non-decreasing, ``offsets[-1] == num_tokens``.
-    """
-
-    tokens: np.ndarray
-    offsets: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.tokens.ndim != 1 or self.offsets.ndim != 1 or len(self.offsets) < 1:
-            raise DataError("TokenizedCorpus needs 1-D tokens and non-empty 1-D offsets")
-        if self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens):
-            raise DataError(
-                f"TokenizedCorpus offsets must start at 0 and end at {len(self.tokens)} "
-                f"(the number of tokens), got {self.offsets[0]} and {self.offsets[-1]}"
-            )
-        if np.any(np.diff(self.offsets) < 0):
-            raise DataError("TokenizedCorpus offsets must be non-decreasing")
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """int64 array of each document's length in tokens, shape ``(num_docs,)``."""
-        return np.diff(self.offsets)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens)
-
-
-def tokenize_corpus(
-    tokenizer: Tokenizer,
-    docs: Sequence[Document],
-    cache_dir: str | os.PathLike[str] | None = None,
-    *,
-    verbose: bool = True,
-) -> TokenizedCorpus:
-    """Encode every document and append the end-of-document token, with a disk cache.
-
-    The cache key covers the tokenizer (its full JSON) and the corpus (names, sizes and
-    content), so a different tokenizer or an edited corpus is re-encoded.
-
-    Args:
-        tokenizer: The tokenizer.
-        docs: The documents, in the order the result indexes them.
-        cache_dir: Folder for the cache; default ``.cache/multitoken`` in the current
-            directory.
-        verbose: Print one progress line to stderr when encoding.
-
-    Returns:
-        The tokenized corpus; document ``i`` is ``docs[i]`` followed by ``eos_id``.
-    """
-    hasher = _corpus_fingerprint(docs)
-    hasher.update(tokenizer.backend.to_str().encode())
-    hasher.update(f"|eos={tokenizer.eos_id}|v{_CACHE_FORMAT}".encode())
-    key = hasher.hexdigest()
-    folder = _resolve_cache_dir(cache_dir)
-    tokens_path = folder / f"tokens-{key}.npy"
-    offsets_path = folder / f"offsets-{key}.npy"
-    if tokens_path.is_file() and offsets_path.is_file():
-        try:
-            tokens = np.load(tokens_path)
-            offsets = np.load(offsets_path)
-            corpus = TokenizedCorpus(tokens, offsets)
-        except (OSError, ValueError):
-            pass  # a corrupt or mismatched entry: rebuild it
-        else:
-            if len(corpus) == len(docs) and tokens.dtype == np.int32:
-                return corpus
-
-    _log(f"tokenizing {_corpus_summary(docs)}", verbose)
-    lengths = np.zeros(len(docs), dtype=np.int64)
-    pieces: list[np.ndarray] = []
-    eos = np.array([tokenizer.eos_id], dtype=np.int32)
-    start = 0
-    while start < len(docs):
-        # Chunk by characters to bound the memory of the backend's Encoding objects.
-        stop, chars = start, 0
-        while stop < len(docs) and (stop == start or chars < _ENCODE_CHUNK_CHARS):
-            chars += len(docs[stop].text)
-            stop += 1
-        for i, ids in enumerate(tokenizer.encode_batch([d.text for d in docs[start:stop]])):
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            pieces.append(eos)
-            lengths[start + i] = len(ids) + 1
-        start = stop
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    # Offsets last: a reader that finds both files finds both complete.
-    _atomic_save_npy(tokens_path, tokens)
-    _atomic_save_npy(offsets_path, offsets)
-    return TokenizedCorpus(tokens, offsets)
+def documents_with_eos(
+    ids: Sequence[Sequence[int]], eos_id: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids each followed by ``eos_id``, flat, and each document's length."""
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    eos = [eos_id]
+    flat = itertools.chain.from_iterable(part for doc in ids for part in (doc, eos))
+    tokens = np.fromiter(flat, dtype=dtype, count=int(lengths.sum()))
+    return tokens, lengths

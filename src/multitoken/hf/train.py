@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from multitoken.data.tokenizer import documents_with_eos
 from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
@@ -70,6 +71,10 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_documents(self, texts: Sequence[str], dtype) -> tuple:
+        """As :meth:`multitoken.data.Tokenizer.encode_documents` (what the token store calls)."""
+        return documents_with_eos(self.encode_batch(texts), self.eos_id, dtype)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -57,6 +57,16 @@ class DataSection:
         align: pad every document piece to a multiple of this inside its row (2 * parallel.cp
             must divide it); 0 = 8, which serves cp 1, 2 and 4 with the same batches.
         cache_dir: where the tokenizer and token arrays are cached.
+        format: "auto", "text" (folder), "jsonl" (.jsonl/.gz/.zst), "parquet", "hf_disk"
+            (datasets save_to_disk folder) or "hf" (local files through load_dataset).
+        text_field: the JSONL field / Parquet or dataset column holding the document text.
+        glob: which files of a data folder to read (fnmatch on the relative path, * crosses /).
+        on_bad_record: "error" (stop, naming file and line) or "skip" (count and report).
+        tokenizer: a tokenizer.json or Hugging Face model folder to use; "" = train a BPE.
+        tokenizer_sample_mb: MB of training text the BPE is trained on (the first ones).
+        workers: tokenisation processes; 0 = 1 below 100 MB of input, else min(cores, 16).
+        pack_window: documents packed together (best-fit); 0 = the whole epoch at once.
+        verify: check a cached token store by "full" checksum or by file "size" only.
     """
 
     path: str = field(default="", metadata=FIXED)
@@ -67,6 +77,15 @@ class DataSection:
     val_fraction: float = 0.02
     align: int = 0
     cache_dir: str = ".cache/multitoken"
+    format: str = "auto"
+    text_field: str = "text"
+    glob: str = "*"
+    on_bad_record: str = "error"
+    tokenizer: str = ""
+    tokenizer_sample_mb: int = 256
+    workers: int = 0
+    pack_window: int = 8192
+    verify: str = "full"
 
     def __post_init__(self) -> None:
         _require(

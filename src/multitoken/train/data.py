@@ -1,31 +1,44 @@
 """From a training configuration to a tokenizer and the train and validation loaders.
 
-The slow parts (training the BPE, tokenising the corpus) are cached on disk, so the launcher
-runs :func:`prepare_data` once before it starts the ranks and every rank then loads the cache
-in milliseconds. Under ``torchrun`` (no launcher of ours) rank 0 prepares while the others wait.
+The slow parts (training the BPE, tokenising the corpus into the memory-mapped token store)
+are cached on disk, so the launcher runs :func:`prepare_data` once before it starts the ranks
+and every rank then opens the cache in milliseconds. Under ``torchrun`` (no launcher of ours)
+rank 0 prepares while the others wait. Every rank reads the store through memory maps: its
+resident memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch.distributed as dist
 
 from multitoken.data import (
     DataError,
+    Document,
     PackedLoader,
+    Source,
+    StoreSplit,
     Tokenizer,
-    load_corpus,
+    TokenStore,
+    build_store,
+    open_source,
     pack_documents,
-    split_corpus,
-    stdlib_corpus,
-    tokenize_corpus,
+    stdlib_source,
     train_tokenizer,
 )
+from multitoken.data.build import empty_corpus_message
+from multitoken.data.corpus import _unit_hash
 from multitoken.train.config import TrainConfig, alignment
 
-__all__ = ["PreparedData", "prepare_data", "check_data_path"]
+__all__ = ["PreparedData", "prepare_data", "check_data_path", "data_source"]
+
+# Below this much input, one process with the tokenizer's own threads is as fast as workers.
+_WORKERS_FROM_BYTES = 100_000_000
 
 
 @dataclass
@@ -37,25 +50,134 @@ class PreparedData:
 
 def check_data_path(cfg: TrainConfig) -> None:
     """Fail early, with the fix, on a data path that cannot be read."""
-    if cfg.data.path and not Path(cfg.data.path).exists():
+    if cfg.data.path and cfg.data.format != "hf" and not Path(cfg.data.path).exists():
         raise DataError(
             f"data path {cfg.data.path!r} does not exist: set data.path (or --data) to a folder "
-            "of text files or a .jsonl file with a 'text' field, or leave it empty for the "
-            "Python standard library"
+            "of text files, a .jsonl(.gz/.zst) or .parquet file or a saved Hugging Face "
+            "dataset, or leave it empty for the Python standard library"
         )
 
 
-def _documents(cfg: TrainConfig):
+def data_source(cfg: TrainConfig) -> Source:
+    """The configured corpus as a streamed source (the standard library when no path)."""
     check_data_path(cfg)
-    docs = load_corpus(cfg.data.path) if cfg.data.path else stdlib_corpus()
-    if cfg.data.max_files:
-        docs = docs[: cfg.data.max_files]
-    if len(docs) < 2:
+    data = cfg.data
+    if not data.path:
+        return stdlib_source(data.max_files)
+    return open_source(
+        data.path, data.format, data.text_field, data.glob, data.max_files, data.on_bad_record
+    )
+
+
+def _train_sample(source: Source, cfg: TrainConfig) -> Iterator[Document]:
+    """The first ``tokenizer_sample_mb`` of training-split text: the BPE never sees validation."""
+    budget = cfg.data.tokenizer_sample_mb * 1_000_000
+    for doc in source:
+        if _unit_hash(doc.name, cfg.train.seed) < cfg.data.val_fraction:
+            continue
+        yield doc
+        budget -= len(doc.text)
+        if budget <= 0:
+            return
+
+
+def _tokenizer(cfg: TrainConfig, source: Source, verbose: bool) -> Tokenizer:
+    if cfg.model.hf:  # --- Hugging Face models (issue 9): the model's own tokenizer ---
+        from multitoken.hf.train import hf_tokenizer  # optional extra: only when used
+
+        return hf_tokenizer(cfg)
+    if cfg.data.tokenizer:
+        return Tokenizer.load(cfg.data.tokenizer)
+    if cfg.data.tokenizer_sample_mb < 1:
         raise DataError(
-            f"the corpus has {len(docs)} document(s): at least 2 are needed (one held out for "
-            "validation); add files to data.path"
+            f"data.tokenizer_sample_mb must be >= 1, got {cfg.data.tokenizer_sample_mb}"
         )
-    return split_corpus(docs, cfg.data.val_fraction, cfg.train.seed)
+    if next(iter(source), None) is None:  # before training on nothing
+        raise DataError(empty_corpus_message(source))
+    key = f"{source.fingerprint()}|sample={cfg.data.tokenizer_sample_mb}MB|"
+    key += f"val={cfg.data.val_fraction}|seed={cfg.train.seed}"
+    return train_tokenizer(
+        _train_sample(source, cfg),
+        cfg.data.vocab_size,
+        cfg.data.cache_dir,
+        verbose=verbose,
+        cache_key=key,
+    )
+
+
+def _workers(cfg: TrainConfig, source: Source) -> int:
+    if cfg.data.workers < 0:
+        raise DataError(f"data.workers must be >= 0 (0 = automatic), got {cfg.data.workers}")
+    if cfg.data.workers:
+        return cfg.data.workers
+    if source.format in ("hf", "hf_disk") or source.total_bytes < _WORKERS_FROM_BYTES:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+def _rows_up_to(split: StoreSplit, seq_len: int, align: int, window: int, limit: int) -> int:
+    """Rows of the unshuffled packing, counted window by window until ``limit`` is reached."""
+    window = window or len(split)
+    rows = 0
+    for first in range(0, len(split), window):
+        doc_ids = np.arange(first, min(first + window, len(split)))
+        rows += pack_documents(split.doc_lengths(doc_ids), seq_len, align).num_rows
+        if rows >= limit:
+            break
+    return rows
+
+
+def _store(cfg: TrainConfig, source: Source, tokenizer: Tokenizer, rank: int, verbose: bool):
+    return build_store(
+        source,
+        tokenizer,
+        cfg.data.cache_dir,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.train.seed,
+        workers=_workers(cfg, source),
+        # Rank 0 has just built or checked the store; the others only check sizes.
+        verify=cfg.data.verify if rank == 0 else "size",
+        verbose=verbose,
+    )
+
+
+def _loaders(cfg: TrainConfig, store: TokenStore, pad_id: int) -> tuple[PackedLoader, ...]:
+    train, val = store.split("train"), store.split("val")
+    if len(train) + len(val) < 2:
+        raise DataError(
+            f"the corpus has {len(train) + len(val)} document(s): at least 2 are needed (one "
+            "held out for validation); add files to data.path"
+        )
+    align, window = alignment(cfg), cfg.data.pack_window
+    train_loader = PackedLoader(
+        train,
+        cfg.data.seq_len,
+        cfg.data.batch_size,
+        seed=cfg.train.seed,
+        pad_id=pad_id,
+        align=align,
+        window=window,
+    )
+    # The held-out split may be small: use as many rows as it fills, a multiple of dp.
+    dp = cfg.parallel.dp
+    val_rows = _rows_up_to(val, cfg.data.seq_len, align, window, cfg.data.batch_size)
+    val_batch = min(cfg.data.batch_size, val_rows // dp * dp)
+    if val_batch < dp:
+        raise DataError(
+            f"the validation split packs into {val_rows} row(s), fewer than parallel.dp={dp}: "
+            "raise data.val_fraction or lower data.seq_len"
+        )
+    val_loader = PackedLoader(
+        val,
+        cfg.data.seq_len,
+        val_batch,
+        seed=cfg.train.seed,
+        pad_id=pad_id,
+        shuffle=False,
+        align=align,
+        window=window,
+    )
+    return train_loader, val_loader
 
 
 def prepare_data(cfg: TrainConfig, verbose: bool = True, group=None) -> PreparedData:
@@ -65,52 +187,25 @@ def prepare_data(cfg: TrainConfig, verbose: bool = True, group=None) -> Prepared
     (:func:`multitoken.data.dp_slice`), the context parallel one in the trainer.
     """
     rank = dist.get_rank(group) if group is not None else 0
-    cache = cfg.data.cache_dir
     if group is not None and rank != 0:
         dist.barrier(group=group)  # rank 0 fills the cache first
-    train_docs, val_docs = _documents(cfg)
-    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
-        from multitoken.hf.train import hf_tokenizer  # optional extra: only when used
-
-        tokenizer = hf_tokenizer(cfg)
-    else:
-        tokenizer = train_tokenizer(train_docs, cfg.data.vocab_size, cache, verbose=verbose)
-    train_tokens = tokenize_corpus(tokenizer, train_docs, cache, verbose=verbose)
-    val_tokens = tokenize_corpus(tokenizer, val_docs, cache, verbose=verbose)
+    source = data_source(cfg)
+    tokenizer = _tokenizer(cfg, source, verbose)
+    store = _store(cfg, source, tokenizer, rank, verbose)
     if group is not None and rank == 0:
         dist.barrier(group=group)
-    align = alignment(cfg)
-    train_loader = PackedLoader(
-        train_tokens,
-        cfg.data.seq_len,
-        cfg.data.batch_size,
-        seed=cfg.train.seed,
-        pad_id=tokenizer.pad_id,
-        align=align,
-    )
-    # The held-out split may be small: use as many rows as it fills, a multiple of dp.
-    val_rows = pack_documents(val_tokens.lengths, cfg.data.seq_len, align).num_rows
-    dp = cfg.parallel.dp
-    val_batch = min(cfg.data.batch_size, val_rows // dp * dp)
-    if val_batch < dp:
-        raise DataError(
-            f"the validation split packs into {val_rows} row(s), fewer than parallel.dp={dp}: "
-            "raise data.val_fraction or lower data.seq_len"
-        )
-    val_loader = PackedLoader(
-        val_tokens,
-        cfg.data.seq_len,
-        val_batch,
-        seed=cfg.train.seed,
-        pad_id=tokenizer.pad_id,
-        shuffle=False,
-        align=align,
-    )
+    train_loader, val_loader = _loaders(cfg, store, tokenizer.pad_id)
     if verbose:
+        splits = store.index["splits"]
+        skipped = store.index.get("skipped", {}).get("counts", {})
+        skipped_note = f", {sum(skipped.values())} input(s) skipped" if skipped else ""
+        window = f"window {cfg.data.pack_window} docs" if cfg.data.pack_window else "whole epoch"
         print(
-            f"data: {len(train_docs)} train / {len(val_docs)} val documents, "
-            f"{train_tokens.num_tokens:,} / {val_tokens.num_tokens:,} tokens, vocab "
-            f"{tokenizer.vocab_size}, padding {train_loader.padding_fraction:.1%} of rows",
+            f"data: {splits['train']['num_docs']:,} train / {splits['val']['num_docs']:,} val "
+            f"documents, {splits['train']['num_tokens']:,} / {splits['val']['num_tokens']:,} "
+            f"tokens, vocab {tokenizer.vocab_size}{skipped_note}, padding "
+            f"{train_loader.padding_fraction:.1%} of rows (best-fit, {window}), store "
+            f"{store.folder}",
             flush=True,
         )
     return PreparedData(tokenizer, train_loader, val_loader)

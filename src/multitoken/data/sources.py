@@ -1,0 +1,398 @@
+"""Where documents come from, streamed: folders, JSONL (plain, .gz, .zst), Parquet, HF datasets.
+
+A :class:`Source` is a re-iterable stream of :class:`~multitoken.data.corpus.Document`: it
+never holds the corpus in memory, so a 100 GB corpus costs what one document (or one Parquet
+record batch) costs. Every source also has a cheap :meth:`Source.fingerprint` (file names,
+sizes and modification times, no content read) that keys the token store's cache.
+
+Formats (``format="auto"`` picks by the path; a folder holding only JSONL or only Parquet
+files is read as that format):
+
+- ``text``: a folder read recursively; every file whose path relative to the folder matches
+  ``glob`` (an ``fnmatch`` pattern, ``*`` crosses folders) is one document. Binary, non-UTF-8
+  and empty files are skipped, counted and reported.
+- ``jsonl``: ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` files (or a folder of them); one JSON
+  object per line with the document in ``text_field``.
+- ``parquet``: ``.parquet`` files (or a folder of them); the document is column ``text_field``.
+- ``hf_disk``: a folder written by ``datasets``' ``save_to_disk`` (``"train"`` split of a
+  ``DatasetDict``).
+- ``hf``: local files read by ``datasets.load_dataset(path, streaming=True)`` (a folder of
+  csv / json / parquet / text files, ...).
+
+Bad records (invalid JSON, a missing or non-string text field, non-UTF-8 bytes) raise
+:class:`~multitoken.data.corpus.DataError` naming the file and line, or, with
+``on_bad_record="skip"``, are skipped, counted and reported. The reading happens here, in the
+main process, so a bad record is never a crash deep in a tokenisation worker.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import io
+import json
+import os
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from multitoken.data.corpus import DataError, Document, _read_text, _walk_files
+
+__all__ = ["FORMATS", "SkipReport", "Source", "open_source", "stdlib_source"]
+
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf_disk", "hf")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+_EXTRA_HINT = "install the data extra: pip install 'multitoken[data]'"
+# Files named in the skip report; the rest are only counted.
+_MAX_EXAMPLES = 5
+
+
+@dataclass
+class SkipReport:
+    """What a pass over a source skipped: counts per reason and the first few places."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{where} ({reason})")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line, e.g. ``skipped 3: 2 binary, 1 not UTF-8 (e.g. a.bin (binary), ...)``."""
+        if not self.total:
+            return "skipped nothing"
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        return f"skipped {self.total}: {reasons} (e.g. {', '.join(self.examples)})"
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": list(self.examples)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SkipReport:
+        return cls(Counter(data.get("counts", {})), list(data.get("examples", [])))
+
+
+def _import_optional(name: str, what: str):
+    try:
+        return __import__(name, fromlist=["_"])
+    except ImportError:
+        raise DataError(f"reading {what} needs the '{name}' package: {_EXTRA_HINT}") from None
+
+
+def _detect_format(root: Path) -> str:
+    if root.is_dir():
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            return "hf_disk"
+        names = [name.lower() for name, _ in _walk_files(root, frozenset({"__pycache__"}))]
+        # A folder of shards is a dataset, not a folder of text documents.
+        if names and all(name.endswith(_JSONL_SUFFIXES) for name in names):
+            return "jsonl"
+        if names and all(name.endswith(".parquet") for name in names):
+            return "parquet"
+        return "text"
+    name = root.name.lower()
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise DataError(
+        f"cannot tell the format of '{root}' from its name: use a folder of text files, a "
+        f".jsonl/.jsonl.gz/.jsonl.zst or .parquet file, or set data.format to one of {FORMATS}"
+    )
+
+
+class _CountingReader(io.RawIOBase):
+    """A binary file that counts the bytes read from disk, for progress on compressed input."""
+
+    def __init__(self, raw: IO[bytes], source: Source) -> None:
+        self.raw, self.source = raw, source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.raw.readinto(buffer)
+        self.source.bytes_read += count or 0
+        return count
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class Source:
+    """A re-iterable, streamed corpus.
+
+    Attributes:
+        root: The path given.
+        format: The resolved format (never ``"auto"``).
+        text_field: The field or column that holds the document text.
+        glob: Which files of a folder to read (``fnmatch`` on the relative path).
+        max_docs: Stop after this many documents (0 = all).
+        on_bad_record: ``"error"`` (raise, naming file and line) or ``"skip"`` (count).
+        skipped: What the latest pass skipped.
+        bytes_read: Bytes of input read from disk so far in the current pass.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        format: str = "auto",
+        text_field: str = "text",
+        glob: str = "*",
+        max_docs: int = 0,
+        on_bad_record: str = "error",
+        skip_dirs: frozenset[str] = frozenset({"__pycache__"}),
+    ) -> None:
+        self.root = Path(path)
+        if format not in FORMATS:
+            raise DataError(f"data.format={format!r} is not one of {FORMATS}")
+        if on_bad_record not in ("error", "skip"):
+            raise DataError(f"data.on_bad_record={on_bad_record!r} must be 'error' or 'skip'")
+        if max_docs < 0:
+            raise DataError(f"max_docs must be >= 0 (0 = all), got {max_docs}")
+        if format != "hf" and not self.root.exists():
+            raise DataError(
+                f"data path '{self.root}' does not exist: pass --data a folder of text files, "
+                "a .jsonl(.gz/.zst) or .parquet file, or a saved Hugging Face dataset"
+            )
+        self.format = _detect_format(self.root) if format == "auto" else format
+        self.text_field = text_field
+        self.glob = glob
+        self.max_docs = max_docs
+        self.on_bad_record = on_bad_record
+        self.skip_dirs = skip_dirs
+        self.skipped = SkipReport()
+        self.bytes_read = 0
+
+    # ------------------------------------------------------------------ files and identity
+
+    def files(self) -> list[tuple[str, Path]]:
+        """The input files as (name, path), in reading order."""
+        if self.root.is_file():
+            return [(str(self.root), self.root)]
+        found = _walk_files(self.root, self.skip_dirs)
+        if self.format == "jsonl":
+            found = [f for f in found if f[0].lower().endswith(_JSONL_SUFFIXES)]
+        elif self.format == "parquet":
+            found = [f for f in found if f[0].lower().endswith(".parquet")]
+        return [(name, path) for name, path in found if fnmatch.fnmatchcase(name, self.glob)]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes on disk of all input files (the progress bar's total)."""
+        return sum(path.stat().st_size for _, path in self.files())
+
+    def fingerprint(self) -> str:
+        """A hash of the settings and every input file's name, size and mtime (no content).
+
+        Reading 100 GB to hash it would cost minutes on every start; size and modification
+        time change whenever a file is edited (an edit of the same size moves the mtime).
+        """
+        hasher = hashlib.blake2b(digest_size=16)
+        settings = [self.format, self.text_field, self.glob, self.max_docs, self.on_bad_record]
+        hasher.update(json.dumps([str(self.root.resolve()), *settings]).encode())
+        for name, path in self.files():
+            stat = path.stat()
+            hasher.update(f"\x00{name}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
+        return hasher.hexdigest()
+
+    def describe(self) -> str:
+        return f"{self.format} source '{self.root}'"
+
+    # ------------------------------------------------------------------ reading
+
+    def __iter__(self) -> Iterator[Document]:
+        self.skipped = SkipReport()
+        self.bytes_read = 0
+        readers = {
+            "text": self._iter_text,
+            "jsonl": self._iter_jsonl,
+            "parquet": self._iter_parquet,
+            "hf_disk": self._iter_hf_disk,
+            "hf": self._iter_hf,
+        }
+        for count, doc in enumerate(readers[self.format](), start=1):
+            yield doc
+            if self.max_docs and count >= self.max_docs:
+                return
+
+    def _bad(self, where: str, reason: str, fix: str) -> None:
+        if self.on_bad_record == "error":
+            raise DataError(f"{where}: {reason}: {fix} (or set data.on_bad_record=skip)")
+        self.skipped.add(where, reason)
+
+    def _iter_text(self) -> Iterator[Document]:
+        for name, path in self.files():
+            text = _read_text(path)
+            self.bytes_read += path.stat().st_size
+            if text is None:
+                self.skipped.add(name, "binary or not UTF-8")
+            elif not text:
+                self.skipped.add(name, "empty")
+            else:
+                yield Document(name, text)
+
+    def _open_jsonl(self, path: Path) -> IO[bytes]:
+        raw = _CountingReader(path.open("rb"), self)
+        name = path.name.lower()
+        if name.endswith(".gz"):
+            return gzip.GzipFile(fileobj=io.BufferedReader(raw))
+        if name.endswith(".zst"):
+            zstandard = _import_optional("zstandard", ".jsonl.zst files")
+            return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw))
+        return io.BufferedReader(raw)
+
+    def _iter_jsonl(self) -> Iterator[Document]:
+        for name, path in self.files():
+            with self._open_jsonl(path) as binary:
+                for lineno, line in enumerate(io.BufferedReader(binary), start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{name}:{lineno}"
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        self._bad(where, "not UTF-8", "re-encode the file as UTF-8")
+                        continue
+                    except json.JSONDecodeError as err:
+                        self._bad(where, f"not valid JSON ({err.msg})", "write one object a line")
+                        continue
+                    text = self._field(record, where)
+                    if text:
+                        yield Document(where, text)
+
+    def _field(self, record, where: str) -> str | None:
+        field_name = self.text_field
+        if not isinstance(record, dict) or field_name not in record:
+            self._bad(
+                where,
+                f"no '{field_name}' field",
+                f"put each document's text in '{field_name}' or set data.text_field",
+            )
+            return None
+        text = record[field_name]
+        if text is None:
+            self.skipped.add(where, f"null '{field_name}'")
+            return None
+        if not isinstance(text, str):
+            self._bad(
+                where,
+                f"'{field_name}' is a {type(text).__name__}, not a string",
+                "store each document's text as a string",
+            )
+            return None
+        return text
+
+    def _iter_parquet(self) -> Iterator[Document]:
+        parquet = _import_optional("pyarrow.parquet", "Parquet files")
+        for name, path in self.files():
+            file = parquet.ParquetFile(path)
+            columns = file.schema_arrow.names
+            if self.text_field not in columns:
+                raise DataError(
+                    f"{name} has no column '{self.text_field}' (columns: {columns}): set "
+                    "data.text_field to the column that holds the text"
+                )
+            column_type = file.schema_arrow.field(self.text_field).type
+            if str(column_type) not in ("string", "large_string", "string_view"):
+                raise DataError(
+                    f"{name}: column '{self.text_field}' is {column_type}, not a string: set "
+                    "data.text_field to the column that holds the text"
+                )
+            row = 0
+            # Record batches bound the memory to one batch, whatever the file's size.
+            for batch in file.iter_batches(batch_size=1024, columns=[self.text_field]):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    if text is None:
+                        self.skipped.add(f"{name}:{row}", f"null '{self.text_field}'")
+                    elif text:
+                        yield Document(f"{name}:{row}", text)
+            self.bytes_read += path.stat().st_size
+
+    def _iter_records(self, records: Iterator[dict], name: str) -> Iterator[Document]:
+        for row, record in enumerate(records, start=1):
+            where = f"{name}:{row}"
+            text = self._field(record, where)
+            if text:
+                yield Document(where, text)
+
+    def _iter_hf_disk(self) -> Iterator[Document]:
+        datasets = _import_optional("datasets", "a saved Hugging Face dataset")
+        dataset = datasets.load_from_disk(str(self.root))
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset:
+                raise DataError(
+                    f"'{self.root}' holds splits {list(dataset)} and no 'train': save the "
+                    "training split alone or under the name 'train'"
+                )
+            dataset = dataset["train"]
+        if self.text_field not in dataset.column_names:
+            raise DataError(
+                f"'{self.root}' has no column '{self.text_field}' (columns: "
+                f"{dataset.column_names}): set data.text_field"
+            )
+        # Arrow tables are memory-mapped; iterating a batch at a time keeps memory flat.
+        rows = (
+            {self.text_field: text}
+            for batch in dataset.select_columns([self.text_field]).iter(batch_size=1024)
+            for text in batch[self.text_field]
+        )
+        yield from self._iter_records(rows, self.root.name)
+        self.bytes_read = self.total_bytes
+
+    def _iter_hf(self) -> Iterator[Document]:
+        datasets = _import_optional("datasets", "files through datasets.load_dataset")
+        try:
+            dataset = datasets.load_dataset(str(self.root), split="train", streaming=True)
+        except Exception as err:  # noqa: BLE001 - datasets raises many types; name the input
+            raise DataError(
+                f"datasets.load_dataset('{self.root}') failed ({type(err).__name__}: {err}): "
+                "point data.path at a local folder of csv/json/parquet/text files"
+            ) from None
+        yield from self._iter_records(iter(dataset), self.root.name)
+        self.bytes_read = self.total_bytes
+
+
+def open_source(
+    path: str | os.PathLike[str],
+    format: str = "auto",
+    text_field: str = "text",
+    glob: str = "*",
+    max_docs: int = 0,
+    on_bad_record: str = "error",
+) -> Source:
+    """A :class:`Source` over ``path``; see the module docstring for the formats.
+
+    Raises:
+        DataError: If the path does not exist or the format is unknown.
+    """
+    return Source(path, format, text_field, glob, max_docs, on_bad_record)
+
+
+def stdlib_source(max_files: int = 0) -> Source:
+    """The running interpreter's standard-library ``.py`` files as a source (the default
+    corpus, ~30 MB; see :func:`~multitoken.data.corpus.stdlib_corpus`).
+
+    Raises:
+        DataError: If this Python ships without its standard-library sources.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir() or next(root.glob("*.py"), None) is None:
+        raise DataError(
+            f"no standard-library .py sources found under '{root}': this Python ships "
+            "without them; pass --data a folder of text files or a .jsonl file"
+        )
+    skip_dirs = frozenset({"site-packages", "__pycache__"})
+    return Source(root, "text", glob="*.py", max_docs=max_files, skip_dirs=skip_dirs)
