@@ -257,13 +257,12 @@ def cmd_generate(args) -> int:
     # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
     text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
     stats = result.stats
-    # Nothing generated: no target to score (and a one-token prompt has no position at all).
-    scored = (
-        teacher_forced_accuracy(model, result.prompt_ids + result.tokens, len(result.prompt_ids))
-        if result.tokens
-        else [(0, 0)] * model.depth
-    )
-    accuracy = [hits / total if total else None for hits, total in scored]
+    accuracy = [
+        hits / total if total else None
+        for hits, total in teacher_forced_accuracy(
+            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
+        )
+    ]
     if args.json:
         record = {
             "text": text,

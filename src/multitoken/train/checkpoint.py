@@ -281,10 +281,15 @@ def _dcp_load(state: dict[str, Any], path: Path, group) -> None:
                 process_group=group,
             )
     except CheckpointException as err:  # DCP wraps each rank's error
-        for failure, _ in err.failures.values():
-            if isinstance(failure, UserError):
-                raise CheckpointError(str(failure)) from None
-        raise
+        # The checkpoint was verified against its manifest, so what DCP cannot read is content
+        # that a manifest was rewritten over: refuse it by name, without DCP's tracebacks.
+        failure = next(iter(err.failures.values()))[0]
+        if isinstance(failure, UserError):
+            raise CheckpointError(str(failure)) from None
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+        raise CheckpointError(
+            f"{path} cannot be read ({type(failure).__name__}: {reason[:200]})"
+        ) from None
 
 
 def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MTPModel, Tokenizer]:
