@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup test lint format train bench clean
+.PHONY: setup test test-slow lint format train bench clean
 
 # Idempotent: re-runs only when pyproject.toml changes. torch is pinned so that pip takes the
 # CPU wheel instead of pulling a multi-GB CUDA build.
@@ -28,7 +28,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests bench
 
 test: setup lint
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow" tests
+
+# The long tests (@pytest.mark.slow), e.g. a rank crash restarted by torchrun.
+test-slow: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slow tests
 
 train: setup
 	$(VENV)/bin/multitoken train $(ARGS)

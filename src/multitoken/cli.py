@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ from multitoken.train.checkpoint import check_resume_world, checkpoint_folders, 
 from multitoken.train.config_io import config_help, load_config
 from multitoken.train.data import prepare_data
 from multitoken.train.faults import LAUNCHER_PID_ENV
-from multitoken.train.lifecycle import die_with_parent, exit_code, forward_sigusr1
+from multitoken.train.lifecycle import STOP_SIGNALS, die_with_parent, exit_code, forward_sigusr1
 from multitoken.train.plot import plot_runs
 from multitoken.train.preflight import available_memory, check_memory, check_paths
 from multitoken.train.run_dir import OWNER_ENV, RunLock, check_resume_config, check_run_dir
@@ -74,32 +75,45 @@ def _free_port() -> int:
 
 def _rank_entry(cfg):
     """What every launched rank runs (module level so that spawn can pickle it)."""
-    die_with_parent()
+    die_with_parent(int(os.environ[LAUNCHER_PID_ENV]))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     try:
-        return train(cfg)
+        last = train(cfg)
     except UserError as err:
         # The launcher prints it as its one error line (from the error file torch elastic
         # reads back); exiting without a traceback keeps the rank's own output quiet.
         get_error_handler().record_exception(err)
         sys.exit(USAGE_ERROR)
+    if "stopped_by" in last:
+        # Stopped by a signal with its checkpoint written. Returning would wait for the
+        # launcher to collect the result, which a launcher that is shutting down never does.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code(last["stopped_by"]))
+    return last
 
 
 class RankFailed(Exception):
     """A launched rank crashed (not bad input): the launch stops with its error."""
 
 
+def _message(failure) -> str:
+    message = failure.message
+    if isinstance(message, dict):  # the error file's structured form
+        message = message.get("message", "")
+    return str(message)
+
+
 def _rank_failure(err: ChildFailedError) -> Exception:
     """The launcher's error for a failed launch: the rank's own UserError when it raised one
     (the lowest rank's), else :class:`RankFailed` naming the first rank that failed."""
-    failures = sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
     for _rank, failure in sorted(err.failures.items()):
-        name, _, text = str(failure.message).partition(": ")
+        name, _, text = _message(failure).partition(": ")
         kind = getattr(errors, name, None)
         if isinstance(kind, type) and issubclass(kind, UserError) and text:
             return kind(text)
-    rank, failure = failures[0]
-    return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {failure.message}")
+    rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {_message(failure)}")
 
 
 def _launch(cfg, nproc: int) -> dict:
@@ -119,11 +133,17 @@ def _launch(cfg, nproc: int) -> dict:
         start_method="forkserver",  # measured: ~4 s faster to start than spawn
     )
     forward_sigusr1()
+    # Its log of a failed rank is a traceback of the agent's own polling; the launcher prints
+    # the rank's error instead (and a crashed rank has printed its traceback itself).
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         return elastic_launch(launch, _rank_entry)(cfg)[0]
     except SignalException as err:  # the agent has stopped the ranks with this signal
         return {"stopped_by": int(err.sigval)}
     except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if codes <= {exit_code(signum) for signum in STOP_SIGNALS}:  # a rank was signalled
+            return {"stopped_by": codes.pop() - 128}
         raise _rank_failure(err) from None
     finally:
         for name in (OWNER_ENV, LAUNCHER_PID_ENV):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch.distributed as dist
 
@@ -36,3 +37,4 @@ def fault_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if point.startswith("step") and fault_active("sigterm" + point[4:]):
         os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
+        time.sleep(2)  # the launcher forwards it to every rank meanwhile: all stop together

@@ -8,15 +8,16 @@ The launcher forwards what it receives to the ranks (torch elastic does for SIGT
 :func:`forward_sigusr1` adds SIGUSR1).
 
 A rank whose launcher is SIGKILLed would keep training and writing checkpoints into a folder
-whose lock is gone. :func:`die_with_parent` asks the kernel to SIGKILL the rank when its parent
-exits (``PR_SET_PDEATHSIG``; the forkserver our launcher starts ranks from exits with the
-launcher), with a polling thread where that is not available.
+whose lock is gone. :func:`die_with_parent` SIGKILLs the rank when its launcher exits: a thread
+waits on a pidfd of the launcher (ours starts ranks from a forkserver, which outlives it; under
+torchrun the launcher is the parent), plus ``PR_SET_PDEATHSIG`` for the parent.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
 import threading
@@ -65,25 +66,48 @@ class StopSignals:
         self._saved.clear()
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when the process that started it exits (a launched rank)."""
+def die_with_parent(launcher_pid: int | None = None) -> None:
+    """SIGKILL this process when the process that started it exits (a launched rank).
+
+    Args:
+        launcher_pid: also watch this process (our launcher, which is not the parent of a rank
+            started from its forkserver: that forkserver outlives a SIGKILLed launcher).
+    """
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
-                if os.getppid() != parent:  # the parent died before the request
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
             pass
+    watched = launcher_pid or parent
+    try:
+        # A pidfd becomes readable when the process exits: no polling, no pid reuse.
+        handle = os.pidfd_open(watched)
+    except (AttributeError, OSError):
+        handle = None
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while os.getppid() == parent and _alive(watched):
+                time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+    if not _alive(watched) or os.getppid() != parent:  # it died before we looked
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def forward_sigusr1() -> None:
