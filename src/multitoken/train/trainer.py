@@ -28,6 +28,7 @@ from multitoken.train.data import PreparedData, prepare_data
 from multitoken.train.faults import fault_active, fault_point
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter
+from multitoken.train.preflight import available_memory, check_memory
 from multitoken.train.progress import Progress
 from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir, write_run_files
 from multitoken.train.step import (
@@ -305,6 +306,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
         data: already prepared data (single process); None = prepare it here.
     """
     device = local_device()
+    if device.type == "cuda":  # the launcher checked host memory; a GPU is checked here
+        check_memory(cfg, available_memory(device))
     ranks = setup_ranks(cfg, device)
     run_dir, mode = cfg.run_dir, cfg.train.resume
     lock: RunLock | None = None
