@@ -30,8 +30,8 @@ format: setup
 test: setup lint
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow" tests
 
-# The long ones (minutes): e.g. preparing and loading a 1 GB synthetic corpus; tensor x context
-# parallelism at tp 4 x cp 2 on 8 ranks.
+# The long tests (@pytest.mark.slow, minutes): preparing and loading a 1 GB synthetic corpus,
+# a rank crash restarted by torchrun, tensor x context parallelism at tp 4 x cp 2 on 8 ranks.
 test-slow: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slow -s tests
 

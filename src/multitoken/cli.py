@@ -2,15 +2,19 @@
 
 Bad input (an unknown config key, a value of the wrong type, a missing data path, an empty
 corpus, a sequence length CP cannot split) prints one ``error:`` line and exits with code 2,
-before any rank is started: every :class:`~multitoken.errors.UserError`. Any other exception
-is a bug and keeps its traceback.
+before any rank is started: every :class:`~multitoken.errors.UserError`, also one raised in a
+rank. A rank that crashes ends the launch with its error shown and exit code 1; any other
+exception is a bug and keeps its traceback. A run stopped by SIGTERM, SIGINT or SIGUSR1 writes
+a checkpoint and exits with ``128 + signal``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,19 +22,21 @@ import uuid
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, get_error_handler
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from multitoken import errors
 from multitoken.errors import ConfigError, InputError, UserError
 from multitoken.generate import generate, teacher_forced_accuracy
-from multitoken.train.checkpoint import (
-    check_resume_config,
-    check_run_dir,
-    load_for_inference,
-    resume_checkpoint,
-)
+from multitoken.train.checkpoint import check_resume_world, checkpoint_folders, load_for_inference
 from multitoken.train.config_io import config_help, load_config
 from multitoken.train.data import prepare_data
+from multitoken.train.faults import LAUNCHER_PID_ENV
+from multitoken.train.lifecycle import STOP_SIGNALS, die_with_parent, exit_code, forward_sigusr1
 from multitoken.train.plot import plot_runs
+from multitoken.train.preflight import available_memory, check_memory, check_paths
+from multitoken.train.run_dir import OWNER_ENV, RunLock, check_resume_config, check_run_dir
 from multitoken.train.trainer import train
 
 __all__ = ["main"]
@@ -69,12 +75,51 @@ def _free_port() -> int:
 
 def _rank_entry(cfg):
     """What every launched rank runs (module level so that spawn can pickle it)."""
+    die_with_parent(int(os.environ[LAUNCHER_PID_ENV]))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    return train(cfg)
+    try:
+        last = train(cfg)
+    except UserError as err:
+        # The launcher prints it as its one error line (from the error file torch elastic
+        # reads back); exiting without a traceback keeps the rank's own output quiet.
+        get_error_handler().record_exception(err)
+        sys.exit(USAGE_ERROR)
+    if "stopped_by" in last:
+        # Stopped by a signal with its checkpoint written. Returning would wait for the
+        # launcher to collect the result, which a launcher that is shutting down never does.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code(last["stopped_by"]))
+    return last
+
+
+class RankFailed(Exception):
+    """A launched rank crashed (not bad input): the launch stops with its error."""
+
+
+def _message(failure) -> str:
+    message = failure.message
+    if isinstance(message, dict):  # the error file's structured form
+        message = message.get("message", "")
+    return str(message)
+
+
+def _rank_failure(err: ChildFailedError) -> Exception:
+    """The launcher's error for a failed launch: the rank's own UserError when it raised one
+    (the lowest rank's), else :class:`RankFailed` naming the first rank that failed."""
+    for _rank, failure in sorted(err.failures.items()):
+        name, _, text = _message(failure).partition(": ")
+        kind = getattr(errors, name, None)
+        if isinstance(kind, type) and issubclass(kind, UserError) and text:
+            return kind(text)
+    rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {_message(failure)}")
 
 
 def _launch(cfg, nproc: int) -> dict:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # The ranks' lock owner and watchdog target: this process.
+    os.environ[OWNER_ENV] = os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -87,7 +132,41 @@ def _launch(cfg, nproc: int) -> dict:
         monitor_interval=0.2,
         start_method="forkserver",  # measured: ~4 s faster to start than spawn
     )
-    return elastic_launch(launch, _rank_entry)(cfg)
+    forward_sigusr1()
+    # Its log of a failed rank is a traceback of the agent's own polling; the launcher prints
+    # the rank's error instead (and a crashed rank has printed its traceback itself).
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        return elastic_launch(launch, _rank_entry)(cfg)[0]
+    except SignalException as err:  # the agent has stopped the ranks with this signal
+        return {"stopped_by": int(err.sigval)}
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if codes <= {exit_code(signum) for signum in STOP_SIGNALS}:  # a rank was signalled
+            return {"stopped_by": codes.pop() - 128}
+        raise _rank_failure(err) from None
+    finally:
+        for name in (OWNER_ENV, LAUNCHER_PID_ENV):
+            os.environ.pop(name, None)
+
+
+def _report_stop(cfg, signum: int) -> int:
+    """Say where a run stopped by a signal can continue from; the conventional exit code."""
+    folders = checkpoint_folders(cfg.run_dir)
+    where = f"newest checkpoint {folders[0][1]}" if folders else "no checkpoint yet"
+    print(
+        f"stopped by {signal.Signals(signum).name}: {where}; the same command with "
+        "train.resume=auto continues the run",
+        file=sys.stderr,
+    )
+    return exit_code(signum)
+
+
+def _preflight(cfg, ranks_here: int) -> None:
+    """Checks before anything is started or written (the configuration checked itself)."""
+    check_paths(cfg)
+    if not torch.cuda.is_available():  # a GPU rank checks its own device before it allocates
+        check_memory(cfg, available_memory(None, ranks_here))
 
 
 def cmd_train(args) -> int:
@@ -99,24 +178,32 @@ def cmd_train(args) -> int:
         overrides.append(f"data.path={args.data}")
     cfg = load_config(files[0] if files else None, overrides)
     world = cfg.parallel.world
-    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
-        train(cfg)  # started by torchrun: we are one rank
-        return 0
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            die_with_parent()
+        _preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        last = train(cfg)
+        return _report_stop(cfg, last["stopped_by"]) if "stopped_by" in last else 0
     nproc = world if args.nproc is None else args.nproc
     if nproc != world:
         raise ConfigError(
             f"--nproc {nproc} but parallel.dp * parallel.cp = {world}: set parallel.dp and "
             f"parallel.cp so that their product is {nproc}"
         )
-    check_run_dir(cfg.run_dir, cfg.train.resume, cfg.run.overwrite)  # before any work
-    if cfg.train.resume:
-        check_resume_config(cfg.run_dir, cfg)  # the checkpoint fits this model
-        resume_checkpoint(cfg.run_dir, world)  # the checkpoint fits this many ranks
-    data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
-    if world == 1:
-        last = train(cfg, data)
-    else:
-        last = _launch(cfg, nproc)[0]
+    _preflight(cfg, world)
+    with RunLock(cfg.run_dir):  # held by this launcher for the whole run
+        check_run_dir(cfg.run_dir, cfg.train.resume, cfg.run.overwrite)  # before any work
+        if cfg.train.resume:
+            check_resume_config(cfg.run_dir, cfg)  # the checkpoint fits this model
+            check_resume_world(cfg.run_dir, world, cfg.train.resume)  # ... and this many ranks
+        data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
+        try:
+            last = train(cfg, data) if world == 1 else _launch(cfg, nproc)
+        except RankFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if "stopped_by" in last:
+        return _report_stop(cfg, last["stopped_by"])
     print(
         f"run written to {cfg.run_dir}/ (metrics.jsonl, checkpoints/); plot it with "
         f"`multitoken plot {cfg.run_dir}`"

@@ -26,6 +26,7 @@ __all__ = [
     "InputError",
     "DataError",
     "CheckpointError",
+    "TrainingError",
     "INT_DTYPES",
     "check_int_tensor",
     "check_in_range",
@@ -75,6 +76,10 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A run folder or checkpoint that cannot be resumed or loaded as asked."""
+
+
+class TrainingError(UserError):
+    """A run that cannot go on with its settings (its loss or gradients stay non-finite)."""
 
 
 _VALIDATE = True

@@ -331,7 +331,8 @@ def teacher_forced_accuracy(
         result = []
         for k in range(1, depth + 1):
             first = max(start - k - 1, 0)  # first position whose target is generated
-            positions = torch.arange(first, len(ids) - k - 1, device=x.device)
+            # Empty when the sequence is too short to hold a target of depth k.
+            positions = torch.arange(first, max(first, len(ids) - k - 1), device=x.device)
             predicted = (hidden[k][0, positions] @ model.head_weight.t()).argmax(-1)
             hits = int((predicted == x[0, positions + k + 1]).sum())
             result.append((hits, positions.numel()))

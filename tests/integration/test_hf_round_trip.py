@@ -141,8 +141,8 @@ def test_bad_hf_input_is_one_error_line_and_writes_nothing(workdir, exported, se
             save_file(renamed, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(config))
     code = main(
-        ["train", *TINY, f"model.hf={folder}", f"run.dir={workdir}", f"run.name=bad_{setup}"]
+        ["train", *TINY, f"model.hf={folder}", f"run.dir={workdir}", f"run.name=run_{setup}"]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and match in err[-1], err
-    assert not (workdir / "runs").exists()  # nothing written
+    assert not (workdir / f"run_{setup}").exists()  # nothing written

@@ -7,9 +7,9 @@ from multitoken import MTPConfig
 from multitoken.models import GPTConfig
 from multitoken.mtp import DepthLosses
 from multitoken.parallel import MetricSums
-from multitoken.train.checkpoint import check_resume_config, check_run_dir, clear_run_dir
 from multitoken.train.config import ConfigError, TrainConfig, fixed_keys
 from multitoken.train.config_io import config_help, load_config, to_toml
+from multitoken.train.run_dir import check_resume_config, check_run_dir, clear_run_dir
 from multitoken.train.step import lr_lambda
 
 
@@ -34,7 +34,7 @@ def test_toml_round_trip(tmp_path):
         (["model.dimm=3"], "unknown config key 'model.dimm'; did you mean model.dim"),
         (["optim.lr=3"], "unknown config key 'optim.lr'"),
         (["train.steps=ten"], "train.steps must be int, got 'ten'"),
-        (["train.resume=maybe"], "train.resume must be bool"),
+        (["train.resume=maybe"], 'train.resume must be true, false or "auto"'),
         (["train.lr=fast"], "train.lr must be float"),
         (["model.dim"], "must look like section.key=value"),
         (["data.seq_len=250", "parallel.cp=2"], "data.seq_len=250 is not compatible with"),
@@ -164,6 +164,7 @@ def test_shipped_configs_parse():
 
 def test_run_dir_protection(tmp_path):
     check_run_dir(tmp_path / "new", resume=False, overwrite=False)  # nothing there: fine
+    (tmp_path / "config.toml").write_text(to_toml(TrainConfig()))
     (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already holds a run: continue it with train.resume"):

@@ -1,14 +1,18 @@
-"""Checkpoints: ``torch.distributed.checkpoint`` for the model and optimiser, one small file per
-rank for the rest (step, schedule, data position, RNG), written atomically.
+"""Checkpoints: ``torch.distributed.checkpoint`` for the model and optimiser, one small JSON file
+per rank for the rest (step, schedule, data position, RNG), a manifest written last.
 
 Layout of a run::
 
-    runs/<name>/checkpoints/step_000100/   .metadata, *.distcp, extra_rank<r>.pt
+    runs/<name>/checkpoints/step_000100/   .metadata, *.distcp, extra_rank<r>.json, manifest.json
     runs/<name>/checkpoints/latest         "step_000100"
 
-A save goes to ``step_N.partial`` and is renamed to ``step_N`` only after every rank has
-finished writing, so an interrupted save (a killed rank, a full disk) never leaves a directory
-that :func:`latest_checkpoint` would pick up.
+A save goes to ``step_N.partial``; after every rank has finished writing, rank 0 hashes the
+files into ``manifest.json`` and renames the folder to ``step_N``, so an interrupted save (a
+killed rank, a full disk) never leaves a folder that looks finished. Loading verifies a
+checkpoint against its manifest first (:func:`~multitoken.train.manifest.verify_checkpoint`)
+and reads nothing through an unrestricted unpickler (:mod:`multitoken.train.safe_load`);
+resume and ``generate`` skip a damaged checkpoint with a warning naming it and take the newest
+intact one. ``train.keep_checkpoints`` bounds how many are kept.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -31,20 +38,25 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from multitoken.data import Tokenizer
-from multitoken.errors import CheckpointError, ConfigError
+from multitoken.errors import CheckpointError, ConfigError, UserError
 from multitoken.model import MTPModel
-from multitoken.train.config import TrainConfig, fixed_keys
 from multitoken.train.config_io import load_config
+from multitoken.train.faults import fault_point
+from multitoken.train.manifest import (
+    Manifest,
+    read_manifest,
+    state_file,
+    verify_checkpoint,
+    write_manifest,
+)
+from multitoken.train.safe_load import SafeFileSystemReader, SafeLoadPlanner, dump_state, load_state
 
 __all__ = [
-    "check_run_dir",
-    "clear_run_dir",
-    "fault_point",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_folders",
     "latest_checkpoint",
     "resume_checkpoint",
-    "check_resume_config",
     "load_for_inference",
 ]
 
@@ -61,6 +73,13 @@ def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
+
+
+_PARTIAL_DIR = re.compile(r"step_(\d+)\.partial$")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -80,17 +99,6 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
-def fault_point(point: str) -> None:
-    """Test hook: ``MULTITOKEN_FAULT=<point>:<rank>`` SIGKILLs that rank at that point."""
-    spec = os.environ.get("MULTITOKEN_FAULT", "")
-    if (
-        spec
-        and spec.rsplit(":", 1)[0] == point
-        and spec.rsplit(":", 1)[1] == str(dist.get_rank() if dist.is_initialized() else 0)
-    ):
-        os.kill(os.getpid(), 9)
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -98,19 +106,22 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     group=None,
+    keep: int = 0,
 ) -> Path:
     """Save model, optimiser and this rank's ``extra`` state as ``step_<step>``; collective.
 
     Args:
         run_dir: the run's folder.
         step: the last completed optimiser step.
-        model, optimizer: replicated on every rank of ``group``.
-        extra: small per-rank state (scheduler, data position, RNG), saved with ``torch.save``.
+        model, optimizer: as laid out on the ranks of ``group`` (replicated or sharded).
+        extra: small per-rank state (numbers, strings, lists, dicts, tensors), saved as JSON.
         group: the process group of all ranks that train this model (None: single process).
+        keep: keep this many newest checkpoints (0 = all).
     """
     root = Path(run_dir) / "checkpoints"
     final, partial = root / f"step_{step:06d}", root / f"step_{step:06d}.partial"
     rank = _rank(group)
+    world = dist.get_world_size(group) if group is not None else 1
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -122,110 +133,156 @@ def save_checkpoint(
             checkpoint_id=str(partial),
             process_group=group,
         )
-    torch.save(extra, partial / f"extra_rank{rank}.pt")
+    dump_state(partial / state_file(rank), extra)
     fault_point(f"save{step}")
     _barrier(group)
     if rank == 0:
+        write_manifest(partial, step, world)  # last: a folder with a manifest is finished
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)  # atomic: the checkpoint appears whole or not at all
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")
+        _prune(root, step, keep)
     _barrier(group)
     return final
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a fresh run over an earlier one.
-
-    A fresh run in a folder with checkpoints would leave the earlier run's newer checkpoints in
-    place, and a later resume would silently continue the wrong run.
-    """
-    run_dir = Path(run_dir)
-    earlier = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()
-    if earlier and not resume and not overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a run: continue it with train.resume=true, start over "
-            "with run.overwrite=true (removes its checkpoints and metrics), or pick another "
-            "run.name"
-        )
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove an earlier run's checkpoints and metrics (``run.overwrite=true``)."""
-    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
-    (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Drop folders past ``step`` (what a resume from an older checkpoint left behind),
+    unfinished saves, and all but the ``keep`` newest checkpoints."""
+    for path in root.iterdir():
+        partial = _PARTIAL_DIR.match(path.name)
+        if partial and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+    folders = checkpoint_folders(root.parent)
+    for number, path in folders:
+        if number > step:
+            shutil.rmtree(path, ignore_errors=True)
+    kept = [f for f in folders if f[0] <= step]
+    if keep:
+        for _, path in kept[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def _complete(path: Path, world: int | None) -> bool:
-    if not (path / ".metadata").is_file():
-        return False
-    extras = list(path.glob("extra_rank*.pt"))
-    return bool(extras) if world is None else len(extras) == world
-
-
-def latest_checkpoint(run_dir: Path, world: int | None = None) -> Path | None:
-    """The newest complete checkpoint of a run (``None`` if there is none)."""
+def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every finished-looking checkpoint (``step_N``), newest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and _complete(path, world):
+        if match and path.is_dir() and not path.is_symlink():
             found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+    return sorted(found, reverse=True)
 
 
-def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a run with settings its weights or tokenizer do not fit.
+def latest_checkpoint(
+    run_dir: Path, world: int | None = None, warn: Callable[[str], None] | None = _warn
+) -> Path | None:
+    """The newest intact checkpoint of a run (``None`` if there is none).
 
-    Called before anything is written to the run folder (config.toml, tokenizer.json) and
-    before any collective, the same on every rank.
+    Damaged ones (any file missing, truncated or changed; an unfinished save) are skipped,
+    each with a warning naming it and why.
 
-    Raises:
-        ConfigError: naming the first setting that differs from the run's ``config.toml``
-            (the settings marked fixed on resume: model shape, MTP depths, corpus, tokenizer).
-    """
-    saved_file = Path(run_dir) / "config.toml"
-    if not saved_file.is_file():
-        return
-    saved = load_config(str(saved_file))
-    for key in fixed_keys(cfg):
-        section, name = key.split(".")
-        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
-        if old != new:
-            raise ConfigError(
-                f"train.resume with {key}={new!r}, but {run_dir} was trained with {key}={old!r}: "
-                f"resume with {key}={old!r}, or start a new run (another run.name)"
-            )
-
-
-def resume_checkpoint(run_dir: Path, world: int) -> Path | None:
-    """The checkpoint ``train.resume`` continues from: the newest complete one (None if none).
+    Args:
+        run_dir: the run folder.
+        world: when given, a checkpoint written by another number of ranks is an error.
+        warn: called with the message of each skipped checkpoint (None: silent).
 
     Raises:
-        ConfigError: it was written by another number of ranks than ``world`` (the same on
-            every rank, before any collective), which would otherwise start over at step 0.
+        ConfigError: the newest intact checkpoint was written by another number of ranks.
     """
-    newest = latest_checkpoint(run_dir)
-    if newest is not None and _world_of(newest) != world:
+    for _, path in checkpoint_folders(run_dir):
+        try:
+            manifest = verify_checkpoint(path)
+        except CheckpointError as err:
+            if warn is not None:
+                warn(f"skipping damaged checkpoint {path}: {err}")
+            continue
+        _check_world(path, manifest, world)
+        return path
+    return None
+
+
+def _check_world(path: Path, manifest: Manifest, world: int | None) -> None:
+    if world is not None and manifest.world != world:
         raise ConfigError(
-            f"{newest} was written by {_world_of(newest)} rank(s) but this run has {world} "
+            f"{path} was written by {manifest.world} rank(s) but this run has {world} "
             "(parallel.dp * parallel.cp): resume with the parallel.dp and parallel.cp it was "
             "trained with"
         )
-    return newest
+
+
+def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | None:
+    """The checkpoint a run continues from; ``None`` = start at step 0.
+
+    Args:
+        run_dir: the run folder.
+        world: this run's number of ranks.
+        mode: ``train.resume``: False (start fresh), True (a checkpoint must exist) or
+            ``"auto"`` (resume when one exists, else start fresh: the same command line for a
+            first start and a requeue).
+
+    Raises:
+        CheckpointError: ``True`` without an intact checkpoint, or checkpoints that are all
+            damaged (starting over would bury them).
+        ConfigError: it was written by another number of ranks.
+    """
+    if not mode:
+        return None
+    path = latest_checkpoint(run_dir, world)
+    if path is not None:
+        return path
+    damaged = checkpoint_folders(run_dir)
+    if damaged:
+        raise CheckpointError(
+            f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged (see the warnings "
+            "above): start over with run.overwrite=true, or pick another run.name"
+        )
+    if mode is True:
+        raise CheckpointError(
+            f"train.resume=true but {run_dir} has no checkpoint: start it without "
+            "train.resume, or with train.resume=auto (resume if there is a checkpoint)"
+        )
+    return None
+
+
+def check_resume_world(run_dir: Path, world: int, mode: bool | str) -> None:
+    """The launcher's cheap check (no hashing): the newest finished checkpoint fits ``world``,
+    and ``train.resume=true`` has something to resume."""
+    if not mode:
+        return
+    folders = checkpoint_folders(run_dir)
+    for _, path in folders:
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError:
+            continue
+        _check_world(path, manifest, world)
+        return
+    if mode is True and not folders:
+        resume_checkpoint(run_dir, world, mode)  # raises the no-checkpoint error
 
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None
 ) -> dict[str, Any]:
-    """Load a checkpoint saved by :func:`save_checkpoint` in place; return this rank's extra."""
+    """Load a verified checkpoint saved by :func:`save_checkpoint` in place; return this
+    rank's extra state.
+
+    Raises:
+        CheckpointError: this rank's state file is missing (naming it), or an entry holds more
+            than plain data.
+    """
+    rank = _rank(group)
+    extra_file = Path(path) / state_file(rank)
+    if not extra_file.is_file():
+        raise CheckpointError(f"{extra_file} is missing: the checkpoint lacks rank {rank}'s state")
     model_state, optim_state = _run_state(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    with _quiet_single_process() if group is None else nullcontext():
-        dcp.load(state, checkpoint_id=str(path), process_group=group)
+    _dcp_load(state, path, group)
     set_state_dict(
         model,
         optimizer,
@@ -233,18 +290,28 @@ def load_checkpoint(
         optim_state_dict=state["optim"],
         options=_TRAINABLE_LOAD,
     )
-    rank = _rank(group)
-    extra_file = path / f"extra_rank{rank}.pt"
-    if not extra_file.is_file():
+    return load_state(extra_file)
+
+
+def _dcp_load(state: dict[str, Any], path: Path, group) -> None:
+    try:
+        with _quiet_single_process() if group is None else nullcontext():
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(str(path)),
+                planner=SafeLoadPlanner(),
+                process_group=group,
+            )
+    except CheckpointException as err:  # DCP wraps each rank's error
+        # The checkpoint was verified against its manifest, so what DCP cannot read is content
+        # that a manifest was rewritten over: refuse it by name, without DCP's tracebacks.
+        failure = next(iter(err.failures.values()))[0]
+        if isinstance(failure, UserError):
+            raise CheckpointError(str(failure)) from None
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
         raise CheckpointError(
-            f"{extra_file} is missing: this checkpoint was written by {_world_of(path)} ranks; "
-            "resume with the same parallel.dp and parallel.cp"
-        )
-    return torch.load(extra_file, weights_only=False)
-
-
-def _world_of(path: Path) -> int:
-    return len(list(path.glob("extra_rank*.pt")))
+            f"{path} cannot be read ({type(failure).__name__}: {reason[:200]})"
+        ) from None
 
 
 def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MTPModel, Tokenizer]:
@@ -252,23 +319,30 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
 
     Args:
         run_dir: ``runs/<name>``.
-        step: a checkpoint step; None = the newest complete one.
+        step: a checkpoint step; None = the newest intact one.
 
     Returns:
         ``(model, tokenizer)``.
 
     Raises:
-        CheckpointError: not a run folder, or no complete checkpoint in it.
+        CheckpointError: not a run folder, or no intact checkpoint in it (or ``step`` is not).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(
             f"{run_dir} is not a run folder (no config.toml): train one with `multitoken train`"
         )
-    cfg = load_config(str(run_dir / "config.toml"))
-    path = run_dir / "checkpoints" / f"step_{step:06d}" if step else latest_checkpoint(run_dir)
-    if path is None or not (path / ".metadata").is_file():
-        raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    try:
+        cfg = load_config(str(run_dir / "config.toml"))
+    except UserError as err:
+        raise CheckpointError(f"{run_dir} has an unreadable config.toml: {err}") from None
+    if step:
+        path = run_dir / "checkpoints" / f"step_{step:06d}"
+        verify_checkpoint(path)
+    else:
+        path = latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}")
     if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
         from multitoken.hf.train import hf_model_and_tokenizer  # optional extra: only when used
 
@@ -281,7 +355,6 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
     # Only what the run trained is in its checkpoint (not a frozen backbone).
     trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
+    _dcp_load(state, path, None)
     model.load_state_dict(state["model"], strict=not cfg.mtp.freeze_base)
     return model.eval(), tokenizer

@@ -118,7 +118,12 @@ class TrainSection:
         eval_every: validate every this many steps (and at the end); 0 = only at the end.
         eval_batches: validation batches per evaluation.
         save_every: checkpoint every this many steps (and at the end); 0 = only at the end.
-        resume: continue from the newest complete checkpoint of this run.
+        keep_checkpoints: keep this many newest checkpoints, delete older ones; 0 = keep all.
+        resume: continue from the newest intact checkpoint of this run: true (one must
+            exist), false (start fresh) or "auto" (resume if one exists, else start fresh: the
+            same command line for a first start and a requeue).
+        max_skipped_steps: consecutive steps whose update is skipped for a non-finite loss or
+            gradient norm before the run stops with an error.
         seed: seed of the weights and the data order.
         bf16: bf16 autocast on CUDA (ignored on CPU).
         check_inputs: check every batch's values (token ids, positions); off saves a few
@@ -141,7 +146,9 @@ class TrainSection:
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 100
-    resume: bool = False
+    keep_checkpoints: int = 3
+    resume: bool | str = False
+    max_skipped_steps: int = 5
     seed: int = 0
     bf16: bool = True
     check_inputs: bool = True
@@ -168,6 +175,9 @@ class TrainSection:
                 (self.eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)"),
                 (self.eval_batches >= 1, "eval_batches", "must be >= 1"),
                 (self.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)"),
+                (self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = all)"),
+                (self.resume in (True, False, "auto"), "resume", 'must be true, false or "auto"'),
+                (self.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0"),
                 (0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)"),
             ],
             self,
@@ -228,6 +238,24 @@ class RunSection:
     tensorboard: bool = False
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        # A run writes only inside <dir>/<name>: the name is one plain path component.
+        name = self.name
+        _require(
+            [
+                (name not in ("", ".", ".."), "name", "must be a plain folder name"),
+                (
+                    "/" not in name and "\\" not in name and all(ord(c) >= 32 for c in name),
+                    "name",
+                    "must be a plain folder name (no /, \\ or control characters; put runs "
+                    "elsewhere with run.dir)",
+                ),
+                (len(name.encode()) <= 200, "name", "must be at most 200 bytes"),
+                (self.dir != "", "dir", 'must be a folder (run.dir="." for this one)'),
+            ],
+            self,
+        )
+
 
 @dataclass
 class TrainConfig:
@@ -287,6 +315,11 @@ class TrainConfig:
             raise ConfigError(
                 f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}: raise model.max_seq_len"
+            )
+        if self.run.overwrite and self.train.resume:
+            raise ConfigError(
+                f"run.overwrite=true removes the run that train.resume={self.train.resume!r} "
+                "would continue: set one of them"
             )
         model, tp = self.model, parallel.tp
         for key, size in (

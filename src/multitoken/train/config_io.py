@@ -37,7 +37,14 @@ def _sections() -> dict[str, type]:
 def _coerce(key: str, raw: Any, kind: type, from_cli: bool) -> Any:
     """Convert a TOML value (typed) or a command-line string (parsed) to the field's type."""
     from_cli = from_cli and isinstance(raw, str) and kind is not str
-    if kind is bool:
+    if kind == bool | str:  # a switch with a named third value (train.resume = "auto")
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        if isinstance(raw, str):
+            return _coerce(key, raw, str, from_cli)
+    elif kind is bool:
         if isinstance(raw, bool):
             return raw
         if from_cli and raw.lower() in ("true", "1", "yes", "on"):

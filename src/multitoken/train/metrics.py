@@ -7,8 +7,11 @@ ratios) by the trainer before they get here.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+from multitoken.errors import DataError
 
 __all__ = ["MetricsWriter", "read_metrics"]
 
@@ -61,10 +64,31 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file (or of ``<run>/metrics.jsonl``)."""
+    """All records of a ``metrics.jsonl`` file (or of ``<run>/metrics.jsonl``).
+
+    A line that is not a record (a torn last line after a crash, anything else) is skipped,
+    with one warning that counts them: the records around it are still good.
+
+    Raises:
+        DataError: there is no such file.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is this a run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise DataError(f"{path} does not exist: is this a run folder?")
+    records, bad = [], 0
+    with path.open("rb") as stream:
+        for raw in stream:
+            try:
+                record = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                record = None
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                records.append(record)
+            elif raw.strip():
+                bad += 1
+    if bad:
+        print(f"warning: skipped {bad} unreadable line(s) of {path}", file=sys.stderr)
+    return records

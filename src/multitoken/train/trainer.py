@@ -11,29 +11,26 @@ ranks and divided once (sum/sum).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from multitoken.errors import set_validation
+from multitoken.errors import CheckpointError, TrainingError, UserError, set_validation
 from multitoken.model import MTPModel, step_loss
-from multitoken.parallel import MetricSums, clip_grad_norm, local_device
-from multitoken.train.checkpoint import (
-    check_resume_config,
-    check_run_dir,
-    clear_run_dir,
-    fault_point,
-    load_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from multitoken.parallel import MetricSums, clip_grad_norm, grad_norm, local_device
+from multitoken.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from multitoken.train.config import TrainConfig
-from multitoken.train.config_io import to_toml
 from multitoken.train.data import PreparedData, prepare_data
+from multitoken.train.faults import fault_active, fault_point
+from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter
+from multitoken.train.preflight import available_memory, check_memory
 from multitoken.train.progress import Progress
+from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir, write_run_files
 from multitoken.train.step import (
     Ranks,
     build_model,
@@ -83,22 +80,42 @@ def _record(step: int, losses: list, accs: list, weight: float, **extra) -> dict
     return record
 
 
-def _open_run_dir(cfg: TrainConfig, data: PreparedData) -> None:
-    """Rank 0: refuse to clobber an earlier run, then write the run's config and tokenizer."""
-    run_dir = cfg.run_dir
-    check_run_dir(run_dir, cfg.train.resume, cfg.run.overwrite)
-    if cfg.run.overwrite and not cfg.train.resume:
-        clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    data.tokenizer.save(run_dir / "tokenizer.json")
+def _on_rank0(ranks: Ranks, device: torch.device, decide: Callable[[], int]) -> int:
+    """Run ``decide`` on rank 0 only and hand every rank its result.
+
+    A :class:`UserError` on rank 0 is raised on every rank (the others with a pointer to rank
+    0's message) instead of leaving them waiting in the next collective.
+    """
+    value, error = 0, None
+    if ranks.is_main:
+        try:
+            value = decide()
+        except UserError as err:
+            error = err
+    if ranks.world_group is not None:
+        sent = torch.tensor([value, error is not None], dtype=torch.int64, device=device)
+        dist.broadcast(sent, group=ranks.world_group, group_src=0)
+        value, failed = (int(x) for x in sent.tolist())
+        if failed and error is None:
+            raise CheckpointError("rank 0 refused to start this run (its error says why)")
+    if error is not None:
+        raise error
+    return value
 
 
 class _Trainer:
     """The state of one run on one rank, and the named parts of its loop."""
 
-    def __init__(self, cfg: TrainConfig, data: PreparedData, ranks: Ranks, device: torch.device):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: PreparedData,
+        ranks: Ranks,
+        device: torch.device,
+        signals: StopSignals | None = None,
+    ):
         self.cfg, self.data, self.ranks, self.device = cfg, data, ranks, device
+        self.signals = signals or StopSignals()
         tokenizer = data.tokenizer
         self.model: MTPModel = build_model(
             cfg, tokenizer.vocab_size, tokenizer.pad_id, ranks, device
@@ -107,24 +124,21 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.val_start = data.val_loader.state_dict()
         self.step, self.tokens_seen, self.resumed = 0, 0, False
+        self.skipped, self.skipped_in_a_row = 0, 0
         self.autocast = device.type == "cuda" and cfg.train.bf16
         self.batch_tokens = cfg.data.batch_size * cfg.data.seq_len
 
-    def restore(self) -> None:
-        """Continue from the newest complete checkpoint (``train.resume``), if there is one."""
-        run_dir = self.cfg.run_dir
-        checkpoint = resume_checkpoint(run_dir, self.ranks.world)
-        if checkpoint is None:
-            if self.ranks.is_main:
-                print(f"train.resume=true but {run_dir} has no complete checkpoint: step 0")
-            return
-        extra = load_checkpoint(checkpoint, self.model, self.optimizer, self.ranks.world_group)
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from a verified checkpoint (see :func:`resume_checkpoint`)."""
+        group = self.ranks.world_group
+        extra = load_checkpoint(checkpoint, self.model, self.optimizer, group)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.data.train_loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["rng"])
         self.step, self.tokens_seen, self.resumed = extra["step"], extra["tokens"], True
+        self.skipped = extra.get("skipped", 0)
         if self.ranks.is_main:
-            print(f"resuming {run_dir} from step {self.step} ({checkpoint.name})", flush=True)
+            print(f"resuming {self.cfg.run_dir} from step {self.step} ({checkpoint.name})")
 
     def forward(self, global_batch: dict[str, torch.Tensor], weight: float):
         cfg = self.cfg
@@ -139,17 +153,61 @@ class _Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             return step_loss(self.model, batch, weight)
 
-    def train_step(self, weight: float):
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, clipped to ``train.grad_clip`` when that is set."""
+        # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip
+        norm = clip_grad_norm(params, clip) if clip > 0 else grad_norm(params)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def train_step(self, step: int, weight: float):
+        """One update, or none when the loss or gradient norm is non-finite on any rank.
+
+        Returns:
+            ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
+        """
         losses = self.forward(next(self.data.train_loader), weight)
-        losses.loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
-        if self.cfg.train.grad_clip > 0:
-            # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
-            clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        loss = losses.loss * float("nan") if fault_active(f"nan{step}") else losses.loss
+        loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
+        norm = self._grad_norm()
+        # One small all-reduce per step, so that every rank skips the same updates and stops
+        # after the same step (a signal may reach the ranks at different moments).
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm.detach())).float(),
+                torch.tensor(float(self.signals.received is not None), device=norm.device),
+            ]
+        ).to(self.device)
+        if self.ranks.world_group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ranks.world_group)
+        nonfinite, stop = (bool(x) for x in flags.tolist())
+        if nonfinite:
+            self._skip(step)
+        else:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return losses, lr
+        return losses, lr, stop
+
+    def _skip(self, step: int) -> None:
+        """A non-finite update is never applied; too many in a row stop the run."""
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_steps
+        if self.ranks.is_main:
+            print(f"warning: step {step}: non-finite loss or gradient norm, update skipped")
+        if self.skipped_in_a_row > limit:
+            first = step - self.skipped_in_a_row + 1
+            raise TrainingError(
+                f"non-finite loss or gradient norm at step {first}"
+                + (f" through {step}" if step > first else "")
+                + f" ({self.skipped_in_a_row} in a row, more than train.max_skipped_steps="
+                f"{limit}); the updates were skipped and no checkpoint holds them: lower "
+                "train.lr, raise train.warmup_steps or set train.grad_clip"
+            )
 
     def evaluate(self, step: int, weight: float) -> dict[str, Any]:
         """Losses on the same held-out batches at every evaluation."""
@@ -168,12 +226,20 @@ class _Trainer:
         extra = {
             "step": step,
             "tokens": self.tokens_seen,
+            "skipped": self.skipped,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.data.train_loader.state_dict(),
             "rng": torch.get_rng_state(),
         }
-        group = self.ranks.world_group
-        save_checkpoint(self.cfg.run_dir, step, self.model, self.optimizer, extra, group)
+        save_checkpoint(
+            self.cfg.run_dir,
+            step,
+            self.model,
+            self.optimizer,
+            extra,
+            self.ranks.world_group,
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     def run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
@@ -191,16 +257,16 @@ class _Trainer:
         for step in range(self.step + 1, end + 1):
             fault_point(f"step{step}")
             weight = cfg.mtp.weight_at(step, t.steps)
-            losses, lr = self.train_step(weight)
+            losses, lr, stop = self.train_step(step, weight)
             meter.add(losses)
             self.tokens_seen += self.batch_tokens
             clock.tokens += self.batch_tokens
-            if step % t.log_every == 0 or step == end:
+            if step % t.log_every == 0 or step == end or stop:
                 mean_losses, accs, _ = meter.reduce(self.ranks.token_group)
                 rate = clock.rate()
                 last = _record(
                     step, mean_losses, accs, weight, tokens=self.tokens_seen, lr=lr,
-                    tokens_per_s=rate,
+                    tokens_per_s=rate, skipped=self.skipped,
                 )  # fmt: skip
                 if writer:
                     writer.write(last)
@@ -212,9 +278,12 @@ class _Trainer:
                         writer.write(val)
                     progress.val(val)
                     last["val"] = val
-                if (t.save_every and step % t.save_every == 0) or step == end:
+                if (t.save_every and step % t.save_every == 0) or step == end or stop:
                     self.save(step)
             progress.advance(step)
+            if stop:
+                last["stopped_by"] = self.signals.received or 0
+                break
         progress.close()
         if writer:
             writer.close()
@@ -224,20 +293,48 @@ class _Trainer:
 def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
     """Run (or resume) a training run on this rank; returns the last train and val records.
 
+    Rank 0 owns the run folder for the run's life (:class:`RunLock`, unless the launcher that
+    started it holds it), checks what the folder holds and picks the checkpoint to resume
+    before anything is written; the run's files are written only after the data is prepared.
+    SIGTERM, SIGINT and SIGUSR1 stop the run after the current step with a checkpoint; the
+    returned record then has ``stopped_by`` (the signal number).
+
     Args:
         cfg: the resolved configuration.
         data: already prepared data (single process); None = prepare it here.
     """
     device = local_device()
+    if device.type == "cuda":  # the launcher checked host memory; a GPU is checked here
+        check_memory(cfg, available_memory(device))
     ranks = setup_ranks(cfg, device)
-    if cfg.train.resume:  # every rank, before config.toml is rewritten
-        check_resume_config(cfg.run_dir, cfg)
-    if data is None:
-        data = prepare_data(cfg, verbose=False, group=ranks.world_group)
-    if ranks.is_main:
-        _open_run_dir(cfg, data)
-    set_validation(cfg.train.check_inputs)
-    trainer = _Trainer(cfg, data, ranks, device)
-    if cfg.train.resume:
-        trainer.restore()
-    return trainer.run()
+    run_dir, mode = cfg.run_dir, cfg.train.resume
+    lock: RunLock | None = None
+    checkpoints = run_dir / "checkpoints"
+
+    def decide_start() -> int:  # rank 0: the step to resume from, -1 = a fresh start
+        nonlocal lock
+        if not RunLock.held_here(run_dir):
+            lock = RunLock(run_dir).acquire()
+        check_run_dir(run_dir, mode, cfg.run.overwrite)
+        if mode:
+            check_resume_config(run_dir, cfg)
+        path = resume_checkpoint(run_dir, ranks.world, mode)
+        return -1 if path is None else int(path.name.removeprefix("step_"))
+
+    try:
+        with StopSignals() as signals:
+            start = _on_rank0(ranks, device, decide_start)
+            if data is None:
+                data = prepare_data(cfg, verbose=False, group=ranks.world_group)
+            resuming = start >= 0
+            _on_rank0(ranks, device, lambda: write_run_files(cfg, data.tokenizer, resuming) or 0)
+            set_validation(cfg.train.check_inputs)
+            trainer = _Trainer(cfg, data, ranks, device, signals)
+            if resuming:
+                trainer.restore(checkpoints / f"step_{start:06d}")
+            if signals.received is None:
+                return trainer.run()
+            return {"stopped_by": signals.received}  # stopped before the first step
+    finally:
+        if lock is not None:
+            lock.release()

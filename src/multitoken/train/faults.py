@@ -1,0 +1,40 @@
+"""Fault injection for the tests: ``MULTITOKEN_FAULT=<point>:<rank>[,<point>:<rank>...]``.
+
+The failure tests run the real command line and need a fault at an exact place: a rank killed
+while it saves step 6 (``save6:1``), mid-step (``step5:0``), a non-finite loss at step 4
+(``nan4:0``), a SIGTERM to the launcher after step 3 (``sigterm3:0``). A fault fires only on
+the first attempt of a run (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so a run that
+``torchrun --max-restarts`` restarts gets past it. Unset (always, outside tests), every check
+is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch.distributed as dist
+
+__all__ = ["fault_active", "fault_point", "LAUNCHER_PID_ENV"]
+
+LAUNCHER_PID_ENV = "MULTITOKEN_LAUNCHER_PID"
+
+
+def fault_active(point: str) -> bool:
+    """Whether ``MULTITOKEN_FAULT`` names ``point`` for this rank (first attempt only)."""
+    spec = os.environ.get("MULTITOKEN_FAULT", "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
+    rank = str(dist.get_rank() if dist.is_initialized() else 0)
+    return any(item.rsplit(":", 1) == [point, rank] for item in spec.split(","))
+
+
+def fault_point(point: str) -> None:
+    """SIGKILL this rank at ``point`` (``step5``, ``save6``); at ``sigterm<N>``, send the
+    launcher (or this process, when it is its own launcher) a SIGTERM."""
+    if fault_active(point):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point.startswith("step") and fault_active("sigterm" + point[4:]):
+        os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
+        time.sleep(2)  # the launcher forwards it to every rank meanwhile: all stop together

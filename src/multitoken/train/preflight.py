@@ -1,0 +1,110 @@
+"""Checks that need the machine, run before any rank starts: memory and paths.
+
+A configuration can be valid and still not fit: ``model.dim=65536`` or
+``model.max_seq_len=1e9`` used to fail deep inside an allocation (a traceback, or minutes of
+swapping first). :func:`memory_estimate` is a lower bound of what one rank allocates (model and
+optimiser state as if fully sharded over the ranks, the rotary table, one layer's attention
+scores, the activations kept for the backward), so a refusal is never a false alarm; a run that
+passes may still need more.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from multitoken.errors import ConfigError
+from multitoken.train.config import TrainConfig
+
+__all__ = ["memory_estimate", "available_memory", "check_memory", "check_paths"]
+
+_FP32 = 4
+_GIB = 1 << 30
+
+
+def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
+    """A lower bound of one rank's memory, in bytes, by what it is for."""
+    model, world = cfg.model, cfg.parallel.world
+    dim, head_dim, ffn = model.dim, model.head_dim, model.ffn_hidden
+    vocab = model.vocab_size or cfg.data.vocab_size
+    layer = (
+        dim * model.n_heads * head_dim * 2  # q, o
+        + 2 * dim * model.kv_heads * head_dim  # k, v
+        + 3 * dim * ffn  # SwiGLU
+        + 2 * dim  # norms
+    )
+    mtp_layer = layer + 2 * dim * dim + 3 * dim  # + eh_proj and the three norms
+    params = vocab * dim * (1 if model.tie_embeddings else 2)
+    params += model.n_layers * layer + cfg.mtp.depth * mtp_layer
+    rows = cfg.data.batch_size // cfg.parallel.dp
+    queries = cfg.data.seq_len // cfg.parallel.cp
+    layers = model.n_layers + cfg.mtp.depth
+    return {
+        # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank
+        "model and optimiser state": 4 * _FP32 * params // world,
+        "rotary table": model.max_seq_len * head_dim * _FP32,
+        "attention scores of one layer": rows * model.n_heads * queries * cfg.data.seq_len * _FP32,
+        "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers,
+    }
+
+
+def available_memory(device: torch.device | None = None, ranks_here: int = 1) -> int | None:
+    """Bytes one rank may use: free memory of its GPU, or this machine's available memory
+    shared by ``ranks_here`` ranks; None when unknown."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // max(1, ranks_here)
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: TrainConfig, available: int | None) -> None:
+    """Refuse a configuration whose lower-bound memory exceeds ``available`` bytes.
+
+    Raises:
+        ConfigError: naming the estimate, its largest part and the settings that drive it.
+    """
+    if available is None:
+        return
+    parts = memory_estimate(cfg)
+    need = sum(parts.values())
+    if need <= available:
+        return
+    largest = max(parts, key=parts.get)
+    hint = {
+        "model and optimiser state": "model.dim, model.n_layers, model.ffn_dim or the vocabulary",
+        "rotary table": "model.max_seq_len",
+        "attention scores of one layer": "data.seq_len, data.batch_size or model.n_heads",
+        "activations": "data.seq_len or data.batch_size",
+    }[largest]
+    raise ConfigError(
+        f"this configuration needs at least {need / _GIB:.1f} GiB per rank ({largest}: "
+        f"{parts[largest] / _GIB:.1f} GiB) but {available / _GIB:.1f} GiB are available: "
+        f"lower {hint}"
+    )
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Paths the run will create must be creatable folders (not a file, a device, a link
+    to one).
+
+    Raises:
+        ConfigError: ``data.cache_dir`` or ``run.dir`` names something that is not a folder,
+            or ``run.dir`` cannot be written.
+    """
+    for key, value in (("data.cache_dir", cfg.data.cache_dir), ("run.dir", cfg.run.dir)):
+        path = Path(value)
+        for parent in (path, *path.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{key}={value!r}: {parent} exists and is not a folder")
+                if key == "run.dir" and not os.access(parent, os.W_OK | os.X_OK):
+                    raise ConfigError(f"{key}={value!r}: {parent} is not writable")
+                break
