@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from multitoken.errors import CheckpointError, ConfigError
+from multitoken.errors import CheckpointError
 from multitoken.model import MTPModel
 from multitoken.models import GPTConfig
 from multitoken.mtp import MTPConfig
@@ -122,8 +122,8 @@ def test_resume_modes(run, tmp_path_factory):
     assert resume_checkpoint(run_dir, 1, False) is None
     assert resume_checkpoint(run_dir, 1, True).name == "step_000002"
     assert resume_checkpoint(run_dir, 1, "auto").name == "step_000002"
-    with pytest.raises(ConfigError, match="written by 1 rank"):
-        resume_checkpoint(run_dir, 2, True)
+    # Another number of ranks resumes the same checkpoint (the state reshards on load).
+    assert resume_checkpoint(run_dir, 2, True).name == "step_000002"
     empty = tmp_path_factory.mktemp("empty")
     assert resume_checkpoint(empty, 1, "auto") is None  # a first start
     with pytest.raises(CheckpointError, match="train.resume=true but .* has no checkpoint"):

@@ -38,12 +38,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from multitoken.data import Tokenizer
-from multitoken.errors import CheckpointError, ConfigError, UserError
+from multitoken.errors import CheckpointError, UserError
 from multitoken.model import MTPModel
 from multitoken.train.config_io import load_config
 from multitoken.train.faults import fault_point
 from multitoken.train.manifest import (
-    Manifest,
     read_manifest,
     state_file,
     verify_checkpoint,
@@ -188,31 +187,19 @@ def latest_checkpoint(
 
     Args:
         run_dir: the run folder.
-        world: when given, a checkpoint written by another number of ranks is an error.
+        world: this run's number of ranks (any layout may resume any checkpoint: DCP
+            reshards the model and optimiser state; kept for the callers' symmetry).
         warn: called with the message of each skipped checkpoint (None: silent).
-
-    Raises:
-        ConfigError: the newest intact checkpoint was written by another number of ranks.
     """
     for _, path in checkpoint_folders(run_dir):
         try:
-            manifest = verify_checkpoint(path)
+            verify_checkpoint(path)  # its world need not be ours: checkpoints reshard
         except CheckpointError as err:
             if warn is not None:
                 warn(f"skipping damaged checkpoint {path}: {err}")
             continue
-        _check_world(path, manifest, world)
         return path
     return None
-
-
-def _check_world(path: Path, manifest: Manifest, world: int | None) -> None:
-    if world is not None and manifest.world != world:
-        raise ConfigError(
-            f"{path} was written by {manifest.world} rank(s) but this run has {world} "
-            "(parallel.dp * parallel.cp): resume with the parallel.dp and parallel.cp it was "
-            "trained with"
-        )
 
 
 def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | None:
@@ -228,7 +215,6 @@ def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | Non
     Raises:
         CheckpointError: ``True`` without an intact checkpoint, or checkpoints that are all
             damaged (starting over would bury them).
-        ConfigError: it was written by another number of ranks.
     """
     if not mode:
         return None
@@ -250,18 +236,11 @@ def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | Non
 
 
 def check_resume_world(run_dir: Path, world: int, mode: bool | str) -> None:
-    """The launcher's cheap check (no hashing): the newest finished checkpoint fits ``world``,
-    and ``train.resume=true`` has something to resume."""
+    """The launcher's cheap check (no hashing): ``train.resume=true`` has something to resume.
+    Any number of ranks may resume any checkpoint (the state is resharded on load)."""
     if not mode:
         return
     folders = checkpoint_folders(run_dir)
-    for _, path in folders:
-        try:
-            manifest = read_manifest(path)
-        except CheckpointError:
-            continue
-        _check_world(path, manifest, world)
-        return
     if mode is True and not folders:
         resume_checkpoint(run_dir, world, mode)  # raises the no-checkpoint error
 
@@ -272,12 +251,18 @@ def load_checkpoint(
     """Load a verified checkpoint saved by :func:`save_checkpoint` in place; return this
     rank's extra state.
 
+    The model and optimiser state are DTensor shards in DCP's format: they load into any
+    layout (another dp, cp or tp; another number of ranks), DCP resharding them. The extra
+    state (step, schedule, data position, RNG) is the same on every rank by construction; a
+    rank the saving run did not have takes rank 0's.
+
     Raises:
         CheckpointError: this rank's state file is missing (naming it), or an entry holds more
             than plain data.
     """
     rank = _rank(group)
-    extra_file = Path(path) / state_file(rank)
+    saved_world = read_manifest(Path(path)).world
+    extra_file = Path(path) / state_file(rank if rank < saved_world else 0)
     if not extra_file.is_file():
         raise CheckpointError(f"{extra_file} is missing: the checkpoint lacks rank {rank}'s state")
     model_state, optim_state = _run_state(model, optimizer)

@@ -72,10 +72,10 @@ class DataSection:
     path: str = field(default="", metadata=FIXED)
     max_files: int = field(default=0, metadata=FIXED)
     vocab_size: int = field(default=4096, metadata=FIXED)
-    seq_len: int = 512
-    batch_size: int = 8
-    val_fraction: float = 0.02
-    align: int = 0
+    seq_len: int = field(default=512, metadata=FIXED)
+    batch_size: int = field(default=8, metadata=FIXED)
+    val_fraction: float = field(default=0.02, metadata=FIXED)
+    align: int = field(default=0, metadata=FIXED)
     cache_dir: str = ".cache/multitoken"
     format: str = "auto"
     text_field: str = "text"
