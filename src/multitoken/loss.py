@@ -19,7 +19,7 @@ from torch import Tensor
 
 from multitoken.errors import InputError, check_in_range
 
-__all__ = ["linear_cross_entropy", "LossStats", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["linear_cross_entropy", "chunked_backward", "LossStats", "DEFAULT_CHUNK_ELEMENTS"]
 
 # 2**23 fp32 logits = 32 MiB per chunk: 256 tokens at vocab 32k, 64 at 128k.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -114,36 +114,66 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         hidden, weight, targets, valid, lse = ctx.saved_tensors
-        rows, dtype = ctx.rows, ctx.dtype
-        w = weight.to(dtype)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # Accumulate the weight gradient in fp32 even for bf16 weights.
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
         # Per-token factor of the gradient: grad_loss where there is a target, else 0.
         row_scale = valid.float() * grad_loss.float()  # (N,)
-        buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], rows):
-            stop = min(start + rows, hidden.shape[0])
-            h = hidden[start:stop]
-            # d(lse - logit[t]) / d logits = softmax - onehot(t), recomputed from the saved lse.
-            probs = _chunk_logits(h.to(dtype), w, buffer)  # (C, V)
-            probs.sub_(lse[start:stop, None]).exp_()
-            probs.scatter_add_(1, targets[start:stop, None], torch.full_like(probs[:, :1], -1.0))
-            grad_logits = probs.to(dtype)
-            # The row factor is applied to the [C, H] operands and results, not to the [C, V]
-            # chunk: diag(s) P W = diag(s) (P W) and (diag(s) P)^T h = P^T (diag(s) h).
-            scale = row_scale[start:stop, None]  # (C, 1)
-            if need_h:
-                grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
-            if need_w:
-                grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
-            del probs, grad_logits
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+        minus_one = torch.full_like(row_scale, -1.0)  # every row owns its target's column
+        grad_h, grad_w = chunked_backward(
+            hidden, weight, targets, minus_one, lse, row_scale, ctx.rows, ctx.dtype,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
         return grad_h, grad_w, None, None, None
+
+
+def chunked_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    target_value: Tensor,
+    lse: Tensor,
+    row_scale: Tensor,
+    rows: int,
+    dtype: torch.dtype,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum_i row_scale_i * (lse_i - logit_i[t_i])`` w.r.t. ``hidden`` and
+    ``weight``, recomputing the logits chunk by chunk (shared with the vocabulary-parallel
+    loss, where ``weight`` is a shard and ``target_value`` is 0 on rows whose target another
+    shard owns).
+
+    Args:
+        hidden: ``[N, H]``; weight: ``[V, H]``; targets: ``[N]`` column of each row's target.
+        target_value: ``[N]`` what the one-hot adds at the target column (-1, or 0).
+        lse: ``[N]`` the saved log-sum-exp; row_scale: ``[N]`` the per-row gradient factor.
+        rows: tokens per chunk; dtype: the compute dtype of the forward.
+        need_h, need_w: which gradients to compute.
+    """
+    w = weight.to(dtype)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # Accumulate the weight gradient in fp32 even for bf16 weights.
+    grad_w = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    )
+    buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        stop = min(start + rows, hidden.shape[0])
+        h = hidden[start:stop]
+        # d(lse - logit[t]) / d logits = softmax - onehot(t), recomputed from the saved lse.
+        probs = _chunk_logits(h.to(dtype), w, buffer)  # (C, V)
+        probs.sub_(lse[start:stop, None]).exp_()
+        probs.scatter_add_(1, targets[start:stop, None], target_value[start:stop, None])
+        grad_logits = probs.to(dtype)
+        # The row factor is applied to the [C, H] operands and results, not to the [C, V]
+        # chunk: diag(s) P W = diag(s) (P W) and (diag(s) P)^T h = P^T (diag(s) h).
+        scale = row_scale[start:stop, None]  # (C, 1)
+        if need_h:
+            grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
+        if need_w:
+            grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
+        del probs, grad_logits
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    return grad_h, grad_w
 
 
 def linear_cross_entropy(

@@ -35,6 +35,7 @@ from multitoken.loss import (
     _chunk_logits,
     _chunk_rows,
     _compute_dtype,
+    chunked_backward,
 )
 from multitoken.parallel.apply import _all_gather
 
@@ -106,35 +107,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         hidden, weight, local_targets, owned, valid, lse = ctx.saved_tensors
-        rows, dtype = ctx.rows, ctx.dtype
-        w = weight.to(dtype)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
         row_scale = valid.float() * grad_loss.float()  # (N,)
-        buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], rows):
-            stop = min(start + rows, hidden.shape[0])
-            h = hidden[start:stop]
-            # softmax - onehot(t) on this shard's columns; the one-hot only where it owns t.
-            probs = _chunk_logits(h.to(dtype), w, buffer)  # (C, V / tp)
-            probs.sub_(lse[start:stop, None]).exp_()
-            minus_one = -owned[start:stop, None].float()
-            probs.scatter_add_(1, local_targets[start:stop, None], minus_one)
-            grad_logits = probs.to(dtype)
-            scale = row_scale[start:stop, None]  # (C, 1)
-            if need_h:
-                grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
-            if need_w:
-                grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
-            del probs, grad_logits
-        if need_h:
+        # softmax - onehot(t) on this shard's columns: the one-hot only where it owns t.
+        grad_h, grad_w = chunked_backward(
+            hidden, weight, local_targets, -owned.float(), lse, row_scale, ctx.rows, ctx.dtype,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
+        if grad_h is not None:
             # Each shard's columns contribute a partial sum of d loss / d hidden.
             dist.all_reduce(grad_h, group=ctx.group)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None
 
 
