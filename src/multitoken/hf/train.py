@@ -3,8 +3,8 @@
 The trainer asks for three things, each answered here from the folder: the tokenizer that
 tokenises the corpus (:func:`hf_tokenizer`, called before any rank starts or anything is
 written, so a bad folder is one ``error:`` line), the model (:func:`build_hf_model`, with
-context parallelism applied from outside as for the reference GPT), and, for inference, both
-(:func:`hf_model_and_tokenizer`).
+context and data parallelism applied from outside as for the reference GPT), and, for inference,
+both (:func:`hf_model_and_tokenizer`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from multitoken.hf.formats import CONFIG_KEYS, detect_format
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
 from multitoken.model import MTPModel
 
-__all__ = ["HFTokenizer", "hf_tokenizer", "build_hf_model", "hf_model_and_tokenizer"]
+__all__ = [
+    "HFTokenizer",
+    "hf_tokenizer",
+    "build_hf_model",
+    "parallelize_hf",
+    "hf_model_and_tokenizer",
+]
 
 
 class HFTokenizer:
@@ -86,9 +92,18 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos={self.eos_id})"
 
 
+# transformers' attention and MLP modules are not split by multitoken's tensor-parallel plan.
+_TP_REFUSAL = (
+    "parallel.tp={tp} with model.hf: tensor parallelism is not wired up for Hugging Face models; "
+    "use parallel.tp=1 (parallel.dp and parallel.cp work)"
+)
+
+
 def _check_folder(cfg) -> dict:
     """Everything about ``model.hf`` that can be refused without loading the weights."""
     path = cfg.model.hf
+    if cfg.parallel.tp > 1:
+        raise ConfigError(_TP_REFUSAL.format(tp=cfg.parallel.tp))
     config = read_config(path)
     if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
         raise ConfigError(
@@ -121,21 +136,61 @@ def hf_tokenizer(cfg) -> HFTokenizer:
     return HFTokenizer(cfg.model.hf, config["vocab_size"])
 
 
-def build_hf_model(cfg, pad_id: int, ranks=None) -> MTPModel:
+def build_hf_model(cfg, pad_id: int, ranks=None, device: torch.device | None = None) -> MTPModel:
     """The folder's model with ``mtp.depth`` depths (its MTP weights when it has them), with
-    context parallelism applied from outside: every attention module gathers K and V over the
-    CP group, and the layout mask sees the gathered keys' layout."""
+    parallelism applied from outside as for the reference GPT: context parallelism
+    (:func:`parallelize_hf`), then FSDP2 over the data x context-parallel ranks, which sums
+    their gradients (tensor parallelism is refused by :func:`hf_tokenizer`)."""
     model = load_hf_mtp_model(
         cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
     )
-    if ranks is not None and ranks.cp_size > 1:
-        from multitoken.parallel.apply import SequenceGather  # parallel sits above hf
+    if device is not None:
+        model.to(device)
+    if ranks is None:
+        return model
+    if ranks.tp_size > 1:
+        raise ConfigError(_TP_REFUSAL.format(tp=ranks.tp_size))
+    parallelize_hf(model, ranks.groups)
+    if ranks.token_world > 1:
+        from multitoken.parallel import apply_fsdp  # parallel sits above hf
 
-        hook = SequenceGather(ranks.groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
-        for module in model.modules():
-            if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-                module.kv_gather = hook
+        apply_fsdp(model, ranks.groups.dp_cp_mesh)
     return model
+
+
+def parallelize_hf(model: MTPModel, groups) -> MTPModel:
+    """Context parallelism on an HF model, in place: what :func:`multitoken.parallel.parallelize`
+    does for the reference GPT.
+
+    Every attention module (main layers and MTP depths) gets a ``kv_gather`` hook that
+    all-gathers its rotated K and V over ``groups.cp_group``; the multitoken attention function
+    calls it and builds the mask from the gathered keys' layout (``kv_layout``), the rotary
+    tables from the local tokens' global positions. With ``cp_size == 1`` (or ``groups`` None)
+    it clears the hooks. Feed the model :meth:`~multitoken.parallel.CPShard.step_batch`.
+
+    Raises:
+        ConfigError: the model has no attention module the hook can reach.
+    """
+    from multitoken.parallel.apply import SequenceGather  # parallel sits above hf
+
+    hook = None
+    if groups is not None and groups.cp_size > 1:
+        hook = SequenceGather(groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
+    attention = _attention_modules(model)
+    if hook is not None and not attention:
+        raise ConfigError(
+            f"{type(model.decoder).__name__} has no attention module with q_proj and k_proj: "
+            "context parallelism would silently attend to local keys only; use parallel.cp=1"
+        )
+    for module in attention:
+        module.kv_gather = hook
+    return model
+
+
+def _attention_modules(model: MTPModel) -> list[torch.nn.Module]:
+    # transformers' attention modules of the supported architectures all project with
+    # q_proj / k_proj and call the registered "multitoken" function, which reads kv_gather.
+    return [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
 
 
 def hf_model_and_tokenizer(cfg) -> tuple[MTPModel, HFTokenizer]:

@@ -1,0 +1,135 @@
+"""CP (and DP x CP) training steps of Hugging Face models equal the single process.
+
+The HF attention modules get the K/V all-gather hook from :func:`parallelize_hf` (what
+``build_hf_model`` applies under ``parallel.cp``), the ranks take their packed shard's step batch,
+and the sum over ranks of the losses and the CP-summed gradients must equal the plain model's on
+the global batch. The last test runs the trainer's own path: ``build_model`` with ``model.hf``
+(CP hooks, then FSDP2 over DP x CP) and ``prepare_step`` on a loader-style global batch.
+"""
+
+from itertools import accumulate
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+
+from cp_cases import IGNORE, PAD, cp_step, grads, groups, make_batch  # noqa: E402
+from test_cp_model import DP_ROWS, assert_matches  # noqa: E402
+
+from multitoken import ConfigError, MTPConfig, MTPModel, step_loss  # noqa: E402
+from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights  # noqa: E402
+from multitoken.hf.tiny import save_tiny, tiny_model  # noqa: E402
+from multitoken.hf.train import build_hf_model, hf_tokenizer, parallelize_hf  # noqa: E402
+from multitoken.parallel import shard_batch  # noqa: E402
+from multitoken.train.config_io import load_config  # noqa: E402
+from multitoken.train.step import Ranks, build_model, prepare_step  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def hf_model(model_type: str, depth: int) -> MTPModel:
+    """The same weights on every rank and in the reference (seeded)."""
+    decoder = HFDecoder(tiny_model(model_type, seed=0))
+    torch.manual_seed(1)
+    model = MTPModel(decoder, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
+    init_mtp_weights(model)
+    return model
+
+
+def reference(model_type: str, depth: int) -> dict:
+    """CP = 1: the plain model on the global packed batch, in the pytest process."""
+    model = hf_model(model_type, depth)
+    ids, labels, layout = make_batch(packed=True)
+    out = model.loss(ids, labels, layout)
+    out.loss.backward()
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=grads(model),
+    )
+
+
+def run_hf_cp(model_type: str, depth: int) -> dict:
+    """On every rank of a CP-only pool: this rank's loss share and the CP-summed gradients."""
+    g = groups(1, dist.get_world_size())
+    model = parallelize_hf(hf_model(model_type, depth), g)
+    hooked = [m for m in model.modules() if getattr(m, "kv_gather", None) is not None]
+    ids, labels, layout = make_batch(packed=True)
+    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
+    result = cp_step(shard, model, g, g.cp_group, g.cp_group)
+    result.pop("out")
+    result["hooked"] = len(hooked)
+    return result
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_hf_cp_equals_single_process(pool2, model_type, depth):
+    """Llama, Mistral (its window of 6 bites: documents up to 17 tokens), Qwen2, Qwen3."""
+    ref = reference(model_type, depth)
+    results = pool2.run(run_hf_cp, model_type, depth)
+    # Two main layers and one per depth: every attention module gathers.
+    assert [r["hooked"] for r in results] == [2 + depth] * 2
+    assert_matches(results, ref, f"{model_type} cp=2 D={depth}")
+
+
+def _config(folder, dp: int = 1, cp: int = 1, tp: int = 1, freeze_base: bool = False):
+    overrides = [f"model.hf={folder}", "mtp.depth=2", "data.seq_len=24"]
+    overrides += [f"mtp.freeze_base={str(freeze_base).lower()}"]
+    overrides += [f"parallel.dp={dp}", f"parallel.cp={cp}", f"parallel.tp={tp}"]
+    return load_config(None, overrides)
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    """DP_ROWS as the loader yields them: ids, labels and the flat cu_seqlens."""
+    ids, labels, _ = make_batch(packed=True, rows=DP_ROWS)
+    lengths = [length for row in DP_ROWS for length in row]
+    return dict(input_ids=ids, labels=labels, cu_seqlens=torch.tensor([0, *accumulate(lengths)]))
+
+
+def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
+    """One step as the trainer takes it, on a (dp, cp) = (2, 2) pool."""
+    g = groups(2, 2)
+    ranks = Ranks(g, dist.get_rank(), g.dp_rank, g.dp_size, g.cp_rank, g.cp_size)
+    cfg = _config(folder, dp=2, cp=2, freeze_base=freeze_base)
+    cpu = torch.device("cpu")
+    model = build_model(cfg, 97, PAD, ranks, cpu)
+    batch = prepare_step(_global_batch(), ranks, cfg.mtp.depth, PAD, cpu)
+    out = step_loss(model, batch, cfg.mtp.loss_weight)
+    out.loss.backward()  # FSDP2 sums the gradients over DP x CP
+    full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=full,
+    )
+
+
+@pytest.mark.parametrize("freeze_base", [False, True], ids=["full", "heads_only"])
+def test_hf_training_path_dp_cp_equals_single_process(pool4, tmp_path, freeze_base):
+    folder = save_tiny("qwen3", tmp_path / "qwen3")
+    cfg = _config(folder, freeze_base=freeze_base)
+    model = build_hf_model(cfg, PAD)
+    batch = _global_batch()
+    out = model.loss(batch["input_ids"], batch["labels"], make_batch(True, rows=DP_ROWS)[2])
+    out.loss.backward()
+    ref = dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=grads(model),
+    )
+    if freeze_base:
+        assert all(name.startswith("mtp.") for name in ref["grads"])
+    results = pool4.run(run_hf_training_path, str(folder), freeze_base)
+    assert_matches(results, ref, f"hf dp x cp = 2 x 2 through build_model {freeze_base=}")
+
+
+def test_tensor_parallel_is_refused(tmp_path):
+    folder = save_tiny("llama", tmp_path / "llama")
+    with pytest.raises(ConfigError, match="parallel.tp=2 with model.hf"):
+        hf_tokenizer(_config(folder, tp=2))
