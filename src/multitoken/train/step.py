@@ -165,7 +165,7 @@ def build_model(
     if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
         from multitoken.hf.train import build_hf_model  # optional extra: only when used
 
-        return build_hf_model(cfg, pad_id, ranks)
+        return build_hf_model(cfg, pad_id, ranks, device)
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
     if ranks.tp_size > 1:
