@@ -14,8 +14,10 @@ wrong and what to pass instead.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import stat
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,12 +50,54 @@ class Document:
     text: str
 
 
-def _read_text(path: Path) -> str | None:
-    """The file's text, or None when it is not UTF-8 text (binary files, other encodings)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, a device, a socket or a folder where a file was expected."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ("a FIFO", "a device", ...)."""
+    if stat.S_ISREG(mode):
         return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
+    """``path`` opened for binary reading, only if it is (a link to) a regular file.
+
+    A FIFO would block ``open`` until a writer appears and ``/dev/zero`` never ends, so the
+    file is opened non-blocking and its type checked on the open descriptor (which also
+    closes the window between a ``stat`` and the ``open``).
+
+    Raises:
+        NotRegularFileError: If it is a FIFO, a device, a socket or a folder.
+        OSError: If it cannot be opened (permissions, a broken link, ...).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = _file_kind(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if kind is not None:
+        os.close(fd)
+        raise NotRegularFileError(kind)
+    return os.fdopen(fd, "rb")
+
+
+def _decode_text(data: bytes) -> str | None:
+    """The bytes as text, or None when they are not UTF-8 text (binary, other encodings)."""
     # A NUL byte is valid UTF-8 but almost never appears in text; it marks a binary file.
     if b"\x00" in data:
         return None
@@ -61,6 +105,16 @@ def _read_text(path: Path) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it is not a readable regular file of UTF-8 text."""
+    try:
+        with _open_regular(path) as file:
+            data = file.read()
+    except OSError:
+        return None
+    return _decode_text(data)
 
 
 def _walk_files(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:

@@ -9,8 +9,8 @@ Formats (``format="auto"`` picks by the path; a folder holding only JSONL or onl
 files is read as that format):
 
 - ``text``: a folder read recursively; every file whose path relative to the folder matches
-  ``glob`` (an ``fnmatch`` pattern, ``*`` crosses folders) is one document. Binary, non-UTF-8
-  and empty files are skipped, counted and reported.
+  ``glob`` (an ``fnmatch`` pattern, ``*`` crosses folders) is one document. Binary, non-UTF-8,
+  empty and unreadable files are skipped, counted and reported.
 - ``jsonl``: ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` files (or a folder of them); one JSON
   object per line with the document in ``text_field``.
 - ``parquet``: ``.parquet`` files (or a folder of them); the document is column ``text_field``.
@@ -23,6 +23,13 @@ Bad records (invalid JSON, a missing or non-string text field, non-UTF-8 bytes) 
 :class:`~multitoken.data.corpus.DataError` naming the file and line, or, with
 ``on_bad_record="skip"``, are skipped, counted and reported. The reading happens here, in the
 main process, so a bad record is never a crash deep in a tokenisation worker.
+
+Hostile folders: only regular files (and links to them) are read. FIFOs, devices, sockets
+and broken links are skipped, counted and reported, found by ``os.stat`` and checked again on
+the open descriptor, so a FIFO never blocks and ``/dev/zero`` is never read. A document over
+``max_doc_mb`` (a text file by its size on disk, a JSONL line by its bytes, a Parquet or
+dataset value by its characters) is skipped and counted without being held in memory (a JSONL
+line is read past in pieces; a text file is never opened).
 """
 
 from __future__ import annotations
@@ -40,15 +47,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from multitoken.data.corpus import DataError, Document, _read_text, _walk_files
+from multitoken.data.corpus import (
+    DataError,
+    Document,
+    NotRegularFileError,
+    _decode_text,
+    _file_kind,
+    _open_regular,
+    _walk_files,
+)
 
-__all__ = ["FORMATS", "SkipReport", "Source", "open_source", "stdlib_source"]
+__all__ = ["DEFAULT_MAX_DOC_MB", "FORMATS", "SkipReport", "Source", "open_source", "stdlib_source"]
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf_disk", "hf")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 _EXTRA_HINT = "install the data extra: pip install 'multitoken[data]'"
 # Files named in the skip report; the rest are only counted.
 _MAX_EXAMPLES = 5
+DEFAULT_MAX_DOC_MB = 64
+_MB = 1_000_000
+# Reasons in the skip report (the counts' keys).
+NOT_REGULAR = "not a regular file"
+UNREADABLE = "unreadable"
 
 
 @dataclass
@@ -58,10 +78,11 @@ class SkipReport:
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
-    def add(self, where: str, reason: str) -> None:
+    def add(self, where: str, reason: str, detail: str = "") -> None:
+        """Count one skip under ``reason``; ``detail`` (default: the reason) names it."""
         self.counts[reason] += 1
         if len(self.examples) < _MAX_EXAMPLES:
-            self.examples.append(f"{where} ({reason})")
+            self.examples.append(f"{where} ({detail or reason})")
 
     @property
     def total(self) -> int:
@@ -111,6 +132,10 @@ def _detect_format(root: Path) -> str:
     )
 
 
+def _is_stat(status: os.stat_result | str) -> bool:
+    return not isinstance(status, str)
+
+
 class _CountingReader(io.RawIOBase):
     """A binary file that counts the bytes read from disk, for progress on compressed input."""
 
@@ -139,6 +164,7 @@ class Source:
         text_field: The field or column that holds the document text.
         glob: Which files of a folder to read (``fnmatch`` on the relative path).
         max_docs: Stop after this many documents (0 = all).
+        max_doc_mb: Skip (and count) a document over this many MB (0 = no limit).
         on_bad_record: ``"error"`` (raise, naming file and line) or ``"skip"`` (count).
         skipped: What the latest pass skipped.
         bytes_read: Bytes of input read from disk so far in the current pass.
@@ -153,6 +179,7 @@ class Source:
         max_docs: int = 0,
         on_bad_record: str = "error",
         skip_dirs: frozenset[str] = frozenset({"__pycache__"}),
+        max_doc_mb: float = DEFAULT_MAX_DOC_MB,
     ) -> None:
         self.root = Path(path)
         if format not in FORMATS:
@@ -161,6 +188,8 @@ class Source:
             raise DataError(f"data.on_bad_record={on_bad_record!r} must be 'error' or 'skip'")
         if max_docs < 0:
             raise DataError(f"max_docs must be >= 0 (0 = all), got {max_docs}")
+        if not max_doc_mb >= 0:
+            raise DataError(f"data.max_doc_mb must be >= 0 (0 = no limit), got {max_doc_mb}")
         if format != "hf" and not self.root.exists():
             raise DataError(
                 f"data path '{self.root}' does not exist: pass --data a folder of text files, "
@@ -172,26 +201,94 @@ class Source:
         self.max_docs = max_docs
         self.on_bad_record = on_bad_record
         self.skip_dirs = skip_dirs
+        self.max_doc_mb = max_doc_mb
         self.skipped = SkipReport()
         self.bytes_read = 0
 
     # ------------------------------------------------------------------ files and identity
 
+    def _entries(self) -> list[tuple[str, Path, os.stat_result | str]]:
+        """Every input path as (name, path, its ``os.stat`` or why it cannot be read).
+
+        ``os.stat`` follows links (a link to a regular file is read) but opens nothing.
+        """
+        if not os.path.lexists(self.root):  # format "hf" takes names that are not paths
+            paths = []
+        elif not self.root.is_dir():
+            paths = [(str(self.root), self.root)]
+        else:
+            found = _walk_files(self.root, self.skip_dirs)
+            if self.format == "jsonl":
+                found = [f for f in found if f[0].lower().endswith(_JSONL_SUFFIXES)]
+            elif self.format == "parquet":
+                found = [f for f in found if f[0].lower().endswith(".parquet")]
+            paths = [(name, path) for name, path in found if fnmatch.fnmatchcase(name, self.glob)]
+        entries: list[tuple[str, Path, os.stat_result | str]] = []
+        for name, path in paths:
+            try:
+                status: os.stat_result | str = path.stat()
+            except OSError as err:  # a broken link, a loop, a folder we may not enter
+                status = f"{UNREADABLE}: {err.strerror or err}"
+            else:
+                kind = _file_kind(status.st_mode)
+                status = status if kind is None else kind
+            if isinstance(status, str) and path == self.root:
+                raise DataError(
+                    f"data path '{self.root}' is {status}, not a regular file: point data.path "
+                    "at a folder of text files, a .jsonl(.gz/.zst) or .parquet file"
+                )
+            entries.append((name, path, status))
+        return entries
+
     def files(self) -> list[tuple[str, Path]]:
-        """The input files as (name, path), in reading order."""
-        if self.root.is_file():
-            return [(str(self.root), self.root)]
-        found = _walk_files(self.root, self.skip_dirs)
-        if self.format == "jsonl":
-            found = [f for f in found if f[0].lower().endswith(_JSONL_SUFFIXES)]
-        elif self.format == "parquet":
-            found = [f for f in found if f[0].lower().endswith(".parquet")]
-        return [(name, path) for name, path in found if fnmatch.fnmatchcase(name, self.glob)]
+        """The readable regular input files as (name, path), in reading order."""
+        return [(name, path) for name, path, status in self._entries() if _is_stat(status)]
+
+    def _regular_files(self, unreadable_is_bad: bool) -> Iterator[tuple[str, Path, int]]:
+        """(name, path, size) of the regular files; the others skipped into the report."""
+        for name, path, status in self._entries():
+            if _is_stat(status):
+                yield name, path, status.st_size
+            elif status.startswith(UNREADABLE):
+                self._unreadable(name, status, unreadable_is_bad)
+            else:
+                self.skipped.add(name, NOT_REGULAR, status)
+
+    def _unreadable(self, name: str, detail: str, is_bad: bool) -> None:
+        if is_bad:  # a data shard: losing one silently would change the corpus a lot
+            self._bad(name, detail, "fix its permissions or remove it")
+        else:
+            self.skipped.add(name, UNREADABLE, detail)
+
+    def _open(self, name: str, path: Path, unreadable_is_bad: bool) -> IO[bytes] | None:
+        """``path`` opened if it is still a readable regular file, else None (reported)."""
+        try:
+            return _open_regular(path)
+        except NotRegularFileError as err:
+            self.skipped.add(name, NOT_REGULAR, err.kind)
+        except OSError as err:
+            self._unreadable(name, f"{UNREADABLE}: {err.strerror or err}", unreadable_is_bad)
+        return None
+
+    @property
+    def _max_doc_size(self) -> int:
+        return int(self.max_doc_mb * _MB)
+
+    def _too_big(self, where: str, size: int) -> bool:
+        """True (and counted) when a document of ``size`` bytes or characters is over the limit."""
+        if not self.max_doc_mb or size <= self._max_doc_size:
+            return False
+        detail = (
+            f"{size / _MB:.1f} MB, over data.max_doc_mb={self.max_doc_mb:g}: split the document "
+            "or raise the limit"
+        )
+        self.skipped.add(where, f"over data.max_doc_mb={self.max_doc_mb:g}", detail)
+        return True
 
     @property
     def total_bytes(self) -> int:
         """Bytes on disk of all input files (the progress bar's total)."""
-        return sum(path.stat().st_size for _, path in self.files())
+        return sum(status.st_size for _, _, status in self._entries() if _is_stat(status))
 
     def fingerprint(self) -> str:
         """A hash of the settings and every input file's name, size and mtime (no content).
@@ -201,10 +298,13 @@ class Source:
         """
         hasher = hashlib.blake2b(digest_size=16)
         settings = [self.format, self.text_field, self.glob, self.max_docs, self.on_bad_record]
+        settings.append(self.max_doc_mb)
         hasher.update(json.dumps([str(self.root.resolve()), *settings]).encode())
-        for name, path in self.files():
-            stat = path.stat()
-            hasher.update(f"\x00{name}\x00{stat.st_size}\x00{stat.st_mtime_ns}".encode())
+        for name, _, status in self._entries():
+            # A skipped path counts by name and reason: making it readable changes the corpus.
+            if _is_stat(status):
+                status = f"{status.st_size}\x00{status.st_mtime_ns}"
+            hasher.update(f"\x00{name}\x00{status}".encode())
         return hasher.hexdigest()
 
     def describe(self) -> str:
@@ -233,9 +333,19 @@ class Source:
         self.skipped.add(where, reason)
 
     def _iter_text(self) -> Iterator[Document]:
-        for name, path in self.files():
-            text = _read_text(path)
-            self.bytes_read += path.stat().st_size
+        for name, path, size in self._regular_files(unreadable_is_bad=False):
+            self.bytes_read += size
+            if self._too_big(name, size):
+                continue  # never opened: a huge file costs nothing
+            file = self._open(name, path, unreadable_is_bad=False)
+            if file is None:
+                continue
+            with file:
+                # Bounded even if the file grew since its stat.
+                data = file.read(self._max_doc_size + 1 if self.max_doc_mb else -1)
+            if self._too_big(name, len(data)):
+                continue
+            text = _decode_text(data)
             if text is None:
                 self.skipped.add(name, "binary or not UTF-8")
             elif not text:
@@ -243,8 +353,29 @@ class Source:
             else:
                 yield Document(name, text)
 
-    def _open_jsonl(self, path: Path) -> IO[bytes]:
-        raw = _CountingReader(path.open("rb"), self)
+    def _lines(self, binary: IO[bytes], name: str) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) of a JSONL stream; a line over the limit is read past in
+        pieces (never held whole), counted and not yielded."""
+        reader = io.BufferedReader(binary)
+        limit = self._max_doc_size if self.max_doc_mb else -1
+        lineno = 0
+        while line := reader.readline(limit + 1 if limit > 0 else -1):
+            lineno += 1
+            if limit < 0 or len(line) <= limit or line.endswith(b"\n"):
+                yield lineno, line
+                continue
+            size = len(line)
+            while piece := reader.readline(1 << 20):
+                size += len(piece)
+                if piece.endswith(b"\n"):
+                    break
+            self._too_big(f"{name}:{lineno}", size)
+
+    def _open_jsonl(self, name: str, path: Path) -> IO[bytes] | None:
+        file = self._open(name, path, unreadable_is_bad=True)
+        if file is None:
+            return None
+        raw = _CountingReader(file, self)
         name = path.name.lower()
         if name.endswith(".gz"):
             return gzip.GzipFile(fileobj=io.BufferedReader(raw))
@@ -254,9 +385,12 @@ class Source:
         return io.BufferedReader(raw)
 
     def _iter_jsonl(self) -> Iterator[Document]:
-        for name, path in self.files():
-            with self._open_jsonl(path) as binary:
-                for lineno, line in enumerate(io.BufferedReader(binary), start=1):
+        for name, path, _ in self._regular_files(unreadable_is_bad=True):
+            binary = self._open_jsonl(name, path)
+            if binary is None:
+                continue
+            with binary:
+                for lineno, line in self._lines(binary, name):
                     if not line.strip():
                         continue
                     where = f"{name}:{lineno}"
@@ -296,36 +430,42 @@ class Source:
 
     def _iter_parquet(self) -> Iterator[Document]:
         parquet = _import_optional("pyarrow.parquet", "Parquet files")
-        for name, path in self.files():
-            file = parquet.ParquetFile(path)
-            columns = file.schema_arrow.names
-            if self.text_field not in columns:
-                raise DataError(
-                    f"{name} has no column '{self.text_field}' (columns: {columns}): set "
-                    "data.text_field to the column that holds the text"
-                )
-            column_type = file.schema_arrow.field(self.text_field).type
-            if str(column_type) not in ("string", "large_string", "string_view"):
-                raise DataError(
-                    f"{name}: column '{self.text_field}' is {column_type}, not a string: set "
-                    "data.text_field to the column that holds the text"
-                )
-            row = 0
-            # Record batches bound the memory to one batch, whatever the file's size.
-            for batch in file.iter_batches(batch_size=1024, columns=[self.text_field]):
-                for text in batch.column(0).to_pylist():
-                    row += 1
-                    if text is None:
-                        self.skipped.add(f"{name}:{row}", f"null '{self.text_field}'")
-                    elif text:
-                        yield Document(f"{name}:{row}", text)
-            self.bytes_read += path.stat().st_size
+        for name, path, size in self._regular_files(unreadable_is_bad=True):
+            opened = self._open(name, path, unreadable_is_bad=True)
+            if opened is None:
+                continue
+            with opened:
+                yield from self._parquet_documents(parquet.ParquetFile(opened), name)
+            self.bytes_read += size
+
+    def _parquet_documents(self, file, name: str) -> Iterator[Document]:
+        columns = file.schema_arrow.names
+        if self.text_field not in columns:
+            raise DataError(
+                f"{name} has no column '{self.text_field}' (columns: {columns}): set "
+                "data.text_field to the column that holds the text"
+            )
+        column_type = file.schema_arrow.field(self.text_field).type
+        if str(column_type) not in ("string", "large_string", "string_view"):
+            raise DataError(
+                f"{name}: column '{self.text_field}' is {column_type}, not a string: set "
+                "data.text_field to the column that holds the text"
+            )
+        row = 0
+        # Record batches bound the memory to one batch, whatever the file's size.
+        for batch in file.iter_batches(batch_size=1024, columns=[self.text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is None:
+                    self.skipped.add(f"{name}:{row}", f"null '{self.text_field}'")
+                elif text and not self._too_big(f"{name}:{row}", len(text)):
+                    yield Document(f"{name}:{row}", text)
 
     def _iter_records(self, records: Iterator[dict], name: str) -> Iterator[Document]:
         for row, record in enumerate(records, start=1):
             where = f"{name}:{row}"
             text = self._field(record, where)
-            if text:
+            if text and not self._too_big(where, len(text)):
                 yield Document(where, text)
 
     def _iter_hf_disk(self) -> Iterator[Document]:
@@ -372,13 +512,15 @@ def open_source(
     glob: str = "*",
     max_docs: int = 0,
     on_bad_record: str = "error",
+    max_doc_mb: float = DEFAULT_MAX_DOC_MB,
 ) -> Source:
     """A :class:`Source` over ``path``; see the module docstring for the formats.
 
     Raises:
-        DataError: If the path does not exist or the format is unknown.
+        DataError: If the path does not exist, is not a regular file or a folder, or the
+            format is unknown.
     """
-    return Source(path, format, text_field, glob, max_docs, on_bad_record)
+    return Source(path, format, text_field, glob, max_docs, on_bad_record, max_doc_mb=max_doc_mb)
 
 
 def stdlib_source(max_files: int = 0) -> Source:

@@ -62,6 +62,7 @@ class DataSection:
         text_field: the JSONL field / Parquet or dataset column holding the document text.
         glob: which files of a data folder to read (fnmatch on the relative path, * crosses /).
         on_bad_record: "error" (stop, naming file and line) or "skip" (count and report).
+        max_doc_mb: skip (count and report) a document over this many MB; 0 = no limit.
         tokenizer: a tokenizer.json or Hugging Face model folder to use; "" = train a BPE.
         tokenizer_sample_mb: MB of training text the BPE is trained on (the first ones).
         workers: tokenisation processes; 0 = 1 below 100 MB of input, else min(cores, 16).
@@ -81,6 +82,7 @@ class DataSection:
     text_field: str = "text"
     glob: str = "*"
     on_bad_record: str = "error"
+    max_doc_mb: int = 64
     tokenizer: str = ""
     tokenizer_sample_mb: int = 256
     workers: int = 0
@@ -95,6 +97,7 @@ class DataSection:
                 (self.batch_size >= 1, "batch_size", "must be >= 1"),
                 (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
                 (self.align >= 0, "align", "must be >= 0 (0 = 8)"),
+                (self.max_doc_mb >= 0, "max_doc_mb", "must be >= 0 (0 = no limit)"),
             ],
             self,
         )

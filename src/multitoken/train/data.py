@@ -65,7 +65,13 @@ def data_source(cfg: TrainConfig) -> Source:
     if not data.path:
         return stdlib_source(data.max_files)
     return open_source(
-        data.path, data.format, data.text_field, data.glob, data.max_files, data.on_bad_record
+        data.path,
+        data.format,
+        data.text_field,
+        data.glob,
+        data.max_files,
+        data.on_bad_record,
+        max_doc_mb=data.max_doc_mb,
     )
 
 
