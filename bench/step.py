@@ -30,6 +30,13 @@ predicted ratio.
 Timing: 1 thread; all four models are built first, then every repeat runs one step of each
 (rotating order); the ratio is the median of per-repeat ratios. Run: ``python bench/step.py``
 (a few minutes) or ``--quick`` for a smoke run.
+
+``--compiled`` (also on in the full run) adds a second table on unpacked rows (one document
+per row, what every implementation supports): tokens/s of the eager and the compiled step
+(``train.compile``: every layer and MTP depth through ``torch.compile``) at D = 0, 1, 2, and of
+the same weights as a transformers ``LlamaForCausalLM`` doing its own forward + backward with
+labels (D = 0), the peer a user would otherwise pick. Targets: compiled >= 1.3x eager at D = 2;
+eager D = 0 within 10% of transformers or faster.
 """
 
 from __future__ import annotations
@@ -82,10 +89,70 @@ def packed_batch(batch: int, seqlen: int, docs_per_row: int, vocab: int, gen: to
     return ids, next_token_labels(ids, layout), layout
 
 
+def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, seed: int) -> dict:
+    """Tokens/s of eager vs compiled steps at D = 0, 1, 2 and of transformers' Llama (D = 0),
+    all on the same unpacked rows and the same main-model weights."""
+    from transformers import LlamaForCausalLM
+
+    from multitoken.hf.export import llama_config, llama_state_dict
+    from multitoken.train.step import compile_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen)
+    labels = next_token_labels(ids)
+    steps = {}
+    for depth in (0, 1, 2):
+        for compiled in (False, True):
+            torch.manual_seed(seed)
+            model = MTPModel.from_config(cfg, MTPConfig(depth=depth))
+            if compiled:
+                compile_layers(model)
+
+            def step(model=model) -> None:
+                model.zero_grad(set_to_none=True)
+                model.loss(ids, labels).loss.backward()
+
+            steps[f"D={depth} {'compiled' if compiled else 'eager'}"] = step
+
+    class _Vocab:  # what llama_config reads of a tokenizer
+        eos_id, pad_id, vocab_size = 1, 0, cfg.vocab_size
+
+    torch.manual_seed(seed)
+    reference = MTPModel.from_config(cfg, MTPConfig(depth=0))
+    hf = LlamaForCausalLM(llama_config(reference.decoder, _Vocab()))
+    hf.load_state_dict(llama_state_dict(reference.decoder), strict=False)
+    hf.config._attn_implementation = "sdpa"
+    # transformers shifts the labels itself: give it the inputs, it predicts ids[1:].
+    hf_labels = ids.clone()
+
+    def hf_step() -> None:
+        hf.zero_grad(set_to_none=True)
+        hf(input_ids=ids, labels=hf_labels).loss.backward()
+
+    steps["D=0 transformers"] = hf_step
+    for fn in steps.values():  # compile (and warm) outside the timing
+        fn()
+    samples = time_interleaved(steps, repeats=repeats, warmup=1)
+    tokens = batch * seqlen
+    rows = {name: tokens / median(times) for name, times in samples.items()}
+    ratios = {
+        "compiled_over_eager": {
+            d: median(paired_ratios(samples, f"D={d} eager", f"D={d} compiled")) for d in (0, 1, 2)
+        },
+        "eager_d0_over_transformers": median(
+            paired_ratios(samples, "D=0 transformers", "D=0 eager")
+        ),
+    }
+    return {"tokens_per_s": rows, "ratios": ratios}
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per depth")
     parser.add_argument("--max-depth", type=int, default=3)
+    parser.add_argument(
+        "--compiled", action="store_true", help="also eager vs compiled vs transformers"
+    )
     args = parser.parse_args()
     setup_threads(args.threads, args.clock)
     gen = torch.Generator().manual_seed(args.seed)
@@ -169,9 +236,28 @@ def main() -> None:
         f"target: t(D)/t(0) within {TARGET_TOLERANCE:.0%} of the FLOP prediction: "
         f"{'met' if met else 'MISSED'} (worst {worst:.1%})"
     )
+    peer = None
+    if args.compiled or not args.quick:
+        peer = compiled_and_peer(cfg, batch, seqlen, repeats, args.seed)
+        speed = peer["ratios"]["compiled_over_eager"]
+        print_table(
+            f"Unpacked rows, B x T = {batch} x {seqlen}: tokens/s (median of {repeats}; "
+            "ratios paired per repeat)",
+            ["step", "tokens/s"],
+            [(name, f"{rate:,.0f}") for name, rate in peer["tokens_per_s"].items()],
+        )
+        hf_ratio = peer["ratios"]["eager_d0_over_transformers"]
+        console.print(
+            "compiled / eager: "
+            + ", ".join(f"D={d} {r:.2f}x" for d, r in speed.items())
+            + f" (target >= 1.3x at D=2: {'met' if speed[2] >= 1.3 else 'MISSED'}); "
+            f"eager D=0 / transformers: {hf_ratio:.2f}x "
+            f"(target >= 0.9: {'met' if hf_ratio >= 0.9 else 'MISSED'})"
+        )
     emit_json(
         {
             "bench": "step",
+            "compiled_and_peer": peer,
             "quick": args.quick,
             "env": environment(),
             "repeats": repeats,

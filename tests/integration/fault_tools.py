@@ -13,30 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train_cli import TINY as TRAIN_CLI_TINY
 
 from multitoken.cli import main
 
 # The same tiny run as test_train_cli.py: two checkpoints (steps 3 and 6), seconds to train.
-TINY = [
-    "model.dim=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.max_seq_len=128",
-    "mtp.depth=2",
-    "data.max_files=24",
-    "data.vocab_size=400",
-    "data.seq_len=64",
-    "data.batch_size=4",
-    "data.val_fraction=0.1",
-    "data.align=4",
-    "train.steps=6",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "train.eval_every=3",
-    "train.eval_batches=1",
-    "train.save_every=3",
-]
+TINY = [*TRAIN_CLI_TINY]
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
