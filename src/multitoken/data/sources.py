@@ -41,12 +41,11 @@ import io
 import json
 import os
 import sysconfig
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from multitoken.data.columnar import import_optional, iter_hf, iter_hf_disk, iter_parquet
 from multitoken.data.corpus import (
     DataError,
     Document,
@@ -56,12 +55,12 @@ from multitoken.data.corpus import (
     _open_regular,
     _walk_files,
 )
+from multitoken.data.skips import SkipReport
 
 __all__ = ["DEFAULT_MAX_DOC_MB", "FORMATS", "SkipReport", "Source", "open_source", "stdlib_source"]
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf_disk", "hf")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-_EXTRA_HINT = "install the data extra: pip install 'multitoken[data]'"
 # Files named in the skip report; the rest are only counted.
 _MAX_EXAMPLES = 5
 DEFAULT_MAX_DOC_MB = 64
@@ -69,45 +68,6 @@ _MB = 1_000_000
 # Reasons in the skip report (the counts' keys).
 NOT_REGULAR = "not a regular file"
 UNREADABLE = "unreadable"
-
-
-@dataclass
-class SkipReport:
-    """What a pass over a source skipped: counts per reason and the first few places."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, where: str, reason: str, detail: str = "") -> None:
-        """Count one skip under ``reason``; ``detail`` (default: the reason) names it."""
-        self.counts[reason] += 1
-        if len(self.examples) < _MAX_EXAMPLES:
-            self.examples.append(f"{where} ({detail or reason})")
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        """One line, e.g. ``skipped 3: 2 binary, 1 not UTF-8 (e.g. a.bin (binary), ...)``."""
-        if not self.total:
-            return "skipped nothing"
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-        return f"skipped {self.total}: {reasons} (e.g. {', '.join(self.examples)})"
-
-    def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": list(self.examples)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SkipReport:
-        return cls(Counter(data.get("counts", {})), list(data.get("examples", [])))
-
-
-def _import_optional(name: str, what: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except ImportError:
-        raise DataError(f"reading {what} needs the '{name}' package: {_EXTRA_HINT}") from None
 
 
 def _detect_format(root: Path) -> str:
@@ -380,7 +340,7 @@ class Source:
         if name.endswith(".gz"):
             return gzip.GzipFile(fileobj=io.BufferedReader(raw))
         if name.endswith(".zst"):
-            zstandard = _import_optional("zstandard", ".jsonl.zst files")
+            zstandard = import_optional("zstandard", ".jsonl.zst files")
             return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw))
         return io.BufferedReader(raw)
 
@@ -428,39 +388,6 @@ class Source:
             return None
         return text
 
-    def _iter_parquet(self) -> Iterator[Document]:
-        parquet = _import_optional("pyarrow.parquet", "Parquet files")
-        for name, path, size in self._regular_files(unreadable_is_bad=True):
-            opened = self._open(name, path, unreadable_is_bad=True)
-            if opened is None:
-                continue
-            with opened:
-                yield from self._parquet_documents(parquet.ParquetFile(opened), name)
-            self.bytes_read += size
-
-    def _parquet_documents(self, file, name: str) -> Iterator[Document]:
-        columns = file.schema_arrow.names
-        if self.text_field not in columns:
-            raise DataError(
-                f"{name} has no column '{self.text_field}' (columns: {columns}): set "
-                "data.text_field to the column that holds the text"
-            )
-        column_type = file.schema_arrow.field(self.text_field).type
-        if str(column_type) not in ("string", "large_string", "string_view"):
-            raise DataError(
-                f"{name}: column '{self.text_field}' is {column_type}, not a string: set "
-                "data.text_field to the column that holds the text"
-            )
-        row = 0
-        # Record batches bound the memory to one batch, whatever the file's size.
-        for batch in file.iter_batches(batch_size=1024, columns=[self.text_field]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is None:
-                    self.skipped.add(f"{name}:{row}", f"null '{self.text_field}'")
-                elif text and not self._too_big(f"{name}:{row}", len(text)):
-                    yield Document(f"{name}:{row}", text)
-
     def _iter_records(self, records: Iterator[dict], name: str) -> Iterator[Document]:
         for row, record in enumerate(records, start=1):
             where = f"{name}:{row}"
@@ -468,41 +395,14 @@ class Source:
             if text and not self._too_big(where, len(text)):
                 yield Document(where, text)
 
+    def _iter_parquet(self) -> Iterator[Document]:
+        return iter_parquet(self)
+
     def _iter_hf_disk(self) -> Iterator[Document]:
-        datasets = _import_optional("datasets", "a saved Hugging Face dataset")
-        dataset = datasets.load_from_disk(str(self.root))
-        if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise DataError(
-                    f"'{self.root}' holds splits {list(dataset)} and no 'train': save the "
-                    "training split alone or under the name 'train'"
-                )
-            dataset = dataset["train"]
-        if self.text_field not in dataset.column_names:
-            raise DataError(
-                f"'{self.root}' has no column '{self.text_field}' (columns: "
-                f"{dataset.column_names}): set data.text_field"
-            )
-        # Arrow tables are memory-mapped; iterating a batch at a time keeps memory flat.
-        rows = (
-            {self.text_field: text}
-            for batch in dataset.select_columns([self.text_field]).iter(batch_size=1024)
-            for text in batch[self.text_field]
-        )
-        yield from self._iter_records(rows, self.root.name)
-        self.bytes_read = self.total_bytes
+        return iter_hf_disk(self)
 
     def _iter_hf(self) -> Iterator[Document]:
-        datasets = _import_optional("datasets", "files through datasets.load_dataset")
-        try:
-            dataset = datasets.load_dataset(str(self.root), split="train", streaming=True)
-        except Exception as err:  # noqa: BLE001 - datasets raises many types; name the input
-            raise DataError(
-                f"datasets.load_dataset('{self.root}') failed ({type(err).__name__}: {err}): "
-                "point data.path at a local folder of csv/json/parquet/text files"
-            ) from None
-        yield from self._iter_records(iter(dataset), self.root.name)
-        self.bytes_read = self.total_bytes
+        return iter_hf(self)
 
 
 def open_source(

@@ -1,0 +1,101 @@
+"""The columnar inputs of a :class:`~multitoken.data.sources.Source`: Parquet files and
+Hugging Face ``datasets`` (saved to disk, or local files through ``load_dataset``).
+
+Both need the optional ``multitoken[data]`` extra, imported only when such an input is read;
+both stream a record batch at a time, so memory does not grow with the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from multitoken.data.corpus import Document
+from multitoken.errors import DataError
+
+if TYPE_CHECKING:
+    from multitoken.data.sources import Source
+
+__all__ = ["import_optional", "iter_parquet", "iter_hf_disk", "iter_hf"]
+
+_EXTRA_HINT = "install the data extra: pip install 'multitoken[data]'"
+
+
+def import_optional(name: str, what: str):
+    try:
+        return __import__(name, fromlist=["_"])
+    except ImportError:
+        raise DataError(f"reading {what} needs the '{name}' package: {_EXTRA_HINT}") from None
+
+
+def iter_parquet(source: Source) -> Iterator[Document]:
+    parquet = import_optional("pyarrow.parquet", "Parquet files")
+    for name, path, size in source._regular_files(unreadable_is_bad=True):
+        opened = source._open(name, path, unreadable_is_bad=True)
+        if opened is None:
+            continue
+        with opened:
+            yield from _parquet_documents(source, parquet.ParquetFile(opened), name)
+        source.bytes_read += size
+
+
+def _parquet_documents(source: Source, file, name: str) -> Iterator[Document]:
+    columns = file.schema_arrow.names
+    if source.text_field not in columns:
+        raise DataError(
+            f"{name} has no column '{source.text_field}' (columns: {columns}): set "
+            "data.text_field to the column that holds the text"
+        )
+    column_type = file.schema_arrow.field(source.text_field).type
+    if str(column_type) not in ("string", "large_string", "string_view"):
+        raise DataError(
+            f"{name}: column '{source.text_field}' is {column_type}, not a string: set "
+            "data.text_field to the column that holds the text"
+        )
+    row = 0
+    # Record batches bound the memory to one batch, whatever the file's size.
+    for batch in file.iter_batches(batch_size=1024, columns=[source.text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                source.skipped.add(f"{name}:{row}", f"null '{source.text_field}'")
+            elif text and not source._too_big(f"{name}:{row}", len(text)):
+                yield Document(f"{name}:{row}", text)
+
+
+def iter_hf_disk(source: Source) -> Iterator[Document]:
+    datasets = import_optional("datasets", "a saved Hugging Face dataset")
+    dataset = datasets.load_from_disk(str(source.root))
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(
+                f"'{source.root}' holds splits {list(dataset)} and no 'train': save the "
+                "training split alone or under the name 'train'"
+            )
+        dataset = dataset["train"]
+    if source.text_field not in dataset.column_names:
+        raise DataError(
+            f"'{source.root}' has no column '{source.text_field}' (columns: "
+            f"{dataset.column_names}): set data.text_field"
+        )
+    # Arrow tables are memory-mapped; iterating a batch at a time keeps memory flat.
+    rows = (
+        {source.text_field: text}
+        for batch in dataset.select_columns([source.text_field]).iter(batch_size=1024)
+        for text in batch[source.text_field]
+    )
+    yield from source._iter_records(rows, source.root.name)
+    source.bytes_read = source.total_bytes
+
+
+def iter_hf(source: Source) -> Iterator[Document]:
+    datasets = import_optional("datasets", "files through datasets.load_dataset")
+    try:
+        dataset = datasets.load_dataset(str(source.root), split="train", streaming=True)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; name the input
+        raise DataError(
+            f"datasets.load_dataset('{source.root}') failed ({type(err).__name__}: {err}): "
+            "point data.path at a local folder of csv/json/parquet/text files"
+        ) from None
+    yield from source._iter_records(iter(dataset), source.root.name)
+    source.bytes_read = source.total_bytes
