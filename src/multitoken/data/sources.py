@@ -62,7 +62,6 @@ __all__ = ["DEFAULT_MAX_DOC_MB", "FORMATS", "SkipReport", "Source", "open_source
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf_disk", "hf")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 # Files named in the skip report; the rest are only counted.
-_MAX_EXAMPLES = 5
 DEFAULT_MAX_DOC_MB = 64
 _MB = 1_000_000
 # Reasons in the skip report (the counts' keys).
