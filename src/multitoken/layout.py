@@ -57,6 +57,9 @@ class SequenceLayout:
     doc_ids: Tensor
     positions: Tensor
     seq_index: Tensor
+    # Built by rows(): one document per row, so attention is plain causal (kernels have a fast
+    # path for it that an explicit mask would switch off).
+    one_per_row: bool = False
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -219,6 +222,7 @@ class SequenceLayout:
             doc_ids=torch.arange(batch, device=device)[:, None].expand(batch, seqlen),
             positions=index.expand(batch, seqlen),
             seq_index=index.expand(batch, seqlen),
+            one_per_row=True,
         )
 
     # ------------------------------------------------------------------ queries
@@ -232,7 +236,10 @@ class SequenceLayout:
 
     def to(self, device: torch.device | str) -> SequenceLayout:
         return SequenceLayout(
-            self.doc_ids.to(device), self.positions.to(device), self.seq_index.to(device)
+            self.doc_ids.to(device),
+            self.positions.to(device),
+            self.seq_index.to(device),
+            self.one_per_row,
         )
 
     def cu_seqlens(self) -> Tensor:

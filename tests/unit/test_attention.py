@@ -50,3 +50,19 @@ def test_mode_and_backend_errors():
         AttentionMask(_layout(), mode="full")
     with pytest.raises(ValueError, match="backend must be one of"):
         AttentionMask(_layout(), backend="xformers")
+
+
+@pytest.mark.parametrize("mode", ["document", "causal"])
+def test_one_document_per_row_takes_the_causal_fast_path_with_the_same_result(mode):
+    from multitoken import MTPConfig, MTPModel
+    from multitoken.models import GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=64, attention=mode)
+    model = MTPModel.from_config(cfg, MTPConfig(depth=1))
+    ids = torch.randint(1, 50, (3, 20))
+    rows = SequenceLayout.rows(3, 20)
+    explicit = SequenceLayout.from_lengths([[20]] * 3)  # the same documents, a dense mask
+    assert rows.one_per_row and not explicit.one_per_row
+    for fast, dense in zip(model(ids, rows), model(ids, explicit)):
+        torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)

@@ -99,6 +99,10 @@ class AttentionMask:
         gqa = k.shape[1] != q.shape[1]
         if self.backend == "flex":
             return _compiled_flex()(q, k, v, block_mask=self.block_mask(), enable_gqa=gqa)
+        if self.q.one_per_row and self.kv is self.q:
+            # One document per row, keys = queries: the rule is plain causal attention, which
+            # SDPA runs without materialising a [T, T] mask (and faster).
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense(), enable_gqa=gqa)
 
 
