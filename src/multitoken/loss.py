@@ -19,7 +19,13 @@ from torch import Tensor
 
 from multitoken.errors import InputError, check_in_range
 
-__all__ = ["linear_cross_entropy", "chunked_backward", "LossStats", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = [
+    "linear_cross_entropy",
+    "chunked_backward",
+    "flat_loss_inputs",
+    "LossStats",
+    "DEFAULT_CHUNK_ELEMENTS",
+]
 
 # 2**23 fp32 logits = 32 MiB per chunk: 256 tokens at vocab 32k, 64 at 128k.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -205,6 +211,24 @@ def linear_cross_entropy(
         >>> torch.allclose(s.loss_sum, F.cross_entropy(h @ w.T, t, reduction="sum"))
         True
     """
+    flat_h, flat_t = flat_loss_inputs(hidden, weight, targets, weight.shape[0], ignore_index)
+    valid = flat_t != ignore_index
+    loss_sum, correct = _LinearCrossEntropy.apply(
+        flat_h, weight, flat_t, ignore_index, chunk_elements
+    )
+    return LossStats(loss_sum, valid.sum(), correct)
+
+
+def flat_loss_inputs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, vocab: int, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """``hidden [N, H]`` and int64 ``targets [N]`` after checking them against a head of
+    ``vocab`` rows (``weight`` may be a vocabulary shard: only its width is checked here).
+
+    Raises:
+        InputError: shapes that disagree, non-integer targets, or a target outside
+            ``[0, vocab)`` that is not ``ignore_index`` (a value check: see set_validation).
+    """
     if hidden.shape[:-1] != targets.shape:
         raise InputError(
             f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: targets "
@@ -216,10 +240,7 @@ def linear_cross_entropy(
         )
     if targets.dtype not in (torch.int32, torch.int64):
         raise InputError(f"targets must be an integer tensor, got {targets.dtype}")
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1).long()
-    valid = flat_t != ignore_index
-    vocab = weight.shape[0]
     check_in_range(
         "target id",
         flat_t,
@@ -228,7 +249,4 @@ def linear_cross_entropy(
         "check the tokenizer's vocab size against the model's",
         ignore=ignore_index,
     )
-    loss_sum, correct = _LinearCrossEntropy.apply(
-        flat_h, weight, flat_t, ignore_index, chunk_elements
-    )
-    return LossStats(loss_sum, valid.sum(), correct)
+    return hidden.reshape(-1, hidden.shape[-1]), flat_t

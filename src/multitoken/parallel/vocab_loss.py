@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from multitoken.errors import InputError, check_in_range
+from multitoken.errors import InputError
 from multitoken.loss import (
     DEFAULT_CHUNK_ELEMENTS,
     LossStats,
@@ -36,6 +36,7 @@ from multitoken.loss import (
     _chunk_rows,
     _compute_dtype,
     chunked_backward,
+    flat_loss_inputs,
 )
 from multitoken.parallel.apply import _all_gather
 
@@ -168,28 +169,8 @@ class VocabParallelCrossEntropy:
                     f"got placements {weight.placements}"
                 )
             weight = weight.to_local()  # differentiable: the gradient comes back as Shard(0)
-        if hidden.shape[:-1] != targets.shape:
-            raise InputError(
-                f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
-                "targets must have hidden's shape without the last dimension"
-            )
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise InputError(
-                f"head shard must be [vocab / tp, {hidden.shape[-1]}], got {tuple(weight.shape)}"
-            )
-        if targets.dtype not in (torch.int32, torch.int64):
-            raise InputError(f"targets must be an integer tensor, got {targets.dtype}")
-        flat_h = hidden.reshape(-1, hidden.shape[-1])
-        flat_t = targets.reshape(-1).long()
         vocab = weight.shape[0] * tp
-        check_in_range(
-            "target id",
-            flat_t,
-            vocab,
-            f"it is neither a token of the head's vocabulary nor ignore_index ({ignore_index}): "
-            "check the tokenizer's vocab size against the model's",
-            ignore=ignore_index,
-        )
+        flat_h, flat_t = flat_loss_inputs(hidden, weight, targets, vocab, ignore_index)
         valid = flat_t != ignore_index
         safe = torch.where(valid, flat_t, torch.zeros_like(flat_t))
         vocab_start = dist.get_rank(self.group) * weight.shape[0]
