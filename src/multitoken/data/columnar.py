@@ -8,13 +8,13 @@ both stream a record batch at a time, so memory does not grow with the file.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from multitoken.data.corpus import Document
 from multitoken.errors import DataError
 
-if TYPE_CHECKING:
-    from multitoken.data.sources import Source
+# The functions take the Source they read for (``source``), typed loosely: this module sits
+# below sources.py, which imports it.
+Source = object
 
 __all__ = ["import_optional", "iter_parquet", "iter_hf_disk", "iter_hf"]
 
