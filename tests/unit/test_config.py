@@ -40,6 +40,7 @@ def test_toml_round_trip(tmp_path):
         (["data.seq_len=250", "parallel.cp=2"], "data.seq_len=250 is not compatible with"),
         (["data.batch_size=3", "parallel.dp=2"], "cannot be split over parallel.dp=2"),
         (["data.align=6", "parallel.cp=2"], "which data.align=6 does not divide: set data.align=4"),
+        (["mtp.targets=base", "parallel.tp=2"], "mtp.targets=base takes the decoder's greedy"),
         (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
         (["data.seq_len=2048"], "exceeds model.max_seq_len"),

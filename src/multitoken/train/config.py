@@ -325,6 +325,11 @@ class TrainConfig:
                 "would continue: set one of them"
             )
         model, tp = self.model, parallel.tp
+        if self.mtp.targets == "base" and (tp > 1 or parallel.cp > 1):
+            raise ConfigError(
+                "mtp.targets=base takes the decoder's greedy tokens over the whole vocabulary "
+                "and the whole row: use parallel.tp=1 and parallel.cp=1 with it"
+            )
         for key, size in (
             ("n_heads", model.n_heads),
             ("n_kv_heads", model.kv_heads),
