@@ -1,10 +1,11 @@
 """CP (and DP x CP) training steps of Hugging Face models equal the single process.
 
-The HF attention modules get the K/V all-gather hook from :func:`parallelize_hf` (what
-``build_hf_model`` applies under ``parallel.cp``), the ranks take their packed shard's step batch,
-and the sum over ranks of the losses and the CP-summed gradients must equal the plain model's on
-the global batch. The last test runs the trainer's own path: ``build_model`` with ``model.hf``
-(CP hooks, then FSDP2 over DP x CP) and ``prepare_step`` on a loader-style global batch.
+The HF attention modules get the K/V all-gather hook from :func:`multitoken.parallel.parallelize`
+(the same call as for the reference GPT: HFDecoder declares the hooks), the ranks take their
+packed shard's step batch, and the sum over ranks of the losses and the CP-summed gradients must
+equal the plain model's on the global batch. The last test runs the trainer's own path:
+``build_model`` with ``model.hf`` (CP hooks, then FSDP2 over DP x CP) and ``prepare_step`` on a
+loader-style global batch.
 """
 
 from itertools import accumulate
@@ -12,19 +13,16 @@ from itertools import accumulate
 import pytest
 import torch
 import torch.distributed as dist
+from cp_cases import IGNORE, PAD, cp_step, grads, groups, make_batch
+from test_cp_model import DP_ROWS, assert_matches
 
-pytest.importorskip("transformers")
-
-from cp_cases import IGNORE, PAD, cp_step, grads, groups, make_batch  # noqa: E402
-from test_cp_model import DP_ROWS, assert_matches  # noqa: E402
-
-from multitoken import ConfigError, MTPConfig, MTPModel, step_loss  # noqa: E402
-from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights  # noqa: E402
-from multitoken.hf.tiny import save_tiny, tiny_model  # noqa: E402
-from multitoken.hf.train import build_hf_model, hf_tokenizer, parallelize_hf  # noqa: E402
-from multitoken.parallel import shard_batch  # noqa: E402
-from multitoken.train.config_io import load_config  # noqa: E402
-from multitoken.train.step import Ranks, build_model, prepare_step  # noqa: E402
+from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
+from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
+from multitoken.hf.tiny import save_tiny, tiny_model
+from multitoken.hf.train import build_hf_model, hf_tokenizer
+from multitoken.parallel import parallelize, shard_batch
+from multitoken.train.config_io import load_config
+from multitoken.train.step import Ranks, build_model, prepare_step
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -55,7 +53,7 @@ def reference(model_type: str, depth: int) -> dict:
 def run_hf_cp(model_type: str, depth: int) -> dict:
     """On every rank of a CP-only pool: this rank's loss share and the CP-summed gradients."""
     g = groups(1, dist.get_world_size())
-    model = parallelize_hf(hf_model(model_type, depth), g)
+    model = parallelize(hf_model(model_type, depth), g)
     hooked = [m for m in model.modules() if getattr(m, "kv_gather", None) is not None]
     ids, labels, layout = make_batch(packed=True)
     shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)

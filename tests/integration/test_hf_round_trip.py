@@ -10,13 +10,11 @@ import json
 import os
 
 import pytest
+import torch
+import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from transformers import AutoModelForCausalLM
 
-pytest.importorskip("transformers")
-
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from multitoken.cli import main  # noqa: E402
+from multitoken.cli import main
 
 TINY = [
     "mtp.depth=2",

@@ -2,6 +2,7 @@
 
 import builtins
 import gzip
+import importlib
 import json
 import os
 
@@ -35,7 +36,7 @@ def write_jsonl(path, records):
     if path.name.endswith(".gz"):
         path.write_bytes(gzip.compress(lines.encode()))
     elif path.name.endswith(".zst"):
-        zstandard = pytest.importorskip("zstandard")
+        zstandard = importlib.import_module("zstandard")
         path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
     else:
         path.write_text(lines, encoding="utf-8")
@@ -77,8 +78,8 @@ def test_folder_of_jsonl_files(folder, tmp_path):
 
 
 def test_parquet_matches_the_folder(folder, tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    parquet = pytest.importorskip("pyarrow.parquet")
+    pa = importlib.import_module("pyarrow")
+    parquet = importlib.import_module("pyarrow.parquet")
     expected = texts_of(open_source(folder))
     path = tmp_path / "corpus.parquet"
     table = pa.table({"id": list(range(len(expected))), "content": expected})
@@ -91,7 +92,7 @@ def test_parquet_matches_the_folder(folder, tmp_path):
 
 
 def test_hf_datasets_match_the_folder(folder, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = importlib.import_module("datasets")
     expected = texts_of(open_source(folder))
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": expected}).save_to_disk(str(saved))

@@ -1,6 +1,7 @@
 """The memory-mapped token store: equal to the in-memory reference, cached, checked, resumable."""
 
 import gzip
+import importlib
 import json
 import os
 import shutil
@@ -179,8 +180,8 @@ def test_token_dtype():
 
 
 def test_every_format_gives_the_tokens_of_the_text_folder(tokenizer, corpus_dir, tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    parquet = pytest.importorskip("pyarrow.parquet")
+    pa = importlib.import_module("pyarrow")
+    parquet = importlib.import_module("pyarrow.parquet")
     texts = [doc.text for doc in open_source(corpus_dir)]
     jsonl = tmp_path / "c.jsonl.gz"
     jsonl.write_bytes(

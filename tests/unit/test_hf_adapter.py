@@ -3,12 +3,11 @@ the mask traps of DESIGN.md section 9, and refusals."""
 
 import pytest
 import torch
+import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
 
-pytest.importorskip("transformers")
-
-from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels  # noqa: E402
-from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights  # noqa: E402
-from multitoken.hf.tiny import ARCHITECTURES, save_tiny, tiny_model  # noqa: E402
+from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
+from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
+from multitoken.hf.tiny import ARCHITECTURES, save_tiny, tiny_model
 
 DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
 
@@ -225,3 +224,19 @@ def test_trap_num_items_in_batch_gradient_accumulation_is_exact():
     torch.testing.assert_close(total, out.loss.detach(), rtol=1e-5, atol=1e-6)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_pickled_weight_file_is_never_loaded(tmp_path, monkeypatch):
+    """A handed-over folder's pytorch_model.bin (a pickle) is never unpickled: refused when it
+    is the only weight file, ignored (safetensors read) when both are there."""
+    folder = save_tiny("llama", tmp_path / "both")
+    torch.save(tiny_model("llama", seed=0).state_dict(), folder / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a file from a model folder")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    HFDecoder.from_pretrained(folder)  # reads model.safetensors only
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="has no \\*.safetensors weights"):
+        HFDecoder.from_pretrained(folder)

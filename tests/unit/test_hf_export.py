@@ -3,17 +3,15 @@ tokenizer round-trips, the MTP weights come back through the adapter."""
 
 import pytest
 import torch
+import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-pytest.importorskip("transformers")
-
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from multitoken import MTPConfig, MTPModel  # noqa: E402
-from multitoken.data import Document, train_tokenizer  # noqa: E402
-from multitoken.errors import CheckpointError  # noqa: E402
-from multitoken.hf.export import export_model  # noqa: E402
-from multitoken.hf.weights import load_hf_mtp_model  # noqa: E402
-from multitoken.models import GPTConfig  # noqa: E402
+from multitoken import MTPConfig, MTPModel
+from multitoken.data import Document, train_tokenizer
+from multitoken.errors import CheckpointError
+from multitoken.hf.export import export_model
+from multitoken.hf.weights import load_hf_mtp_model
+from multitoken.models import GPTConfig
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",

@@ -4,16 +4,14 @@ import json
 
 import pytest
 import torch
+import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from safetensors.torch import save_file
 
-pytest.importorskip("transformers")
-
-from safetensors.torch import save_file  # noqa: E402
-
-from multitoken import MTPConfig, MTPModel  # noqa: E402
-from multitoken.errors import CheckpointError  # noqa: E402
-from multitoken.hf import HFDecoder, init_mtp_weights  # noqa: E402
-from multitoken.hf.tiny import save_tiny, tiny_model  # noqa: E402
-from multitoken.hf.weights import (  # noqa: E402
+from multitoken import MTPConfig, MTPModel
+from multitoken.errors import CheckpointError
+from multitoken.hf import HFDecoder, init_mtp_weights
+from multitoken.hf.tiny import save_tiny, tiny_model
+from multitoken.hf.weights import (
     load_hf_mtp_model,
     load_mtp_weights,
     mtp_tensors,

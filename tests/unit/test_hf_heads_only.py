@@ -3,14 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
 
-pytest.importorskip("transformers")
-
-from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels  # noqa: E402
-from multitoken.batch import StepBatch  # noqa: E402
-from multitoken.hf import HFDecoder, init_mtp_weights  # noqa: E402
-from multitoken.hf.tiny import tiny_model  # noqa: E402
-from multitoken.model import step_loss  # noqa: E402
+from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
+from multitoken.batch import StepBatch
+from multitoken.hf import HFDecoder, init_mtp_weights
+from multitoken.hf.tiny import tiny_model
+from multitoken.model import step_loss
 
 LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]
 

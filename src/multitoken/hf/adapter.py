@@ -110,6 +110,7 @@ class HFDecoder(nn.Module):
         # by every layer of the model, so one assignment switches them all.
         config._attn_implementation = ATTENTION_NAME
         self.model = model
+        declare_kv_hooks(model)
         self.implementation, self.attention = implementation, attention
         self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
         self.max_seq_len = config.max_position_embeddings
@@ -133,8 +134,15 @@ class HFDecoder(nn.Module):
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
         try:
+            # Safetensors only: a folder someone hands over must not reach torch.load's
+            # unpickler (pytorch_model.bin); no remote code either (transformers' default).
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+                str(path),
+                dtype=dtype,
+                local_files_only=True,
+                attn_implementation="sdpa",
+                use_safetensors=True,
+                trust_remote_code=False,
             )
         finally:
             hf_logging.enable_progress_bar()
@@ -214,6 +222,7 @@ class HFDecoder(nn.Module):
             config.layer_types = list(config.layer_types[: self.num_layers])
             config.layer_types += ["full_attention"] * (index + 1 - self.num_layers)
         layer = type(self.layers[0])(config, index)
+        declare_kv_hooks(layer)
         return layer.to(self.head_weight.dtype)
 
     def make_norm(self) -> nn.Module:
@@ -289,3 +298,16 @@ def init_mtp_weights(model: nn.Module, std: float | None = None) -> None:
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     module.bias.zero_()
+
+
+def declare_kv_hooks(module: nn.Module) -> None:
+    """Give every attention module under ``module`` an empty ``kv_gather`` hook.
+
+    transformers' attention modules of the supported architectures all project with
+    ``q_proj`` / ``k_proj`` and call the registered "multitoken" attention function, which
+    reads the hook; declaring it is what lets :func:`multitoken.parallel.parallelize` find them
+    (context parallelism sets it to the K/V all-gather over the CP group).
+    """
+    for sub in module.modules():
+        if hasattr(sub, "q_proj") and hasattr(sub, "k_proj") and not hasattr(sub, "kv_gather"):
+            sub.kv_gather = None

@@ -27,7 +27,6 @@ __all__ = [
     "HFTokenizer",
     "hf_tokenizer",
     "build_hf_model",
-    "parallelize_hf",
     "hf_model_and_tokenizer",
 ]
 
@@ -136,61 +135,16 @@ def hf_tokenizer(cfg) -> HFTokenizer:
     return HFTokenizer(cfg.model.hf, config["vocab_size"])
 
 
-def build_hf_model(cfg, pad_id: int, ranks=None, device: torch.device | None = None) -> MTPModel:
-    """The folder's model with ``mtp.depth`` depths (its MTP weights when it has them), with
-    parallelism applied from outside as for the reference GPT: context parallelism
-    (:func:`parallelize_hf`), then FSDP2 over the data x context-parallel ranks, which sums
-    their gradients (tensor parallelism is refused by :func:`hf_tokenizer`)."""
+def build_hf_model(cfg, pad_id: int, device: torch.device | None = None) -> MTPModel:
+    """The folder's model with ``mtp.depth`` depths (its MTP weights when it has them), on
+    ``device``. Parallelism is applied from outside, by the same code as for the reference GPT
+    (:func:`multitoken.train.step.build_model`: context parallelism through the attention
+    modules' ``kv_gather`` hooks, then FSDP2); tensor parallelism is refused (see
+    :func:`hf_tokenizer`, which runs first)."""
     model = load_hf_mtp_model(
         cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
     )
-    if device is not None:
-        model.to(device)
-    if ranks is None:
-        return model
-    if ranks.tp_size > 1:
-        raise ConfigError(_TP_REFUSAL.format(tp=ranks.tp_size))
-    parallelize_hf(model, ranks.groups)
-    if ranks.token_world > 1:
-        from multitoken.parallel import apply_fsdp  # parallel sits above hf
-
-        apply_fsdp(model, ranks.groups.dp_cp_mesh)
-    return model
-
-
-def parallelize_hf(model: MTPModel, groups) -> MTPModel:
-    """Context parallelism on an HF model, in place: what :func:`multitoken.parallel.parallelize`
-    does for the reference GPT.
-
-    Every attention module (main layers and MTP depths) gets a ``kv_gather`` hook that
-    all-gathers its rotated K and V over ``groups.cp_group``; the multitoken attention function
-    calls it and builds the mask from the gathered keys' layout (``kv_layout``), the rotary
-    tables from the local tokens' global positions. With ``cp_size == 1`` (or ``groups`` None)
-    it clears the hooks. Feed the model :meth:`~multitoken.parallel.CPShard.step_batch`.
-
-    Raises:
-        ConfigError: the model has no attention module the hook can reach.
-    """
-    from multitoken.parallel.apply import SequenceGather  # parallel sits above hf
-
-    hook = None
-    if groups is not None and groups.cp_size > 1:
-        hook = SequenceGather(groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
-    attention = _attention_modules(model)
-    if hook is not None and not attention:
-        raise ConfigError(
-            f"{type(model.decoder).__name__} has no attention module with q_proj and k_proj: "
-            "context parallelism would silently attend to local keys only; use parallel.cp=1"
-        )
-    for module in attention:
-        module.kv_gather = hook
-    return model
-
-
-def _attention_modules(model: MTPModel) -> list[torch.nn.Module]:
-    # transformers' attention modules of the supported architectures all project with
-    # q_proj / k_proj and call the registered "multitoken" function, which reads kv_gather.
-    return [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    return model if device is None else model.to(device)
 
 
 def hf_model_and_tokenizer(cfg) -> tuple[MTPModel, HFTokenizer]:

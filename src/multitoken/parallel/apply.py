@@ -94,13 +94,15 @@ class SequenceGather:
 def parallelize(model: nn.Module, groups) -> nn.Module:
     """Apply context parallelism to ``model`` in place and return it.
 
-    Sets ``kv_gather`` on every :class:`Attention` module (the main layers and every MTP
-    depth) to an all-gather over ``groups.cp_group``; with ``cp_size == 1`` (or ``groups`` None)
-    it clears the hooks. Feed the model :meth:`CPShard.step_batch` so the mask sees the
-    gathered keys' layout.
+    Sets ``kv_gather`` on every attention module that declares the hook (an attribute named
+    ``kv_gather``: the reference :class:`Attention`, and every attention module of a Hugging
+    Face model wrapped by :class:`~multitoken.hf.HFDecoder`), main layers and MTP depths, to an
+    all-gather over ``groups.cp_group``; with ``cp_size == 1`` (or ``groups`` None) it clears
+    the hooks. Feed the model :meth:`CPShard.step_batch` so the mask sees the gathered keys'
+    layout.
 
     Args:
-        model: any module containing :class:`Attention` layers.
+        model: any module containing attention modules that declare ``kv_gather``.
         groups: a :class:`~multitoken.parallel.mesh.ParallelGroups` (or anything with
             ``cp_group`` and ``cp_size``), or None.
     """
@@ -109,12 +111,13 @@ def parallelize(model: nn.Module, groups) -> nn.Module:
         hook = SequenceGather(groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
     found = 0
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, Attention) or hasattr(module, "kv_gather"):
             module.kv_gather = hook
             found += 1
     if hook is not None and not found:
         raise InputError(
-            f"parallelize found no multitoken Attention module in {type(model).__name__}: "
-            "context parallelism would silently attend to local keys only"
+            f"parallelize found no attention module with a kv_gather hook in "
+            f"{type(model).__name__}: context parallelism would silently attend to local keys "
+            "only; use parallel.cp=1"
         )
     return model

@@ -1,11 +1,12 @@
 """Reading a checkpoint without running code from it: no unrestricted unpickling.
 
-``torch.distributed.checkpoint`` (2.13) reads ``.metadata`` with a plain ``pickle.load`` and the
-non-tensor entries of a state dict (the optimiser's ``param_groups``) with
-``torch.load(weights_only=False)``: a crafted file in a shared run folder runs code on whoever
-resumes or decodes it. The integrity manifest (:mod:`multitoken.train.manifest`) does not help
-against that: whoever can write the folder can rewrite the manifest too. So every read here is
-one that cannot execute code:
+Left to itself, ``torch.distributed.checkpoint`` (2.13) reads ``.metadata`` with an
+unrestricted unpickler, and the non-tensor entries of a state dict (the optimiser's
+``param_groups``) with ``torch.load`` in its full-pickle mode: a crafted file in a shared run
+folder would run code on whoever resumes or decodes it. This module replaces both readers. The
+integrity manifest (:mod:`multitoken.train.manifest`) does not help against that: whoever can
+write the folder can rewrite the manifest too. So every read here is one that cannot execute
+code:
 
 - ``.metadata``: :class:`RestrictedUnpickler`, which resolves only the handful of DCP metadata
   classes, torch dtypes and ``torch.Size``; anything else (``os.system``, ``builtins.exec``,

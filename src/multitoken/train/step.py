@@ -162,12 +162,13 @@ def build_model(
     over the data x context-parallel ranks (replaces a gradient all_reduce).
     """
     torch.manual_seed(cfg.train.seed)
-    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
+    if cfg.model.hf:  # a Hugging Face model: the same parallelism below, but no TP
         from multitoken.hf.train import build_hf_model  # optional extra: only when used
 
-        return build_hf_model(cfg, pad_id, ranks, device)
-    model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
-    model.to(device)
+        model = build_hf_model(cfg, pad_id, device)
+    else:
+        model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
+        model.to(device)
     if ranks.tp_size > 1:
         apply_tp(model, ranks.groups)
     if ranks.cp_size > 1:
