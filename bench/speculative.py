@@ -149,19 +149,11 @@ def run_prompt(model, prompt, max_new, eos_id, rotation, names, hf_model=None):
     return results
 
 
-def hf_model_of(model: MTPModel, vocab_size: int):
+def hf_model_of(model: MTPModel, eos_id: int | None):
     """The same main-model weights as a transformers LlamaForCausalLM (multitoken's export)."""
-    from transformers import LlamaForCausalLM
+    from multitoken.hf.export import llama_model
 
-    from multitoken.hf.export import llama_config, llama_state_dict
-
-    class _Vocab:  # what llama_config reads of a tokenizer
-        eos_id, pad_id = 1, 0
-
-    _Vocab.vocab_size = vocab_size
-    hf = LlamaForCausalLM(llama_config(model.decoder, _Vocab()))
-    hf.load_state_dict(llama_state_dict(model.decoder), strict=False)
-    return hf.eval()
+    return llama_model(model.decoder, eos_id=1 if eos_id is None else eos_id, pad_id=0).eval()
 
 
 def hf_generate(hf_model, prompt: list[int], max_new: int, eos_id, static: bool):
@@ -241,9 +233,7 @@ def main() -> None:
     if depth == 0:
         raise SystemExit(f"{source}: the model has no MTP heads (mtp.depth = 0), nothing to draft")
     reference = isinstance(model.decoder, GPT)  # compiled decoding and the export need it
-    hf_model = (
-        hf_model_of(model, model.decoder.vocab_size) if reference and not args.no_hf else None
-    )
+    hf_model = hf_model_of(model, eos_id) if reference and not args.no_hf else None
     names = mode_names(depth, hf_model is not None, compiled=reference)
     setup_s = time.perf_counter() - began
 

@@ -92,9 +92,7 @@ def packed_batch(batch: int, seqlen: int, docs_per_row: int, vocab: int, gen: to
 def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, seed: int) -> dict:
     """Tokens/s of eager vs compiled steps at D = 0, 1, 2 and of transformers' Llama (D = 0),
     all on the same unpacked rows and the same main-model weights."""
-    from transformers import LlamaForCausalLM
-
-    from multitoken.hf.export import llama_config, llama_state_dict
+    from multitoken.hf.export import llama_model
     from multitoken.train.step import compile_layers
 
     gen = torch.Generator().manual_seed(seed)
@@ -114,13 +112,9 @@ def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, see
 
             steps[f"D={depth} {'compiled' if compiled else 'eager'}"] = step
 
-    class _Vocab:  # what llama_config reads of a tokenizer
-        eos_id, pad_id, vocab_size = 1, 0, cfg.vocab_size
-
     torch.manual_seed(seed)
     reference = MTPModel.from_config(cfg, MTPConfig(depth=0))
-    hf = LlamaForCausalLM(llama_config(reference.decoder, _Vocab()))
-    hf.load_state_dict(llama_state_dict(reference.decoder), strict=False)
+    hf = llama_model(reference.decoder, eos_id=1, pad_id=0)
     hf.config._attn_implementation = "sdpa"
     # transformers shifts the labels itself: give it the inputs, it predicts ids[1:].
     hf_labels = ids.clone()

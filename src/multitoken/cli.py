@@ -29,7 +29,11 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from multitoken import errors
 from multitoken.errors import ConfigError, InputError, UserError
 from multitoken.generate import generate, teacher_forced_accuracy
-from multitoken.train.checkpoint import check_resume_world, checkpoint_folders, load_for_inference
+from multitoken.train.checkpoint import (
+    check_resume_possible,
+    checkpoint_folders,
+    load_for_inference,
+)
 from multitoken.train.config_io import config_help, load_config
 from multitoken.train.data import prepare_data
 from multitoken.train.faults import LAUNCHER_PID_ENV
@@ -195,7 +199,7 @@ def cmd_train(args) -> int:
         check_run_dir(cfg.run_dir, cfg.train.resume, cfg.run.overwrite)  # before any work
         if cfg.train.resume:
             check_resume_config(cfg.run_dir, cfg)  # the checkpoint fits this model
-            check_resume_world(cfg.run_dir, world, cfg.train.resume)  # ... and this many ranks
+            check_resume_possible(cfg.run_dir, cfg.train.resume)  # ... and there is one
         data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
         try:
             last = train(cfg, data) if world == 1 else _launch(cfg, nproc)

@@ -19,6 +19,8 @@ Example (the reference GPT, packed documents, D = 2)::
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -152,9 +154,7 @@ class MTPModel(nn.Module):
         """
         batch = StepBatch.build(input_ids, labels, layout, self.depth, self.pad_id, ignore_index)
         if normalizer is not None:
-            batch = StepBatch(
-                batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
-            )
+            batch = replace(batch, normalizer=normalizer)
         weight = self.config.loss_weight if loss_weight is None else loss_weight
         return step_loss(self, batch, weight, ignore_index)
 

@@ -1,5 +1,7 @@
 """FSDP2 data parallelism (alone and with CP) equals the single process on the global batch."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,9 +31,7 @@ def run_fsdp(dp: int, cp: int, depth: int) -> dict:
     if cp == 1:
         batch = StepBatch.build(ids[rows], labels[rows], local_layout, depth, PAD)
         normalizer = global_normalizer(batch.depth_labels, g.dp_cp_group)
-        batch = StepBatch(
-            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
-        )
+        batch = replace(batch, normalizer=normalizer)
     else:
         shard = shard_batch(ids[rows], labels[rows], local_layout, cp, g.cp_rank, depth, PAD)
         batch = shard.step_batch(global_normalizer(shard, g.dp_cp_group))
@@ -86,9 +86,7 @@ def fsdp_step_footprint(dp: int) -> dict:
     )
     with count_comms() as log:
         normalizer = global_normalizer(batch.depth_labels, g.dp_cp_group)
-        batch = StepBatch(
-            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
-        )
+        batch = replace(batch, normalizer=normalizer)
         step_loss(model, batch, 0.3).loss.backward()
     optimizer.step()
 

@@ -7,6 +7,8 @@ one step, each tagged with the role of its group.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from cp_cases import IGNORE, PAD, make_batch
@@ -113,9 +115,7 @@ def _local_batch(g: ParallelGroups, rows, depth: int) -> StepBatch:
     if g.cp_size == 1:
         batch = StepBatch.build(ids, labels, layout, depth, PAD)
         normalizer = global_normalizer(batch.depth_labels, reduce_group)
-        return StepBatch(
-            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
-        )
+        return replace(batch, normalizer=normalizer)
     shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
     return shard.step_batch(global_normalizer(shard, reduce_group, tp_size=g.tp_size))
 

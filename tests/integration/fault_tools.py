@@ -13,12 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_cli import TINY as TRAIN_CLI_TINY
+from test_train_cli import TINY  # the same tiny run: checkpoints at steps 3 and 6
 
 from multitoken.cli import main
-
-# The same tiny run as test_train_cli.py: two checkpoints (steps 3 and 6), seconds to train.
-TINY = [*TRAIN_CLI_TINY]
 
 
 def cli(*argv: str) -> tuple[int, str, str]:

@@ -119,21 +119,19 @@ def test_a_missing_rank_file_is_named(run):
 
 def test_resume_modes(run, tmp_path_factory):
     run_dir, _ = run
-    assert resume_checkpoint(run_dir, 1, False) is None
-    assert resume_checkpoint(run_dir, 1, True).name == "step_000002"
-    assert resume_checkpoint(run_dir, 1, "auto").name == "step_000002"
-    # Another number of ranks resumes the same checkpoint (the state reshards on load).
-    assert resume_checkpoint(run_dir, 2, True).name == "step_000002"
+    assert resume_checkpoint(run_dir, False) is None
+    assert resume_checkpoint(run_dir, True).name == "step_000002"
+    assert resume_checkpoint(run_dir, "auto").name == "step_000002"
     empty = tmp_path_factory.mktemp("empty")
-    assert resume_checkpoint(empty, 1, "auto") is None  # a first start
+    assert resume_checkpoint(empty, "auto") is None  # a first start
     with pytest.raises(CheckpointError, match="train.resume=true but .* has no checkpoint"):
-        resume_checkpoint(empty, 1, True)
+        resume_checkpoint(empty, True)
     # Every checkpoint damaged: starting over would bury them, under auto too.
     for _, folder in checkpoint_folders(run_dir):
         (folder / ".metadata").write_bytes(b"")
     for mode in (True, "auto"):
         with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged"):
-            resume_checkpoint(run_dir, 1, mode)
+            resume_checkpoint(run_dir, mode)
 
 
 def test_retention_keeps_the_newest(tmp_path):

@@ -1,6 +1,8 @@
 """The HF adapter: packing exactness per architecture, D = 0 against transformers' own loss,
 the mask traps of DESIGN.md section 9, and refusals."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
@@ -215,9 +217,7 @@ def test_trap_num_items_in_batch_gradient_accumulation_is_exact():
         micro = StepBatch.build(
             ids[row : row + 1], next_token_labels(ids[row : row + 1], sub), sub, 2
         )
-        micro = StepBatch(
-            micro.input_ids, micro.layout, micro.mtp_input_ids, micro.depth_labels, whole.normalizer
-        )
+        micro = replace(micro, normalizer=whole.normalizer)
         loss = step_loss(model, micro, 0.3).loss
         loss.backward()
         total = total + loss.detach()

@@ -31,7 +31,7 @@ from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
 from multitoken.model import MTPModel
 from multitoken.models.gpt import GPT
 
-__all__ = ["export_model", "llama_config", "llama_state_dict", "DEFAULT_FORMAT"]
+__all__ = ["export_model", "llama_config", "llama_model", "llama_state_dict", "DEFAULT_FORMAT"]
 
 DEFAULT_FORMAT = "mimo"
 # Reference layer parameter -> transformers Llama decoder-layer parameter.
@@ -56,8 +56,8 @@ def _block_key(key: str) -> str:
     return f"{_BLOCK[stem]}.{leaf}"
 
 
-def llama_config(gpt: GPT, tokenizer) -> LlamaConfig:
-    """The ``LlamaConfig`` of a reference GPT."""
+def llama_config(gpt: GPT, eos_id: int, pad_id: int) -> LlamaConfig:
+    """The ``LlamaConfig`` of a reference GPT (with the tokenizer's special ids)."""
     cfg = gpt.config
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
@@ -74,8 +74,8 @@ def llama_config(gpt: GPT, tokenizer) -> LlamaConfig:
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        pad_token_id=tokenizer.pad_id,
-        eos_token_id=tokenizer.eos_id,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
         bos_token_id=None,
         architectures=["LlamaForCausalLM"],
     )
@@ -99,6 +99,14 @@ def llama_state_dict(gpt: GPT) -> dict[str, Tensor]:
     if gpt.config.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+def llama_model(gpt: GPT, eos_id: int, pad_id: int) -> LlamaForCausalLM:
+    """The reference GPT as a transformers ``LlamaForCausalLM`` with the same weights (the
+    main model: MTP depths are exported separately, in a released format)."""
+    hf_model = LlamaForCausalLM(llama_config(gpt, eos_id, pad_id))
+    hf_model.load_state_dict(llama_state_dict(gpt), strict=True)
+    return hf_model
 
 
 def _check_out(out: Path) -> None:
@@ -137,9 +145,7 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
         return out
     if not isinstance(decoder, GPT):
         raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
-    hf_model = LlamaForCausalLM(llama_config(decoder, tokenizer))
-    state = llama_state_dict(decoder)
-    hf_model.load_state_dict(state, strict=True)
+    hf_model = llama_model(decoder, tokenizer.eos_id, tokenizer.pad_id)
     tensors, entries = {}, {}
     if model.mtp is not None:
         depths = []

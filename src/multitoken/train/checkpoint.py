@@ -177,9 +177,7 @@ def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(
-    run_dir: Path, world: int | None = None, warn: Callable[[str], None] | None = _warn
-) -> Path | None:
+def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = _warn) -> Path | None:
     """The newest intact checkpoint of a run (``None`` if there is none).
 
     Damaged ones (any file missing, truncated or changed; an unfinished save) are skipped,
@@ -187,8 +185,6 @@ def latest_checkpoint(
 
     Args:
         run_dir: the run folder.
-        world: this run's number of ranks (any layout may resume any checkpoint: DCP
-            reshards the model and optimiser state; kept for the callers' symmetry).
         warn: called with the message of each skipped checkpoint (None: silent).
     """
     for _, path in checkpoint_folders(run_dir):
@@ -202,12 +198,12 @@ def latest_checkpoint(
     return None
 
 
-def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | None:
-    """The checkpoint a run continues from; ``None`` = start at step 0.
+def resume_checkpoint(run_dir: Path, mode: bool | str) -> Path | None:
+    """The checkpoint a run continues from; ``None`` = start at step 0. Any number of ranks
+    resumes any checkpoint (DCP reshards the model and optimiser state on load).
 
     Args:
         run_dir: the run folder.
-        world: this run's number of ranks.
         mode: ``train.resume``: False (start fresh), True (a checkpoint must exist) or
             ``"auto"`` (resume when one exists, else start fresh: the same command line for a
             first start and a requeue).
@@ -218,7 +214,7 @@ def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | Non
     """
     if not mode:
         return None
-    path = latest_checkpoint(run_dir, world)
+    path = latest_checkpoint(run_dir)
     if path is not None:
         return path
     damaged = checkpoint_folders(run_dir)
@@ -235,14 +231,11 @@ def resume_checkpoint(run_dir: Path, world: int, mode: bool | str) -> Path | Non
     return None
 
 
-def check_resume_world(run_dir: Path, world: int, mode: bool | str) -> None:
-    """The launcher's cheap check (no hashing): ``train.resume=true`` has something to resume.
-    Any number of ranks may resume any checkpoint (the state is resharded on load)."""
-    if not mode:
-        return
-    folders = checkpoint_folders(run_dir)
-    if mode is True and not folders:
-        resume_checkpoint(run_dir, world, mode)  # raises the no-checkpoint error
+def check_resume_possible(run_dir: Path, mode: bool | str) -> None:
+    """The launcher's cheap check (no hashing) that ``train.resume=true`` has something to
+    resume, before the data is prepared and the ranks start."""
+    if mode is True and not checkpoint_folders(run_dir):
+        resume_checkpoint(run_dir, mode)  # raises the no-checkpoint error
 
 
 def load_checkpoint(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -138,9 +138,7 @@ def prepare_step(
         # No sharder at cp = 1: the CP tests compare the sharded path against this one.
         batch = StepBatch.build(ids, labels, layout, depth, pad_id)
         normalizer = global_normalizer(batch.depth_labels, ranks.token_group)
-        return StepBatch(
-            batch.input_ids, batch.layout, batch.mtp_input_ids, batch.depth_labels, normalizer
-        )
+        return replace(batch, normalizer=normalizer)
     exchange = lookahead == "exchange"
     shard = shard_batch(
         ids, labels, layout, ranks.cp_size, ranks.cp_rank, depth, pad_id, halo=not exchange

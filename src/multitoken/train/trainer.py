@@ -158,8 +158,7 @@ class _Trainer:
         # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.train.grad_clip
-        norm = clip_grad_norm(params, clip) if clip > 0 else grad_norm(params)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return clip_grad_norm(params, clip) if clip > 0 else grad_norm(params)
 
     def train_step(self, step: int, weight: float):
         """One update, or none when the loss or gradient norm is non-finite on any rank.
@@ -318,7 +317,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
         check_run_dir(run_dir, mode, cfg.run.overwrite)
         if mode:
             check_resume_config(run_dir, cfg)
-        path = resume_checkpoint(run_dir, ranks.world, mode)
+        path = resume_checkpoint(run_dir, mode)
         return -1 if path is None else int(path.name.removeprefix("step_"))
 
     try:
