@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "TrainingError",
     "INT_DTYPES",
+    "require",
     "check_int_tensor",
     "check_in_range",
     "set_validation",
@@ -80,6 +81,14 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """A run that cannot go on with its settings (its loss or gradients stay non-finite)."""
+
+
+def require(checks: list[tuple[bool, str, str]], config: object) -> None:
+    """Raise a :class:`ConfigError` for the first ``(ok, field, message)`` that fails, naming
+    the field and its value (the one check loop of every config dataclass)."""
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{message}, got {getattr(config, key)!r}", key)
 
 
 _VALIDATE = True

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from multitoken.errors import ConfigError, InputError, check_in_range, check_int_tensor
+from multitoken.errors import (
+    ConfigError,
+    InputError,
+    check_in_range,
+    check_int_tensor,
+    require,
+)
 from multitoken.layout import SequenceLayout
 from multitoken.models.attention import ATTENTION_MODES, BACKENDS, Attention, AttentionMask
 from multitoken.models.kv_cache import LayerKVCache
@@ -88,9 +94,7 @@ class GPTConfig:
             (self.attention in ATTENTION_MODES, "attention", f"must be one of {ATTENTION_MODES}"),
             (self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}"),
         ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(f"{message}, got {getattr(self, key)!r}", key)
+        require(checks, self)
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ConfigError(
                 f"must split dim={self.dim} into heads of an even size, got {self.n_heads}",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from multitoken.errors import ConfigError
+from multitoken.errors import ConfigError, require
 from multitoken.models.gpt import FIXED, GPTConfig
 from multitoken.mtp import MTPConfig
 
@@ -29,13 +29,6 @@ __all__ = [
     "alignment",
     "fixed_keys",
 ]
-
-
-def _require(checks: list[tuple[bool, str, str]], section: object) -> None:
-    """Raise a :class:`ConfigError` for the first ``(ok, field, message)`` that fails."""
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"{message}, got {getattr(section, key)!r}", key)
 
 
 def _finite(x: float) -> bool:
@@ -90,7 +83,7 @@ class DataSection:
     verify: str = "full"
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             [
                 (self.max_files >= 0, "max_files", "must be >= 0 (0 = all)"),
                 (self.seq_len >= 1, "seq_len", "must be >= 1"),
@@ -158,7 +151,7 @@ class TrainSection:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             [
                 (self.steps >= 1, "steps", "must be >= 1"),
                 (self.stop_after >= 0, "stop_after", "must be >= 0 (0 = train.steps)"),
@@ -205,7 +198,7 @@ class ParallelSection:
     tp: int = 1
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             [
                 (self.dp >= 1, "dp", "must be >= 1"),
                 (self.cp >= 1, "cp", "must be >= 1"),
@@ -244,7 +237,7 @@ class RunSection:
     def __post_init__(self) -> None:
         # A run writes only inside <dir>/<name>: the name is one plain path component.
         name = self.name
-        _require(
+        require(
             [
                 (name not in ("", ".", ".."), "name", "must be a plain folder name"),
                 (
