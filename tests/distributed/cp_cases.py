@@ -62,8 +62,25 @@ def make_batch(packed: bool, seed: int = 0, rows: list[list[int]] | None = None)
     return ids, next_token_labels(ids, layout), layout
 
 
-def grads(model: MTPModel) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient (DTensor shards of FSDP2 / TP gathered: a collective,
+    so call it outside a counted step)."""
+    out = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is not None:
+            out[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
+    return out
+
+
+def step_record(model: torch.nn.Module, out) -> dict:
+    """What the tests compare after a backward: the losses, the counts, every gradient."""
+    return dict(
+        loss=out.loss.detach(),
+        depth_loss=out.depth_loss.detach(),
+        depth_tokens=out.depth_tokens,
+        grads=grads(model),
+    )
 
 
 def reference(depth: int, packed: bool, rows=None, attention: str = "document") -> dict:
@@ -72,12 +89,7 @@ def reference(depth: int, packed: bool, rows=None, attention: str = "document") 
     ids, labels, layout = make_batch(packed, rows=rows)
     out = model.loss(ids, labels, layout)
     out.loss.backward()
-    return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=grads(model),
-    )
+    return step_record(model, out)
 
 
 def cp_step(shard, model: MTPModel, g: ParallelGroups, norm_group, grad_group) -> dict:
@@ -90,13 +102,7 @@ def cp_step(shard, model: MTPModel, g: ParallelGroups, norm_group, grad_group) -
     out = step_loss(model, shard.step_batch(normalizer), model.config.loss_weight)
     out.loss.backward()
     sync_gradients(model, grad_group)
-    return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=grads(model),
-        out=out,
-    )
+    return {**step_record(model, out), "out": out}
 
 
 def run_cp(depth: int, packed: bool, way: str, rows=None, attention: str = "document") -> dict:

@@ -12,6 +12,7 @@ from cp_cases import (
     make_model,
     reference,
     run_cp,
+    step_record,
 )
 
 from multitoken import SequenceLayout
@@ -98,12 +99,7 @@ def test_dp_cp_equals_single_process(pool4, way):
     ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
     out = model.loss(ids, labels, layout)
     out.loss.backward()
-    ref = dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads={n: p.grad for n, p in model.named_parameters()},
-    )
+    ref = step_record(model, out)
     results = pool4.run(run_dp_cp, depth, way)
     assert [r["ranks"] for r in results] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
     assert_matches(results, ref, f"dp x cp = 2 x 2 {way}")

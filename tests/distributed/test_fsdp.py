@@ -5,19 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import PAD, groups, make_batch, make_model
+from cp_cases import PAD, groups, make_batch, make_model, step_record
 from test_cp_model import DP_ROWS, assert_matches
 
 from multitoken import SequenceLayout, StepBatch, step_loss
 from multitoken.parallel import apply_fsdp, global_normalizer, parallelize, shard_batch
-
-
-def _full_grads(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, param in model.named_parameters():
-        grad = param.grad
-        out[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-    return out
 
 
 def run_fsdp(dp: int, cp: int, depth: int) -> dict:
@@ -39,10 +31,7 @@ def run_fsdp(dp: int, cp: int, depth: int) -> dict:
     out.loss.backward()
     sharded = {n: p.to_local().numel() for n, p in model.named_parameters()}
     return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=_full_grads(model),
+        **step_record(model, out),
         local_numel=sum(sharded.values()),
         rank=dist.get_rank(),
     )
@@ -55,12 +44,7 @@ def test_fsdp_equals_single_process(rank_pool, dp, cp):
     ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
     out = model.loss(ids, labels, layout)
     out.loss.backward()
-    ref = dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads={n: p.grad for n, p in model.named_parameters()},
-    )
+    ref = step_record(model, out)
     results = rank_pool(dp * cp).run(run_fsdp, dp, cp, depth)
     assert_matches(results, ref, f"fsdp dp={dp} cp={cp}")
     # Every rank holds about 1 / world of the parameters (dim-0 shards, rounded up).

@@ -13,7 +13,7 @@ from itertools import accumulate
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import IGNORE, PAD, cp_step, grads, groups, make_batch
+from cp_cases import IGNORE, PAD, cp_step, groups, make_batch, step_record
 from test_cp_model import DP_ROWS, assert_matches
 
 from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
@@ -42,12 +42,7 @@ def reference(model_type: str, depth: int) -> dict:
     ids, labels, layout = make_batch(packed=True)
     out = model.loss(ids, labels, layout)
     out.loss.backward()
-    return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=grads(model),
-    )
+    return step_record(model, out)
 
 
 def run_hf_cp(model_type: str, depth: int) -> dict:
@@ -98,13 +93,7 @@ def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
     batch = prepare_step(_global_batch(), ranks, cfg.mtp.depth, PAD, cpu)
     out = step_loss(model, batch, cfg.mtp.loss_weight)
     out.loss.backward()  # FSDP2 sums the gradients over DP x CP
-    full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-    return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=full,
-    )
+    return step_record(model, out)
 
 
 @pytest.mark.parametrize("freeze_base", [False, True], ids=["full", "heads_only"])
@@ -115,12 +104,7 @@ def test_hf_training_path_dp_cp_equals_single_process(pool4, tmp_path, freeze_ba
     batch = _global_batch()
     out = model.loss(batch["input_ids"], batch["labels"], make_batch(True, rows=DP_ROWS)[2])
     out.loss.backward()
-    ref = dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=grads(model),
-    )
+    ref = step_record(model, out)
     if freeze_base:
         assert all(name.startswith("mtp.") for name in ref["grads"])
     results = pool4.run(run_hf_training_path, str(folder), freeze_base)

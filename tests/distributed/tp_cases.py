@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-from cp_cases import IGNORE, PAD, make_batch
+from cp_cases import IGNORE, PAD, make_batch, step_record
 
 from multitoken import MTPConfig, MTPModel, SequenceLayout, StepBatch, step_loss
 from multitoken.models import GPTConfig
@@ -56,17 +56,6 @@ def make_tp_model(depth: int, seed: int = 0, tie: bool = True, **overrides) -> M
     return MTPModel.from_config(config, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
 
 
-def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's whole gradient (DTensor shards gathered: a collective, outside the
-    counted step)."""
-    out = {}
-    for name, param in model.named_parameters():
-        grad = param.grad
-        if grad is not None:
-            out[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
-    return out
-
-
 def tp_reference(depth: int, rows, tie: bool = True) -> dict:
     """The single process on the global batch."""
     model = make_tp_model(depth, tie=tie)
@@ -74,10 +63,7 @@ def tp_reference(depth: int, rows, tie: bool = True) -> dict:
     out = model.loss(ids, labels, layout)
     out.loss.backward()
     return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads={n: p.grad for n, p in model.named_parameters()},
+        **step_record(model, out),
         grad_norm=torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")),
     )
 
@@ -139,10 +125,7 @@ def run_tp(dp: int, cp: int, tp: int, depth: int, rows, fsdp: bool = False, tie:
         key = (record.name, role_of(record.group, roles))
         calls[key] = calls.get(key, 0) + 1
     return dict(
-        loss=out.loss.detach(),
-        depth_loss=out.depth_loss.detach(),
-        depth_tokens=out.depth_tokens,
-        grads=full_grads(model),
+        **step_record(model, out),
         grad_norm=grad_norm(model.parameters()),  # mixed meshes (TP, FSDP2 + TP)
         calls=calls,
         coords=(g.dp_rank, g.cp_rank, g.tp_rank),
