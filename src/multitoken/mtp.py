@@ -62,7 +62,6 @@ class MTPConfig:
     hidden_first: bool = field(default=False, metadata=FIXED)
     recompute: bool = False
     loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    # --- Hugging Face heads-only training (issue 9): merge point ---
     freeze_base: bool = field(default=False, metadata=FIXED)
     targets: str = "data"
 

@@ -72,7 +72,6 @@ class GPTConfig:
     backend: str = "auto"
     init_std: float = 0.02
     recompute: bool = False
-    # --- Hugging Face models (issue 9): merge point ---
     hf: str = field(default="", metadata=FIXED)
 
     def __post_init__(self) -> None:

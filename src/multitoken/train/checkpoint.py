@@ -321,7 +321,7 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
         path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}")
-    if cfg.model.hf:  # --- Hugging Face models (issue 9): merge point ---
+    if cfg.model.hf:  # a Hugging Face model: its folder and tokenizer
         from multitoken.hf.train import hf_model_and_tokenizer  # optional extra: only when used
 
         model, tokenizer = hf_model_and_tokenizer(cfg)
