@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from cp_cases import IGNORE, PACKED_ROWS, PAD, make_batch
 from test_cp_model import DP_ROWS
-from tp_cases import N_LAYERS, make_tp_model, run_tp, tp_groups, tp_reference
+from tp_cases import N_LAYERS, TP_VOCAB, make_tp_model, run_tp, tp_groups, tp_reference
 
-from multitoken import ConfigError
+from multitoken import ConfigError, InputError, SequenceLayout
 from multitoken.parallel import apply_tp, exchange_halo, global_normalizer, shard_batch
 from multitoken.parallel.comms import count_comms
 
@@ -23,11 +23,26 @@ GRID = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
-def expected_calls(dp: int, cp: int, tp: int, depth: int, fsdp: bool = False) -> dict:
+def expected_calls(
+    dp: int, cp: int, tp: int, depth: int, fsdp: bool = False, sp: bool = True
+) -> dict:
     """Collectives of one step by (name, group role); n transformer layers, main and MTP."""
     n = N_LAYERS + depth
     calls = {}
-    if tp > 1:
+    if tp > 1 and sp:
+        # Forward: the embedding (main + each depth) all-reduced; per layer the attention's
+        # and the feed-forward's input all-gathered from sequence shards and wo's and w2's
+        # output reduce-scattered to them; each eh_proj's output reduce-scattered; the final
+        # norm of the decoder and of each depth gathered. Backward: the mirror image (an
+        # all-gather for each reduce-scatter and back; the first layer's and each depth's
+        # entry slices gathered, each eh_proj's feature-split input gathered), one
+        # all-reduce per norm weight (two per layer, one per final norm) and the loss's
+        # hidden gradient per depth.
+        calls[("all_reduce", "tp")] = (1 + depth) + 2 * n + (1 + depth) + (depth + 1)
+        calls[("all_gather_into_tensor", "tp")] = (2 * n + 1 + depth) + (2 * n + 1 + 2 * depth)
+        calls[("reduce_scatter_tensor", "tp")] = (2 * n + depth) + 2 * n
+        calls[("all_gather_single", "tp")] = depth + 1  # the loss statistics
+    elif tp > 1:
         # Forward: the embedding (main + each depth), wo and w2 of every layer. Backward: the
         # attention's and feed-forward's input gradient of every layer, each eh_proj's input
         # gradient, the loss's hidden gradient per depth.
@@ -79,6 +94,39 @@ def test_tp_cp_grid_equals_single_process(rank_pool, tp, cp):
         expected = expected_calls(1, cp, tp, depth)
         for r in results:
             assert r["calls"] == expected, (what, r["coords"], r["calls"], expected)
+
+
+@pytest.mark.parametrize(("tp", "cp"), [(2, 1), (2, 2)], ids=["tp2-cp1", "tp2-cp2"])
+def test_without_sequence_parallelism(rank_pool, tp, cp):
+    """parallel.sequence_parallel=false: replicated norms and activations, all-reduces only."""
+    pool = rank_pool(tp * cp)
+    depth = 2
+    ref = tp_reference(depth, PACKED_ROWS)
+    results = pool.run(run_tp, 1, cp, tp, depth, PACKED_ROWS, sp=False)
+    assert_matches(results, ref, f"tp={tp} cp={cp} without SP")
+    expected = expected_calls(1, cp, tp, depth, sp=False)
+    for r in results:
+        assert r["calls"] == expected, (r["coords"], r["calls"], expected)
+
+
+def uneven_sequence() -> str:
+    """A row length tp = 4 ranks cannot split: refused before the first collective."""
+    model = apply_tp(make_tp_model(1), tp_groups(1, 1, dist.get_world_size()))
+    ids = torch.randint(1, TP_VOCAB, (1, 10))
+    with count_comms() as log:
+        try:
+            model.loss(ids, ids, SequenceLayout.from_lengths([[10]]))
+            message = "no error"
+        except InputError as exc:
+            message = str(exc)
+    assert not log.records, log.records
+    return message
+
+
+def test_sequence_tp_cannot_split(pool4):
+    for message in pool4.run(uneven_sequence):
+        assert "10 positions over tp=4" in message, message
+        assert "parallel.sequence_parallel=false" in message, message
 
 
 def test_untied_head(pool2):

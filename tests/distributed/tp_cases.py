@@ -106,10 +106,20 @@ def _local_batch(g: ParallelGroups, rows, depth: int) -> StepBatch:
     return shard.step_batch(global_normalizer(shard, reduce_group, tp_size=g.tp_size))
 
 
-def run_tp(dp: int, cp: int, tp: int, depth: int, rows, fsdp: bool = False, tie: bool = True):
-    """One counted step on every rank: TP, then CP hooks, then (optionally) FSDP2."""
+def run_tp(
+    dp: int,
+    cp: int,
+    tp: int,
+    depth: int,
+    rows,
+    fsdp: bool = False,
+    tie: bool = True,
+    sp: bool = True,
+):
+    """One counted step on every rank: TP (sequence-parallel when ``sp``), then CP hooks,
+    then (optionally) FSDP2."""
     g = tp_groups(dp, cp, tp)
-    model = apply_tp(make_tp_model(depth, tie=tie), g)
+    model = apply_tp(make_tp_model(depth, tie=tie), g, sequence_parallel=sp)
     parallelize(model, g)
     if fsdp:
         apply_fsdp(model, g.dp_cp_mesh)

@@ -41,6 +41,10 @@ def test_toml_round_trip(tmp_path):
         (["data.batch_size=3", "parallel.dp=2"], "cannot be split over parallel.dp=2"),
         (["data.align=6", "parallel.cp=2"], "which data.align=6 does not divide: set data.align=4"),
         (["mtp.targets=base", "parallel.tp=2"], "mtp.targets=base takes the decoder's greedy"),
+        (
+            ["data.seq_len=24", "parallel.cp=4", "parallel.tp=4", "model.n_kv_heads=4"],
+            "splits the 6 positions .* parallel.tp=4 .* multiple of cp \\* tp = 16",
+        ),
         (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
         (["data.seq_len=2048"], "exceeds model.max_seq_len"),

@@ -14,24 +14,48 @@ The torchtitan plan (``parallelize_module``) on the reference GPT and on every M
   and returned as a plain tensor (``use_local_output=True``: it is added to plain tensors in
   the depth's layer).
 
-No sequence parallelism: norms are replicated and the activations between blocks are plain,
-replicated tensors, so the model code, context parallelism's K/V all-gather (on the local
-heads) and the halos are unchanged. Per transformer layer that is two all-reduces forward
+With **sequence parallelism** (the default) the activations between the attention and the
+feed-forward blocks are split by sequence over the TP ranks, so every norm and every residual
+add runs on ``T / tp`` positions and no rank holds the full ``[B, T, H]`` residual stream
+inside the layer stack (Megatron-LM's and torchtitan's layout):
+
+* the decoder's first layer takes its (replicated) input as the local sequence shard (a
+  slice, no message); each layer's ``attention_norm`` and ``ffn_norm`` are
+  ``SequenceParallel``; the attention's and the feed-forward's input is all-gathered over TP,
+  and ``wo`` and ``w2`` reduce-scatter their output back to sequence shards;
+* the decoder's final ``norm`` runs on the shards and its output ``h^0`` is all-gathered to
+  the full sequence as a plain tensor: the MTP depths read ``h^0`` and the embedding at
+  positions other ranks' shards hold, and the vocabulary-parallel loss needs every token;
+* each MTP depth: ``enorm`` / ``hnorm`` on the full (replicated) inputs, ``eh_proj``
+  row-wise (its input split by features locally, its output reduce-scattered to sequence
+  shards), its layer as above, its ``final_norm`` gathered like the decoder's.
+
+Per transformer layer that is two all-gathers and two reduce-scatters forward, the same
+backward (the same bytes as the two all-reduces each way without it: an all-reduce is a
+reduce-scatter plus an all-gather), plus one all-reduce of each norm weight's gradient.
+The sequence length each rank holds (``T`` per CP rank) must divide by ``tp``.
+
+Without it (``sequence_parallel=False``): norms are replicated and the activations between
+blocks are plain, replicated tensors. Per transformer layer that is two all-reduces forward
 (``wo``, ``w2``) and two backward (the gradient of the attention's and the feed-forward's
 input: each module takes its input as one replicated DTensor, so ``wq``, ``wk`` and ``wv``
-sum their partial gradients before the single all-reduce).
+sum their partial gradients before the single all-reduce). Both layouts keep context
+parallelism's K/V all-gather (on the local heads) and the MTP halos unchanged: attention
+always sees its rank's whole (CP-local) sequence.
 
 The model never imports ``torch.distributed``; this module rewrites it in place.
 """
 
 from __future__ import annotations
 
-from torch import nn
-from torch.distributed.tensor import Replicate
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 
@@ -90,33 +114,82 @@ def check_tp(model: nn.Module, tp_size: int) -> None:
                 )
 
 
-def _layer_plan() -> dict:
-    # The attention and the feed-forward take their (replicated) input as ONE DTensor: the
-    # partial input gradients of wq, wk, wv (w1, w3) then add up as DTensors and are
-    # all-reduced once, instead of once per projection. Attention's other positional
-    # arguments (rope, mask, cache) are not tensors to distribute.
-    return {
+# The sequence dimension of the [B, T, H] activations.
+SEQ = Shard(1)
+
+
+def _layer_plan(sequence_parallel: bool) -> dict:
+    # The attention and the feed-forward take their input as ONE DTensor (replicated, or
+    # gathered from sequence shards): the partial input gradients of wq, wk, wv (w1, w3)
+    # then add up as DTensors and are reduced once, instead of once per projection.
+    # Attention's other positional arguments (rope, mask, cache) are not tensors to
+    # distribute.
+    between = SEQ if sequence_parallel else Replicate()
+    plan = {
         "attention": PrepareModuleInput(
-            input_layouts=(Replicate(), None, None, None),
+            input_layouts=(between, None, None, None),
             desired_input_layouts=(Replicate(), None, None, None),
             use_local_output=False,
         ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=between),
         "feed_forward": PrepareModuleInput(
-            input_layouts=(Replicate(),),
+            input_layouts=(between,),
             desired_input_layouts=(Replicate(),),
             use_local_output=False,
         ),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=between),
     }
+    if sequence_parallel:  # norms on sequence shards; their weights replicated DTensors
+        plan["attention_norm"] = SequenceParallel()
+        plan["ffn_norm"] = SequenceParallel()
+    return plan
 
 
-def apply_tp(model: nn.Module, groups) -> nn.Module:
+def _summed(grad: Tensor) -> Tensor:
+    if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+        return grad.redistribute(placements=[Replicate()] * len(grad.placements))
+    return grad
+
+
+def _sum_weight_gradients(norm: nn.Module) -> None:
+    """A sequence-parallel norm's weight gradient comes out of the backward as pending sums
+    over TP (each rank saw its own positions): sum them there, one all-reduce per weight, so
+    the gradient is the replicated full one (FSDP2 would do the same; plain TP needs it)."""
+    for param in norm.parameters():
+        param.register_hook(_summed)
+
+
+def _gathered_norm(module: nn.Module, mesh) -> None:
+    """``module`` (a norm) runs on sequence shards; its output is the full sequence again, as
+    a plain tensor: one all-gather forward, a local slice of the gradient backward."""
+    parallelize_module(module, mesh, SequenceParallel())
+    _sum_weight_gradients(module)
+    gather = PrepareModuleOutput(
+        output_layouts=SEQ, desired_output_layouts=Replicate(), use_local_output=True
+    )
+    parallelize_module(module, mesh, gather)
+
+
+def _check_sequence(tp_size: int):
+    def hook(module: nn.Module, args: tuple) -> None:
+        length = args[0].shape[1]
+        if length % tp_size:
+            raise InputError(
+                f"sequence parallelism splits each row's {length} positions over tp={tp_size} "
+                f"ranks, which does not divide them: make the sequence length per CP rank "
+                f"(data.seq_len / parallel.cp) a multiple of parallel.tp, or set "
+                f"parallel.sequence_parallel=false"
+            )
+
+    return hook
+
+
+def apply_tp(model: nn.Module, groups, *, sequence_parallel: bool = True) -> nn.Module:
     """Apply tensor parallelism to ``model`` (an :class:`~multitoken.model.MTPModel` on the
     reference GPT) in place over ``groups.tp_mesh`` and return it; ``tp_size == 1`` is a no-op.
 
@@ -128,6 +201,9 @@ def apply_tp(model: nn.Module, groups) -> nn.Module:
         model: the model, on its device.
         groups: a :class:`~multitoken.parallel.mesh.ParallelGroups` (``tp_mesh``, ``tp_group``,
             ``tp_size``).
+        sequence_parallel: split the activations between blocks by sequence (see the module
+            docstring); every batch's sequence length must then divide by ``tp_size``
+            (an :class:`~multitoken.errors.InputError` before the first collective if not).
 
     Raises:
         ConfigError: heads, key/value heads, feed-forward width or vocabulary not divisible
@@ -145,17 +221,37 @@ def apply_tp(model: nn.Module, groups) -> nn.Module:
     if decoder.output is not None:
         # Never called as a module (the loss reads the weight): this only shards it by rows.
         head_plan["output"] = ColwiseParallel()
+    if sequence_parallel:  # every step embeds first: the check precedes any collective
+        decoder.tok_embeddings.register_forward_pre_hook(_check_sequence(tp_size))
     parallelize_module(decoder, mesh, head_plan)
     for layer in tp_layers(model):
-        parallelize_module(layer, mesh, _layer_plan())
+        parallelize_module(layer, mesh, _layer_plan(sequence_parallel))
+        if sequence_parallel:
+            _sum_weight_gradients(layer.attention_norm)
+            _sum_weight_gradients(layer.ffn_norm)
         # The projections now produce this rank's heads only.
         layer.attention.n_heads //= tp_size
         layer.attention.n_kv_heads //= tp_size
+    if sequence_parallel:
+        # The layer stack starts from the replicated embedding: each rank keeps its slice.
+        first = decoder.layers[0]
+        to_shards = PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(SEQ,), use_local_output=True
+        )
+        parallelize_module(first, mesh, to_shards)
+        _gathered_norm(decoder.norm, mesh)
     if model.mtp is not None:
         for depth in model.mtp.depths:
-            # Gathered back to the full width as a plain tensor: the depth's layer adds it to
-            # its residual stream, which stays plain and replicated.
-            eh_proj = ColwiseParallel(output_layouts=Replicate(), use_local_output=True)
-            parallelize_module(depth, mesh, {"eh_proj": eh_proj})
+            if sequence_parallel:
+                # Row-wise: the [enorm(e); hnorm(h)] input is split by features locally and
+                # the output reduce-scattered to sequence shards for the depth's layer.
+                eh_proj = RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQ)
+                parallelize_module(depth, mesh, {"eh_proj": eh_proj})
+                _gathered_norm(depth.final_norm, mesh)
+            else:
+                # Gathered back to the full width as a plain tensor: the depth's layer adds
+                # it to its residual stream, which stays plain and replicated.
+                eh_proj = ColwiseParallel(output_layouts=Replicate(), use_local_output=True)
+                parallelize_module(depth, mesh, {"eh_proj": eh_proj})
     model.cross_entropy = VocabParallelCrossEntropy(groups.tp_group)
     return model

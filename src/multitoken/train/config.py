@@ -190,12 +190,16 @@ class ParallelSection:
         lookahead: "halo" (MTP lookahead filled when sharding, no messages) or "exchange"
             (one collective per step from local shards).
         tp: tensor-parallel ranks (heads, feed-forward and vocabulary split over them).
+        sequence_parallel: with tp > 1, split the activations between blocks (norms,
+            residual adds) by sequence over the TP ranks; data.seq_len / cp must then be a
+            multiple of tp. False: replicated norms and activations.
     """
 
     dp: int = 1
     cp: int = 2
     lookahead: str = "halo"
     tp: int = 1
+    sequence_parallel: bool = True
 
     def __post_init__(self) -> None:
         require(
@@ -337,6 +341,14 @@ class TrainConfig:
             raise ConfigError(
                 f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp}: "
                 "the head and the embedding are split by vocabulary rows"
+            )
+        local = data.seq_len // parallel.cp  # positions per CP rank (cp divides seq_len)
+        if tp > 1 and parallel.sequence_parallel and local % tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel splits the {local} positions each CP rank holds "
+                f"(data.seq_len / parallel.cp) over parallel.tp={tp} ranks, which does not "
+                f"divide them: make data.seq_len a multiple of cp * tp = {parallel.cp * tp}, "
+                "or set parallel.sequence_parallel=false"
             )
         if self.mtp.depth >= data.seq_len:
             raise ConfigError(

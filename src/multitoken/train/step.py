@@ -168,7 +168,7 @@ def build_model(
         model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
         model.to(device)
     if ranks.tp_size > 1:
-        apply_tp(model, ranks.groups)
+        apply_tp(model, ranks.groups, sequence_parallel=cfg.parallel.sequence_parallel)
     if ranks.cp_size > 1:
         parallelize(model, ranks.groups)
     if cfg.train.compile:
