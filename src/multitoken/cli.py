@@ -117,6 +117,10 @@ def _rank_failure(err: ChildFailedError) -> Exception:
         if isinstance(kind, type) and issubclass(kind, UserError) and text:
             return kind(text)
     rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    if isinstance(failure.message, dict):  # a bug keeps its traceback: the rank's, here
+        stack = failure.message.get("extraInfo", {}).get("py_callstack")
+        if stack:
+            print(f"rank {rank} traceback:\n{stack}", file=sys.stderr, end="", flush=True)
     return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {_message(failure)}")
 
 

@@ -109,6 +109,17 @@ def test_without_sequence_parallelism(rank_pool, tp, cp):
         assert r["calls"] == expected, (r["coords"], r["calls"], expected)
 
 
+@pytest.mark.parametrize("sp", [True, False], ids=["sp", "no-sp"])
+def test_compiled_layers_under_tp(pool2, sp):
+    """train.compile's per-layer torch.compile on a TP model: the same loss and gradients."""
+    depth = 2
+    ref = tp_reference(depth, PACKED_ROWS)
+    results = pool2.run(run_tp, 1, 1, 2, depth, PACKED_ROWS, sp=sp, compiled=True)
+    assert_matches(results, ref, f"compiled tp=2 sp={sp}")
+    for r in results:  # compiling moves no collective
+        assert r["calls"] == expected_calls(1, 1, 2, depth, sp=sp), r["calls"]
+
+
 def uneven_sequence() -> str:
     """A row length tp = 4 ranks cannot split: refused before the first collective."""
     model = apply_tp(make_tp_model(1), tp_groups(1, 1, dist.get_world_size()))

@@ -26,6 +26,7 @@ from multitoken.parallel import (
     sync_gradients,
 )
 from multitoken.parallel.comms import count_comms
+from multitoken.train.step import compile_layers
 
 # 64 tokens, 8 query and 4 key/value heads, a feed-forward of 128: tp in {1, 2, 4} splits all.
 TP_VOCAB = 64
@@ -115,12 +116,15 @@ def run_tp(
     fsdp: bool = False,
     tie: bool = True,
     sp: bool = True,
+    compiled: bool = False,
 ):
     """One counted step on every rank: TP (sequence-parallel when ``sp``), then CP hooks,
-    then (optionally) FSDP2."""
+    then (optionally) train.compile's per-layer compile, then (optionally) FSDP2."""
     g = tp_groups(dp, cp, tp)
     model = apply_tp(make_tp_model(depth, tie=tie), g, sequence_parallel=sp)
     parallelize(model, g)
+    if compiled:
+        assert compile_layers(model, verbose=False)
     if fsdp:
         apply_fsdp(model, g.dp_cp_mesh)
     roles = group_roles(g)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from test_train_cli import assert_same_records, run_cli, train_records
 
 
@@ -30,18 +32,36 @@ def test_tp_that_does_not_divide_the_heads_is_one_line(tmp_path):
 
 
 def test_checkpoints_reshard_to_any_layout(tmp_path):
-    """Saved by FSDP2 at dp = 2, resumed at tp = 2, at cp = 2 and on one rank: each run
-    continues with the losses of the uninterrupted run (DCP reshards the DTensor state)."""
+    """Saved by FSDP2 at dp = 2, resumed at tp = 2, at cp = 2 and on one rank; saved by a
+    sequence-parallel TP run (tp 2, and tp 2 x cp 2 with FSDP2 over cp), resumed on one rank
+    and at tp 2: each run continues with the losses of the uninterrupted run (DCP reshards
+    the DTensor state)."""
     os.chdir(tmp_path)
     heads = ["model.n_heads=2", "model.n_kv_heads=2"]
     run_cli(tmp_path, *heads, "parallel.cp=1", "run.name=whole")
     whole = train_records(tmp_path / "whole")
-    for name, layout in (
-        ("to_tp2", ["parallel.cp=1", "parallel.tp=2"]),
-        ("to_cp2", ["parallel.cp=2"]),
-        ("to_one", ["parallel.cp=1"]),
+    dp2 = ["parallel.cp=1", "parallel.dp=2"]
+    tp2 = ["parallel.cp=1", "parallel.tp=2"]
+    for name, saved, resumed in (
+        ("dp2_to_tp2", dp2, tp2),
+        ("dp2_to_cp2", dp2, ["parallel.cp=2"]),
+        ("dp2_to_one", dp2, ["parallel.cp=1"]),
+        ("tp2_to_one", tp2, ["parallel.cp=1"]),
+        ("tp2cp2_to_tp2", ["parallel.cp=2", "parallel.tp=2"], tp2),
     ):
-        run_cli(tmp_path, *heads, "parallel.cp=1", "parallel.dp=2", f"run.name={name}",
-                "train.stop_after=3")  # fmt: skip
-        run_cli(tmp_path, *heads, *layout, f"run.name={name}", "train.resume=true")
+        run_cli(tmp_path, *heads, *saved, f"run.name={name}", "train.stop_after=3")
+        run_cli(tmp_path, *heads, *resumed, f"run.name={name}", "train.resume=true")
         assert_same_records(train_records(tmp_path / name), whole)
+
+
+@pytest.mark.slow
+def test_compiled_tp_logs_the_same_losses(tmp_path):
+    """train.compile=true under sequence-parallel TP x CP through the command line (compiling
+    on 4 ranks takes about a minute on 2 cores; the library-level check is in make test)."""
+    os.chdir(tmp_path)
+    heads = ["model.n_heads=2", "model.n_kv_heads=2"]
+    run_cli(tmp_path, *heads, "parallel.cp=1", "run.name=one")
+    compiled = ["parallel.cp=2", "parallel.tp=2", "train.compile=true", "run.name=compiled"]
+    proc = run_cli(tmp_path, *heads, *compiled)
+    assert "training eagerly" not in proc.stdout
+    assert_same_records(train_records(tmp_path / "compiled"), train_records(tmp_path / "one"))

@@ -21,6 +21,8 @@ ranks', and they share the parameter memory too.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -70,6 +72,14 @@ def apply_fsdp(
     if mesh.ndim != 1:
         raise InputError(f"apply_fsdp takes a 1-D mesh, got {mesh.ndim} dimensions")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Under sequence parallelism the hidden states the root and the MTP depths return are
+    # views (of the gathered final norms' DTensors); FSDP2 warns on every step that an
+    # in-place op on such a view would skip its hook. Nothing writes into them (the next depth
+    # and the loss only read them): silence that one warning, for these modules only.
+    names = "|".join(sorted({type(m).__name__ for m in (model, *fsdp_units(model))}))
+    warnings.filterwarnings(
+        "ignore", message=rf"FSDP2-wrapped module \(FSDP({names})\) returned a view tensor"
+    )
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root keeps the shared embedding and head unsharded through forward and backward.

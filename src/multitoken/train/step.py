@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 import torch.distributed as dist
 
 from multitoken.batch import StepBatch
@@ -198,6 +199,13 @@ def compile_layers(model: MTPModel, verbose: bool = True) -> bool:
             print(f"train.compile=true but torch.compile cannot run here ({reason}): "
                   "training eagerly", flush=True)  # fmt: skip
         return False
+    embedding = getattr(model.decoder, "tok_embeddings", None)
+    if embedding is not None and isinstance(embedding.weight, DTensor):
+        # Under TP the embedding's output is a view of a DTensor's local tensor, and a
+        # compiled layer given that view as an input hands its gradient back as a plain
+        # tensor to the DTensor all-reduce's backward, which fails (measured, torch 2.13:
+        # "'Tensor' object has no attribute '_local_tensor'"). A copy is an ordinary input.
+        embedding.register_forward_hook(lambda module, args, output: output.clone())
     layers = getattr(model.decoder, "layers", [])
     for module in [*layers, *(model.mtp.depths if model.mtp is not None else [])]:
         # Shapes are fixed by the packing (seq_len, batch): one static graph per kind.
