@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from test_train_cli import assert_same_records, run_cli, train_records
 
 

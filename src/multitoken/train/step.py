@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-from torch.distributed.tensor import DTensor
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from multitoken.batch import StepBatch
 from multitoken.data import dp_slice
