@@ -72,26 +72,28 @@ from multitoken.train.step import (  # noqa: E402
 )
 
 PAD = 0
-# (dp, cp, tp), in the order of the table.
+# (dp, cp, tp, sequence parallelism), in the order of the table.
 LAYOUTS = [
-    (1, 1, 1),
-    (1, 1, 2),
-    (1, 2, 1),
-    (1, 2, 2),
-    (1, 1, 4),
-    (1, 4, 1),
-    (2, 1, 1),
-    (2, 1, 2),
+    (1, 1, 1, True),
+    (1, 1, 2, True),
+    (1, 1, 2, False),
+    (1, 2, 1, True),
+    (1, 2, 2, True),
+    (1, 1, 4, True),
+    (1, 4, 1, True),
+    (2, 1, 1, True),
+    (2, 1, 2, True),
 ]
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 MIB = 2**20
 
 
-def layout_name(dp: int, cp: int, tp: int) -> str:
-    return f"dp{dp} tp{tp}" if dp > 1 else f"tp{tp} cp{cp}"
+def layout_name(dp: int, cp: int, tp: int, sp: bool = True) -> str:
+    name = f"dp{dp} tp{tp}" if dp > 1 else f"tp{tp} cp{cp}"
+    return name if sp or tp == 1 else f"{name} no-SP"
 
 
-def make_config(args, dp: int, cp: int, tp: int) -> TrainConfig:
+def make_config(args, dp: int, cp: int, tp: int, sp: bool = True) -> TrainConfig:
     model = GPTConfig(
         vocab_size=args.vocab,
         dim=args.dim,
@@ -104,7 +106,7 @@ def make_config(args, dp: int, cp: int, tp: int) -> TrainConfig:
         model=model,
         mtp=MTPConfig(depth=args.depth),
         data=DataSection(vocab_size=args.vocab, seq_len=args.seqlen, batch_size=args.rows),
-        parallel=ParallelSection(dp=dp, cp=cp, tp=tp),
+        parallel=ParallelSection(dp=dp, cp=cp, tp=tp, sequence_parallel=sp),
     )
 
 
@@ -143,7 +145,7 @@ def max_rss_bytes() -> int:
 
 
 def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args) -> None:
-    dp, cp, tp = layout
+    dp, cp, tp, sp = layout
     os.environ.update(
         GLOO_SOCKET_IFNAME="lo", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
@@ -151,7 +153,7 @@ def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args)
     if world > 1:
         store = dist.FileStore(store_path, world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    cfg = make_config(args, dp, cp, tp)
+    cfg = make_config(args, dp, cp, tp, sp)
     device = torch.device("cpu")
     ranks = setup_ranks(cfg, device)  # joins the initialised group, builds the mesh's groups
     batch = global_batch(args)
@@ -238,7 +240,7 @@ def run_layout(layout, args) -> list[dict]:
 
 
 def summarize(layout, per_rank: list[dict]) -> dict:
-    dp, cp, tp = layout
+    dp, cp, tp, sp = layout
     world = len(per_rank)
     comms = {}
     for kind in sorted({k for r in per_rank for k in r["comms"]}):
@@ -248,8 +250,8 @@ def summarize(layout, per_rank: list[dict]) -> dict:
         )
     steps = len(per_rank[0]["wall"])
     return dict(
-        layout=dict(dp=dp, cp=cp, tp=tp),
-        name=layout_name(dp, cp, tp),
+        layout=dict(dp=dp, cp=cp, tp=tp, sequence_parallel=sp),
+        name=layout_name(dp, cp, tp, sp),
         world=world,
         # The loss of the ranks with other tokens adds up to the global one (TP peers repeat it).
         loss=sum(r["first_loss"] for r in per_rank if r["coords"][2] == 0),
