@@ -5,7 +5,8 @@ Every layout runs the library's own training path on gloo ranks spawned by this 
 CP hooks, then FSDP2 over dp x cp, as ``multitoken train`` builds it), ``build_optimizer``
 (AdamW), then per step ``prepare_step`` (this rank's rows and CP shard, the normaliser's
 all_reduce), ``step_loss``, backward, ``clip_grad_norm``, the optimiser step. Layouts: the
-(tp, cp) grid {(1,1), (2,1), (1,2), (2,2), (4,1), (1,4)}, then FSDP2 dp = 2 and dp 2 x tp 2.
+(tp, cp) grid {(1,1), (2,1), (1,2), (2,2), (4,1), (1,4)} (TP with sequence parallelism, and tp 2
+without it), then FSDP2 dp = 2 and dp 2 x tp 2.
 Under CP the model is sharded with FSDP2 over the CP ranks too (they hold different tokens).
 
 Per rank and step, after one warm-up step:
@@ -13,7 +14,9 @@ Per rank and step, after one warm-up step:
 * collectives: calls and bytes this rank hands to ``torch.distributed`` by kind
   (``all_gather``, ``reduce_scatter``, ``all_reduce``, ``all_to_all``), counted by
   ``count_comms`` over one whole step (DTensor's and FSDP2's functional collectives included),
-  mean over ranks;
+  mean over ranks; and what the rank *sends* under the ring algorithms (an all-gather hands
+  in its shard but forwards n - 1 shards, a reduce-scatter sends (n - 1) / n of its input, an
+  all-reduce twice that): the bytes to compare layouts by;
 * memory: ``state`` = the bytes of this rank's local parameters, gradients and AdamW state
   (exact, from the tensors: DTensor and FSDP2 shards count their local part); ``step peak`` =
   the peak of tensor allocations during one step above its start (``torch.profiler`` memory
@@ -140,6 +143,19 @@ def kind_of(name: str) -> str:
     return next((kind for kind in KINDS if name.startswith(kind)), name)
 
 
+def ring_bytes(kind: str, nbytes: int, ranks: int) -> float:
+    """What one rank sends for a collective under the ring algorithms (NCCL's for large
+    messages): an all-gather forwards the ``n - 1`` other shards, a reduce-scatter ``(n - 1) /
+    n`` of its input, an all-reduce (a reduce-scatter then an all-gather) twice that."""
+    factor = {
+        "all_gather": ranks - 1,
+        "reduce_scatter": (ranks - 1) / ranks,
+        "all_reduce": 2 * (ranks - 1) / ranks,
+        "all_to_all": (ranks - 1) / ranks,
+    }
+    return nbytes * factor.get(kind, 1)
+
+
 def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -190,9 +206,11 @@ def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args)
         train_step()
     comms: dict[str, list[float]] = {}
     for record in log.records:
-        count_bytes = comms.setdefault(kind_of(record.name), [0, 0])
+        kind = kind_of(record.name)
+        count_bytes = comms.setdefault(kind, [0, 0, 0.0])
         count_bytes[0] += 1
         count_bytes[1] += record.nbytes
+        count_bytes[2] += ring_bytes(kind, record.nbytes, dist.get_world_size(record.group))
     barrier()
     memory = PeakMemory()
     with memory.measure():
@@ -244,9 +262,11 @@ def summarize(layout, per_rank: list[dict]) -> dict:
     world = len(per_rank)
     comms = {}
     for kind in sorted({k for r in per_rank for k in r["comms"]}):
-        calls = [r["comms"].get(kind, [0, 0]) for r in per_rank]
+        calls = [r["comms"].get(kind, [0, 0, 0.0]) for r in per_rank]
         comms[kind] = dict(
-            calls=sum(c[0] for c in calls) / world, bytes=sum(c[1] for c in calls) / world
+            calls=sum(c[0] for c in calls) / world,
+            bytes=sum(c[1] for c in calls) / world,
+            ring_bytes=sum(c[2] for c in calls) / world,
         )
     steps = len(per_rank[0]["wall"])
     return dict(
@@ -305,6 +325,7 @@ def main() -> None:
             c = r["comms"].get(kind, dict(calls=0, bytes=0))
             cells += [f"{c['calls']:.0f}", f"{c['bytes'] / MIB:.2f}"]
         cells.append(f"{sum(c['bytes'] for c in r['comms'].values()) / MIB:.2f}")
+        cells.append(f"{sum(c['ring_bytes'] for c in r['comms'].values()) / MIB:.2f}")
         comm_table.append(cells)
     columns = ["layout", "ranks"]
     for kind in kinds:
@@ -313,7 +334,7 @@ def main() -> None:
         f"Collectives per rank and training step (mean over ranks; dim {args.dim}, "
         f"{args.layers} layers, vocab {args.vocab}, D={args.depth}, "
         f"{args.rows} x {args.seqlen} tokens)",
-        [*columns, "total MiB"],
+        [*columns, "total MiB", "sent MiB (ring)"],
         comm_table,
     )
     print_table(
