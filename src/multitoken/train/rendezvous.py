@@ -1,0 +1,109 @@
+"""Joining the process group: one fresh namespace of the launcher's store per attempt.
+
+``torchrun`` hosts the store its ranks meet in (``TORCHELASTIC_USE_AGENT_STORE=True``: the agent
+of node 0 owns it, at ``MASTER_ADDR:MASTER_PORT``) and keeps that one store, with every key in
+it, when ``--max-restarts`` restarts the ranks (torch 2.13: the store server is made once, at
+the first rendezvous). The keys a process group writes have the same names in every attempt:
+gloo's listening address of each rank (``default_pg/0//cpu//0/<rank>``), NCCL's unique id. A
+restarted rank that reads its peer's key before the peer has rewritten it gets the previous
+attempt's address, of a process that is gone: ``Gloo connectFullMesh failed ... Connection
+refused``, or a hang in ``Pair::connect``; on a second try, rank 0 may simply have come first.
+
+So every attempt joins in a namespace of its own, which rank 0 picks (a random id) and every
+other rank confirms: ``TORCHELASTIC_RESTART_COUNT`` cannot name it, as it is counted per node
+(an agent whose ranks are healthy restarts them for another node's failure or a new node
+without counting: torch issues 108158 and 135712). A rank cannot tell the current id from the
+previous attempt's, which is still in the store, by reading it; it writes a nonce of its own
+under the id it read, and rank 0 acknowledges exactly the nonces written under the id it
+picked. A previous attempt's rank 0 never acknowledges a nonce of this attempt (it is dead:
+the agents stop every rank of an attempt before they start the next), so a rank that read a
+stale id waits for rank 0 to write the new one and joins that.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
+
+__all__ = ["attempt_store", "join_process_group"]
+
+ROOT = "multitoken/attempt"
+CURRENT = f"{ROOT}/current"  # the id of the newest attempt, written by its rank 0
+
+
+def attempt_store(
+    store: dist.Store, rank: int, world_size: int, timeout: timedelta = default_pg_timeout
+) -> dist.PrefixStore:
+    """A namespace of ``store`` that the ranks of this attempt, and only they, share.
+
+    Every rank calls it once per attempt (rank 0 among them); it returns when every rank has
+    joined the attempt's namespace.
+
+    Args:
+        store: the store every rank of every attempt reaches (torchrun's).
+        rank: this process's global rank.
+        world_size: ranks in the attempt.
+        timeout: how long a rank waits for the others (rank 0 for all; the others for rank 0).
+
+    Raises:
+        TimeoutError: a rank other than 0 saw no rank 0 acknowledge it in ``timeout``.
+    """
+    if rank == 0:
+        attempt = uuid.uuid4().hex
+        store.set(CURRENT, attempt)
+        joined = [f"{ROOT}/{attempt}/joined/{peer}" for peer in range(1, world_size)]
+        if joined:
+            store.wait(joined, timeout)
+            acks = [f"{ROOT}/{attempt}/ack/{peer}" for peer in range(1, world_size)]
+            store.multi_set(acks, store.multi_get(joined))
+        return dist.PrefixStore(f"{ROOT}/{attempt}", store)
+    nonce = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout.total_seconds()
+    store.wait([CURRENT], timeout)
+    joined, pause = None, 0.005
+    while True:
+        attempt = store.get(CURRENT).decode()
+        if attempt != joined:  # rank 0's id, of this attempt or (not yet rewritten) the last
+            store.set(f"{ROOT}/{attempt}/joined/{rank}", nonce)
+            joined, pause = attempt, 0.005
+        ack = f"{ROOT}/{attempt}/ack/{rank}"
+        if store.check([ack]) and store.get(ack).decode() == nonce:
+            return dist.PrefixStore(f"{ROOT}/{attempt}", store)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank}: no rank 0 acknowledged this rank in {timeout} (attempt {attempt} "
+                "of the launcher's store): did rank 0 start?"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 0.2)
+
+
+def join_process_group(device: torch.device, timeout: timedelta = default_pg_timeout) -> None:
+    """Join the default process group described by the launcher's environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), in this attempt's namespace of the
+    launcher's store (:func:`attempt_store`); nothing when already joined.
+
+    The backend is NCCL on a CUDA ``device``, gloo otherwise (as
+    :func:`~multitoken.parallel.init_distributed` picks it).
+    """
+    if dist.is_initialized():
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torch's own env:// store: a client of the agent's store under torchrun, else hosted by
+    # rank 0; either way the same store init_process_group would have used.
+    store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    use_cuda = device.type == "cuda"
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        store=attempt_store(store, rank, world_size, timeout),
+        rank=rank,
+        world_size=world_size,
+        device_id=device if use_cuda else None,
+    )
