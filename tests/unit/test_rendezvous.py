@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multitoken.train.rendezvous import CURRENT, attempt_store
+from multitoken.parallel.rendezvous import CURRENT, attempt_store
 
 TIMEOUT = timedelta(seconds=20)
 

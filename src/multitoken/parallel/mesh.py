@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from multitoken.parallel.rendezvous import attempt_store
 
 __all__ = ["local_device", "init_distributed", "build_mesh", "ParallelGroups"]
 
@@ -40,7 +43,10 @@ def init_distributed(backend: str | None = None) -> torch.device:
     """Join the process group described by ``torchrun``'s environment; idempotent.
 
     Without ``torchrun`` (no ``WORLD_SIZE``) it starts a one-rank group, so single-process
-    runs go through the same code. The backend is NCCL when CUDA is available, gloo otherwise.
+    runs go through the same code. Under a launcher, every attempt (each restart of
+    ``torchrun --max-restarts``) joins in a namespace of the launcher's store of its own
+    (:func:`~multitoken.parallel.rendezvous.attempt_store`). The backend is NCCL when CUDA
+    is available, gloo otherwise.
 
     Returns:
         This rank's device (``cuda:<LOCAL_RANK>`` or ``cpu``).
@@ -51,7 +57,19 @@ def init_distributed(backend: str | None = None) -> torch.device:
         return device
     backend = backend or ("nccl" if use_cuda else "gloo")
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, device_id=device if use_cuda else None)
+        # torch's own env:// store (a client of the agent's under torchrun, else hosted by
+        # rank 0), joined in a namespace of this attempt's own (see .rendezvous): torchrun
+        # --max-restarts restarts the ranks on a store that holds the last attempt's keys.
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size))
+        store.set_timeout(default_pg_timeout)
+        dist.init_process_group(
+            backend,
+            store=attempt_store(store, rank, world_size),
+            rank=rank,
+            world_size=world_size,
+            device_id=device if use_cuda else None,
+        )
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="multitoken-store-"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)

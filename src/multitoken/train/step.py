@@ -29,11 +29,11 @@ from multitoken.parallel import (
     apply_tp,
     exchange_halo,
     global_normalizer,
+    init_distributed,
     parallelize,
     shard_batch,
 )
 from multitoken.train.config import TrainConfig
-from multitoken.train.rendezvous import join_process_group
 
 __all__ = [
     "Ranks",
@@ -91,7 +91,7 @@ def setup_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
     """Join the process group (when ``dp * cp * tp > 1``) and build the mesh's groups.
 
     The group is joined in a namespace of the launcher's store of its own for every attempt
-    (:func:`~multitoken.train.rendezvous.join_process_group`): ``torchrun --max-restarts``
+    (:func:`~multitoken.parallel.init_distributed`): ``torchrun --max-restarts``
     restarts the ranks on a store that still holds the previous attempt's addresses.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,7 +102,7 @@ def setup_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
             f"{world} ranks were started but parallel.dp * parallel.cp * parallel.tp = "
             f"{cfg.parallel.world}: launch dp * cp * tp ranks"
         )
-    join_process_group(device)
+    init_distributed()
     p = cfg.parallel
     groups = ParallelGroups.build(p.dp, p.cp, device.type, p.tp)
     return Ranks(

@@ -22,16 +22,14 @@ stale id waits for rank 0 to write the new one and joins that.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
-__all__ = ["attempt_store", "join_process_group"]
+__all__ = ["attempt_store"]
 
 ROOT = "multitoken/attempt"
 CURRENT = f"{ROOT}/current"  # the id of the newest attempt, written by its rank 0
@@ -82,28 +80,3 @@ def attempt_store(
             )
         time.sleep(pause)
         pause = min(2 * pause, 0.2)
-
-
-def join_process_group(device: torch.device, timeout: timedelta = default_pg_timeout) -> None:
-    """Join the default process group described by the launcher's environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), in this attempt's namespace of the
-    launcher's store (:func:`attempt_store`); nothing when already joined.
-
-    The backend is NCCL on a CUDA ``device``, gloo otherwise (as
-    :func:`~multitoken.parallel.init_distributed` picks it).
-    """
-    if dist.is_initialized():
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # torch's own env:// store: a client of the agent's store under torchrun, else hosted by
-    # rank 0; either way the same store init_process_group would have used.
-    store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    use_cuda = device.type == "cuda"
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo",
-        store=attempt_store(store, rank, world_size, timeout),
-        rank=rank,
-        world_size=world_size,
-        device_id=device if use_cuda else None,
-    )
