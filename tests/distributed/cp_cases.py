@@ -27,14 +27,16 @@ VOCAB, PAD, IGNORE = 61, 0, -100
 PACKED_ROWS = [[1, 9, 2, 13, 3, 7, 5], [17, 1, 1, 6, 15]]
 UNPACKED_SHAPE = (2, 21)  # 21 is not a multiple of 4 or 8: every row is padded
 
-_GROUPS: dict[tuple[int, int], ParallelGroups] = {}
+_GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
 
 
-def groups(dp: int, cp: int) -> ParallelGroups:
-    """The (dp, cp) groups of this pool, built once per shape (new_group is collective)."""
-    if (dp, cp) not in _GROUPS:
-        _GROUPS[(dp, cp)] = ParallelGroups.build(dp, cp, "cpu")
-    return _GROUPS[(dp, cp)]
+def groups(dp: int, cp: int, dp_replicate: int = 1) -> ParallelGroups:
+    """The (dp, cp) groups of this pool (dp split into ``dp_replicate`` HSDP replicas), built
+    once per shape (new_group is collective)."""
+    key = (dp, cp, dp_replicate)
+    if key not in _GROUPS:
+        _GROUPS[key] = ParallelGroups.build(dp, cp, "cpu", dp_replicate=dp_replicate)
+    return _GROUPS[key]
 
 
 def make_model(depth: int, seed: int = 0, attention: str = "document") -> MTPModel:

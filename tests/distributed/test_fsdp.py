@@ -53,17 +53,18 @@ def test_fsdp_equals_single_process(rank_pool, dp, cp):
         assert r["local_numel"] <= total / (dp * cp) + 64 * len(ref["grads"]), r["local_numel"]
 
 
-def fsdp_step_footprint(dp: int) -> dict:
-    """One optimiser step on ``dp`` FSDP2 ranks: this rank's parameter + gradient + AdamW
-    bytes, and the collectives of the step by name and group."""
+def fsdp_step_footprint(dp: int, dp_replicate: int = 1) -> dict:
+    """One optimiser step on ``dp`` FSDP2 ranks (HSDP over ``dp_replicate`` replicas): this
+    rank's parameter + gradient + AdamW bytes, and the collectives of the step by name and
+    group."""
     from multitoken.parallel.comms import count_comms
 
-    g = groups(dp, 1)
+    g = groups(dp, 1, dp_replicate)
     depth = 2
     ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
     rows_per_rank = len(DP_ROWS) // dp
     rows = slice(rows_per_rank * g.dp_rank, rows_per_rank * (g.dp_rank + 1))
-    model = apply_fsdp(make_model(depth), g.dp_cp_mesh)
+    model = apply_fsdp(make_model(depth), g.fsdp_mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = StepBatch.build(
         ids[rows], labels[rows], SequenceLayout.from_lengths(DP_ROWS[rows]), depth, PAD
@@ -81,10 +82,14 @@ def fsdp_step_footprint(dp: int) -> dict:
     state = [v for s in optimizer.state.values() for v in s.values() if v.dim() > 0]
     footprint = sum(local_bytes(p) + local_bytes(p.grad) for p in model.parameters())
     footprint += sum(local_bytes(v) for v in state)
+    # By group name: the groups FSDP2 resolves from the mesh are ours, by name.
     named = {"dp_cp": g.dp_cp_group}
+    if dp_replicate > 1:
+        named.update(dp_replicate=g.dp_replicate_group, dp_shard=g.dp_shard_group)
+    names = {group.group_name: role for role, group in named.items()}
     calls = {}
     for r in log.records:
-        key = (r.name, next((k for k, v in named.items() if v is r.group), "other"))
+        key = (r.name, names.get(getattr(r.group, "group_name", r.group), "other"))
         calls[key] = calls.get(key, 0) + 1
     return dict(bytes=footprint, calls=calls)
 

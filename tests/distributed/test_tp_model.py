@@ -24,9 +24,16 @@ logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERR
 
 
 def expected_calls(
-    dp: int, cp: int, tp: int, depth: int, fsdp: bool = False, sp: bool = True
+    dp: int,
+    cp: int,
+    tp: int,
+    depth: int,
+    fsdp: bool = False,
+    sp: bool = True,
+    dp_replicate: int = 1,
 ) -> dict:
-    """Collectives of one step by (name, group role); n transformer layers, main and MTP."""
+    """Collectives of one step by (name, group role); n transformer layers, main and MTP.
+    Roles as :func:`tp_cases.group_roles` names them."""
     n = N_LAYERS + depth
     calls = {}
     if tp > 1 and sp:
@@ -57,9 +64,22 @@ def expected_calls(
         # With dp = 1 the DP x CP ranks are the CP ranks (see tp_cases.group_roles).
         role = "cp" if dp == 1 else "dp_cp"
         calls[("all_reduce", role)] = 1 if fsdp else 2  # normaliser (+ gradient sum)
-        if fsdp:  # every layer gathered forward and backward, the root once; one RS each
+        if fsdp and dp_replicate == 1:
+            # Every layer gathered forward and backward, the root once; one RS each.
             calls[("all_gather_single", role)] = 2 * n + 1
             calls[("reduce_scatter_single", role)] = n + 1
+        elif fsdp:
+            # HSDP: the same gathers and reduce-scatters on the shard dim (dp_shard x cp), none
+            # when it has one rank; then one all-reduce per unit across the replicas.
+            dp_shard = dp // dp_replicate
+            if dp_shard * cp > 1:
+                shard = "dp_shard" if cp == 1 else "cp" if dp_shard == 1 else "dp_shard_cp"
+                for name, count in (
+                    ("all_gather_single", 2 * n + 1),
+                    ("reduce_scatter_single", n + 1),
+                ):
+                    calls[(name, shard)] = calls.get((name, shard), 0) + count
+            calls[("all_reduce", "dp_replicate")] = n + 1
     return calls
 
 

@@ -32,14 +32,16 @@ from multitoken.train.step import compile_layers
 TP_VOCAB = 64
 N_LAYERS = 2
 
-_GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
+_GROUPS: dict[tuple[int, int, int, int], ParallelGroups] = {}
 
 
-def tp_groups(dp: int, cp: int, tp: int) -> ParallelGroups:
-    """The (dp, cp, tp) groups of this pool, built once per shape (new_group is collective)."""
-    if (dp, cp, tp) not in _GROUPS:
-        _GROUPS[(dp, cp, tp)] = ParallelGroups.build(dp, cp, "cpu", tp)
-    return _GROUPS[(dp, cp, tp)]
+def tp_groups(dp: int, cp: int, tp: int, dp_replicate: int = 1) -> ParallelGroups:
+    """The (dp, cp, tp) groups of this pool (dp split into ``dp_replicate`` HSDP replicas),
+    built once per shape (new_group is collective)."""
+    key = (dp, cp, tp, dp_replicate)
+    if key not in _GROUPS:
+        _GROUPS[key] = ParallelGroups.build(dp, cp, "cpu", tp, dp_replicate)
+    return _GROUPS[key]
 
 
 def make_tp_model(depth: int, seed: int = 0, tie: bool = True, **overrides) -> MTPModel:
@@ -76,12 +78,23 @@ def group_roles(g: ParallelGroups) -> dict[str, str]:
     torch compares device meshes by layout, not by group, so DTensor's caches may hand a step
     the equal TP mesh of another ``ParallelGroups`` built earlier in this pool (same ranks,
     another group object). With ``dp = 1`` the DP x CP ranks are the CP ranks: "cp".
+
+    Under HSDP the groups of the FSDP2 mesh are named exactly (by group name, before any
+    match by ranks): "dp_replicate" for the replicas' all-reduce, and for the shard dim
+    "dp_shard" (cp = 1), "dp_shard_cp" (flattened), or "cp" by its ranks (dp_shard = 1).
     """
     roles = {dist.group.WORLD.group_name: "WORLD"}
     for role in ("tp", "cp", "dp_cp"):
         group = getattr(g, f"{role}_group")
         if dist.get_world_size(group) > 1:
             roles.setdefault(tuple(dist.get_process_group_ranks(group)), role)
+    if g.fsdp_mesh.ndim == 2:
+        replicate, shard = g.fsdp_mesh.get_group(0), g.fsdp_mesh.get_group(1)
+        roles[replicate.group_name] = "dp_replicate"
+        if shard.group_name == g.dp_shard_group.group_name:
+            roles[shard.group_name] = "dp_shard"
+        elif shard.group_name != g.cp_group.group_name:
+            roles[shard.group_name] = "dp_shard_cp"
     return roles
 
 
@@ -117,16 +130,18 @@ def run_tp(
     tie: bool = True,
     sp: bool = True,
     compiled: bool = False,
+    dp_replicate: int = 1,
 ):
     """One counted step on every rank: TP (sequence-parallel when ``sp``), then CP hooks,
-    then (optionally) train.compile's per-layer compile, then (optionally) FSDP2."""
-    g = tp_groups(dp, cp, tp)
+    then (optionally) train.compile's per-layer compile, then (optionally) FSDP2 on the
+    groups' FSDP mesh (HSDP when ``dp_replicate > 1``)."""
+    g = tp_groups(dp, cp, tp, dp_replicate)
     model = apply_tp(make_tp_model(depth, tie=tie), g, sequence_parallel=sp)
     parallelize(model, g)
     if compiled:
         assert compile_layers(model, verbose=False)
     if fsdp:
-        apply_fsdp(model, g.dp_cp_mesh)
+        apply_fsdp(model, g.fsdp_mesh)
     roles = group_roles(g)
     with count_comms() as log:
         batch = _local_batch(g, rows, depth)

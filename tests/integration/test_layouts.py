@@ -1,4 +1,4 @@
-"""Tensor parallelism through the real command line: the same losses as one process.
+"""Tensor parallelism and HSDP through the real command line: the same losses as one process.
 
 (CP = 2, the fallback exchange and DP = 2 are compared in ``test_train_cli.py``.)
 """
@@ -51,6 +51,41 @@ def test_checkpoints_reshard_to_any_layout(tmp_path):
         run_cli(tmp_path, *heads, *saved, f"run.name={name}", "train.stop_after=3")
         run_cli(tmp_path, *heads, *resumed, f"run.name={name}", "train.resume=true")
         assert_same_records(train_records(tmp_path / name), whole)
+
+
+DP2 = ["parallel.cp=1", "parallel.dp=2"]
+HSDP = [*DP2, "parallel.dp_replicate=2"]  # two replicas of one shard each
+
+
+def resume_elsewhere(tmp_path, name: str, saved: list[str], resumed: list[str]) -> None:
+    """Steps 1-3 in the ``saved`` layout, 4-6 resumed from its checkpoint in ``resumed``: the
+    records of both equal the uninterrupted single process's."""
+    os.chdir(tmp_path)
+    run_cli(tmp_path, "parallel.cp=1", "run.name=whole")
+    run_cli(tmp_path, *saved, f"run.name={name}", "train.stop_after=3")
+    run_cli(tmp_path, *resumed, f"run.name={name}", "train.resume=true")
+    assert_same_records(train_records(tmp_path / name), train_records(tmp_path / "whole"))
+
+
+def test_hsdp_logs_the_same_losses_and_resumes_at_plain_dp(tmp_path):
+    """parallel.dp_replicate=2 at dp = 2 (HSDP) logs the losses of one process, and its
+    checkpoint resumes at plain dp = 2 (FSDP2 sharded over both ranks)."""
+    resume_elsewhere(tmp_path, "hsdp_to_dp2", HSDP, DP2)
+
+
+@pytest.mark.slow
+def test_plain_dp_checkpoint_resumes_under_hsdp(tmp_path):
+    """The other way (also checked without the command line in test_hsdp.py)."""
+    resume_elsewhere(tmp_path, "dp2_to_hsdp", DP2, HSDP)
+
+
+def test_dp_replicate_that_does_not_divide_dp_is_one_line(tmp_path):
+    os.chdir(tmp_path)
+    bad = ["parallel.cp=1", "parallel.dp=2", "parallel.dp_replicate=4", "run.name=bad"]
+    proc = run_cli(tmp_path, *bad, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: parallel.dp_replicate must divide parallel.dp=2")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

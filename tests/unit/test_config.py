@@ -47,6 +47,11 @@ def test_toml_round_trip(tmp_path):
         ),
         (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
+        (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1"),
+        (
+            ["parallel.dp=4", "parallel.dp_replicate=3"],
+            "parallel.dp_replicate must divide parallel.dp=4 .*choose among 1, 2, 4",
+        ),
         (["data.seq_len=2048"], "exceeds model.max_seq_len"),
         # Values that used to get past validation and crash (a traceback) or mislead later.
         (["train.log_every=0"], "train.log_every must be >= 1"),
@@ -104,6 +109,7 @@ def test_help_documents_every_field():
         "train.seed",
         "parallel.cp",
         "parallel.dp",
+        "parallel.dp_replicate",
         "run.name",
     ):
         line = next(line for line in text.splitlines() if line.strip().startswith(key + "="))

@@ -1,6 +1,6 @@
 """Context, tensor and data parallelism for MTP training on ``torch.distributed``.
 
-* :mod:`.mesh`: the ``(dp, cp, tp)`` mesh and its process groups.
+* :mod:`.mesh`: the ``(dp_replicate, dp_shard, cp, tp)`` mesh and its process groups.
 * :mod:`.plan`: the load-balanced split of a batch over the CP ranks.
 * :mod:`.halo`: the MTP halo of every chunk, and who owns it.
 * :mod:`.context`: CP shards with halos and the one-collective fallback exchange.
@@ -8,7 +8,7 @@
 * :mod:`.apply`: ``parallelize(model, groups)``: all-gather-KV attention.
 * :mod:`.tensor`: ``apply_tp(model, groups)``: tensor parallelism with DTensor.
 * :mod:`.vocab_loss`: the vocabulary-parallel chunked cross-entropy.
-* :mod:`.fsdp`: ``apply_fsdp(model, mesh)``: FSDP2 over the data x context-parallel ranks.
+* :mod:`.fsdp`: ``apply_fsdp(model, mesh)``: FSDP2 (or HSDP) over the data x context-parallel ranks.
 * :mod:`.grad_norm`: gradient clipping over parameters sharded on different meshes.
 """
 

@@ -14,9 +14,12 @@ Two choices specific to MTP:
   by the valid-target count of the whole global batch (DESIGN.md section 4), so the sum of
   the ranks' gradients is the gradient of the global loss.
 
-The mesh is the flattened data x context-parallel one (``ParallelGroups.dp_cp_mesh``): CP
-ranks hold different tokens of the same rows, so their gradients are summed exactly like DP
-ranks', and they share the parameter memory too.
+The mesh is ``ParallelGroups.fsdp_mesh``. By default it is the flattened data x
+context-parallel one (``dp_cp_mesh``): CP ranks hold different tokens of the same rows, so
+their gradients are summed exactly like DP ranks', and they share the parameter memory too.
+With ``parallel.dp_replicate > 1`` it is 2-D, ``(dp_replicate, dp_shard x cp)``, and FSDP2 runs
+HSDP: each replica group holds one sharded copy, gradients are reduce-scattered inside it
+(skipped when it has one rank) and then all-reduced across the replicas, both as plain sums.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def apply_fsdp(
 
     Args:
         model: the model, already on its device, with identical weights on every rank.
-        mesh: a 1-D mesh of the ranks whose gradients are summed (data x context parallel).
+        mesh: the ranks whose gradients are summed (data x context parallel): 1-D (FSDP,
+            shard over all of them) or 2-D ``(replicate, shard)`` (HSDP).
         param_dtype: compute dtype of the gathered parameters (bf16 on CUDA); None = the
             parameters' own. Gradients are reduced in fp32.
         reshard_after_forward: free every layer's gathered parameters after its forward
@@ -69,8 +73,11 @@ def apply_fsdp(
     Returns:
         The same module, now an ``FSDPModule``.
     """
-    if mesh.ndim != 1:
-        raise InputError(f"apply_fsdp takes a 1-D mesh, got {mesh.ndim} dimensions")
+    if mesh.ndim not in (1, 2):
+        raise InputError(
+            f"apply_fsdp takes a 1-D (FSDP) or 2-D (replicate, shard: HSDP) mesh, got "
+            f"{mesh.ndim} dimensions"
+        )
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # Under sequence parallelism the hidden states the root and the MTP depths return are
     # views (of the gathered final norms' DTensors); FSDP2 warns on every step that an
@@ -88,7 +95,8 @@ def apply_fsdp(
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum over ranks: each rank's loss is already divided by the global target count.
+            # Under HSDP the factor covers both the reduce-scatter and the replicas' all-reduce.
             module.set_gradient_divide_factor(1.0)
-            # A plain SUM (gloo has no PREMUL_SUM, and there is nothing to scale anyway).
+            # A plain SUM for both (gloo has no PREMUL_SUM, and there is nothing to scale).
             module.set_force_sum_reduction_for_comms(True)
     return model

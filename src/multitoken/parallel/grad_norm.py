@@ -5,8 +5,9 @@ the norms' gradients are plain tensors next to DTensor ones, and under FSDP2 + T
 TP-sharded weights live on the 2-D ``(dp_cp, tp)`` mesh while the others live on ``dp_cp``
 alone. Here each gradient contributes the squared sum of its *local* shard, summed over the
 mesh dims along which it is sharded (never over a dim where it is replicated: TP peers hold
-equal copies of a replicated weight's gradient). Gradients sharded the same way share one
-all-reduce per mesh dim.
+equal copies of a replicated weight's gradient, and so do the replicas of HSDP, whose
+gradients are ``(Replicate(), Shard(0))`` on the ``(dp_replicate, dp_shard x cp)`` mesh).
+Gradients sharded the same way share one all-reduce per mesh dim of more than one rank.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ __all__ = ["grad_norm", "clip_grad_norm"]
 
 
 def _shard_groups(grad: Tensor) -> tuple[dist.ProcessGroup, ...]:
-    """The groups of the mesh dims ``grad`` is sharded along (empty for a plain tensor)."""
+    """The groups of the mesh dims of more than one rank that ``grad`` is sharded along (empty
+    for a plain tensor)."""
     if not isinstance(grad, DTensor):
         return ()
     if any(placement.is_partial() for placement in grad.placements):
@@ -32,7 +34,7 @@ def _shard_groups(grad: Tensor) -> tuple[dist.ProcessGroup, ...]:
     return tuple(
         mesh.get_group(dim)
         for dim, placement in enumerate(grad.placements)
-        if not placement.is_replicate()
+        if not placement.is_replicate() and mesh.size(dim) > 1
     )
 
 

@@ -186,6 +186,10 @@ class ParallelSection:
 
     Attributes:
         dp: data-parallel ranks.
+        dp_replicate: HSDP: split the dp ranks into this many replicas of dp / dp_replicate
+            ranks each; FSDP2 shards parameters, gradients and optimiser state over the ranks
+            of one replica (times cp) and all-reduces gradients across replicas. Must divide
+            dp; 1 = shard over all dp * cp ranks. Same data and losses for every value.
         cp: context-parallel ranks (each row is sharded over them).
         lookahead: "halo" (MTP lookahead filled when sharding, no messages) or "exchange"
             (one collective per step from local shards).
@@ -196,6 +200,7 @@ class ParallelSection:
     """
 
     dp: int = 1
+    dp_replicate: int = 1
     cp: int = 2
     lookahead: str = "halo"
     tp: int = 1
@@ -205,6 +210,14 @@ class ParallelSection:
         require(
             [
                 (self.dp >= 1, "dp", "must be >= 1"),
+                (self.dp_replicate >= 1, "dp_replicate", "must be >= 1"),
+                (
+                    self.dp_replicate < 1 or self.dp % self.dp_replicate == 0,
+                    "dp_replicate",
+                    f"must divide parallel.dp={self.dp} (each replica shards over dp / "
+                    f"dp_replicate ranks; choose among "
+                    f"{', '.join(str(d) for d in range(1, self.dp + 1) if self.dp % d == 0)})",
+                ),
                 (self.cp >= 1, "cp", "must be >= 1"),
                 (self.tp >= 1, "tp", "must be >= 1"),
                 (

@@ -3,9 +3,9 @@
 A configuration can be valid and still not fit: ``model.dim=65536`` or
 ``model.max_seq_len=1e9`` used to fail deep inside an allocation (a traceback, or minutes of
 swapping first). :func:`memory_estimate` is a lower bound of what one rank allocates (model and
-optimiser state as if fully sharded over the ranks, the rotary table, one layer's attention
-scores, the activations kept for the backward), so a refusal is never a false alarm; a run that
-passes may still need more.
+optimiser state as if fully sharded over the ranks of one replica, the rotary table, one layer's
+attention scores, the activations kept for the backward), so a refusal is never a false alarm; a
+run that passes may still need more.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
     layers = model.n_layers + cfg.mtp.depth
     return {
         # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank
-        "model and optimiser state": 4 * _FP32 * params // world,
+        # of one replica (HSDP keeps parallel.dp_replicate copies)
+        "model and optimiser state": 4 * _FP32 * params * cfg.parallel.dp_replicate // world,
         "rotary table": model.max_seq_len * head_dim * _FP32,
         "attention scores of one layer": rows * model.n_heads * queries * cfg.data.seq_len * _FP32,
         "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers,

@@ -104,7 +104,7 @@ def setup_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
         )
     init_distributed()
     p = cfg.parallel
-    groups = ParallelGroups.build(p.dp, p.cp, device.type, p.tp)
+    groups = ParallelGroups.build(p.dp, p.cp, device.type, p.tp, p.dp_replicate)
     return Ranks(
         groups,
         dist.get_rank(),
@@ -163,7 +163,8 @@ def build_model(
     """The reference GPT with MTP, seeded by ``train.seed``, on ``device``, with parallelism
     applied from outside in torchtitan's order: tensor parallelism (DTensor), context
     parallelism (the K/V all-gather hooks), then ``train.compile`` (per layer), then FSDP2
-    over the data x context-parallel ranks (replaces a gradient all_reduce).
+    over the data x context-parallel ranks (replaces a gradient all_reduce), as HSDP on a
+    2-D mesh when ``parallel.dp_replicate > 1``.
     """
     torch.manual_seed(cfg.train.seed)
     if cfg.model.hf:  # a Hugging Face model: the same parallelism below, but no TP
@@ -180,7 +181,7 @@ def build_model(
     if cfg.train.compile:
         compile_layers(model, verbose=ranks.is_main)
     if ranks.token_world > 1:
-        apply_fsdp(model, ranks.groups.dp_cp_mesh)
+        apply_fsdp(model, ranks.groups.fsdp_mesh)
     return model
 
 
