@@ -10,7 +10,8 @@ from cp_cases import IGNORE, PACKED_ROWS, PAD, make_batch
 from test_cp_model import DP_ROWS
 from tp_cases import N_LAYERS, TP_VOCAB, make_tp_model, run_tp, tp_groups, tp_reference
 
-from multitoken import ConfigError, InputError, SequenceLayout
+from multitoken import ConfigError, InputError, MTPConfig, MTPModel, SequenceLayout
+from multitoken.models import GPTConfig
 from multitoken.parallel import apply_tp, exchange_halo, global_normalizer, shard_batch
 from multitoken.parallel.comms import count_comms
 
@@ -138,6 +139,28 @@ def test_compiled_layers_under_tp(pool2, sp):
     assert_matches(results, ref, f"compiled tp=2 sp={sp}")
     for r in results:  # compiling moves no collective
         assert r["calls"] == expected_calls(1, 1, 2, depth, sp=sp), r["calls"]
+
+
+def frozen_base_under_tp() -> tuple[list[str], list[str], list[str]]:
+    """mtp.freeze_base under sequence-parallel TP: SequenceParallel re-registers the norms'
+    weights (as parameters that require grad); the frozen ones must stay frozen."""
+    g = tp_groups(1, 1, dist.get_world_size())
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=TP_VOCAB, dim=32, n_layers=N_LAYERS, n_heads=8, n_kv_heads=4)
+    model = MTPModel.from_config(config, MTPConfig(depth=1, freeze_base=True), pad_id=PAD)
+    before = [name for name, p in model.named_parameters() if p.requires_grad]
+    apply_tp(model, g)
+    after = [name for name, p in model.named_parameters() if p.requires_grad]
+    ids = torch.randint(1, TP_VOCAB, (2, 16))
+    model.loss(ids, ids, SequenceLayout.from_lengths([[16], [16]])).loss.backward()
+    with_grad = [name for name, p in model.named_parameters() if p.grad is not None]
+    return before, after, with_grad
+
+
+def test_frozen_base_stays_frozen_under_sequence_parallelism(pool2):
+    for before, after, with_grad in pool2.run(frozen_base_under_tp):
+        assert after == before and with_grad == before, (before, after, with_grad)
+        assert before and not any(name.startswith("decoder.") for name in before), before
 
 
 def uneven_sequence() -> str:

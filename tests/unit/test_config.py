@@ -8,8 +8,13 @@ from multitoken.models import GPTConfig
 from multitoken.mtp import DepthLosses
 from multitoken.parallel import MetricSums
 from multitoken.train.config import ConfigError, TrainConfig, fixed_keys
-from multitoken.train.config_io import config_help, load_config, to_toml
-from multitoken.train.run_dir import check_resume_config, check_run_dir, clear_run_dir
+from multitoken.train.config_io import config_help, load_config, load_saved_config, to_toml
+from multitoken.train.run_dir import (
+    check_resume_config,
+    check_run_dir,
+    clear_run_dir,
+    is_run_folder,
+)
 from multitoken.train.step import lr_lambda
 
 
@@ -223,3 +228,18 @@ def test_metric_sums_are_reduced_on_the_training_device(monkeypatch):
     with pytest.raises(Reduced) as reduced:
         meter.reduce(group=object())
     assert reduced.value.args[0] == device
+
+
+def test_a_saved_run_is_read_whatever_its_layout(tmp_path):
+    """A run saved at a layout that a later check refuses (here tp 4 x cp 4 with 6 positions
+    per CP rank, which sequence parallelism cannot split) still reads for resume and decoding,
+    which may use any layout: its layout is reset to one process."""
+    layout = ["data.seq_len=24", "parallel.cp=4", "parallel.tp=4", "model.n_kv_heads=4"]
+    saved = load_config(None, [*layout, "parallel.sequence_parallel=false"])
+    text = to_toml(saved).replace("sequence_parallel = false\n", "")  # an older run's file
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(ConfigError, match="splits the 6 positions"):
+        load_config(str(tmp_path / "config.toml"))
+    cfg = load_saved_config(tmp_path / "config.toml")
+    assert (cfg.parallel.world, cfg.data.seq_len, cfg.model.n_kv_heads) == (1, 24, 4)
+    assert is_run_folder(tmp_path)

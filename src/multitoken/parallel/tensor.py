@@ -4,15 +4,13 @@ The torchtitan plan (``parallelize_module``) on the reference GPT and on every M
 
 * attention: ``wq``, ``wk``, ``wv`` column-wise (each rank computes ``n_heads / tp`` query and
   ``n_kv_heads / tp`` key/value heads, so grouped-query attention keeps its head mapping),
-  ``wo`` row-wise (its output all-reduced);
+  ``wo`` row-wise;
 * feed-forward: ``w1``, ``w3`` column-wise, ``w2`` row-wise;
 * the embedding vocabulary-parallel (row-wise over the vocabulary, output all-reduced), the
   untied head sharded by vocabulary rows too, and the loss a vocabulary-parallel chunked
   cross-entropy (:class:`~.vocab_loss.VocabParallelCrossEntropy`, set as
   ``MTPModel.cross_entropy``): no rank ever holds logits of the whole vocabulary;
-* each MTP depth's ``eh_proj`` column-wise with its output gathered back to the full width
-  and returned as a plain tensor (``use_local_output=True``: it is added to plain tensors in
-  the depth's layer).
+* each MTP depth's layer as the main layers, and its ``eh_proj`` split too (below).
 
 With **sequence parallelism** (the default) the activations between the attention and the
 feed-forward blocks are split by sequence over the TP ranks, so every norm and every residual
@@ -39,9 +37,11 @@ Without it (``sequence_parallel=False``): norms are replicated and the activatio
 blocks are plain, replicated tensors. Per transformer layer that is two all-reduces forward
 (``wo``, ``w2``) and two backward (the gradient of the attention's and the feed-forward's
 input: each module takes its input as one replicated DTensor, so ``wq``, ``wk`` and ``wv``
-sum their partial gradients before the single all-reduce). Both layouts keep context
-parallelism's K/V all-gather (on the local heads) and the MTP halos unchanged: attention
-always sees its rank's whole (CP-local) sequence.
+sum their partial gradients before the single all-reduce); each MTP depth's ``eh_proj`` is
+column-wise with its output gathered back to the full width as a plain tensor
+(``use_local_output=True``: it is added to plain tensors in the depth's layer). Both
+layouts keep context parallelism's K/V all-gather (on the local heads) and the MTP halos
+unchanged: attention always sees its rank's whole (CP-local) sequence.
 
 The model never imports ``torch.distributed``; this module rewrites it in place.
 """
@@ -161,14 +161,14 @@ def _sum_weight_gradients(norm: nn.Module) -> None:
     over TP (each rank saw its own positions): sum them there, one all-reduce per weight, so
     the gradient is the replicated full one (FSDP2 would do the same; plain TP needs it)."""
     for param in norm.parameters():
-        param.register_hook(_summed)
+        if param.requires_grad:  # a frozen norm (mtp.freeze_base) has no gradient
+            param.register_hook(_summed)
 
 
 def _gathered_norm(module: nn.Module, mesh) -> None:
     """``module`` (a norm) runs on sequence shards; its output is the full sequence again, as
     a plain tensor: one all-gather forward, a local slice of the gradient backward."""
     parallelize_module(module, mesh, SequenceParallel())
-    _sum_weight_gradients(module)
     gather = PrepareModuleOutput(
         output_layouts=SEQ, desired_output_layouts=Replicate(), use_local_output=True
     )
@@ -202,8 +202,9 @@ def apply_tp(model: nn.Module, groups, *, sequence_parallel: bool = True) -> nn.
         groups: a :class:`~multitoken.parallel.mesh.ParallelGroups` (``tp_mesh``, ``tp_group``,
             ``tp_size``).
         sequence_parallel: split the activations between blocks by sequence (see the module
-            docstring); every batch's sequence length must then divide by ``tp_size``
-            (an :class:`~multitoken.errors.InputError` before the first collective if not).
+            docstring); every batch's sequence length must then divide by ``tp_size`` (an
+            :class:`~multitoken.errors.InputError` on every rank when the model embeds a batch
+            that it does not, before the model's first collective).
 
     Raises:
         ConfigError: heads, key/value heads, feed-forward width or vocabulary not divisible
@@ -213,6 +214,9 @@ def apply_tp(model: nn.Module, groups, *, sequence_parallel: bool = True) -> nn.
     if tp_size == 1:
         return model
     check_tp(model, tp_size)
+    # SequenceParallel re-registers a norm's weight as a new Parameter, which requires grad:
+    # a frozen base (mtp.freeze_base) must stay frozen.
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     mesh = groups.tp_mesh
     decoder = model.decoder
     # Vocabulary-parallel embedding: each rank looks up the ids of its rows (zeros elsewhere),
@@ -221,14 +225,11 @@ def apply_tp(model: nn.Module, groups, *, sequence_parallel: bool = True) -> nn.
     if decoder.output is not None:
         # Never called as a module (the loss reads the weight): this only shards it by rows.
         head_plan["output"] = ColwiseParallel()
-    if sequence_parallel:  # every step embeds first: the check precedes any collective
+    if sequence_parallel:  # the model embeds first: the check precedes its collectives
         decoder.tok_embeddings.register_forward_pre_hook(_check_sequence(tp_size))
     parallelize_module(decoder, mesh, head_plan)
     for layer in tp_layers(model):
         parallelize_module(layer, mesh, _layer_plan(sequence_parallel))
-        if sequence_parallel:
-            _sum_weight_gradients(layer.attention_norm)
-            _sum_weight_gradients(layer.ffn_norm)
         # The projections now produce this rank's heads only.
         layer.attention.n_heads //= tp_size
         layer.attention.n_kv_heads //= tp_size
@@ -253,5 +254,16 @@ def apply_tp(model: nn.Module, groups, *, sequence_parallel: bool = True) -> nn.
                 # it to its residual stream, which stays plain and replicated.
                 eh_proj = ColwiseParallel(output_layouts=Replicate(), use_local_output=True)
                 parallelize_module(depth, mesh, {"eh_proj": eh_proj})
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if sequence_parallel:
+        norms = [
+            norm for layer in tp_layers(model) for norm in (layer.attention_norm, layer.ffn_norm)
+        ]
+        norms.append(decoder.norm)
+        norms += [] if model.mtp is None else [depth.final_norm for depth in model.mtp.depths]
+        for norm in norms:
+            _sum_weight_gradients(norm)
     model.cross_entropy = VocabParallelCrossEntropy(groups.tp_group)
     return model

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from multitoken.data import Tokenizer
 from multitoken.errors import CheckpointError, UserError
 from multitoken.model import MTPModel
-from multitoken.train.config_io import load_config
+from multitoken.train.config_io import load_saved_config
 from multitoken.train.faults import fault_point
 from multitoken.train.manifest import (
     read_manifest,
@@ -311,7 +311,7 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
             f"{run_dir} is not a run folder (no config.toml): train one with `multitoken train`"
         )
     try:
-        cfg = load_config(str(run_dir / "config.toml"))
+        cfg = load_saved_config(str(run_dir / "config.toml"))
     except UserError as err:
         raise CheckpointError(f"{run_dir} has an unreadable config.toml: {err}") from None
     if step:

@@ -356,7 +356,7 @@ class TrainConfig:
                 "the head and the embedding are split by vocabulary rows"
             )
         local = data.seq_len // parallel.cp  # positions per CP rank (cp divides seq_len)
-        if tp > 1 and parallel.sequence_parallel and local % tp:
+        if tp > 1 and parallel.sequence_parallel and not model.hf and local % tp:
             raise ConfigError(
                 f"parallel.sequence_parallel splits the {local} positions each CP rank holds "
                 f"(data.seq_len / parallel.cp) over parallel.tp={tp} ranks, which does not "

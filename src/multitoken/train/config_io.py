@@ -27,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["load_config", "config_from_dict", "config_help", "to_toml"]
+__all__ = ["load_config", "load_saved_config", "config_from_dict", "config_help", "to_toml"]
 
 
 def _sections() -> dict[str, type]:
@@ -127,6 +127,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     return config_from_dict(values, overrides)
+
+
+# A saved run is read for what it fixes (model, MTP, data, tokenizer), never for its layout.
+ONE_PROCESS = ["parallel.dp=1", "parallel.dp_replicate=1", "parallel.cp=1", "parallel.tp=1"]
+
+
+def load_saved_config(path: str | Path) -> TrainConfig:
+    """A run's own ``config.toml``, with its parallel layout reset to one process: a run
+    resumes and decodes at any layout, so the checks of the layout it was saved at (CP's
+    alignment, sequence parallelism's lengths, a TP split written before a new check) must not
+    make it unreadable."""
+    return load_config(path, ONE_PROCESS)
 
 
 def _field_docs(section_cls: type) -> dict[str, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from multitoken.data import Tokenizer
 from multitoken.errors import CheckpointError, ConfigError, UserError
 from multitoken.train.config import TrainConfig, fixed_keys
-from multitoken.train.config_io import load_config, to_toml
+from multitoken.train.config_io import load_saved_config, to_toml
 
 __all__ = [
     "RunLock",
@@ -144,7 +144,7 @@ def is_run_folder(run_dir: str | Path) -> bool:
     if not config.is_file() or config.is_symlink():
         return False
     try:
-        load_config(str(config))
+        load_saved_config(str(config))
     except UserError:
         return False
     return True
@@ -210,7 +210,7 @@ def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     if not saved_file.is_file():
         return
     try:
-        saved = load_config(str(saved_file))
+        saved = load_saved_config(str(saved_file))
     except UserError as err:
         raise CheckpointError(f"{saved_file} cannot be resumed: {err}") from None
     for key in fixed_keys(cfg):
