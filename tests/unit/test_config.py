@@ -243,3 +243,14 @@ def test_a_saved_run_is_read_whatever_its_layout(tmp_path):
     cfg = load_saved_config(tmp_path / "config.toml")
     assert (cfg.parallel.world, cfg.data.seq_len, cfg.model.n_kv_heads) == (1, 24, 4)
     assert is_run_folder(tmp_path)
+
+
+def test_the_memory_estimate_divides_what_tensor_parallelism_splits():
+    """A lower bound under TP too: heads, feed-forward and (SP) activations split over tp."""
+    from multitoken.train.preflight import memory_estimate
+
+    heads = ["parallel.cp=1", "model.n_heads=2", "model.n_kv_heads=2"]
+    one = memory_estimate(load_config(None, heads))
+    two = memory_estimate(load_config(None, [*heads, "parallel.tp=2"]))
+    for key in ("attention scores of one layer", "activations", "model and optimiser state"):
+        assert two[key] == one[key] // 2, key

@@ -41,13 +41,17 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
     rows = cfg.data.batch_size // cfg.parallel.dp
     queries = cfg.data.seq_len // cfg.parallel.cp
     layers = model.n_layers + cfg.mtp.depth
+    tp = cfg.parallel.tp
+    scores = rows * model.n_heads * queries * cfg.data.seq_len
     return {
         # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank
         # of one replica (HSDP keeps parallel.dp_replicate copies)
         "model and optimiser state": 4 * _FP32 * params * cfg.parallel.dp_replicate // world,
         "rotary table": model.max_seq_len * head_dim * _FP32,
-        "attention scores of one layer": rows * model.n_heads * queries * cfg.data.seq_len * _FP32,
-        "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers,
+        # TP splits the heads and the feed-forward (and, with sequence parallelism, the rest):
+        # dividing all of it by tp keeps this a lower bound
+        "attention scores of one layer": scores * _FP32 // tp,
+        "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers // tp,
     }
 
 
