@@ -7,6 +7,7 @@ truncated state file, 40 flipped bytes in tensor data, a deleted rank file) is d
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -23,7 +24,7 @@ from multitoken.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from multitoken.train.manifest import verify_checkpoint, write_manifest
+from multitoken.train.manifest import MANIFEST, hash_files, verify_checkpoint, write_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -148,3 +149,18 @@ def test_retention_keeps_the_newest(tmp_path):
     assert [n for n, _ in checkpoint_folders(tmp_path)] == [5, 4]
     assert not (tmp_path / "checkpoints" / "step_000007.partial").exists()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000005"
+
+
+def test_the_ranks_hash_disjoint_shares_that_make_the_whole_manifest(run):
+    """A save's ranks each hash every world-th file; merged, their shares are the manifest
+    one process writes by hashing everything."""
+    folder = run[0] / "checkpoints" / "step_000002"
+    whole = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).unlink()
+    shares = [hash_files(folder, rank, 3) for rank in range(3)]
+    names = [name for share in shares for name in share]
+    assert len(names) == len(set(names)) == len(whole["files"]) >= 3  # disjoint, complete
+    assert all(shares)  # every rank hashed something
+    write_manifest(folder, 2, 1, {k: v for share in shares for k, v in share.items()})
+    assert json.loads((folder / MANIFEST).read_text()) == whole
+    verify_checkpoint(folder)

@@ -6,13 +6,14 @@ Layout of a run::
     runs/<name>/checkpoints/step_000100/   .metadata, *.distcp, extra_rank<r>.json, manifest.json
     runs/<name>/checkpoints/latest         "step_000100"
 
-A save goes to ``step_N.partial``; after every rank has finished writing, rank 0 hashes the
-files into ``manifest.json`` and renames the folder to ``step_N``, so an interrupted save (a
-killed rank, a full disk) never leaves a folder that looks finished. Loading verifies a
-checkpoint against its manifest first (:func:`~multitoken.train.manifest.verify_checkpoint`)
-and reads nothing through an unrestricted unpickler (:mod:`multitoken.train.safe_load`);
-resume and ``generate`` skip a damaged checkpoint with a warning naming it and take the newest
-intact one. ``train.keep_checkpoints`` bounds how many are kept.
+A save goes to ``step_N.partial``; after every rank has finished writing, the ranks hash the
+files (a share each) and rank 0 writes them into ``manifest.json`` and renames the folder to
+``step_N``, so an interrupted save (a killed rank, a full disk) never leaves a folder that looks
+finished. Loading verifies a checkpoint against its manifest first
+(:func:`~multitoken.train.manifest.verify_checkpoint`) and reads nothing through an unrestricted
+unpickler (:mod:`multitoken.train.safe_load`); resume and ``generate`` skip a damaged checkpoint
+with a warning naming it and take the newest intact one. ``train.keep_checkpoints`` bounds how
+many are kept.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from multitoken.model import MTPModel
 from multitoken.train.config_io import load_saved_config
 from multitoken.train.faults import fault_point
 from multitoken.train.manifest import (
+    hash_files,
     read_manifest,
     state_file,
     verify_checkpoint,
@@ -135,8 +137,14 @@ def save_checkpoint(
     dump_state(partial / state_file(rank), extra)
     fault_point(f"save{step}")
     _barrier(group)
+    shares = [hash_files(partial, rank, world)]  # every rank hashes its share of the files
+    if group is not None:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(shares[0], gathered, group=group, group_dst=0)
+        shares = gathered
     if rank == 0:
-        write_manifest(partial, step, world)  # last: a folder with a manifest is finished
+        files = {name: entry for share in shares for name, entry in share.items()}
+        write_manifest(partial, step, world, files)  # last: a folder with one is finished
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)  # atomic: the checkpoint appears whole or not at all
         pointer = root / "latest.tmp"

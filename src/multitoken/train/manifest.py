@@ -1,13 +1,13 @@
 """A checkpoint's integrity manifest: every file with its size and SHA-256, written last.
 
-Rank 0 writes ``manifest.json`` into ``step_N.partial`` after every rank has finished writing,
-then renames the folder to ``step_N``: a checkpoint folder without a manifest is one whose save
-never finished. :func:`verify_checkpoint` checks a checkpoint before anything of it is loaded:
-the manifest lists exactly the files present (regular files, no links), with their sizes and
-hashes (a truncated shard, a flipped byte, a deleted rank file), the index (``.metadata``)
-parses without executing anything and points only at listed files, and every rank's state file
-reads back. It knows nothing of what the state dict holds, so it serves any model layout
-(replicated, FSDP2 shards, DTensor).
+After every rank has finished writing, each hashes its share of the files; rank 0 gathers the
+shares, writes ``manifest.json`` into ``step_N.partial`` and renames the folder to ``step_N``: a
+checkpoint folder without a manifest is one whose save never finished. :func:`verify_checkpoint`
+checks a checkpoint before anything of it is loaded: the manifest lists exactly the files
+present (regular files, no links), with their sizes and hashes (a truncated shard, a flipped
+byte, a deleted rank file), the index (``.metadata``) parses without executing anything and
+points only at listed files, and every rank's state file reads back. It knows nothing of what
+the state dict holds, so it serves any model layout (replicated, FSDP2 shards, DTensor).
 
 The manifest protects against damage, not against an attacker who can write the folder (they
 can rewrite the manifest); :mod:`multitoken.train.safe_load` is what keeps such a folder from
@@ -25,7 +25,14 @@ from pathlib import Path
 from multitoken.errors import CheckpointError
 from multitoken.train.safe_load import load_state, read_metadata
 
-__all__ = ["MANIFEST", "Manifest", "write_manifest", "read_manifest", "verify_checkpoint"]
+__all__ = [
+    "MANIFEST",
+    "Manifest",
+    "hash_files",
+    "write_manifest",
+    "read_manifest",
+    "verify_checkpoint",
+]
 
 MANIFEST = "manifest.json"
 _FORMAT = "multitoken-checkpoint/1"
@@ -58,13 +65,24 @@ def state_file(rank: int) -> str:
     return f"extra_rank{rank}.json"
 
 
-def write_manifest(folder: Path, step: int, world: int) -> None:
-    """Hash every file of a finished checkpoint folder and write its manifest (atomically)."""
+def hash_files(folder: Path, rank: int = 0, world: int = 1) -> dict[str, dict[str, int | str]]:
+    """Size and SHA-256 of this rank's share of a finished checkpoint folder's files: every
+    ``world``-th file from the ``rank``-th, in name order. The ranks of a save hash their
+    shares at once (rank 0 alone used to hash them all while the others waited)."""
     folder = Path(folder)
-    files = {
+    return {
         str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)}
-        for path in _listing(folder)
+        for path in _listing(folder)[rank::world]
     }
+
+
+def write_manifest(
+    folder: Path, step: int, world: int, files: dict[str, dict[str, int | str]] | None = None
+) -> None:
+    """Write a finished checkpoint folder's manifest (atomically) from ``files``, the ranks'
+    :func:`hash_files` shares merged (None: hash every file here)."""
+    folder = Path(folder)
+    files = hash_files(folder) if files is None else dict(sorted(files.items()))
     record = {"format": _FORMAT, "step": step, "world": world, "files": files}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
