@@ -164,3 +164,13 @@ def test_the_ranks_hash_disjoint_shares_that_make_the_whole_manifest(run):
     write_manifest(folder, 2, 1, {k: v for share in shares for k, v in share.items()})
     assert json.loads((folder / MANIFEST).read_text()) == whole
     verify_checkpoint(folder)
+
+
+def test_a_first_wave_checkpoint_is_named_as_such(run):
+    """multitoken 0.1 wrote no manifest and pickled its per-rank state: said so, not "damaged
+    by an unfinished save", and its pickle is never opened."""
+    folder = run[0] / "checkpoints" / "step_000002"
+    (folder / MANIFEST).unlink()
+    (folder / "extra_rank0.json").rename(folder / "extra_rank0.pt")
+    with pytest.raises(CheckpointError, match="written by multitoken 0.1 .* never loaded"):
+        verify_checkpoint(folder)

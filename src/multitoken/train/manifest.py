@@ -97,6 +97,12 @@ def read_manifest(folder: Path) -> Manifest:
     """
     path = Path(folder) / MANIFEST
     if not path.is_file() or path.is_symlink():
+        if (path.parent / "extra_rank0.pt").is_file():  # the pickled state of multitoken 0.1
+            raise CheckpointError(
+                f"{path.parent} was written by multitoken 0.1 (no {MANIFEST}, pickled "
+                "extra_rank*.pt state, which is never loaded: it could run code): start a new "
+                "run, or resume it with the version that wrote it"
+            )
         raise CheckpointError(f"{path.parent} has no {MANIFEST} (its save did not finish)")
     try:
         if path.stat().st_size > 64 << 20:
