@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import torch
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, get_error_handler
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from multitoken import errors
 from multitoken.errors import ConfigError, InputError, UserError
 from multitoken.generate import generate, teacher_forced_accuracy
 from multitoken.train.checkpoint import (
@@ -36,16 +29,14 @@ from multitoken.train.checkpoint import (
 )
 from multitoken.train.config_io import config_help, load_config
 from multitoken.train.data import prepare_data
-from multitoken.train.faults import LAUNCHER_PID_ENV
-from multitoken.train.lifecycle import STOP_SIGNALS, die_with_parent, exit_code, forward_sigusr1
+from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
+from multitoken.train.lifecycle import die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
 from multitoken.train.preflight import available_memory, check_memory, check_paths
-from multitoken.train.run_dir import OWNER_ENV, RunLock, check_resume_config, check_run_dir
+from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir
 from multitoken.train.trainer import train
 
 __all__ = ["main"]
-
-USAGE_ERROR = 2
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -69,93 +60,6 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", default=None, help="shorthand for data.path=PATH")
     return parser
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(cfg):
-    """What every launched rank runs (module level so that spawn can pickle it)."""
-    die_with_parent(int(os.environ[LAUNCHER_PID_ENV]))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    try:
-        last = train(cfg)
-    except UserError as err:
-        # The launcher prints it as its one error line (from the error file torch elastic
-        # reads back); exiting without a traceback keeps the rank's own output quiet.
-        get_error_handler().record_exception(err)
-        sys.exit(USAGE_ERROR)
-    if "stopped_by" in last:
-        # Stopped by a signal with its checkpoint written. Returning would wait for the
-        # launcher to collect the result, which a launcher that is shutting down never does.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code(last["stopped_by"]))
-    return last
-
-
-class RankFailed(Exception):
-    """A launched rank crashed (not bad input): the launch stops with its error."""
-
-
-def _message(failure) -> str:
-    message = failure.message
-    if isinstance(message, dict):  # the error file's structured form
-        message = message.get("message", "")
-    return str(message)
-
-
-def _rank_failure(err: ChildFailedError) -> Exception:
-    """The launcher's error for a failed launch: the rank's own UserError when it raised one
-    (the lowest rank's), else :class:`RankFailed` naming the first rank that failed."""
-    for _rank, failure in sorted(err.failures.items()):
-        name, _, text = _message(failure).partition(": ")
-        kind = getattr(errors, name, None)
-        if isinstance(kind, type) and issubclass(kind, UserError) and text:
-            return kind(text)
-    rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-    if isinstance(failure.message, dict):  # a bug keeps its traceback: the rank's, here
-        stack = failure.message.get("extraInfo", {}).get("py_callstack")
-        if stack:
-            print(f"rank {rank} traceback:\n{stack}", file=sys.stderr, end="", flush=True)
-    return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {_message(failure)}")
-
-
-def _launch(cfg, nproc: int) -> dict:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # The ranks' lock owner and watchdog target: this process.
-    os.environ[OWNER_ENV] = os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=uuid.uuid4().hex[:8],
-        rdzv_backend="static",
-        rdzv_configs={"rank": 0},
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-        max_restarts=0,
-        monitor_interval=0.2,
-        start_method="forkserver",  # measured: ~4 s faster to start than spawn
-    )
-    forward_sigusr1()
-    # Its log of a failed rank is a traceback of the agent's own polling; the launcher prints
-    # the rank's error instead (and a crashed rank has printed its traceback itself).
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
-    try:
-        return elastic_launch(launch, _rank_entry)(cfg)[0]
-    except SignalException as err:  # the agent has stopped the ranks with this signal
-        return {"stopped_by": int(err.sigval)}
-    except ChildFailedError as err:
-        codes = {failure.exitcode for failure in err.failures.values()}
-        if codes <= {exit_code(signum) for signum in STOP_SIGNALS}:  # a rank was signalled
-            return {"stopped_by": codes.pop() - 128}
-        raise _rank_failure(err) from None
-    finally:
-        for name in (OWNER_ENV, LAUNCHER_PID_ENV):
-            os.environ.pop(name, None)
 
 
 def _report_stop(cfg, signum: int) -> int:
@@ -206,7 +110,7 @@ def cmd_train(args) -> int:
             check_resume_possible(cfg.run_dir, cfg.train.resume)  # ... and there is one
         data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
         try:
-            last = train(cfg, data) if world == 1 else _launch(cfg, nproc)
+            last = train(cfg, data) if world == 1 else launch(cfg, nproc)
         except RankFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
