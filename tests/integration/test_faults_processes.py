@@ -135,6 +135,23 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(preempted, referenc
     assert_same_records(train_records(run), train_records(reference))
 
 
+def test_a_sigterm_to_the_whole_process_group_also_stops_with_a_checkpoint(fault_root, reference):
+    """What `timeout` or `kill -TERM -<pgid>` send: the launcher, its forkserver and every rank
+    get the SIGTERM at once. The forkserver used to die of it, the launcher then lost its ranks
+    and they were killed before saving (the newest checkpoint was the one before the signal)."""
+    env = {"MULTITOKEN_FAULT": "groupterm3:0"}
+    stopped = run_subprocess(
+        fault_root, "parallel.cp=2", "run.name=group_stopped", env=env, check=False,
+        start_new_session=True,  # the process group is the run's own
+    )  # fmt: skip
+    run = fault_root / "group_stopped"
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM: newest checkpoint" in stopped.stderr
+    assert latest_checkpoint(run).name == "step_000003"
+    run_subprocess(fault_root, "parallel.cp=2", "run.name=group_stopped", "train.resume=auto")
+    assert_same_records(train_records(run), train_records(reference))
+
+
 def test_a_rank_error_is_the_launchers_one_error_line(preempted, fault_root):
     # Another seed gives another tokenizer: rank 0 refuses before writing anything, the other
     # rank stops with it, and the launcher prints rank 0's message (not a traceback).

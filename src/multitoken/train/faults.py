@@ -2,7 +2,9 @@
 
 The failure tests run the real command line and need a fault at an exact place: a rank killed
 while it saves step 6 (``save6:1``), mid-step (``step5:0``), a non-finite loss at step 4
-(``nan4:0``), a SIGTERM to the launcher after step 3 (``sigterm3:0``). A fault fires only on
+(``nan4:0``), a SIGTERM to the launcher after step 3 (``sigterm3:0``), or to the launcher's
+whole process group (``groupterm3:0``, what ``timeout`` or ``kill -TERM -<pgid>`` do). A fault
+fires only on
 the first attempt of a run (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so a run that
 ``torchrun --max-restarts`` restarts gets past it. Unset (always, outside tests), every check
 is one dictionary lookup.
@@ -35,6 +37,10 @@ def fault_point(point: str) -> None:
     launcher (or this process, when it is its own launcher) a SIGTERM."""
     if fault_active(point):
         os.kill(os.getpid(), signal.SIGKILL)
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, os.getpid()))
     if point.startswith("step") and fault_active("sigterm" + point[4:]):
-        os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
+        os.kill(launcher, signal.SIGTERM)
         time.sleep(2)  # the launcher forwards it to every rank meanwhile: all stop together
+    if point.startswith("step") and fault_active("groupterm" + point[4:]):
+        os.killpg(os.getpgid(launcher), signal.SIGTERM)  # launcher, forkserver, every rank
+        time.sleep(2)

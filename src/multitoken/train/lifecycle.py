@@ -67,17 +67,23 @@ class StopSignals:
 
 
 def die_with_parent(launcher_pid: int | None = None) -> None:
-    """SIGKILL this process when the process that started it exits (a launched rank).
+    """SIGKILL this process when the process that started it exits (a launched rank); a
+    SIGTERM (a clean stop) when that is the forkserver of a ``launcher_pid`` still alive.
 
     Args:
         launcher_pid: also watch this process (our launcher, which is not the parent of a rank
             started from its forkserver: that forkserver outlives a SIGKILLed launcher).
     """
     parent = os.getppid()
+    # The parent of a rank our launcher started is its forkserver: a SIGTERM to the whole
+    # process group (`timeout`, `kill -TERM -<pgid>`, a scheduler) ends the forkserver at once,
+    # and a SIGKILL then would cut the ranks' own SIGTERM stop (finish the step, checkpoint).
+    # The launcher itself is watched below and still ends the ranks with a SIGKILL.
+    deathsig = signal.SIGTERM if launcher_pid else signal.SIGKILL
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, int(deathsig), 0, 0, 0)
         except (OSError, AttributeError):
             pass
     watched = launcher_pid or parent
