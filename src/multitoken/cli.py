@@ -99,8 +99,8 @@ def cmd_train(args) -> int:
     nproc = world if args.nproc is None else args.nproc
     if nproc != world:
         raise ConfigError(
-            f"--nproc {nproc} but parallel.dp * parallel.cp = {world}: set parallel.dp and "
-            f"parallel.cp so that their product is {nproc}"
+            f"--nproc {nproc} but parallel.dp * parallel.cp * parallel.tp = {world}: set "
+            f"parallel.dp, parallel.cp and parallel.tp so that their product is {nproc}"
         )
     _preflight(cfg, world)
     with RunLock(cfg.run_dir):  # held by this launcher for the whole run
@@ -109,6 +109,8 @@ def cmd_train(args) -> int:
             check_resume_config(cfg.run_dir, cfg)  # the checkpoint fits this model
             check_resume_possible(cfg.run_dir, cfg.train.resume)  # ... and there is one
         data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
+        if not cfg.model.hf:  # the tokenizer's vocabulary fits the model (and tp): or one line
+            cfg.model_config(data.tokenizer.vocab_size)
         try:
             last = train(cfg, data) if world == 1 else launch(cfg, nproc)
         except RankFailed as err:

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from test_train_cli import assert_same_records, run_cli, train_records
@@ -99,3 +102,30 @@ def test_compiled_tp_logs_the_same_losses(tmp_path):
     proc = run_cli(tmp_path, *heads, *compiled)
     assert "training eagerly" not in proc.stdout
     assert_same_records(train_records(tmp_path / "compiled"), train_records(tmp_path / "one"))
+
+
+def test_a_vocabulary_tp_does_not_divide_is_padded_by_model_vocab_size(tmp_path):
+    """A tokenizer of 401 tokens (odd: GPT-2's 50,257 is too) under tp 2: refused at once with
+    the fix, nothing written; with model.vocab_size=402 (a padding row, never a target) tp 2
+    logs the losses of one process with the same 402 rows, and decodes over the 401 tokens."""
+    os.chdir(tmp_path)
+    heads = ["model.n_heads=2", "model.n_kv_heads=2", "parallel.cp=1"]
+    refused = run_cli(tmp_path, *heads, "parallel.tp=2", "data.vocab_size=401", "run.name=x",
+                      check=False)  # fmt: skip
+    assert refused.returncode == 2 and "set data.vocab_size=402" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    run_cli(tmp_path, *heads, "data.vocab_size=401", "train.steps=1", "run.name=tok")
+    tokenizer = f"data.tokenizer={tmp_path / 'tok' / 'tokenizer.json'}"
+    refused = run_cli(tmp_path, *heads, tokenizer, "parallel.tp=2", "run.name=y", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "401 rows are not divisible by parallel.tp=2" in refused.stderr
+    assert "model.vocab_size=402" in refused.stderr and not (tmp_path / "y").exists()
+    padded = [*heads, tokenizer, "model.vocab_size=402"]
+    run_cli(tmp_path, *padded, "run.name=one")
+    run_cli(tmp_path, *padded, "parallel.tp=2", "run.name=tp2")
+    assert_same_records(train_records(tmp_path / "tp2"), train_records(tmp_path / "one"))
+    generate = [sys.executable, "-m", "multitoken", "generate", "--run", str(tmp_path / "tp2")]
+    proc = subprocess.run([*generate, "--prompt", "def f(", "--max-new-tokens", "8", "--json"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens"] == 8

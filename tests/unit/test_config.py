@@ -50,6 +50,10 @@ def test_toml_round_trip(tmp_path):
             ["data.seq_len=24", "parallel.cp=4", "parallel.tp=4", "model.n_kv_heads=4"],
             "splits the 6 positions .* parallel.tp=4 .* multiple of cp \\* tp = 16",
         ),
+        (
+            ["parallel.tp=2", "data.vocab_size=401", "model.n_kv_heads=2"],
+            "data.vocab_size=401 is not divisible by parallel.tp=2.*set data.vocab_size=402",
+        ),
         (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
         (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1"),

@@ -229,3 +229,18 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32():
     assert len(got) == len(list(model.parameters()))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in got.values())
     torch.testing.assert_close(out.depth_loss, ref.depth_loss.detach(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_dropping_padding_rows_keeps_the_logits_of_the_real_tokens(tie):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=12, dim=16, n_layers=1, n_heads=2, tie_embeddings=tie)
+    model = MTPModel.from_config(config, MTPConfig(depth=1))
+    ids = torch.randint(0, 10, (1, 6))
+    before = [h @ model.head_weight.t() for h in model(ids)]  # the main head and every depth
+    model.decoder.drop_padding_rows(10)
+    after = [h @ model.head_weight.t() for h in model(ids)]
+    assert model.decoder.vocab_size == model.decoder.config.vocab_size == 10
+    for full, kept in zip(before, after):
+        assert kept.shape[-1] == 10
+        torch.testing.assert_close(kept, full[..., :10])

@@ -271,6 +271,22 @@ class GPT(nn.Module):
                 x = layer(x, **layer_kwargs)
         return self.norm(x)
 
+    def drop_padding_rows(self, vocab_size: int) -> None:
+        """Keep the first ``vocab_size`` rows of the embedding and head, in place: a model
+        trained with a padded vocabulary (``model.vocab_size`` above the tokenizer's, e.g. a
+        multiple of the TP size) decodes over the tokenizer's tokens only."""
+        if not 0 < vocab_size <= self.vocab_size:
+            raise InputError(f"cannot keep {vocab_size} of {self.vocab_size} vocabulary rows")
+        with torch.no_grad():
+            for module in (self.tok_embeddings, self.output):
+                if module is not None:
+                    module.weight = nn.Parameter(module.weight[:vocab_size].clone())
+        self.tok_embeddings.num_embeddings = vocab_size
+        if self.output is not None:
+            self.output.out_features = vocab_size
+        self.vocab_size = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
+
     def make_mtp_layer(self, depth: int) -> Block:
         return Block(self.config)
 

@@ -343,4 +343,6 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
     state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}}
     _dcp_load(state, path, None)
     model.load_state_dict(state["model"], strict=not cfg.mtp.freeze_base)
+    if not cfg.model.hf and model.decoder.vocab_size > tokenizer.vocab_size:
+        model.decoder.drop_padding_rows(tokenizer.vocab_size)  # never a target: never sampled
     return model.eval(), tokenizer

@@ -292,14 +292,29 @@ class TrainConfig:
         return asdict(self)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        """The decoder's config with the tokenizer's vocabulary (``model.vocab_size = 0``)."""
-        if self.model.vocab_size and self.model.vocab_size != vocab_size:
+        """The decoder's config for a tokenizer of ``vocab_size`` tokens: ``model.vocab_size``
+        rows (0 = the tokenizer's; more pads the embedding and head with rows that are never a
+        target, e.g. to a multiple of ``parallel.tp``), checked before anything is written.
+
+        Raises:
+            ConfigError: fewer rows than tokens, or rows that ``parallel.tp`` does not divide.
+        """
+        rows = self.model.vocab_size or vocab_size
+        if rows < vocab_size:
             raise ConfigError(
-                f"is {self.model.vocab_size} but the tokenizer has {vocab_size} tokens: set "
-                "model.vocab_size=0 (the tokenizer's) or data.vocab_size",
+                f"is {rows} but the tokenizer has {vocab_size} tokens: set model.vocab_size=0 "
+                "(the tokenizer's), a larger one, or another data.vocab_size",
                 "model.vocab_size",
             )
-        return GPTConfig(**{**asdict(self.model), "vocab_size": vocab_size})
+        tp = self.parallel.tp
+        if rows % tp and not self.model.hf:
+            padded = -(-rows // tp) * tp
+            raise ConfigError(
+                f"the vocabulary's {rows} rows are not divisible by parallel.tp={tp} (the "
+                f"embedding and head are split by rows): set model.vocab_size={padded} (padding "
+                f"rows, never a target){'' if self.data.tokenizer else ' or data.vocab_size'}"
+            )
+        return GPTConfig(**{**asdict(self.model), "vocab_size": rows})
 
     def validate(self) -> None:
         """Checks across sections (each section checked itself when it was built)."""
@@ -350,10 +365,13 @@ class TrainConfig:
                     f"model.{key}={size} is not divisible by parallel.tp={tp}: every TP rank "
                     "computes an equal share of the heads and of the feed-forward width"
                 )
-        if model.vocab_size and model.vocab_size % tp:
+        rows = model.vocab_size or (0 if data.tokenizer else data.vocab_size)  # a BPE's size
+        if rows % tp and not model.hf:
+            padded = -(-rows // tp) * tp
+            key = "model.vocab_size" if model.vocab_size else "data.vocab_size"
             raise ConfigError(
-                f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp}: "
-                "the head and the embedding are split by vocabulary rows"
+                f"{key}={rows} is not divisible by parallel.tp={tp}: the head and the embedding "
+                f"are split by vocabulary rows: set {key}={padded}"
             )
         local = data.seq_len // parallel.cp  # positions per CP rank (cp divides seq_len)
         if tp > 1 and parallel.sequence_parallel and not model.hf and local % tp:

@@ -326,6 +326,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
             if data is None:
                 data = prepare_data(cfg, verbose=False, group=ranks.world_group)
             resuming = start >= 0
+            if not cfg.model.hf:  # the vocabulary fits the model and tp, before any write
+                cfg.model_config(data.tokenizer.vocab_size)
             _on_rank0(ranks, device, lambda: write_run_files(cfg, data.tokenizer, resuming) or 0)
             set_validation(cfg.train.check_inputs)
             trainer = _Trainer(cfg, data, ranks, device, signals)
