@@ -143,6 +143,17 @@ def test_resume_with_other_model_settings_is_an_error(workdir):
     assert proc.returncode == 2 and "data.seq_len=32" in proc.stderr, proc.stderr
 
 
+def assert_blames_a_killed_rank(stderr: str, rank: int) -> None:
+    """Torch elastic reports the killed rank, or the peer that lost its connection to it
+    first (timing): the launcher's line names the kill, or says that a peer ended first."""
+    error = [line for line in stderr.splitlines() if line.startswith("error: ")][-1]
+    assert (
+        f"error: rank {rank} " in error
+        and "was killed by SIGKILL" in error
+        or ("another rank ended first" in error and "out of memory?" in error)
+    ), error
+
+
 def test_killed_rank_leaves_the_last_complete_checkpoint_loadable(workdir):
     from multitoken.train.checkpoint import latest_checkpoint, load_for_inference
 
@@ -155,6 +166,7 @@ def test_killed_rank_leaves_the_last_complete_checkpoint_loadable(workdir):
         check=False,
     )
     assert proc.returncode != 0
+    assert_blames_a_killed_rank(proc.stderr, 1)
     run = workdir / "killed"
     assert (run / "checkpoints" / "step_000006.partial").is_dir()
     assert latest_checkpoint(run).name == "step_000003"
@@ -169,6 +181,7 @@ def test_killed_rank_leaves_the_last_complete_checkpoint_loadable(workdir):
         check=False,
     )
     assert proc.returncode != 0
+    assert_blames_a_killed_rank(proc.stderr, 0)
     assert latest_checkpoint(workdir / "killed2").name == "step_000003"
     # And the run resumes from it to the end.
     run_cli(workdir, "parallel.cp=2", "run.name=killed2", "train.resume=true")

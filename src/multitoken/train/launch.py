@@ -75,18 +75,35 @@ def _message(failure) -> str:
 
 def _rank_failure(err: ChildFailedError) -> Exception:
     """The launcher's error for a failed launch: the rank's own UserError when it raised one
-    (the lowest rank's), else :class:`RankFailed` naming the first rank that failed."""
+    (the lowest rank's), else :class:`RankFailed` naming a rank killed by a signal, or else the
+    first rank that failed."""
     for _rank, failure in sorted(err.failures.items()):
         name, _, text = _message(failure).partition(": ")
         kind = getattr(errors, name, None)
         if isinstance(kind, type) and issubclass(kind, UserError) and text:
             return kind(text)
+    killed = sorted(rank for rank, failure in err.failures.items() if failure.exitcode < 0)
+    if killed:  # the cause: the others then fail on its closed connections, sometimes first
+        rank, failure = killed[0], err.failures[killed[0]]
+        why = " (out of memory? see `dmesg`)" if failure.exitcode == -signal.SIGKILL else ""
+        return RankFailed(
+            f"rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}{why}; "
+            "the other ranks stopped after it"
+        )
     rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
     if isinstance(failure.message, dict):  # a bug keeps its traceback: the rank's, here
         stack = failure.message.get("extraInfo", {}).get("py_callstack")
         if stack:
             print(f"rank {rank} traceback:\n{stack}", file=sys.stderr, end="", flush=True)
-    return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {_message(failure)}")
+    message = _message(failure)
+    if "closed by peer" in message or "reset by peer" in message:
+        # Torch elastic reports one failed rank, often the one that saw a peer vanish rather
+        # than the peer (a rank SIGKILLed, out of memory: its own exit is not reported then).
+        message += (
+            " [another rank ended first and this one lost its connection to it: if no other "
+            "rank printed an error, it was killed (out of memory? see `dmesg`)]"
+        )
+    return RankFailed(f"rank {rank} (pid {failure.pid}) failed: {message}")
 
 
 def launch(cfg, nproc: int) -> dict:
