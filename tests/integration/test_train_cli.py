@@ -122,6 +122,8 @@ def test_stop_and_resume_logs_the_same_steps(workdir, reference):
     assert [r["step"] for r in train_records(workdir / "resumed")] == [1, 2, 3]
     run_cli(workdir, "parallel.cp=1", "run.name=resumed", "train.resume=true")
     assert_same_records(train_records(workdir / "resumed"), train_records(reference), rtol=1e-6)
+    again = run_cli(workdir, "parallel.cp=1", "run.name=resumed", "train.resume=true")
+    assert "nothing to train: step 6 reaches train.steps=6" in again.stdout, again.stdout
 
 
 def test_resume_with_other_model_settings_is_an_error(workdir):

@@ -68,7 +68,7 @@ def _coerce(key: str, raw: Any, kind: type, from_cli: bool) -> Any:
         if any(ord(c) < 32 for c in raw):
             raise ConfigError(f"{key} must not contain control characters (newlines, tabs)")
         return raw
-    name = getattr(kind, "__name__", str(kind))
+    name = "true or false" if kind is bool else getattr(kind, "__name__", str(kind))
     raise ConfigError(f"{key} must be {name}, got {raw!r}")
 
 

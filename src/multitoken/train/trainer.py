@@ -139,6 +139,13 @@ class _Trainer:
         self.skipped = extra.get("skipped", 0)
         if self.ranks.is_main:
             print(f"resuming {self.cfg.run_dir} from step {self.step} ({checkpoint.name})")
+            t = self.cfg.train
+            end = min(t.steps, t.stop_after or t.steps)
+            if self.step >= end:
+                key = (
+                    "train.stop_after" if t.stop_after and t.stop_after < t.steps else "train.steps"
+                )
+                print(f"nothing to train: step {self.step} reaches {key}={end}; raise it to go on")
 
     def forward(self, global_batch: dict[str, torch.Tensor], weight: float):
         cfg = self.cfg
