@@ -86,7 +86,7 @@ def _global_batch() -> dict[str, torch.Tensor]:
 def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
     """One step as the trainer takes it, on a (dp, cp) = (2, 2) pool."""
     g = groups(2, 2)
-    ranks = Ranks(g, dist.get_rank(), g.dp_rank, g.dp_size, g.cp_rank, g.cp_size)
+    ranks = Ranks(g)
     cfg = _config(folder, dp=2, cp=2, freeze_base=freeze_base)
     cpu = torch.device("cpu")
     model = build_model(cfg, 97, PAD, ranks, cpu)

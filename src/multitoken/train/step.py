@@ -46,19 +46,29 @@ __all__ = [
 ]
 
 
+def _coordinate(name: str, alone: int) -> property:
+    """A coordinate of :class:`Ranks`, read from its groups (``alone`` in one process)."""
+    return property(lambda self: alone if self.groups is None else getattr(self.groups, name))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the ``(dp, cp, tp)`` mesh; ``groups`` is None in a single
-    process."""
+    process. The coordinates are those of ``groups``, not copies."""
 
-    groups: ParallelGroups | None
-    rank: int = 0
-    dp_rank: int = 0
-    dp_size: int = 1
-    cp_rank: int = 0
-    cp_size: int = 1
-    tp_rank: int = 0
-    tp_size: int = 1
+    groups: ParallelGroups | None = None
+
+    dp_rank = _coordinate("dp_rank", 0)
+    dp_size = _coordinate("dp_size", 1)
+    cp_rank = _coordinate("cp_rank", 0)
+    cp_size = _coordinate("cp_size", 1)
+    tp_rank = _coordinate("tp_rank", 0)
+    tp_size = _coordinate("tp_size", 1)
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank."""
+        return 0 if self.groups is None else dist.get_rank()
 
     @property
     def world_group(self) -> dist.ProcessGroup | None:
@@ -105,16 +115,7 @@ def setup_ranks(cfg: TrainConfig, device: torch.device) -> Ranks:
     init_distributed()
     p = cfg.parallel
     groups = ParallelGroups.build(p.dp, p.cp, device.type, p.tp, p.dp_replicate)
-    return Ranks(
-        groups,
-        dist.get_rank(),
-        groups.dp_rank,
-        groups.dp_size,
-        groups.cp_rank,
-        groups.cp_size,
-        groups.tp_rank,
-        groups.tp_size,
-    )
+    return Ranks(groups)
 
 
 def prepare_step(
