@@ -52,7 +52,7 @@ def test_toml_round_trip(tmp_path):
         ),
         (
             ["parallel.tp=2", "data.vocab_size=401", "model.n_kv_heads=2"],
-            "data.vocab_size=401 is not divisible by parallel.tp=2.*set data.vocab_size=402",
+            "401 rows are not divisible by parallel.tp=2.*set data.vocab_size=402",
         ),
         (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
         (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),

@@ -306,15 +306,17 @@ class TrainConfig:
                 "(the tokenizer's), a larger one, or another data.vocab_size",
                 "model.vocab_size",
             )
+        self._check_rows_split(rows, "model.vocab_size")  # padding rows, never a target
+        return GPTConfig(**{**asdict(self.model), "vocab_size": rows})
+
+    def _check_rows_split(self, rows: int, key: str) -> None:
+        """TP splits the embedding and the head by rows: ``rows`` must divide by tp."""
         tp = self.parallel.tp
         if rows % tp and not self.model.hf:
-            padded = -(-rows // tp) * tp
             raise ConfigError(
                 f"the vocabulary's {rows} rows are not divisible by parallel.tp={tp} (the "
-                f"embedding and head are split by rows): set model.vocab_size={padded} (padding "
-                f"rows, never a target){'' if self.data.tokenizer else ' or data.vocab_size'}"
+                f"embedding and head are split by rows): set {key}={-(-rows // tp) * tp}"
             )
-        return GPTConfig(**{**asdict(self.model), "vocab_size": rows})
 
     def validate(self) -> None:
         """Checks across sections (each section checked itself when it was built)."""
@@ -366,13 +368,7 @@ class TrainConfig:
                     "computes an equal share of the heads and of the feed-forward width"
                 )
         rows = model.vocab_size or (0 if data.tokenizer else data.vocab_size)  # a BPE's size
-        if rows % tp and not model.hf:
-            padded = -(-rows // tp) * tp
-            key = "model.vocab_size" if model.vocab_size else "data.vocab_size"
-            raise ConfigError(
-                f"{key}={rows} is not divisible by parallel.tp={tp}: the head and the embedding "
-                f"are split by vocabulary rows: set {key}={padded}"
-            )
+        self._check_rows_split(rows, "model.vocab_size" if model.vocab_size else "data.vocab_size")
         local = data.seq_len // parallel.cp  # positions per CP rank (cp divides seq_len)
         if tp > 1 and parallel.sequence_parallel and not model.hf and local % tp:
             raise ConfigError(
