@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FIXED",
     "UserError",
     "ConfigError",
     "LayoutError",
@@ -81,6 +82,11 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """A run that cannot go on with its settings (its loss or gradients stay non-finite)."""
+
+
+# Field metadata of the config dataclasses: the fields that shape the weights (a run cannot be
+# resumed with other values; ``multitoken.train.config.fixed_keys`` reads it).
+FIXED = {"fixed_on_resume": True}
 
 
 def require(checks: list[tuple[bool, str, str]], config: object) -> None:

@@ -17,19 +17,17 @@ over depth k's valid targets divided by their count over every rank (:func:`dept
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from multitoken.errors import ConfigError, InputError
+from multitoken.errors import FIXED, ConfigError, InputError
 from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, linear_cross_entropy
 
 __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth_losses"]
 
-# Marks the fields that shape the weights: a run cannot be resumed with other values.
-FIXED = {"fixed_on_resume": True}
 # What the MTP depths predict: the data's tokens, or the decoder's own greedy next tokens.
 TARGETS = ("data", "base")
 
@@ -98,11 +96,6 @@ class MTPConfig:
         if self.loss_weight_final >= 0 and step > self.loss_weight_switch * total_steps:
             return self.loss_weight_final
         return self.loss_weight
-
-    @classmethod
-    def fixed_fields(cls) -> list[str]:
-        """Fields a run's weights depend on."""
-        return [f.name for f in fields(cls) if f.metadata.get("fixed_on_resume")]
 
 
 class MTPDepth(nn.Module):

@@ -10,7 +10,7 @@ the model a sharded layout and the layout of the gathered keys (:mod:`multitoken
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multitoken.errors import (
+    FIXED,
     ConfigError,
     InputError,
     check_in_range,
@@ -29,9 +30,6 @@ from multitoken.models.attention import ATTENTION_MODES, BACKENDS, Attention, At
 from multitoken.models.kv_cache import LayerKVCache
 
 __all__ = ["GPTConfig", "GPT", "Block", "PRESETS", "init_weights"]
-
-# Marks the fields that shape the weights: a run cannot be resumed with other values.
-FIXED = {"fixed_on_resume": True}
 
 
 @dataclass
@@ -122,11 +120,6 @@ class GPTConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(cls(**PRESETS[name]), **overrides)
-
-    @classmethod
-    def fixed_fields(cls) -> list[str]:
-        """Fields a run's weights depend on (see ``FIXED``)."""
-        return [f.name for f in fields(cls) if f.metadata.get("fixed_on_resume")]
 
 
 PRESETS: dict[str, dict] = {

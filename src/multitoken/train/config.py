@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from multitoken.errors import ConfigError, require
-from multitoken.models.gpt import FIXED, GPTConfig
+from multitoken.errors import FIXED, ConfigError, require
+from multitoken.models.gpt import GPTConfig
 from multitoken.mtp import MTPConfig
 
 __all__ = [
