@@ -85,7 +85,9 @@ def fsdp_step_footprint(dp: int, dp_replicate: int = 1) -> dict:
     # By group name: the groups FSDP2 resolves from the mesh are ours, by name.
     named = {"dp_cp": g.dp_cp_group}
     if dp_replicate > 1:
-        named.update(dp_replicate=g.dp_replicate_group, dp_shard=g.dp_shard_group)
+        named.update(
+            dp_replicate=g.mesh.get_group("dp_replicate"), dp_shard=g.mesh.get_group("dp_shard")
+        )
     names = {group.group_name: role for role, group in named.items()}
     calls = {}
     for r in log.records:

@@ -91,7 +91,7 @@ def group_roles(g: ParallelGroups) -> dict[str, str]:
     if g.fsdp_mesh.ndim == 2:
         replicate, shard = g.fsdp_mesh.get_group(0), g.fsdp_mesh.get_group(1)
         roles[replicate.group_name] = "dp_replicate"
-        if shard.group_name == g.dp_shard_group.group_name:
+        if shard.group_name == g.mesh.get_group("dp_shard").group_name:
             roles[shard.group_name] = "dp_shard"
         elif shard.group_name != g.cp_group.group_name:
             roles[shard.group_name] = "dp_shard_cp"

@@ -167,16 +167,14 @@ class ParallelGroups:
             the loss normaliser, the gradient sum (FSDP2's, on ``fsdp_mesh``: the same ranks)
             and the metrics reduce over it only (the ranks of a TP group hold the same tokens).
         dp_rank, dp_size, cp_rank, cp_size, tp_rank, tp_size: this rank's coordinates;
-            ``dp_rank = dp_replicate_rank * dp_shard_size + dp_shard_rank``.
+            ``dp_rank = replicate_rank * dp_shard + shard_rank`` (the ``dp_replicate`` and
+            ``dp_shard`` dims of ``mesh``, whose groups ``mesh.get_group(name)`` gives).
         dp_cp_mesh: a 1-D mesh over ``dp_cp_group``. Under tensor parallelism it is flattened
             from ``mesh``: FSDP2 composes with DTensor parameters only when both meshes come
             from one root.
         tp_mesh: the 1-D tensor-parallel mesh (``mesh["tp"]``).
         world_group: a dedicated group of every rank (checkpoints, data preparation: what
             every rank must join); ``dp_cp_group`` itself when ``tp = 1``.
-        dp_replicate_group, dp_shard_group: the groups of the two data-parallel mesh dims
-            (with ``dp_replicate = 1``, ``dp_shard_group`` is ``dp_group``).
-        dp_replicate_rank, dp_replicate_size, dp_shard_rank, dp_shard_size: their coordinates.
         fsdp_mesh: the mesh FSDP2 takes. With ``dp_replicate = 1`` it is ``dp_cp_mesh``:
             parameters sharded over every rank that holds different tokens (data and context
             parallel alike, as torchtitan does). Otherwise it is 2-D ``(dp_replicate,
@@ -198,12 +196,6 @@ class ParallelGroups:
     tp_size: int = 1
     tp_mesh: DeviceMesh | None = None
     world_group: dist.ProcessGroup | None = None
-    dp_replicate_group: dist.ProcessGroup | None = None
-    dp_shard_group: dist.ProcessGroup | None = None
-    dp_replicate_rank: int = 0
-    dp_replicate_size: int = 1
-    dp_shard_rank: int = 0
-    dp_shard_size: int = 1
     fsdp_mesh: DeviceMesh | None = None
 
     @classmethod
@@ -296,11 +288,5 @@ class ParallelGroups:
             tp_size=size["tp"],
             tp_mesh=root["tp"],
             world_group=own(dist.group.WORLD),
-            dp_replicate_group=group["dp_replicate"],
-            dp_shard_group=group["dp_shard"],
-            dp_replicate_rank=replicate_rank,
-            dp_replicate_size=size["dp_replicate"],
-            dp_shard_rank=shard_rank,
-            dp_shard_size=size["dp_shard"],
             fsdp_mesh=fsdp_mesh,
         )
