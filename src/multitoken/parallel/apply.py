@@ -20,7 +20,20 @@ from torch import Tensor, nn
 from multitoken.errors import InputError
 from multitoken.models.attention import Attention
 
-__all__ = ["parallelize", "SequenceGather", "gather_sequence"]
+__all__ = ["parallelize", "SequenceGather", "gather_sequence", "decoder_layers"]
+
+
+def decoder_layers(model: nn.Module, who: str) -> list[nn.Module]:
+    """``model.decoder.layers`` as a list: the main transformer layers that ``who`` (the
+    function applying a parallelism) rewrites, or one error saying the model has none."""
+    decoder = getattr(model, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise InputError(
+            f"{who} needs model.decoder.layers (an nn.ModuleList of transformer layers); "
+            f"{type(decoder).__name__} has none"
+        )
+    return list(layers)
 
 
 def _all_gather(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:

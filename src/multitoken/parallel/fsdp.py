@@ -32,24 +32,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from multitoken.errors import InputError
+from multitoken.parallel.apply import decoder_layers
 
 __all__ = ["apply_fsdp", "fsdp_units"]
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules that become their own FSDP2 unit: the decoder's layers, the MTP depths."""
-    decoder = getattr(model, "decoder", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise InputError(
-            f"apply_fsdp needs model.decoder.layers (an nn.ModuleList of transformer layers); "
-            f"{type(decoder).__name__} has none"
-        )
-    units = list(layers)
     mtp = getattr(model, "mtp", None)
-    if mtp is not None:
-        units += list(mtp.depths)
-    return units
+    return decoder_layers(model, "apply_fsdp") + ([] if mtp is None else list(mtp.depths))
 
 
 def apply_fsdp(
@@ -83,11 +74,12 @@ def apply_fsdp(
     # views (of the gathered final norms' DTensors); FSDP2 warns on every step that an
     # in-place op on such a view would skip its hook. Nothing writes into them (the next depth
     # and the loss only read them): silence that one warning, for these modules only.
-    names = "|".join(sorted({type(m).__name__ for m in (model, *fsdp_units(model))}))
+    units = fsdp_units(model)
+    names = "|".join(sorted({type(m).__name__ for m in (model, *units)}))
     warnings.filterwarnings(
         "ignore", message=rf"FSDP2-wrapped module \(FSDP({names})\) returned a view tensor"
     )
-    for unit in fsdp_units(model):
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root keeps the shared embedding and head unsharded through forward and backward.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -61,6 +61,7 @@ from torch.distributed.tensor.parallel import (
 
 from multitoken.errors import ConfigError, InputError
 from multitoken.models.attention import Attention
+from multitoken.parallel.apply import decoder_layers
 from multitoken.parallel.vocab_loss import VocabParallelCrossEntropy
 
 __all__ = ["apply_tp", "check_tp", "tp_layers"]
@@ -68,15 +69,9 @@ __all__ = ["apply_tp", "check_tp", "tp_layers"]
 
 def tp_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer layers to shard: the decoder's, then every MTP depth's."""
-    decoder = getattr(model, "decoder", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise InputError(
-            f"apply_tp needs model.decoder.layers (an nn.ModuleList of transformer layers); "
-            f"{type(decoder).__name__} has none"
-        )
     mtp = getattr(model, "mtp", None)
-    return list(layers) + ([] if mtp is None else [depth.layer for depth in mtp.depths])
+    depths = [] if mtp is None else [depth.layer for depth in mtp.depths]
+    return decoder_layers(model, "apply_tp") + depths
 
 
 def check_tp(model: nn.Module, tp_size: int) -> None:
