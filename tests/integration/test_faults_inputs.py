@@ -4,6 +4,7 @@ everything was checked. In-process runs of the command line (one rank)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -131,9 +132,11 @@ def test_generate_bad_arguments(reference, args, message):
 
 def test_generate_nothing_from_a_one_token_prompt(reference):
     code, out, err = cli(
-        "generate", "--run", str(reference), "--prompt", "x", "--max-new-tokens", "0"
+        "generate", "--run", str(reference), "--prompt", "x", "--max-new-tokens", "0", "--json"
     )
     assert code == 0 and "Traceback" not in err, err
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["tokens"] == 0 and record["token_ids"] == [] and record["text"] == ""
 
 
 def test_nproc_zero_is_refused():

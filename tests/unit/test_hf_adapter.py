@@ -10,6 +10,7 @@ import transformers  # noqa: F401  (make setup installs the [hf] extra; fail lou
 from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
 from multitoken.hf.tiny import ARCHITECTURES, save_tiny, tiny_model
+from multitoken.hf.weights import read_tensors
 
 DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
 
@@ -230,13 +231,20 @@ def test_a_pickled_weight_file_is_never_loaded(tmp_path, monkeypatch):
     """A handed-over folder's pytorch_model.bin (a pickle) is never unpickled: refused when it
     is the only weight file, ignored (safetensors read) when both are there."""
     folder = save_tiny("llama", tmp_path / "both")
-    torch.save(tiny_model("llama", seed=0).state_dict(), folder / "pytorch_model.bin")
+    other = tiny_model("llama", seed=1).state_dict()  # weights the .bin alone holds
+    torch.save(other, folder / "pytorch_model.bin")
 
     def no_unpickling(*args, **kwargs):
         raise AssertionError("torch.load was called on a file from a model folder")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    HFDecoder.from_pretrained(folder)  # reads model.safetensors only
+    loaded = HFDecoder.from_pretrained(folder).model.state_dict()  # model.safetensors only
+    saved = read_tensors(folder)
+    for name, value in loaded.items():
+        key = next(k for k in (name, f"model.{name}") if k in saved)
+        assert torch.equal(value, saved[key]), name
+    embed = next(name for name in loaded if name.endswith("embed_tokens.weight"))
+    assert not torch.equal(loaded[embed], other[f"model.{embed.removeprefix('model.')}"])
     (folder / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="has no \\*.safetensors weights"):
         HFDecoder.from_pretrained(folder)

@@ -192,4 +192,7 @@ def test_qwen3_next_holds_one_depth():
 def test_load_mtp_weights_without_mtp_keys_is_a_no_op(tmp_path):
     folder = save_tiny("qwen2", tmp_path / "m")
     model = MTPModel(HFDecoder.from_pretrained(folder), MTPConfig(depth=1))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
     assert load_mtp_weights(model, folder) is None
+    after = model.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
