@@ -6,13 +6,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from test_train_cli import TINY  # the same tiny run: checkpoints at steps 3 and 6
 
 from multitoken.cli import main
@@ -54,19 +52,6 @@ def assert_one_error(code: int, stderr: str, message: str) -> None:
     assert "Traceback" not in stderr, stderr
     lines = error_lines(stderr)
     assert len(lines) == 1 and message in lines[0], stderr
-
-
-def train_records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if '"split": "val"' not in line]
-
-
-def assert_same_records(a: list[dict], b: list[dict], rtol: float = 1e-5) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "loss_main"):
-            assert ra[key] == pytest.approx(rb[key], rel=rtol), (ra["step"], key)
-        assert ra["loss_mtp"] == pytest.approx(rb["loss_mtp"], rel=rtol), ra["step"]
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 import torch
-from fault_tools import assert_one_error, assert_same_records, cli, train_cli, train_records
+from fault_tools import assert_one_error, cli, train_cli
+from test_train_cli import assert_same_records, train_records
 
 from multitoken.train.checkpoint import checkpoint_folders, load_for_inference
 from multitoken.train.manifest import read_manifest, write_manifest

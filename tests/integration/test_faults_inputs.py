@@ -8,7 +8,8 @@ import json
 import shutil
 
 import pytest
-from fault_tools import TINY, assert_one_error, cli, train_cli, train_records, tree
+from fault_tools import TINY, assert_one_error, cli, train_cli, tree
+from test_train_cli import train_records
 
 
 @pytest.mark.parametrize(

@@ -15,15 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fault_tools import (
-    TINY,
-    assert_one_error,
-    assert_same_records,
-    run_subprocess,
-    train_cli,
-    train_records,
-    tree,
-)
+from fault_tools import TINY, assert_one_error, run_subprocess, train_cli, tree
+from test_train_cli import assert_same_records, train_records
 
 from multitoken.train.checkpoint import latest_checkpoint
 from multitoken.train.run_dir import RunLock
