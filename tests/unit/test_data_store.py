@@ -194,3 +194,21 @@ def test_every_format_gives_the_tokens_of_the_text_folder(tokenizer, corpus_dir,
         store = build_store(open_source(path), tokenizer, tmp_path / path.suffix, **settings)
         assert np.array_equal(store.split("train").tokens, expected.split("train").tokens)
         assert np.array_equal(store.split("train").offsets, expected.split("train").offsets)
+
+
+def test_only_the_first_reader_after_preparation_hashes_the_store(monkeypatch):
+    """Rank 0 hashes the token store ("full") unless the launcher has just prepared it for
+    its ranks; every other reader checks sizes only (it used to be hashed twice per start)."""
+    from multitoken.train import data as train_data
+    from multitoken.train.config_io import load_config
+
+    seen = []
+    monkeypatch.setattr(train_data, "build_store", lambda *a, **k: seen.append(k["verify"]))
+    monkeypatch.setattr(train_data, "_workers", lambda cfg, source: 1)
+    cfg = load_config(None, [])
+    monkeypatch.delenv(train_data.DATA_CHECKED_ENV, raising=False)
+    for rank in (0, 1):
+        train_data._store(cfg, None, None, rank, False)
+    monkeypatch.setenv(train_data.DATA_CHECKED_ENV, "1")
+    train_data._store(cfg, None, None, 0, False)
+    assert seen == ["full", "size", "size"]

@@ -37,6 +37,9 @@ from multitoken.train.config import TrainConfig, alignment
 
 __all__ = ["PreparedData", "prepare_data", "check_data_path", "data_source"]
 
+# Set by the launcher for its ranks: it has just prepared (built or fully checked) the data.
+DATA_CHECKED_ENV = "MULTITOKEN_DATA_CHECKED"
+
 # Below this much input, one process with the tokenizer's own threads is as fast as workers.
 _WORKERS_FROM_BYTES = 100_000_000
 
@@ -141,8 +144,9 @@ def _store(cfg: TrainConfig, source: Source, tokenizer: Tokenizer, rank: int, ve
         val_fraction=cfg.data.val_fraction,
         seed=cfg.train.seed,
         workers=_workers(cfg, source),
-        # Rank 0 has just built or checked the store; the others only check sizes.
-        verify=cfg.data.verify if rank == 0 else "size",
+        # Whoever built or fully checked the store just now (rank 0, or the launcher before
+        # it started the ranks) hashes it; every other reader checks file sizes only.
+        verify=cfg.data.verify if rank == 0 and not os.environ.get(DATA_CHECKED_ENV) else "size",
         verbose=verbose,
     )
 

@@ -25,6 +25,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from multitoken import errors
 from multitoken.errors import UserError
+from multitoken.train.data import DATA_CHECKED_ENV
 from multitoken.train.faults import LAUNCHER_PID_ENV
 from multitoken.train.lifecycle import STOP_SIGNALS, die_with_parent, exit_code, forward_sigusr1
 from multitoken.train.run_dir import OWNER_ENV
@@ -110,6 +111,7 @@ def launch(cfg, nproc: int) -> dict:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # The ranks' lock owner and watchdog target: this process.
     os.environ[OWNER_ENV] = os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ[DATA_CHECKED_ENV] = "1"  # prepare_data ran here: the ranks need not hash it again
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -139,5 +141,5 @@ def launch(cfg, nproc: int) -> dict:
             return {"stopped_by": codes.pop() - 128}
         raise _rank_failure(err) from None
     finally:
-        for name in (OWNER_ENV, LAUNCHER_PID_ENV):
+        for name in (OWNER_ENV, LAUNCHER_PID_ENV, DATA_CHECKED_ENV):
             os.environ.pop(name, None)
