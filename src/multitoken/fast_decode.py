@@ -72,10 +72,8 @@ def _main_step(
 ) -> Tensor:
     """``h^0 [1, T, H]`` of ``ids [1, T]`` at positions ``input_pos [T]``."""
     kwargs = _layer_kwargs(decoder, input_pos, keys[0].shape[2])
-    x = decoder.embed(ids)  # (1, T, H)
-    for layer, k, v in zip(decoder.layers, keys, values):
-        x = layer(x, **kwargs, cache=_StaticCache(k, v, input_pos))
-    return decoder.norm(x)
+    caches = [_StaticCache(k, v, input_pos) for k, v in zip(keys, values)]
+    return decoder.hidden(ids, kwargs, caches=caches)
 
 
 def _depth_step(
