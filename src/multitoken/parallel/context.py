@@ -86,10 +86,15 @@ class CPShard:
     def has_halo(self) -> bool:
         return self.halo_ids is not None
 
-    def with_halo(self, halo_ids: Tensor, halo_labels: Tensor) -> CPShard:
-        """This shard with its halos and the MTP inputs and targets computed from them."""
+    def with_halo(
+        self, halo_ids: Tensor, halo_labels: Tensor, valid: Tensor | None = None
+    ) -> CPShard:
+        """This shard with its halos and the MTP inputs and targets computed from them
+        (``valid``: the halo slots that hold a value, ``halo_targets(...).valid``, when the
+        caller has it already)."""
         plan, depth = self.plan, self.depth
-        valid = halo_targets(plan, self.cp_rank, depth).valid
+        if valid is None:
+            valid = halo_targets(plan, self.cp_rank, depth).valid
         index = HaloIndex.build(plan, self.cp_rank, depth, valid)
         shifts = list(range(1, depth + 1))
         return replace(
@@ -239,6 +244,7 @@ def shard_batch(
     return shard.with_halo(
         halo_from_global(input_ids, targets, pad_id),
         halo_from_global(labels, targets, ignore_index),
+        targets.valid,
     )
 
 
