@@ -29,7 +29,7 @@ from multitoken.decoder import Decoder
 from multitoken.errors import InputError
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
-from multitoken.loss import linear_cross_entropy
+from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, _chunk_rows, linear_cross_entropy
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
@@ -183,7 +183,13 @@ def step_loss(
                 "mtp.targets=base needs the whole rows (the greedy token i + k may live on "
                 "another CP rank): use parallel.cp=1"
             )
-        depth_labels = base_targets(hidden_states[0], model.head_weight, depth_labels, ignore_index)
+        depth_labels = base_targets(
+            hidden_states[0],
+            model.head_weight,
+            depth_labels,
+            ignore_index,
+            model.config.loss_chunk_elements,
+        )
     return depth_losses(
         hidden_states,
         model.head_weight,
@@ -197,7 +203,11 @@ def step_loss(
 
 
 def base_targets(
-    h0: Tensor, head_weight: Tensor, depth_labels: Tensor, ignore_index: int = IGNORE_INDEX
+    h0: Tensor,
+    head_weight: Tensor,
+    depth_labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> Tensor:
     """Self-distillation targets: depth k learns the decoder's own greedy next tokens.
 
@@ -211,13 +221,17 @@ def base_targets(
         head_weight: ``[V, H]`` the output head.
         depth_labels: ``[D + 1, B, T]`` data targets.
         ignore_index: the "no target" label.
+        chunk_elements: at most this many logits exist at once (the loss's bound).
 
     Returns:
         ``[D + 1, B, T]`` targets.
     """
     with torch.no_grad():
-        # One row at a time: the [T, V] logits of a row, never the whole batch's.
-        greedy = torch.stack([(row @ head_weight.t()).argmax(-1) for row in h0])  # (B, T)
+        # Chunks of tokens, as the loss walks them: never a row's [T, V] logits at once.
+        flat = h0.reshape(-1, h0.shape[-1])
+        rows = _chunk_rows(head_weight.shape[0], chunk_elements)
+        parts = [(part @ head_weight.t()).argmax(-1) for part in flat.split(rows)]
+        greedy = torch.cat(parts).view(h0.shape[:-1])  # (B, T)
     out = depth_labels.clone()
     for k in range(1, depth_labels.shape[0]):
         shifted = torch.full_like(greedy, ignore_index)

@@ -244,3 +244,21 @@ def test_dropping_padding_rows_keeps_the_logits_of_the_real_tokens(tie):
     for full, kept in zip(before, after):
         assert kept.shape[-1] == 10
         torch.testing.assert_close(kept, full[..., :10])
+
+
+def test_base_targets_in_chunks_are_the_greedy_tokens():
+    """mtp.targets=base walks the tokens in loss-sized chunks (never a row's [T, V] logits):
+    any chunk size gives every token's argmax, shifted per depth inside the documents."""
+    from multitoken.model import base_targets
+
+    torch.manual_seed(0)
+    h0, weight = torch.randn(2, 7, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (3, 2, 7))
+    labels[1, :, 5:] = labels[2, :, 4:] = -100
+    greedy = (h0 @ weight.t()).argmax(-1)
+    for chunk_elements in (11, 33, 10_000):  # 1 token, 3 tokens, everything at once
+        out = base_targets(h0, weight, labels, -100, chunk_elements)
+        assert torch.equal(out[0], labels[0])
+        for k in (1, 2):
+            want = torch.where(labels[k] != -100, torch.roll(greedy, -k, 1), labels[k])
+            assert torch.equal(out[k], want), (chunk_elements, k)
