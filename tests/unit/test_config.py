@@ -88,6 +88,9 @@ def test_toml_round_trip(tmp_path):
         (["model.n_heads=3"], "model.n_heads must split dim=128 into heads of an even size"),
         (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
         (["data.max_files=-3"], "data.max_files must be >= 0"),
+        (["data.tokenizer_sample_mb=0"], "data.tokenizer_sample_mb must be >= 1"),
+        (["data.workers=-1"], "data.workers must be >= 0"),
+        (["data.verify=md5"], 'data.verify must be "size" or "full"'),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -91,6 +91,9 @@ class DataSection:
                 (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
                 (self.align >= 0, "align", "must be >= 0 (0 = 8)"),
                 (self.max_doc_mb >= 0, "max_doc_mb", "must be >= 0 (0 = no limit)"),
+                (self.tokenizer_sample_mb >= 1, "tokenizer_sample_mb", "must be >= 1"),
+                (self.workers >= 0, "workers", "must be >= 0 (0 = automatic)"),
+                (self.verify in ("size", "full"), "verify", 'must be "size" or "full"'),
             ],
             self,
         )

@@ -97,10 +97,6 @@ def _tokenizer(cfg: TrainConfig, source: Source, verbose: bool) -> Tokenizer:
         return hf_tokenizer(cfg)
     if cfg.data.tokenizer:
         return Tokenizer.load(cfg.data.tokenizer)
-    if cfg.data.tokenizer_sample_mb < 1:
-        raise DataError(
-            f"data.tokenizer_sample_mb must be >= 1, got {cfg.data.tokenizer_sample_mb}"
-        )
     if next(iter(source), None) is None:  # before training on nothing
         raise DataError(empty_corpus_message(source))
     key = f"{source.fingerprint()}|sample={cfg.data.tokenizer_sample_mb}MB|"
@@ -115,8 +111,6 @@ def _tokenizer(cfg: TrainConfig, source: Source, verbose: bool) -> Tokenizer:
 
 
 def _workers(cfg: TrainConfig, source: Source) -> int:
-    if cfg.data.workers < 0:
-        raise DataError(f"data.workers must be >= 0 (0 = automatic), got {cfg.data.workers}")
     if cfg.data.workers:
         return cfg.data.workers
     if source.format in ("hf", "hf_disk") or source.total_bytes < _WORKERS_FROM_BYTES:
