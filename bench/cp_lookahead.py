@@ -45,8 +45,8 @@ from _common import (  # noqa: E402
 )
 from multitoken import next_token_labels  # noqa: E402
 from multitoken.parallel import ParallelGroups, exchange_halo, shard_batch  # noqa: E402
-from multitoken.parallel.comms import count_comms  # noqa: E402
 from multitoken.parallel.halo import halo_from_global, halo_targets  # noqa: E402
+from multitoken.testing.comms import count_comms  # noqa: E402
 
 PAD, IGNORE, VOCAB = 0, -100, 32000
 WAYS = ("halo", "exchange", "roll")

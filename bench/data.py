@@ -32,7 +32,7 @@ from pathlib import Path
 
 from _common import base_parser, emit_json, environment, print_table
 from multitoken.data import PackedLoader, build_store, open_source, train_tokenizer
-from multitoken.data.synthetic import write_synthetic_jsonl
+from multitoken.testing.synthetic import write_synthetic_jsonl
 from multitoken.train.config import alignment
 from multitoken.train.config_io import load_config
 from multitoken.train.data import prepare_data

@@ -28,7 +28,7 @@ from _common import (
 from multitoken import MTPConfig, MTPModel, SequenceLayout, next_token_labels
 from multitoken.batch import StepBatch
 from multitoken.hf import HFDecoder, init_mtp_weights
-from multitoken.model import step_loss
+from multitoken.mtp_model import step_loss
 
 
 def llama(quick: bool, seed: int) -> LlamaForCausalLM:

@@ -65,7 +65,7 @@ from _common import (  # noqa: E402
 from multitoken import MTPConfig, SequenceLayout, next_token_labels, step_loss  # noqa: E402
 from multitoken.models import GPTConfig  # noqa: E402
 from multitoken.parallel import clip_grad_norm  # noqa: E402
-from multitoken.parallel.comms import count_comms  # noqa: E402
+from multitoken.testing.comms import count_comms  # noqa: E402
 from multitoken.train.config import DataSection, ParallelSection, TrainConfig  # noqa: E402
 from multitoken.train.step import (  # noqa: E402
     build_model,

@@ -54,8 +54,8 @@ from _common import (
 )
 from multitoken import MTPConfig, MTPModel, next_token_labels
 from multitoken.data import load_corpus, split_corpus, stdlib_corpus
-from multitoken.decode_state import DecodeState
-from multitoken.generate import GenerationStats, generate, teacher_forced_accuracy
+from multitoken.decoding.generate import GenerationStats, generate, teacher_forced_accuracy
+from multitoken.decoding.state import DecodeState
 from multitoken.models import GPT, GPTConfig
 from multitoken.train.checkpoint import load_for_inference
 from multitoken.train.config_io import load_config
@@ -158,7 +158,7 @@ def hf_model_of(model: MTPModel, eos_id: int | None):
 
 def hf_generate(hf_model, prompt: list[int], max_new: int, eos_id, static: bool):
     """transformers' greedy ``generate`` (dynamic cache, or its static cache), as a Generation."""
-    from multitoken.generate import Generation
+    from multitoken.decoding.generate import Generation
 
     ids = torch.tensor([prompt])
     kwargs = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=eos_id, pad_token_id=0)

@@ -13,8 +13,8 @@ from multitoken.errors import (
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead, mtp_inputs, next_token_labels
 from multitoken.loss import LossStats, linear_cross_entropy
-from multitoken.model import MTPModel, step_loss
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
+from multitoken.mtp_model import MTPModel, step_loss
 
 __all__ = [
     "SequenceLayout",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from multitoken.decoding.generate import generate, teacher_forced_accuracy
 from multitoken.errors import ConfigError, InputError, UserError
-from multitoken.generate import generate, teacher_forced_accuracy
 from multitoken.train.checkpoint import (
     check_resume_possible,
     checkpoint_folders,
@@ -151,7 +151,7 @@ def cmd_generate(args) -> int:
 
     Raises:
         InputError: ``--speculative`` with a model trained without MTP heads, and the other
-            errors of :func:`~multitoken.generate.generate`.
+            errors of :func:`~multitoken.decoding.generate.generate`.
     """
     run_dir, prompt, max_new_tokens = args.run, args.prompt, args.max_new_tokens
     speculative, draft_depth, temperature = args.speculative, args.draft_depth, args.temperature

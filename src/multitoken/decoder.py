@@ -8,7 +8,7 @@ under context parallelism), and the output-head weight. :class:`Decoder` is that
 
 The reference :class:`~multitoken.models.GPT` implements it; an adapter for a Hugging Face
 model implements it the same way. :class:`~multitoken.mtp.MultiTokenPredictor`,
-:class:`~multitoken.model.MTPModel`, the loss, context parallelism and decoding use nothing
+:class:`~multitoken.mtp_model.MTPModel`, the loss, context parallelism and decoding use nothing
 else, so they work on any decoder that does.
 """
 
@@ -47,7 +47,7 @@ class Decoder(Protocol):
         max_seq_len: the longest position the decoder's rotary table (or equivalent) covers.
         num_layers: main layers (one :class:`KVCache` each when decoding).
 
-    Example (what :class:`~multitoken.model.MTPModel` does with a decoder)::
+    Example (what :class:`~multitoken.mtp_model.MTPModel` does with a decoder)::
 
         kwargs = decoder.layer_kwargs(layout)                    # rotary tables, mask
         h0 = decoder.hidden(input_ids, kwargs)                   # (B, T, H), after the norm

@@ -9,8 +9,8 @@ from cp_cases import IGNORE, PAD, cp_step, groups, make_batch, make_model
 
 from multitoken import mtp_inputs
 from multitoken.parallel import exchange_halo, parallelize, shard_batch
-from multitoken.parallel.comms import count_comms
 from multitoken.parallel.halo import exchange_values
+from multitoken.testing.comms import count_comms
 
 
 def random_rows(seed: int, seqlen: int = 48, rows: int = 2) -> list[list[int]]:

@@ -57,7 +57,7 @@ def fsdp_step_footprint(dp: int, dp_replicate: int = 1) -> dict:
     """One optimiser step on ``dp`` FSDP2 ranks (HSDP over ``dp_replicate`` replicas): this
     rank's parameter + gradient + AdamW bytes, and the collectives of the step by name and
     group."""
-    from multitoken.parallel.comms import count_comms
+    from multitoken.testing.comms import count_comms
 
     g = groups(dp, 1, dp_replicate)
     depth = 2

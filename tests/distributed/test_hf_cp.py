@@ -18,10 +18,10 @@ from test_cp_model import DP_ROWS, assert_matches
 
 from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
-from multitoken.hf.tiny import save_tiny, tiny_model
-from multitoken.hf.train import build_hf_model, hf_tokenizer
 from multitoken.parallel import parallelize, shard_batch
+from multitoken.testing.tiny_hf import save_tiny, tiny_model
 from multitoken.train.config_io import load_config
+from multitoken.train.hf import build_hf_model, hf_tokenizer
 from multitoken.train.step import Ranks, build_model, prepare_step
 
 RTOL, ATOL = 1e-5, 1e-6

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tp_cases import tp_groups
 
 from multitoken.parallel import VocabParallelCrossEntropy
-from multitoken.parallel.comms import count_comms
+from multitoken.testing.comms import count_comms
 
 RTOL, ATOL = 1e-5, 1e-6
 TOKENS, HIDDEN, VOCAB = 37, 8, 256

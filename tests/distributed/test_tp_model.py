@@ -13,7 +13,7 @@ from tp_cases import N_LAYERS, TP_VOCAB, make_tp_model, run_tp, tp_groups, tp_re
 from multitoken import ConfigError, InputError, MTPConfig, MTPModel, SequenceLayout
 from multitoken.models import GPTConfig
 from multitoken.parallel import apply_tp, exchange_halo, global_normalizer, shard_batch
-from multitoken.parallel.comms import count_comms
+from multitoken.testing.comms import count_comms
 
 RTOL, ATOL = 1e-5, 1e-6
 # (tp, cp): every layout of the grid.

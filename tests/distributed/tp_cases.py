@@ -25,7 +25,7 @@ from multitoken.parallel import (
     shard_batch,
     sync_gradients,
 )
-from multitoken.parallel.comms import count_comms
+from multitoken.testing.comms import count_comms
 from multitoken.train.step import compile_layers
 
 # 64 tokens, 8 query and 4 key/value heads, a feed-forward of 128: tp in {1, 2, 4} splits all.

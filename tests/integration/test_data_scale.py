@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from multitoken.data import open_store
-from multitoken.data.synthetic import write_synthetic_jsonl
+from multitoken.testing.synthetic import write_synthetic_jsonl
 
 PROBE = Path(__file__).with_name("data_probe.py")
 # Stated bounds (README "Data"): preparation's peak RSS, main process and each worker.

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from multitoken.errors import CheckpointError
-from multitoken.model import MTPModel
 from multitoken.models import GPTConfig
 from multitoken.mtp import MTPConfig
+from multitoken.mtp_model import MTPModel
 from multitoken.train.checkpoint import (
     checkpoint_folders,
     latest_checkpoint,

@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from multitoken.errors import CheckpointError
-from multitoken.model import MTPModel
 from multitoken.models import GPTConfig
 from multitoken.mtp import MTPConfig
+from multitoken.mtp_model import MTPModel
 from multitoken.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from multitoken.train.manifest import write_manifest
 from multitoken.train.safe_load import (

@@ -5,9 +5,9 @@ import torch
 from test_generate import make_model, naive_greedy, trained  # noqa: F401  (fixture)
 
 from multitoken import InputError
-from multitoken.decode_state import DecodeState
-from multitoken.fast_decode import StaticDecodeState
-from multitoken.generate import generate
+from multitoken.decoding.generate import generate
+from multitoken.decoding.state import DecodeState
+from multitoken.decoding.static import StaticDecodeState
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

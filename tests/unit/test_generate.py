@@ -13,8 +13,8 @@ import torch
 
 import multitoken.cli
 from multitoken import InputError, MTPConfig, MTPModel, lookahead, next_token_labels
-from multitoken.decode_state import DecodeState, decode_layer_kwargs
-from multitoken.generate import fit_prompt, generate, teacher_forced_accuracy
+from multitoken.decoding.generate import fit_prompt, generate, teacher_forced_accuracy
+from multitoken.decoding.state import DecodeState, decode_layer_kwargs
 from multitoken.models import GPTConfig, LayerKVCache
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from multitoken import MTPConfig, MTPModel
-from multitoken.generate import accept_drafts, generate
+from multitoken.decoding.generate import accept_drafts, generate
 from multitoken.models import GPTConfig
 
 

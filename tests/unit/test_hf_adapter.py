@@ -9,8 +9,8 @@ import transformers  # noqa: F401  (make setup installs the [hf] extra; fail lou
 
 from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
-from multitoken.hf.tiny import ARCHITECTURES, save_tiny, tiny_model
 from multitoken.hf.weights import read_tensors
+from multitoken.testing.tiny_hf import ARCHITECTURES, save_tiny, tiny_model
 
 DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
 
@@ -203,7 +203,7 @@ def test_trap_num_items_in_batch_gradient_accumulation_is_exact():
     params = inspect.signature(MTPModel.forward).parameters.values()
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     from multitoken.batch import StepBatch
-    from multitoken.model import step_loss
+    from multitoken.mtp_model import step_loss
 
     model = hf_mtp_model("qwen3", 2)
     ids, layout = packed_batch()

@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 from multitoken import MTPConfig, MTPModel
 from multitoken.errors import CheckpointError
 from multitoken.hf import HFDecoder, init_mtp_weights
-from multitoken.hf.tiny import save_tiny, tiny_model
 from multitoken.hf.weights import (
     load_hf_mtp_model,
     load_mtp_weights,
@@ -18,6 +17,7 @@ from multitoken.hf.weights import (
     read_tensors,
     save_pretrained,
 )
+from multitoken.testing.tiny_hf import save_tiny, tiny_model
 
 L = 2  # layers of the tiny models
 H = 32

@@ -8,8 +8,8 @@ import transformers  # noqa: F401  (make setup installs the [hf] extra; fail lou
 from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
 from multitoken.batch import StepBatch
 from multitoken.hf import HFDecoder, init_mtp_weights
-from multitoken.hf.tiny import tiny_model
-from multitoken.model import step_loss
+from multitoken.mtp_model import step_loss
+from multitoken.testing.tiny_hf import tiny_model
 
 LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "multitoken"
-CORE = ("multitoken.models", "multitoken.model", "multitoken.mtp", "multitoken.loss")
+CORE = ("multitoken.models", "multitoken.mtp_model", "multitoken.mtp", "multitoken.loss")
 UPPER = ("multitoken.parallel", "multitoken.train", "multitoken.cli", "multitoken.data")
 
 
@@ -25,7 +25,7 @@ def _loaded_after_import(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("module", [*CORE, "multitoken", "multitoken.generate"])
+@pytest.mark.parametrize("module", [*CORE, "multitoken", "multitoken.decoding.generate"])
 def test_core_and_decoding_load_no_upper_layer(module):
     loaded = _loaded_after_import(module)
     assert module in loaded
@@ -96,6 +96,6 @@ def test_cycle_finder_finds_a_cycle():
 def test_core_modules_import_no_upper_layer_statically():
     graph = _graph()
     core = [m for m in graph if m.startswith(CORE) or m in ("multitoken.layout",)]
-    for module in core + ["multitoken.generate", "multitoken.decode_state"]:
+    for module in core + ["multitoken.decoding.generate", "multitoken.decoding.state"]:
         upper = sorted(m for m in graph[module] if m.startswith(UPPER))
         assert not upper, f"{module} imports {upper}"

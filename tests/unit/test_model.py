@@ -249,7 +249,7 @@ def test_dropping_padding_rows_keeps_the_logits_of_the_real_tokens(tie):
 def test_base_targets_in_chunks_are_the_greedy_tokens():
     """mtp.targets=base walks the tokens in loss-sized chunks (never a row's [T, V] logits):
     any chunk size gives every token's argmax, shifted per depth inside the documents."""
-    from multitoken.model import base_targets
+    from multitoken.mtp_model import base_targets
 
     torch.manual_seed(0)
     h0, weight = torch.randn(2, 7, 8), torch.randn(11, 8)

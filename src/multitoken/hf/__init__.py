@@ -2,8 +2,9 @@
 
 * :class:`HFDecoder`: any supported transformers causal LM as a
   :class:`~multitoken.decoder.Decoder`, packing-exact (:mod:`multitoken.hf.adapter`).
-* :func:`load_hf_mtp_model`: a local HF folder to an :class:`~multitoken.model.MTPModel`, with the
-  MTP weights the folder carries in a released format (:mod:`multitoken.hf.formats`).
+* :func:`load_hf_mtp_model`: a local HF folder to an
+  :class:`~multitoken.mtp_model.MTPModel`, with the MTP weights the folder carries in a
+  released format (:mod:`multitoken.hf.formats`).
 * :func:`export_run`: a multitoken run to an HF folder that transformers loads
   (:mod:`multitoken.hf.export`).
 """

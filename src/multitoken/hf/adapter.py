@@ -283,7 +283,7 @@ def _check_model(model: nn.Module) -> None:
 
 
 def init_mtp_weights(model: nn.Module, std: float | None = None) -> None:
-    """Initialise the MTP depths of an :class:`~multitoken.model.MTPModel` on an HF decoder.
+    """Initialise the MTP depths of an :class:`~multitoken.mtp_model.MTPModel` on an HF decoder.
 
     Matrices ~ Normal(0, std) (default: the model's ``initializer_range``, as transformers
     initialises its own layers), biases 0, norms as constructed. The backbone is untouched.

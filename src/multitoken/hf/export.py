@@ -28,8 +28,8 @@ from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder
 from multitoken.hf.formats import FORMATS, to_format
 from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
-from multitoken.model import MTPModel
 from multitoken.models.gpt import GPT
+from multitoken.mtp_model import MTPModel
 
 __all__ = ["export_model", "llama_config", "llama_model", "llama_state_dict", "DEFAULT_FORMAT"]
 

@@ -21,8 +21,8 @@ from transformers.utils import logging as hf_logging
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
 from multitoken.hf.formats import CONFIG_KEYS, detect_format, from_format, to_format
-from multitoken.model import MTPModel
 from multitoken.mtp import MTPConfig
+from multitoken.mtp_model import MTPModel
 
 __all__ = [
     "read_tensors",

@@ -127,8 +127,8 @@ class Attention(nn.Module):
     values ``[2, B, Hkv, T_local, d]`` to those of the whole row (sequence dim 3), and the
     :class:`AttentionMask` carries the matching key layout. The model never talks to other ranks.
 
-    ``cache`` is the incremental-decoding hook (:mod:`multitoken.generate`): the new rotated keys
-    and values are appended to a :class:`~multitoken.models.kv_cache.LayerKVCache` and the
+    ``cache`` is the incremental-decoding hook (:mod:`multitoken.decoding`): the new rotated
+    keys and values are appended to a :class:`~multitoken.models.kv_cache.LayerKVCache` and the
     queries attend over everything it holds; the mask then carries the cached key layout.
     """
 

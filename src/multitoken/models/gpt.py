@@ -3,7 +3,7 @@
 :class:`GPT` implements the :class:`~multitoken.decoder.Decoder` interface and nothing more: it
 maps token ids to the final normed hidden state ``h^0``. The MTP depths
 (:class:`~multitoken.mtp.MultiTokenPredictor`) and the loss sit on top of it
-(:class:`~multitoken.model.MTPModel`). No ``torch.distributed`` here: context parallelism hands
+(:class:`~multitoken.mtp_model.MTPModel`). No ``torch.distributed`` here: context parallelism hands
 the model a sharded layout and the layout of the gathered keys (:mod:`multitoken.parallel`).
 """
 

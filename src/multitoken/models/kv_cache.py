@@ -3,7 +3,7 @@
 A :class:`LayerKVCache` is a preallocated (static) buffer of one attention layer's rotated
 keys and values; :meth:`LayerKVCache.truncate` rolls it back and zeroes what it drops, so a
 rejected speculative draft leaves no trace. The decoding driver that owns one cache per layer
-is :class:`multitoken.decode_state.DecodeState`.
+is :class:`multitoken.decoding.state.DecodeState`.
 """
 
 from __future__ import annotations

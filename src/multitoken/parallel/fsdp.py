@@ -9,7 +9,7 @@ Two choices specific to MTP:
 
 * The shared embedding and output head live in the **root** unit, whose parameters FSDP2 keeps
   unsharded from the forward through the backward: every MTP depth reads the embedding, and
-  the loss reads the head after the forward returns (:func:`~multitoken.model.step_loss`).
+  the loss reads the head after the forward returns (:func:`~multitoken.mtp_model.step_loss`).
 * Gradients are **summed**, not averaged, over the mesh: every rank's loss is already divided
   by the valid-target count of the whole global batch (DESIGN.md section 4), so the sum of
   the ranks' gradients is the gradient of the global loss.
@@ -50,7 +50,7 @@ def apply_fsdp(
     param_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
-    """Shard ``model`` (an :class:`~multitoken.model.MTPModel`) over ``mesh`` in place.
+    """Shard ``model`` (an :class:`~multitoken.mtp_model.MTPModel`) over ``mesh`` in place.
 
     Args:
         model: the model, already on its device, with identical weights on every rank.

@@ -185,7 +185,7 @@ def _check_sequence(tp_size: int):
 
 
 def apply_tp(model: nn.Module, groups, *, sequence_parallel: bool = True) -> nn.Module:
-    """Apply tensor parallelism to ``model`` (an :class:`~multitoken.model.MTPModel` on the
+    """Apply tensor parallelism to ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on the
     reference GPT) in place over ``groups.tp_mesh`` and return it; ``tp_size == 1`` is a no-op.
 
     Apply it first, then context parallelism (:func:`~multitoken.parallel.parallelize`), then

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from multitoken.data import Tokenizer
 from multitoken.errors import CheckpointError, UserError
-from multitoken.model import MTPModel
+from multitoken.mtp_model import MTPModel
 from multitoken.train.config_io import load_saved_config
 from multitoken.train.faults import fault_point
 from multitoken.train.manifest import (
@@ -330,7 +330,7 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
     if path is None:
         raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}")
     if cfg.model.hf:  # a Hugging Face model: its folder and tokenizer
-        from multitoken.hf.train import hf_model_and_tokenizer  # optional extra: only when used
+        from multitoken.train.hf import hf_model_and_tokenizer  # optional extra: only when used
 
         model, tokenizer = hf_model_and_tokenizer(cfg)
     else:

@@ -92,7 +92,7 @@ def _train_sample(source: Source, cfg: TrainConfig) -> Iterator[Document]:
 
 def _tokenizer(cfg: TrainConfig, source: Source, verbose: bool) -> Tokenizer:
     if cfg.model.hf:  # --- Hugging Face models (issue 9): the model's own tokenizer ---
-        from multitoken.hf.train import hf_tokenizer  # optional extra: only when used
+        from multitoken.train.hf import hf_tokenizer  # optional extra: only when used
 
         return hf_tokenizer(cfg)
     if cfg.data.tokenizer:

@@ -22,7 +22,7 @@ from multitoken.batch import StepBatch
 from multitoken.data import dp_slice
 from multitoken.errors import ConfigError
 from multitoken.layout import SequenceLayout
-from multitoken.model import MTPModel
+from multitoken.mtp_model import MTPModel
 from multitoken.parallel import (
     ParallelGroups,
     apply_fsdp,
@@ -169,7 +169,7 @@ def build_model(
     """
     torch.manual_seed(cfg.train.seed)
     if cfg.model.hf:  # a Hugging Face model: the same parallelism below, but no TP
-        from multitoken.hf.train import build_hf_model  # optional extra: only when used
+        from multitoken.train.hf import build_hf_model  # optional extra: only when used
 
         model = build_hf_model(cfg, pad_id, device)
     else:

@@ -3,7 +3,7 @@
 Per step, on every rank: the same global batch from the deterministic loader, this rank's
 :class:`~multitoken.batch.StepBatch` (:func:`~multitoken.train.step.prepare_step`: its rows,
 its CP shard with the MTP halo, the global valid-target counts), the loss
-(:func:`~multitoken.model.step_loss` with the step's lambda), backward, gradients summed over
+(:func:`~multitoken.mtp_model.step_loss` with the step's lambda), backward, gradients summed over
 all ranks (FSDP2's reduce-scatters, layer by layer), clip, AdamW. Metrics are summed over
 ranks and divided once (sum/sum).
 """
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from multitoken.errors import CheckpointError, TrainingError, UserError, set_validation
-from multitoken.model import MTPModel, step_loss
+from multitoken.mtp_model import MTPModel, step_loss
 from multitoken.parallel import MetricSums, clip_grad_norm, grad_norm, local_device
 from multitoken.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from multitoken.train.config import TrainConfig

@@ -11,7 +11,7 @@ The MTP depths are draft models for free (DESIGN.md section 6). One speculative 
    model's own prediction after every prefix.
 3. **Accept** the longest prefix of drafts the main model agrees with, plus the main model's
    token after it (so every forward yields at least one token), and roll the caches back to
-   the accepted positions (:meth:`multitoken.decode_state.DecodeState.commit`).
+   the accepted positions (:meth:`multitoken.decoding.state.DecodeState.commit`).
 
 With ``temperature == 0`` the output is token for token plain greedy decoding. With
 ``temperature > 0`` drafts are sampled from the depths' distributions and accepted with the
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from multitoken.decode_state import DecodeState
+from multitoken.decoding.state import DecodeState
+from multitoken.decoding.static import StaticDecodeState
 from multitoken.errors import InputError
-from multitoken.fast_decode import StaticDecodeState
-from multitoken.model import MTPModel
+from multitoken.mtp_model import MTPModel
 
 __all__ = [
     "Generation",
@@ -212,7 +212,7 @@ def generate(
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
     Args:
-        model: the :class:`~multitoken.model.MTPModel` (put it in eval mode).
+        model: the :class:`~multitoken.mtp_model.MTPModel` (put it in eval mode).
         prompt_ids: token ids (a list or a 1-D tensor); see :func:`fit_prompt` for long and
             empty prompts.
         max_new_tokens: at most this many new tokens (fewer when ``eos_id`` comes first).
@@ -223,7 +223,7 @@ def generate(
         start_id: the token an empty prompt starts from; None = ``model.pad_id``.
         generator: random source for sampling.
         compile: run the decode steps as compiled static-shape graphs
-            (:class:`~multitoken.fast_decode.StaticDecodeState`; reference GPT only). The first
+            (:class:`~multitoken.decoding.static.StaticDecodeState`; reference GPT only). The first
             call per process pays the compilation; the tokens are those of eager decoding.
         capacity: positions the caches hold (at least prompt + new tokens); a warm-up call
             with the capacity of the real one compiles the graphs the real one will use.

@@ -21,7 +21,7 @@ from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
-from multitoken.model import MTPModel
+from multitoken.mtp_model import MTPModel
 
 __all__ = [
     "HFTokenizer",

@@ -14,7 +14,7 @@ compiled with ``torch.compile``:
 * longer spans (the prompt's prefill, an MTP depth catching up on it) run the same function
   eagerly: they happen once per generation.
 
-:class:`StaticDecodeState` is a :class:`~multitoken.decode_state.DecodeState` that runs its
+:class:`StaticDecodeState` is a :class:`~multitoken.decoding.state.DecodeState` that runs its
 forwards this way; the bookkeeping (which positions each cache holds, rollback) is inherited,
 so the tokens are those of eager decoding. It needs the reference decoder
 (:class:`~multitoken.models.GPT`: its layers, norm and rotary tables).
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multitoken.decode_state import DecodeState
+from multitoken.decoding.state import DecodeState
 from multitoken.errors import InputError
-from multitoken.model import MTPModel
 from multitoken.models.gpt import GPT
+from multitoken.mtp_model import MTPModel
 
 __all__ = ["StaticDecodeState", "max_static_tokens"]
 
@@ -106,10 +106,10 @@ def max_static_tokens(draft_depth: int) -> int:
 
 
 class StaticDecodeState(DecodeState):
-    """A :class:`~multitoken.decode_state.DecodeState` whose short forwards are compiled.
+    """A :class:`~multitoken.decoding.state.DecodeState` whose short forwards are compiled.
 
     Args:
-        model: an :class:`~multitoken.model.MTPModel` over the reference GPT.
+        model: an :class:`~multitoken.mtp_model.MTPModel` over the reference GPT.
         capacity: the longest sequence (prompt plus new tokens); the caches hold the next power
             of two (at least 64, at most ``max_seq_len``).
         mtp_depths: MTP depths that draft (0 for plain decoding).

@@ -9,7 +9,7 @@ token ``t_{j+k}``, so with ``L`` committed tokens the main model can be cached u
 
 It drives the model only through the :class:`~multitoken.decoder.Decoder` interface
 (``new_kv_cache``, ``layer_kwargs``, ``hidden``, ``embed``) and the MTP depths of an
-:class:`~multitoken.model.MTPModel`, so any decoder that implements it decodes the same way.
+:class:`~multitoken.mtp_model.MTPModel`, so any decoder that implements it decodes the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from multitoken.errors import InputError
 from multitoken.layout import SequenceLayout
-from multitoken.model import MTPModel
+from multitoken.mtp_model import MTPModel
 
 __all__ = ["DecodeState", "decode_layer_kwargs"]
 
@@ -59,7 +59,7 @@ class DecodeState:
       when they draft; everything past the kept lengths is zero.
 
     Args:
-        model: the :class:`~multitoken.model.MTPModel`.
+        model: the :class:`~multitoken.mtp_model.MTPModel`.
         capacity: the longest sequence (prompt plus new tokens) this state will hold.
         mtp_depths: how many MTP depths keep caches (0 for plain decoding).
     """
