@@ -41,8 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
 from multitoken.data import Tokenizer
 from multitoken.errors import CheckpointError, UserError
 from multitoken.mtp_model import MTPModel
+from multitoken.train import probes
 from multitoken.train.config_io import load_saved_config
-from multitoken.train.faults import fault_point
 from multitoken.train.manifest import (
     hash_files,
     read_manifest,
@@ -135,7 +135,7 @@ def save_checkpoint(
             process_group=group,
         )
     dump_state(partial / state_file(rank), extra)
-    fault_point(f"save{step}")
+    probes.hit(f"save{step}")
     _barrier(group)
     shares = [hash_files(partial, rank, world)]  # every rank hashes its share of the files
     if group is not None:

@@ -26,14 +26,15 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from multitoken import errors
 from multitoken.errors import UserError
 from multitoken.train.data import DATA_CHECKED_ENV
-from multitoken.train.faults import LAUNCHER_PID_ENV
 from multitoken.train.lifecycle import STOP_SIGNALS, die_with_parent, exit_code, forward_sigusr1
 from multitoken.train.run_dir import OWNER_ENV
 from multitoken.train.trainer import train
 
-__all__ = ["launch", "RankFailed", "USAGE_ERROR"]
+__all__ = ["launch", "RankFailed", "USAGE_ERROR", "LAUNCHER_PID_ENV"]
 
 USAGE_ERROR = 2  # the exit code of bad input (one ``error:`` line)
+# The launcher's pid, for the ranks (they die with it; a test's SIGTERM fault targets it).
+LAUNCHER_PID_ENV = "MULTITOKEN_LAUNCHER_PID"
 
 
 def _free_port() -> int:

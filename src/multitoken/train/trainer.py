@@ -22,10 +22,10 @@ import torch.distributed as dist
 from multitoken.errors import CheckpointError, TrainingError, UserError, set_validation
 from multitoken.mtp_model import MTPModel, step_loss
 from multitoken.parallel import MetricSums, clip_grad_norm, grad_norm, local_device
+from multitoken.train import probes
 from multitoken.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from multitoken.train.config import TrainConfig
 from multitoken.train.data import PreparedData, prepare_data
-from multitoken.train.faults import fault_active, fault_point
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter
 from multitoken.train.preflight import available_memory, check_memory
@@ -174,7 +174,7 @@ class _Trainer:
             ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
         """
         losses = self.forward(next(self.data.train_loader), weight)
-        loss = losses.loss * float("nan") if fault_active(f"nan{step}") else losses.loss
+        loss = losses.loss * float("nan") if probes.hit(f"nan{step}") else losses.loss
         loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
         norm = self._grad_norm()
         # One small all-reduce per step, so that every rank skips the same updates and stops
@@ -261,7 +261,7 @@ class _Trainer:
         last: dict[str, Any] = {}
         self.model.train()
         for step in range(self.step + 1, end + 1):
-            fault_point(f"step{step}")
+            probes.hit(f"step{step}")
             weight = cfg.mtp.weight_at(step, t.steps)
             losses, lr, stop = self.train_step(step, weight)
             meter.add(losses)

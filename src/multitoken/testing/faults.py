@@ -6,8 +6,12 @@ while it saves step 6 (``save6:1``), mid-step (``step5:0``), a non-finite loss a
 whole process group (``groupterm3:0``, what ``timeout`` or ``kill -TERM -<pgid>`` do). A fault
 fires only on
 the first attempt of a run (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so a run that
-``torchrun --max-restarts`` restarts gets past it. Unset (always, outside tests), every check
-is one dictionary lookup.
+``torchrun --max-restarts`` restarts gets past it.
+
+The library only calls :func:`multitoken.train.probes.hit` at those points; :func:`install`
+makes them act. The tests install it in their own process (``tests/conftest.py``) and, through
+the ``sitecustomize`` module that ``tests/helpers/site`` puts on ``PYTHONPATH``, in every
+process a test starts with ``MULTITOKEN_FAULT`` set.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import time
 
 import torch.distributed as dist
 
-__all__ = ["fault_active", "fault_point", "LAUNCHER_PID_ENV"]
+from multitoken.train import probes
+from multitoken.train.launch import LAUNCHER_PID_ENV
 
-LAUNCHER_PID_ENV = "MULTITOKEN_LAUNCHER_PID"
+__all__ = ["fault_active", "fault_point", "install"]
 
 
 def fault_active(point: str) -> bool:
@@ -44,3 +49,15 @@ def fault_point(point: str) -> None:
     if point.startswith("step") and fault_active("groupterm" + point[4:]):
         os.killpg(os.getpgid(launcher), signal.SIGTERM)  # launcher, forkserver, every rank
         time.sleep(2)
+
+
+def _act(point: str) -> bool:
+    if point.startswith("nan"):
+        return fault_active(point)
+    fault_point(point)
+    return False
+
+
+def install() -> None:
+    """Make the library's probe points act on ``MULTITOKEN_FAULT`` (read at every point)."""
+    probes.install(_act)
