@@ -44,7 +44,7 @@ from _common import (  # noqa: E402
     setup_threads,
 )
 from multitoken import next_token_labels  # noqa: E402
-from multitoken.parallel import ParallelGroups, exchange_halo, shard_batch  # noqa: E402
+from multitoken.parallel import ParallelDims, exchange_halo, shard_batch  # noqa: E402
 from multitoken.parallel.halo import halo_from_global, halo_targets  # noqa: E402
 from multitoken.testing.comms import count_comms  # noqa: E402
 
@@ -130,7 +130,7 @@ def run_rank(rank: int, world: int, store_path: str, args, results) -> None:
     torch.set_num_threads(args.threads)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    groups = ParallelGroups.build(1, world, "cpu")
+    groups = ParallelDims(dp=1, cp=world).build("cpu")
     cp_group = groups.cp_group
     rows = []
     for docs in args.docs:

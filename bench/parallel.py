@@ -1,7 +1,7 @@
 """What one training step costs per parallel layout: collectives, bytes, memory and time.
 
 Every layout runs the library's own training path on gloo ranks spawned by this script:
-``setup_ranks`` (the ``(dp, cp, tp)`` groups), ``build_model`` (tensor parallelism, then the
+``setup_dims`` (the ``(dp, cp, tp)`` groups), ``build_model`` (tensor parallelism, then the
 CP hooks, then FSDP2 over dp x cp, as ``multitoken train`` builds it), ``build_optimizer``
 (AdamW), then per step ``prepare_step`` (this rank's rows and CP shard, the normaliser's
 all_reduce), ``step_loss``, backward, ``clip_grad_norm``, the optimiser step. Layouts: the
@@ -66,13 +66,11 @@ from multitoken import MTPConfig, SequenceLayout, next_token_labels, step_loss  
 from multitoken.models import GPTConfig  # noqa: E402
 from multitoken.parallel import clip_grad_norm  # noqa: E402
 from multitoken.testing.comms import count_comms  # noqa: E402
+from multitoken.train.batching import rank_batch  # noqa: E402
 from multitoken.train.config import DataSection, ParallelSection, TrainConfig  # noqa: E402
-from multitoken.train.step import (  # noqa: E402
-    build_model,
-    build_optimizer,
-    prepare_step,
-    setup_ranks,
-)
+from multitoken.train.model import build_model  # noqa: E402
+from multitoken.train.optim import build_optimizer  # noqa: E402
+from multitoken.train.ranks import setup_dims  # noqa: E402
 
 PAD = 0
 # (dp, cp, tp, sequence parallelism), in the order of the table.
@@ -171,11 +169,11 @@ def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     cfg = make_config(args, dp, cp, tp, sp)
     device = torch.device("cpu")
-    ranks = setup_ranks(cfg, device)  # joins the initialised group, builds the mesh's groups
+    ranks = setup_dims(cfg, device)  # joins the initialised group, builds the mesh's groups
     batch = global_batch(args)
     rss_before = max_rss_bytes()
 
-    model = build_model(cfg, args.vocab, PAD, ranks, device)
+    model, cross_entropy = build_model(cfg, args.vocab, PAD, ranks, device)
     optimizer = build_optimizer(model, cfg)
     state: dict[str, int] = {}
 
@@ -186,9 +184,9 @@ def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args)
         state["optimizer"] = local_bytes(opt_state)
 
     def train_step(after_update=None):
-        """The trainer's step (``_Trainer.train_step``) on a fixed global batch."""
-        step_batch = prepare_step(batch, ranks, cfg.mtp.depth, PAD, device, cfg.parallel.lookahead)
-        losses = step_loss(model, step_batch, cfg.mtp.loss_weight)
+        """The trainer's step (``Trainer.train_step``) on a fixed global batch."""
+        step_batch = rank_batch(batch, ranks, cfg.mtp.depth, PAD, device, cfg.parallel.halo_fill)
+        losses = step_loss(model, step_batch, cfg.mtp.loss_weight, cross_entropy=cross_entropy)
         losses.loss.backward()
         clip_grad_norm(model.parameters(), cfg.train.grad_clip)
         optimizer.step()

@@ -93,7 +93,7 @@ def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, see
     """Tokens/s of eager vs compiled steps at D = 0, 1, 2 and of transformers' Llama (D = 0),
     all on the same unpacked rows and the same main-model weights."""
     from multitoken.hf.export import llama_model
-    from multitoken.train.step import compile_layers
+    from multitoken.models.parallelize import compile_gpt
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen)
@@ -104,7 +104,7 @@ def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, see
             torch.manual_seed(seed)
             model = MTPModel.from_config(cfg, MTPConfig(depth=depth))
             if compiled:
-                compile_layers(model)
+                compile_gpt(model)
 
             def step(model=model) -> None:
                 model.zero_grad(set_to_none=True)

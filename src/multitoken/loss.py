@@ -25,6 +25,9 @@ __all__ = [
     "flat_loss_inputs",
     "LossStats",
     "DEFAULT_CHUNK_ELEMENTS",
+    "chunk_rows",
+    "chunk_logits",
+    "compute_dtype",
 ]
 
 # 2**23 fp32 logits = 32 MiB per chunk: 256 tokens at vocab 32k, 64 at 128k.
@@ -52,11 +55,11 @@ class LossStats(tuple):
         return self[2]
 
 
-def _chunk_rows(vocab: int, chunk_elements: int) -> int:
+def chunk_rows(vocab: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(vocab, 1))
 
 
-def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype of the head matmuls: autocast's when it is on, else the promoted one.
 
     Fixed in the forward and reused by the backward, which runs outside autocast: under bf16
@@ -68,7 +71,7 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, buffer: Tensor) -> Tensor:
+def chunk_logits(h: Tensor, weight: Tensor, buffer: Tensor) -> Tensor:
     """fp32 logits ``h @ weight.T`` of one chunk, written into (a prefix of) ``buffer``.
 
     ``h`` and ``weight`` share a dtype (the compute dtype).
@@ -87,9 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_elements):
         # hidden (N, H), weight (V, H), targets (N,)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        dtype = _compute_dtype(hidden, weight)
+        dtype = compute_dtype(hidden, weight)
         w = weight.to(dtype)
-        rows = min(_chunk_rows(vocab, chunk_elements), max(n_tokens, 1))
+        rows = min(chunk_rows(vocab, chunk_elements), max(n_tokens, 1))
         lse = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # (N,)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -98,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buffer = hidden.new_empty((rows, vocab), dtype=torch.float32)  # one chunk of logits
         for start in range(0, n_tokens, rows):
             stop = min(start + rows, n_tokens)
-            logits = _chunk_logits(hidden[start:stop].to(dtype), w, buffer)  # (C, V)
+            logits = chunk_logits(hidden[start:stop].to(dtype), w, buffer)  # (C, V)
             tgt = safe_targets[start:stop]
             picked = logits.gather(1, tgt[:, None]).squeeze(1)
             # One pass gives the row max (for a stable log-sum-exp) and the top-1 prediction.
@@ -165,7 +168,7 @@ def chunked_backward(
         stop = min(start + rows, hidden.shape[0])
         h = hidden[start:stop]
         # d(lse - logit[t]) / d logits = softmax - onehot(t), recomputed from the saved lse.
-        probs = _chunk_logits(h.to(dtype), w, buffer)  # (C, V)
+        probs = chunk_logits(h.to(dtype), w, buffer)  # (C, V)
         probs.sub_(lse[start:stop, None]).exp_()
         probs.scatter_add_(1, targets[start:stop, None], target_value[start:stop, None])
         grad_logits = probs.to(dtype)

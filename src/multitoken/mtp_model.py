@@ -19,6 +19,7 @@ Example (the reference GPT, packed documents, D = 2)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -29,7 +30,7 @@ from multitoken.decoder import Decoder
 from multitoken.errors import InputError
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
-from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, _chunk_rows, linear_cross_entropy
+from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, chunk_rows, linear_cross_entropy
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
@@ -43,10 +44,6 @@ class MTPModel(nn.Module):
         decoder: any module implementing :class:`~multitoken.decoder.Decoder`.
         config: :class:`~multitoken.mtp.MTPConfig`.
         pad_id: input token where a lookahead leaves its document (never a target).
-
-    ``cross_entropy`` is the head's loss (:func:`~multitoken.loss.linear_cross_entropy`);
-    tensor parallelism replaces it from outside by a vocabulary-parallel one, as context
-    parallelism sets ``Attention.kv_gather``.
 
     The MTP depths keep the constructor's default initialisation: :meth:`from_config` (the
     reference GPT from scratch) initialises decoder and depths together; an adapter for a
@@ -66,8 +63,6 @@ class MTPModel(nn.Module):
         self.config = config
         self.pad_id = pad_id
         self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
-        # The head's cross-entropy; tensor parallelism swaps in the vocabulary-parallel one.
-        self.cross_entropy = linear_cross_entropy
         if config.freeze_base:
             # No parameter of the decoder requires grad, so autograd records none of its
             # operations: the backbone runs as under no_grad, and only MTP params get grads.
@@ -141,6 +136,7 @@ class MTPModel(nn.Module):
         loss_weight: float | None = None,
         normalizer: Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
+        cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
     ) -> DepthLosses:
         """One call from a batch to its losses (single process).
 
@@ -151,16 +147,23 @@ class MTPModel(nn.Module):
             loss_weight: lambda; None = ``config.loss_weight``.
             normalizer: ``[D + 1]`` counts to divide by; None = this batch's.
             ignore_index: the "no target" label.
+            cross_entropy: the head's loss for the model's layout (what its
+                ``parallelize_<model>`` or ``apply_tp`` returned).
         """
         batch = StepBatch.build(input_ids, labels, layout, self.depth, self.pad_id, ignore_index)
         if normalizer is not None:
             batch = replace(batch, normalizer=normalizer)
         weight = self.config.loss_weight if loss_weight is None else loss_weight
-        return step_loss(self, batch, weight, ignore_index)
+        return step_loss(self, batch, weight, ignore_index, cross_entropy=cross_entropy)
 
 
 def step_loss(
-    model: nn.Module, batch: StepBatch, loss_weight: float, ignore_index: int = IGNORE_INDEX
+    model: nn.Module,
+    batch: StepBatch,
+    loss_weight: float,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
 ) -> DepthLosses:
     """The loss of one step: ``model``'s hidden states through the shared head, per depth.
 
@@ -169,6 +172,8 @@ def step_loss(
         batch: this rank's :class:`~multitoken.batch.StepBatch`.
         loss_weight: the step's lambda (schedules pass it here; nothing is mutated).
         ignore_index: the "no target" label.
+        cross_entropy: the head's loss for the model's layout: the one its
+            ``parallelize_<model>`` returned (vocabulary-parallel under TP).
     """
     hidden_states = model(
         batch.input_ids,
@@ -198,7 +203,7 @@ def step_loss(
         batch.normalizer,
         ignore_index,
         model.config.loss_chunk_elements,
-        getattr(model, "cross_entropy", linear_cross_entropy),
+        cross_entropy,
     )
 
 
@@ -229,7 +234,7 @@ def base_targets(
     with torch.no_grad():
         # Chunks of tokens, as the loss walks them: never a row's [T, V] logits at once.
         flat = h0.reshape(-1, h0.shape[-1])
-        rows = _chunk_rows(head_weight.shape[0], chunk_elements)
+        rows = chunk_rows(head_weight.shape[0], chunk_elements)
         parts = [(part @ head_weight.t()).argmax(-1) for part in flat.split(rows)]
         greedy = torch.cat(parts).view(h0.shape[:-1])  # (B, T)
     out = depth_labels.clone()

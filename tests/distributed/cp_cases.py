@@ -13,10 +13,10 @@ import torch.distributed as dist
 from multitoken import MTPConfig, MTPModel, SequenceLayout, next_token_labels, step_loss
 from multitoken.models import GPTConfig
 from multitoken.parallel import (
-    ParallelGroups,
+    ParallelDims,
+    apply_cp,
     exchange_halo,
     global_normalizer,
-    parallelize,
     shard_batch,
     sync_gradients,
 )
@@ -27,15 +27,15 @@ VOCAB, PAD, IGNORE = 61, 0, -100
 PACKED_ROWS = [[1, 9, 2, 13, 3, 7, 5], [17, 1, 1, 6, 15]]
 UNPACKED_SHAPE = (2, 21)  # 21 is not a multiple of 4 or 8: every row is padded
 
-_GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
+_GROUPS: dict[tuple[int, int, int], ParallelDims] = {}
 
 
-def groups(dp: int, cp: int, dp_replicate: int = 1) -> ParallelGroups:
+def groups(dp: int, cp: int, dp_replicate: int = 1) -> ParallelDims:
     """The (dp, cp) groups of this pool (dp split into ``dp_replicate`` HSDP replicas), built
     once per shape (new_group is collective)."""
     key = (dp, cp, dp_replicate)
     if key not in _GROUPS:
-        _GROUPS[key] = ParallelGroups.build(dp, cp, "cpu", dp_replicate=dp_replicate)
+        _GROUPS[key] = ParallelDims(dp=dp, cp=cp, dp_replicate=dp_replicate).build("cpu")
     return _GROUPS[key]
 
 
@@ -94,7 +94,7 @@ def reference(depth: int, packed: bool, rows=None, attention: str = "document") 
     return step_record(model, out)
 
 
-def cp_step(shard, model: MTPModel, g: ParallelGroups, norm_group, grad_group) -> dict:
+def cp_step(shard, model: MTPModel, g: ParallelDims, norm_group, grad_group) -> dict:
     """One training step of a shard: normaliser, halo exchange if the shard has none, forward,
     backward, gradient sum. The normaliser goes first: it checks that the CP peers agree on
     the plan before any collective whose sizes depend on it."""
@@ -111,9 +111,9 @@ def run_cp(depth: int, packed: bool, way: str, rows=None, attention: str = "docu
     """On every rank of a CP-only pool: this rank's loss share and the CP-summed gradients."""
     g = groups(1, dist.get_world_size())
     ids, labels, layout = make_batch(packed, rows=rows)
-    model = parallelize(make_model(depth, attention=attention), g)
+    model = apply_cp(make_model(depth, attention=attention), g.cp_group)
     halo = way == "halo"
-    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE, halo=halo)
+    shard = shard_batch(ids, labels, layout, g.cp, g.cp_rank, depth, PAD, IGNORE, halo=halo)
     result = cp_step(shard, model, g, g.cp_group, g.cp_group)
     result.pop("out")
     return result

@@ -7,10 +7,10 @@ import torch.distributed as dist
 from cp_cases import IGNORE, PAD, groups, make_batch
 from rank_pool import RankError
 
-from multitoken import LayoutError, next_token_labels
+from multitoken import ConfigError, LayoutError, next_token_labels
 from multitoken.parallel import (
+    ParallelDims,
     ShardMismatchError,
-    build_mesh,
     exchange_halo,
     global_normalizer,
     shard_batch,
@@ -22,7 +22,7 @@ TIMEOUT = 30
 def error_of(fn, *args, **kwargs) -> str:
     try:
         fn(*args, **kwargs)
-    except (ValueError, ShardMismatchError) as exc:
+    except (ValueError, ConfigError, ShardMismatchError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
 
@@ -33,7 +33,12 @@ def assert_same_error(messages: list[str], kind: type, fragment: str) -> None:
 
 
 def bad_mesh() -> list[str]:
-    return [error_of(build_mesh, None, 3), error_of(build_mesh, 3, 2), error_of(build_mesh, 2, 0)]
+    world = dist.get_world_size()
+    return [
+        error_of(ParallelDims.for_world, world, 3),
+        error_of(lambda: ParallelDims(dp=3, cp=2).build("cpu")),
+        error_of(ParallelDims, 2, 0),
+    ]
 
 
 def test_mesh_sizes(pool4):
@@ -41,13 +46,13 @@ def test_mesh_sizes(pool4):
     for i, fragment in enumerate(
         ["cp=3 does not divide the world size 4", "dp * cp = 3 * 2", ">= 1"]
     ):
-        assert_same_error([m[i] for m in per_rank], ValueError, fragment)
+        assert_same_error([m[i] for m in per_rank], ConfigError, fragment)
 
 
 def too_short_without_padding() -> str:
     g = groups(1, dist.get_world_size())
     ids, labels, layout = make_batch(True, rows=[[5, 11]])
-    return error_of(shard_batch, ids, labels, layout, g.cp_size, g.cp_rank, 1, PAD, pad=False)
+    return error_of(shard_batch, ids, labels, layout, g.cp, g.cp_rank, 1, PAD, pad=False)
 
 
 def test_too_short_without_padding(pool4):
@@ -60,7 +65,7 @@ def mismatched_batches() -> str:
     g = groups(1, dist.get_world_size())
     rows = [[4, 12]] if g.cp_rank == 0 else [[12, 4, 8, 8]]
     ids, labels, layout = make_batch(True, rows=rows)
-    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, 2, PAD, IGNORE, halo=False)
+    shard = shard_batch(ids, labels, layout, g.cp, g.cp_rank, 2, PAD, IGNORE, halo=False)
     return error_of(global_normalizer, shard, g.cp_group)
 
 
@@ -89,7 +94,7 @@ def wrong_group() -> list[str]:
     ids, labels, layout = make_batch(True, rows=[[8]])
     shard = shard_batch(ids, labels, layout, 2, g.cp_rank, 1, PAD, IGNORE, halo=False)
     return [
-        error_of(exchange_halo, shard, group=g.dp_cp_group),
+        error_of(exchange_halo, shard, group=g.token_group),
         error_of(global_normalizer, shard, g.dp_group),
     ]
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from cp_cases import IGNORE, PAD, cp_step, groups, make_batch, make_model
 
 from multitoken import mtp_inputs
-from multitoken.parallel import exchange_halo, parallelize, shard_batch
+from multitoken.parallel import apply_cp, exchange_halo, shard_batch
 from multitoken.parallel.halo import exchange_values
 from multitoken.testing.comms import count_comms
 
@@ -29,7 +29,7 @@ def random_rows(seed: int, seqlen: int = 48, rows: int = 2) -> list[list[int]]:
 def shards_both_ways(rows, depth):
     g = groups(1, dist.get_world_size())
     ids, labels, layout = make_batch(True, seed=len(rows[0]), rows=rows)
-    args = (ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
+    args = (ids, labels, layout, g.cp, g.cp_rank, depth, PAD, IGNORE)
     halo_way = shard_batch(*args)
     exchange_way = exchange_halo(shard_batch(*args, halo=False), group=g.cp_group)
     # A loader that cuts shards without knowing D: the exchange is told D and pad_id.
@@ -82,7 +82,7 @@ def count_lookahead_messages() -> list[dict]:
         rows = [r + [seqlen - sum(r)] for r in rows]
         ids, labels, layout = make_batch(True, rows=rows)
         for depth in (1, 2, 3, 4):
-            args = (ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
+            args = (ids, labels, layout, g.cp, g.cp_rank, depth, PAD, IGNORE)
             with count_comms() as halo_log:
                 shard_batch(*args)
             bare = shard_batch(*args, halo=False)
@@ -124,13 +124,13 @@ def step_messages(way: str) -> dict:
     g = groups(2, 2)
     depth = 2
     ids, labels, layout = make_batch(True, rows=[[5, 11], [16]])
-    model = parallelize(make_model(depth), g)
+    model = apply_cp(make_model(depth), g.cp_group)
     shard = shard_batch(ids, labels, layout, 2, g.cp_rank, depth, PAD, IGNORE, halo=way == "halo")
     with count_comms() as log:
-        cp_step(shard, model, g, g.dp_cp_group, g.dp_cp_group)
+        cp_step(shard, model, g, g.token_group, g.token_group)
     model_cfg = model.decoder.config
     kv_bytes = 2 * 2 * model_cfg.kv_heads * shard.plan.local_len * model_cfg.head_dim * 4
-    named = {"cp": g.cp_group, "dp_cp": g.dp_cp_group, "dp": g.dp_group}
+    named = {"cp": g.cp_group, "dp_cp": g.token_group, "dp": g.dp_group}
     return dict(
         calls=[
             (r.name, next((k for k, v in named.items() if v is r.group), None)) for r in log.records

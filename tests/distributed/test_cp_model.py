@@ -16,7 +16,7 @@ from cp_cases import (
 )
 
 from multitoken import SequenceLayout
-from multitoken.parallel import MetricSums, parallelize, shard_batch
+from multitoken.parallel import MetricSums, apply_cp, shard_batch
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -76,14 +76,14 @@ def run_dp_cp(depth: int, way: str) -> dict:
     ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
     rows = slice(2 * g.dp_rank, 2 * g.dp_rank + 2)
     local_layout = SequenceLayout.from_lengths(DP_ROWS[rows])
-    model = parallelize(make_model(depth), g)
+    model = apply_cp(make_model(depth), g.cp_group)
     shard = shard_batch(
         ids[rows], labels[rows], local_layout, 2, g.cp_rank, depth, PAD, IGNORE, halo=way == "halo"
     )
-    result = cp_step(shard, model, g, g.dp_cp_group, g.dp_cp_group)
+    result = cp_step(shard, model, g, g.token_group, g.token_group)
     sums = MetricSums(depth)
     sums.add(result.pop("out"))
-    losses, accuracies, tokens = sums.reduce(g.dp_cp_group)
+    losses, accuracies, tokens = sums.reduce(g.token_group)
     result["metrics"] = dict(losses=losses, accuracies=accuracies, tokens=tokens)
     result["ranks"] = (dist.get_rank(), g.dp_rank, g.cp_rank)
     return result

@@ -9,7 +9,7 @@ from cp_cases import PAD, groups, make_batch, make_model, step_record
 from test_cp_model import DP_ROWS, assert_matches
 
 from multitoken import SequenceLayout, StepBatch, step_loss
-from multitoken.parallel import apply_fsdp, global_normalizer, parallelize, shard_batch
+from multitoken.parallel import apply_cp, apply_fsdp, global_normalizer, shard_batch
 
 
 def run_fsdp(dp: int, cp: int, depth: int) -> dict:
@@ -18,15 +18,15 @@ def run_fsdp(dp: int, cp: int, depth: int) -> dict:
     rows_per_rank = len(DP_ROWS) // dp
     rows = slice(rows_per_rank * g.dp_rank, rows_per_rank * (g.dp_rank + 1))
     local_layout = SequenceLayout.from_lengths(DP_ROWS[rows])
-    model = parallelize(make_model(depth), g)
-    apply_fsdp(model, g.dp_cp_mesh)
+    model = apply_cp(make_model(depth), g.cp_group)
+    apply_fsdp(model, g.token_mesh)
     if cp == 1:
         batch = StepBatch.build(ids[rows], labels[rows], local_layout, depth, PAD)
-        normalizer = global_normalizer(batch.depth_labels, g.dp_cp_group)
+        normalizer = global_normalizer(batch.depth_labels, g.token_group)
         batch = replace(batch, normalizer=normalizer)
     else:
         shard = shard_batch(ids[rows], labels[rows], local_layout, cp, g.cp_rank, depth, PAD)
-        batch = shard.step_batch(global_normalizer(shard, g.dp_cp_group))
+        batch = shard.step_batch(global_normalizer(shard, g.token_group))
     out = step_loss(model, batch, model.config.loss_weight)
     out.loss.backward()
     sharded = {n: p.to_local().numel() for n, p in model.named_parameters()}
@@ -70,7 +70,7 @@ def fsdp_step_footprint(dp: int, dp_replicate: int = 1) -> dict:
         ids[rows], labels[rows], SequenceLayout.from_lengths(DP_ROWS[rows]), depth, PAD
     )
     with count_comms() as log:
-        normalizer = global_normalizer(batch.depth_labels, g.dp_cp_group)
+        normalizer = global_normalizer(batch.depth_labels, g.token_group)
         batch = replace(batch, normalizer=normalizer)
         step_loss(model, batch, 0.3).loss.backward()
     optimizer.step()
@@ -83,7 +83,7 @@ def fsdp_step_footprint(dp: int, dp_replicate: int = 1) -> dict:
     footprint = sum(local_bytes(p) + local_bytes(p.grad) for p in model.parameters())
     footprint += sum(local_bytes(v) for v in state)
     # By group name: the groups FSDP2 resolves from the mesh are ours, by name.
-    named = {"dp_cp": g.dp_cp_group}
+    named = {"dp_cp": g.token_group}
     if dp_replicate > 1:
         named.update(
             dp_replicate=g.mesh.get_group("dp_replicate"), dp_shard=g.mesh.get_group("dp_shard")

@@ -18,11 +18,12 @@ from test_cp_model import DP_ROWS, assert_matches
 
 from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
-from multitoken.parallel import parallelize, shard_batch
+from multitoken.parallel import apply_cp, shard_batch
 from multitoken.testing.tiny_hf import save_tiny, tiny_model
+from multitoken.train.batching import rank_batch
 from multitoken.train.config_io import load_config
 from multitoken.train.hf import build_hf_model, hf_tokenizer
-from multitoken.train.step import Ranks, build_model, prepare_step
+from multitoken.train.model import build_model
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -48,10 +49,10 @@ def reference(model_type: str, depth: int) -> dict:
 def run_hf_cp(model_type: str, depth: int) -> dict:
     """On every rank of a CP-only pool: this rank's loss share and the CP-summed gradients."""
     g = groups(1, dist.get_world_size())
-    model = parallelize(hf_model(model_type, depth), g)
+    model = apply_cp(hf_model(model_type, depth), g.cp_group)
     hooked = [m for m in model.modules() if getattr(m, "kv_gather", None) is not None]
     ids, labels, layout = make_batch(packed=True)
-    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
+    shard = shard_batch(ids, labels, layout, g.cp, g.cp_rank, depth, PAD, IGNORE)
     result = cp_step(shard, model, g, g.cp_group, g.cp_group)
     result.pop("out")
     result["hooked"] = len(hooked)
@@ -86,12 +87,11 @@ def _global_batch() -> dict[str, torch.Tensor]:
 def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
     """One step as the trainer takes it, on a (dp, cp) = (2, 2) pool."""
     g = groups(2, 2)
-    ranks = Ranks(g)
     cfg = _config(folder, dp=2, cp=2, freeze_base=freeze_base)
     cpu = torch.device("cpu")
-    model = build_model(cfg, 97, PAD, ranks, cpu)
-    batch = prepare_step(_global_batch(), ranks, cfg.mtp.depth, PAD, cpu)
-    out = step_loss(model, batch, cfg.mtp.loss_weight)
+    model, cross_entropy = build_model(cfg, 97, PAD, g, cpu)
+    batch = rank_batch(_global_batch(), g, cfg.mtp.depth, PAD, cpu)
+    out = step_loss(model, batch, cfg.mtp.loss_weight, cross_entropy=cross_entropy)
     out.loss.backward()  # FSDP2 sums the gradients over DP x CP
     return step_record(model, out)
 

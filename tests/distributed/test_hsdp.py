@@ -101,11 +101,11 @@ def test_hsdp_memory(pool4):
 def _train_step(model, optimizer, g) -> torch.Tensor:
     """One AdamW step on this rank's rows of DP_ROWS (dp = 4, one row each)."""
     ids, labels, _ = make_batch(packed=True, rows=DP_ROWS)
-    per_rank = len(DP_ROWS) // g.dp_size
+    per_rank = len(DP_ROWS) // g.dp
     rows = slice(per_rank * g.dp_rank, per_rank * (g.dp_rank + 1))
     layout = SequenceLayout.from_lengths(DP_ROWS[rows])
     batch = StepBatch.build(ids[rows], labels[rows], layout, DEPTH, PAD)
-    batch = replace(batch, normalizer=global_normalizer(batch.depth_labels, g.dp_cp_group))
+    batch = replace(batch, normalizer=global_normalizer(batch.depth_labels, g.token_group))
     loss = step_loss(model, batch, 0.3).loss
     loss.backward()
     optimizer.step()

@@ -12,7 +12,8 @@ from tp_cases import N_LAYERS, TP_VOCAB, make_tp_model, run_tp, tp_groups, tp_re
 
 from multitoken import ConfigError, InputError, MTPConfig, MTPModel, SequenceLayout
 from multitoken.models import GPTConfig
-from multitoken.parallel import apply_tp, exchange_halo, global_normalizer, shard_batch
+from multitoken.models.parallelize import apply_tp
+from multitoken.parallel import exchange_halo, global_normalizer, shard_batch
 from multitoken.testing.comms import count_comms
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -149,10 +150,11 @@ def frozen_base_under_tp() -> tuple[list[str], list[str], list[str]]:
     config = GPTConfig(vocab_size=TP_VOCAB, dim=32, n_layers=N_LAYERS, n_heads=8, n_kv_heads=4)
     model = MTPModel.from_config(config, MTPConfig(depth=1, freeze_base=True), pad_id=PAD)
     before = [name for name, p in model.named_parameters() if p.requires_grad]
-    apply_tp(model, g)
+    cross_entropy = apply_tp(model, g.tp_mesh)
     after = [name for name, p in model.named_parameters() if p.requires_grad]
     ids = torch.randint(1, TP_VOCAB, (2, 16))
-    model.loss(ids, ids, SequenceLayout.from_lengths([[16], [16]])).loss.backward()
+    layout = SequenceLayout.from_lengths([[16], [16]])
+    model.loss(ids, ids, layout, cross_entropy=cross_entropy).loss.backward()
     with_grad = [name for name, p in model.named_parameters() if p.grad is not None]
     return before, after, with_grad
 
@@ -165,11 +167,13 @@ def test_frozen_base_stays_frozen_under_sequence_parallelism(pool2):
 
 def uneven_sequence() -> str:
     """A row length tp = 4 ranks cannot split: refused before the first collective."""
-    model = apply_tp(make_tp_model(1), tp_groups(1, 1, dist.get_world_size()))
+    model = make_tp_model(1)
+    cross_entropy = apply_tp(model, tp_groups(1, 1, dist.get_world_size()).tp_mesh)
     ids = torch.randint(1, TP_VOCAB, (1, 10))
     with count_comms() as log:
         try:
-            model.loss(ids, ids, SequenceLayout.from_lengths([[10]]))
+            layout = SequenceLayout.from_lengths([[10]])
+            model.loss(ids, ids, layout, cross_entropy=cross_entropy)
             message = "no error"
         except InputError as exc:
             message = str(exc)
@@ -212,7 +216,7 @@ def bad_sizes() -> list[str]:
         model = make_tp_model(1, **overrides)
         with count_comms() as log:
             try:
-                apply_tp(model, g)
+                apply_tp(model, g.tp_mesh)
                 messages.append("no error")
             except ConfigError as exc:
                 messages.append(str(exc))
@@ -237,7 +241,7 @@ def cp_group_checks() -> list[str]:
     for call in (
         lambda: global_normalizer(shard, g.tp_group, tp_size=2),  # the TP group: refused
         lambda: global_normalizer(shard, g.cp_group),  # without the TP size: refused
-        lambda: global_normalizer(shard, g.dp_cp_group, tp_size=2),
+        lambda: global_normalizer(shard, g.token_group, tp_size=2),
         lambda: exchange_halo(shard, group=g.cp_group, tp_size=2),
     ):
         try:

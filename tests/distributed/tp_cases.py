@@ -15,32 +15,31 @@ from cp_cases import IGNORE, PAD, make_batch, step_record
 
 from multitoken import MTPConfig, MTPModel, SequenceLayout, StepBatch, step_loss
 from multitoken.models import GPTConfig
+from multitoken.models.parallelize import apply_tp, compile_gpt
 from multitoken.parallel import (
-    ParallelGroups,
+    ParallelDims,
+    apply_cp,
     apply_fsdp,
-    apply_tp,
     global_normalizer,
     grad_norm,
-    parallelize,
     shard_batch,
     sync_gradients,
 )
 from multitoken.testing.comms import count_comms
-from multitoken.train.step import compile_layers
 
 # 64 tokens, 8 query and 4 key/value heads, a feed-forward of 128: tp in {1, 2, 4} splits all.
 TP_VOCAB = 64
 N_LAYERS = 2
 
-_GROUPS: dict[tuple[int, int, int, int], ParallelGroups] = {}
+_GROUPS: dict[tuple[int, int, int, int], ParallelDims] = {}
 
 
-def tp_groups(dp: int, cp: int, tp: int, dp_replicate: int = 1) -> ParallelGroups:
+def tp_groups(dp: int, cp: int, tp: int, dp_replicate: int = 1) -> ParallelDims:
     """The (dp, cp, tp) groups of this pool (dp split into ``dp_replicate`` HSDP replicas),
     built once per shape (new_group is collective)."""
     key = (dp, cp, tp, dp_replicate)
     if key not in _GROUPS:
-        _GROUPS[key] = ParallelGroups.build(dp, cp, "cpu", tp, dp_replicate)
+        _GROUPS[key] = ParallelDims(dp=dp, cp=cp, tp=tp, dp_replicate=dp_replicate).build("cpu")
     return _GROUPS[key]
 
 
@@ -71,12 +70,12 @@ def tp_reference(depth: int, rows, tie: bool = True) -> dict:
     )
 
 
-def group_roles(g: ParallelGroups) -> dict[str, str]:
+def group_roles(g: ParallelDims) -> dict[str, str]:
     """Group name -> role of the groups of ``g``, and a role by member ranks for the rest.
 
     The default world group is "WORLD" by name. Other groups are named by their member ranks:
     torch compares device meshes by layout, not by group, so DTensor's caches may hand a step
-    the equal TP mesh of another ``ParallelGroups`` built earlier in this pool (same ranks,
+    the equal TP mesh of another ``ParallelDims`` built earlier in this pool (same ranks,
     another group object). With ``dp = 1`` the DP x CP ranks are the CP ranks: "cp".
 
     Under HSDP the groups of the FSDP2 mesh are named exactly (by group name, before any
@@ -104,20 +103,20 @@ def role_of(group: dist.ProcessGroup, roles: dict) -> str:
     return roles.get(tuple(dist.get_process_group_ranks(group)), "other")
 
 
-def _local_batch(g: ParallelGroups, rows, depth: int) -> StepBatch:
+def _local_batch(g: ParallelDims, rows, depth: int) -> StepBatch:
     """This rank's batch: its data-parallel rows, then its CP shard; TP peers get the same."""
     ids, labels, layout = make_batch(True, rows=rows)
-    per_replica = len(rows) // g.dp_size
+    per_replica = len(rows) // g.dp
     mine = slice(per_replica * g.dp_rank, per_replica * (g.dp_rank + 1))
     ids, labels = ids[mine], labels[mine]
     layout = SequenceLayout.from_lengths(rows[mine])
-    reduce_group = g.dp_cp_group if g.dp_size * g.cp_size > 1 else None
-    if g.cp_size == 1:
+    reduce_group = g.token_group if g.dp * g.cp > 1 else None
+    if g.cp == 1:
         batch = StepBatch.build(ids, labels, layout, depth, PAD)
         normalizer = global_normalizer(batch.depth_labels, reduce_group)
         return replace(batch, normalizer=normalizer)
-    shard = shard_batch(ids, labels, layout, g.cp_size, g.cp_rank, depth, PAD, IGNORE)
-    return shard.step_batch(global_normalizer(shard, reduce_group, tp_size=g.tp_size))
+    shard = shard_batch(ids, labels, layout, g.cp, g.cp_rank, depth, PAD, IGNORE)
+    return shard.step_batch(global_normalizer(shard, reduce_group, tp_size=g.tp))
 
 
 def run_tp(
@@ -136,19 +135,20 @@ def run_tp(
     then (optionally) train.compile's per-layer compile, then (optionally) FSDP2 on the
     groups' FSDP mesh (HSDP when ``dp_replicate > 1``)."""
     g = tp_groups(dp, cp, tp, dp_replicate)
-    model = apply_tp(make_tp_model(depth, tie=tie), g, sequence_parallel=sp)
-    parallelize(model, g)
+    model = make_tp_model(depth, tie=tie)
+    cross_entropy = apply_tp(model, g.tp_mesh, sequence_parallel=sp)
+    apply_cp(model, g.cp_group)
     if compiled:
-        assert compile_layers(model, verbose=False)
+        assert compile_gpt(model, verbose=False)
     if fsdp:
         apply_fsdp(model, g.fsdp_mesh)
     roles = group_roles(g)
     with count_comms() as log:
         batch = _local_batch(g, rows, depth)
-        out = step_loss(model, batch, model.config.loss_weight)
+        out = step_loss(model, batch, model.config.loss_weight, cross_entropy=cross_entropy)
         out.loss.backward()
         if not fsdp:
-            sync_gradients(model, g.dp_cp_group if dp * cp > 1 else None)
+            sync_gradients(model, g.token_group if dp * cp > 1 else None)
     calls: dict[tuple[str, str], int] = {}
     for record in log.records:
         key = (record.name, role_of(record.group, roles))

@@ -27,14 +27,14 @@ def test_compile_falls_back_with_a_message(monkeypatch, capsys):
 
     from multitoken import MTPConfig, MTPModel
     from multitoken.models import GPTConfig
-    from multitoken.train import step
+    from multitoken.models.parallelize import compile_gpt
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", broken)
     model = MTPModel.from_config(GPTConfig(vocab_size=50, dim=16, n_heads=2), MTPConfig(depth=1))
-    assert step.compile_layers(model) is False
+    assert compile_gpt(model) is False
     out = capsys.readouterr().out
     assert "torch.compile cannot run here (RuntimeError: no C++ compiler found)" in out
     assert "training eagerly" in out

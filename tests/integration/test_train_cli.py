@@ -108,7 +108,7 @@ def test_cp2_logs_the_same_losses_as_cp1(workdir, reference):
 
 
 def test_cp2_fallback_exchange_logs_the_same_losses(workdir, reference):
-    run_cli(workdir, "parallel.cp=2", "parallel.lookahead=exchange", "run.name=cp2x")
+    run_cli(workdir, "parallel.cp=2", "parallel.halo_fill=exchange", "run.name=cp2x")
     assert_same_records(train_records(workdir / "cp2x"), train_records(reference))
 
 

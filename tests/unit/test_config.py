@@ -9,13 +9,13 @@ from multitoken.mtp import DepthLosses
 from multitoken.parallel import MetricSums
 from multitoken.train.config import ConfigError, TrainConfig, fixed_keys
 from multitoken.train.config_io import config_help, load_config, load_saved_config, to_toml
+from multitoken.train.optim import lr_lambda
 from multitoken.train.run_dir import (
     check_resume_config,
     check_run_dir,
     clear_run_dir,
     is_run_folder,
 )
-from multitoken.train.step import lr_lambda
 
 
 def test_defaults_file_then_overrides(tmp_path):
@@ -55,7 +55,7 @@ def test_toml_round_trip(tmp_path):
             "401 rows are not divisible by parallel.tp=2.*set data.vocab_size=402",
         ),
         (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
-        (["parallel.lookahead=ring"], 'parallel.lookahead must be "halo" or "exchange"'),
+        (["parallel.halo_fill=ring"], 'parallel.halo_fill must be "sharding" or "exchange"'),
         (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1"),
         (
             ["parallel.dp=4", "parallel.dp_replicate=3"],
@@ -261,3 +261,12 @@ def test_the_memory_estimate_divides_what_tensor_parallelism_splits():
     two = memory_estimate(load_config(None, [*heads, "parallel.tp=2"]))
     for key in ("attention scores of one layer", "activations", "model and optimiser state"):
         assert two[key] == one[key] // 2, key
+
+
+def test_a_renamed_key_still_works_for_one_version_with_one_line(capsys):
+    cfg = load_config(None, ["parallel.lookahead=exchange"])
+    assert cfg.parallel.halo_fill == "exchange"
+    assert load_config(None, ["parallel.lookahead=halo"]).parallel.halo_fill == "sharding"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("warning: parallel.lookahead is deprecated") and len(err) == 2
+    assert "use parallel.halo_fill" in err[0]

@@ -1,8 +1,11 @@
-"""The package's import graph: one-way layers, no cycles (STYLE.md, "The house").
+"""The package's import graph: one-way layers, no cycles (docs/design.md#code-layers).
 
-The core (layout, lookahead, loss, mtp, models, model, batch, decoder, errors) imports nothing
-of parallel/, train/ or the CLI; decoding does not import training. Checked twice: by what a
-fresh interpreter actually loads, and statically over every ``import`` in ``src/``.
+The core (layout, lookahead, loss, mtp, models, mtp_model, batch, decoder, errors) imports
+nothing of hf/, parallel/, train/, data/ or the CLI; decoding does not import training. The one
+exception is each model's ``parallelize.py``, where a model meets ``parallel/``. Only train/
+and the CLI import the training config; no module imports another module's private name; the
+library never imports ``multitoken.testing``. Checked twice: by what a fresh interpreter
+actually loads, and statically over every ``import`` in ``src/``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "multitoken"
 CORE = ("multitoken.models", "multitoken.mtp_model", "multitoken.mtp", "multitoken.loss")
-UPPER = ("multitoken.parallel", "multitoken.train", "multitoken.cli", "multitoken.data")
+UPPER = (
+    "multitoken.hf",
+    "multitoken.parallel",
+    "multitoken.train",
+    "multitoken.cli",
+    "multitoken.data",
+    "multitoken.testing",
+)
+# Where a model meets parallel/: torchtitan's parallelize.py beside each model.
+PARALLELIZE = ("multitoken.models.parallelize", "multitoken.hf.parallelize")
 
 
 def _loaded_after_import(module: str) -> set[str]:
@@ -95,7 +107,52 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_core_modules_import_no_upper_layer_statically():
     graph = _graph()
-    core = [m for m in graph if m.startswith(CORE) or m in ("multitoken.layout",)]
+    core = [
+        m
+        for m in graph
+        if (m.startswith(CORE) or m in ("multitoken.layout",)) and m not in PARALLELIZE
+    ]
     for module in core + ["multitoken.decoding.generate", "multitoken.decoding.state"]:
         upper = sorted(m for m in graph[module] if m.startswith(UPPER))
         assert not upper, f"{module} imports {upper}"
+
+
+def test_only_train_and_the_cli_import_the_training_config():
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if "multitoken.train.config" in deps)
+    assert users, "the walk found no user of the training config"
+    outside = [m for m in users if not m.startswith(("multitoken.train", "multitoken.cli"))]
+    assert not outside, outside
+
+
+def test_the_library_never_imports_the_testing_package():
+    graph = _graph()
+    users = sorted(
+        m
+        for m, deps in graph.items()
+        if not m.startswith("multitoken.testing")
+        and any(d.startswith("multitoken.testing") for d in deps)
+    )
+    assert not users, users
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from multitoken.x import _name`` in ``path``: a private name taken across modules."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("multitoken"):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = {
+        str(p.relative_to(SRC)): names for p in SRC.rglob("*.py") if (names := _private_imports(p))
+    }
+    assert not found, found
+
+
+def test_private_import_finder_finds_one(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("from multitoken.loss import _secret, public\n")
+    assert _private_imports(path) == ["multitoken.loss._secret"]

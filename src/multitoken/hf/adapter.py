@@ -305,7 +305,7 @@ def declare_kv_hooks(module: nn.Module) -> None:
 
     transformers' attention modules of the supported architectures all project with
     ``q_proj`` / ``k_proj`` and call the registered "multitoken" attention function, which
-    reads the hook; declaring it is what lets :func:`multitoken.parallel.parallelize` find them
+    reads the hook; declaring it is what lets :func:`multitoken.parallel.apply_cp` find them
     (context parallelism sets it to the K/V all-gather over the CP group).
     """
     for sub in module.modules():

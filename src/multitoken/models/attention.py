@@ -123,7 +123,7 @@ class Attention(nn.Module):
     """Multi-head attention with grouped-query heads and rotary positions.
 
     ``kv_gather`` is the context-parallel hook: when set (by
-    :func:`multitoken.parallel.apply.parallelize`), it maps the stacked local rotated keys and
+    :func:`multitoken.parallel.apply_cp`), it maps the stacked local rotated keys and
     values ``[2, B, Hkv, T_local, d]`` to those of the whole row (sequence dim 3), and the
     :class:`AttentionMask` carries the matching key layout. The model never talks to other ranks.
 

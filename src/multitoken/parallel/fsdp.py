@@ -11,12 +11,13 @@ Two choices specific to MTP:
   unsharded from the forward through the backward: every MTP depth reads the embedding, and
   the loss reads the head after the forward returns (:func:`~multitoken.mtp_model.step_loss`).
 * Gradients are **summed**, not averaged, over the mesh: every rank's loss is already divided
-  by the valid-target count of the whole global batch (DESIGN.md section 4), so the sum of
-  the ranks' gradients is the gradient of the global loss.
+  by the valid-target count of the whole global batch (docs/design.md#loss-normalisation), so
+  the sum of the ranks' gradients is the gradient of the global loss.
 
-The mesh is ``ParallelGroups.fsdp_mesh``. By default it is the flattened data x
-context-parallel one (``dp_cp_mesh``): CP ranks hold different tokens of the same rows, so
-their gradients are summed exactly like DP ranks', and they share the parameter memory too.
+The mesh is :attr:`~multitoken.parallel.dims.ParallelDims.fsdp_mesh`. By default it is the
+flattened data x context-parallel one (``token_mesh``): CP ranks hold different tokens of the
+same rows, so their gradients are summed exactly like DP ranks', and they share the parameter
+memory too.
 With ``parallel.dp_replicate > 1`` it is 2-D, ``(dp_replicate, dp_shard x cp)``, and FSDP2 runs
 HSDP: each replica group holds one sharded copy, gradients are reduce-scattered inside it
 (skipped when it has one rank) and then all-reduced across the replicas, both as plain sums.
@@ -32,9 +33,21 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from multitoken.errors import InputError
-from multitoken.parallel.apply import decoder_layers
 
-__all__ = ["apply_fsdp", "fsdp_units"]
+__all__ = ["apply_fsdp", "fsdp_units", "decoder_layers"]
+
+
+def decoder_layers(model: nn.Module, who: str) -> list[nn.Module]:
+    """``model.decoder.layers`` as a list: the main transformer layers that ``who`` (the
+    function applying a parallelism) rewrites, or one error saying the model has none."""
+    decoder = getattr(model, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise InputError(
+            f"{who} needs model.decoder.layers (an nn.ModuleList of transformer layers); "
+            f"{type(decoder).__name__} has none"
+        )
+    return list(layers)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from multitoken.parallel.dims import ParallelDims
 from multitoken.parallel.plan import ShardPlan
 
 __all__ = [
@@ -50,14 +51,13 @@ def check_cp_group(
 ) -> None:
     """Refuse, before any collective, a group that is not made of whole CP groups.
 
-    On the ``(dp, cp, tp)`` mesh of :func:`~multitoken.parallel.mesh.build_mesh`, world rank
-    ``w`` has coordinates ``tp_rank = w % tp``, ``cp_rank = w // tp % cp`` and
-    ``dp_rank = w // (tp * cp)``. A CP group (or a DP x CP group) holds ranks of one
-    ``tp_rank``; in group order, member ``i`` has ``cp_rank = i % cp`` and each block of ``cp``
-    consecutive members shares one ``dp_rank``. With ``tp = 1`` that is: blocks of ``cp``
-    consecutive world ranks starting at a multiple of ``cp``. The test reads only the group's
-    member list, which every member sees alike, so a wrong group (the DP group, say) fails on
-    all of its members instead of leaving some in a collective.
+    On the mesh of :class:`~multitoken.parallel.dims.ParallelDims` (whose
+    :meth:`~multitoken.parallel.dims.ParallelDims.coordinates` give each world rank's place), a
+    CP group (or a DP x CP group) holds ranks of one ``tp_rank``; in group order, member ``i``
+    has ``cp_rank = i % cp`` and each block of ``cp`` consecutive members shares one
+    ``dp_rank``. The test reads only the group's member list, which every member sees alike, so
+    a wrong group (the DP group, say) fails on all of its members instead of leaving some in a
+    collective.
 
     Args:
         group: the group to check.
@@ -66,12 +66,11 @@ def check_cp_group(
         tp_size: the mesh's tensor-parallel size (the stride between CP peers).
     """
     ranks = dist.get_process_group_ranks(group)
-    tp_rank = {w % tp_size for w in ranks}
-    coords = [(w // (tp_size * cp_size), w // tp_size % cp_size) for w in ranks]  # (dp, cp)
+    coords = [ParallelDims.coordinates(w, cp_size, tp_size) for w in ranks]  # (dp, cp, tp)
     whole = (
         len(ranks) % cp_size == 0
-        and len(tp_rank) == 1
-        and all(cp == i % cp_size for i, (_, cp) in enumerate(coords))
+        and len({tp for _, _, tp in coords}) == 1
+        and all(cp == i % cp_size for i, (_, cp, _) in enumerate(coords))
         and all(coords[i][0] == coords[i - i % cp_size][0] for i in range(len(coords)))
     )
     if not whole or dist.get_rank(group) % cp_size != cp_rank:

@@ -1,4 +1,5 @@
-"""Joining the process group: one fresh namespace of the launcher's store per attempt.
+"""Joining the process group (:func:`init_distributed`): one fresh namespace of the launcher's
+store per attempt.
 
 ``torchrun`` hosts the store its ranks meet in (``TORCHELASTIC_USE_AGENT_STORE=True``: the agent
 of node 0 owns it, at ``MASTER_ADDR:MASTER_PORT``) and keeps that one store, with every key in
@@ -22,14 +23,17 @@ stale id waits for rank 0 to write the new one and joins that.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import uuid
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
-__all__ = ["attempt_store"]
+__all__ = ["attempt_store", "init_distributed", "local_device"]
 
 ROOT = "multitoken/attempt"
 CURRENT = f"{ROOT}/current"  # the id of the newest attempt, written by its rank 0
@@ -80,3 +84,49 @@ def attempt_store(
             )
         time.sleep(pause)
         pause = min(2 * pause, 0.2)
+
+
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:<LOCAL_RANK>`` (made current) when CUDA is available, else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Join the process group described by ``torchrun``'s environment; idempotent.
+
+    Without ``torchrun`` (no ``WORLD_SIZE``) it starts a one-rank group, so single-process
+    runs go through the same code. Under a launcher, every attempt (each restart of
+    ``torchrun --max-restarts``) joins in a namespace of the launcher's store of its own
+    (:func:`attempt_store`). The backend is NCCL when CUDA
+    is available, gloo otherwise.
+
+    Returns:
+        This rank's device (``cuda:<LOCAL_RANK>`` or ``cpu``).
+    """
+    use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
+    device = local_device() if use_cuda else torch.device("cpu")
+    if dist.is_initialized():
+        return device
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if "WORLD_SIZE" in os.environ:
+        # torch's own env:// store (a client of the agent's under torchrun, else hosted by
+        # rank 0), joined in a namespace of this attempt's own (see .rendezvous): torchrun
+        # --max-restarts restarts the ranks on a store that holds the last attempt's keys.
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size))
+        store.set_timeout(default_pg_timeout)
+        dist.init_process_group(
+            backend,
+            store=attempt_store(store, rank, world_size),
+            rank=rank,
+            world_size=world_size,
+            device_id=device if use_cuda else None,
+        )
+    else:
+        store = dist.FileStore(tempfile.mktemp(prefix="multitoken-store-"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    return device

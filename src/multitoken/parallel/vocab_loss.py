@@ -32,13 +32,13 @@ from multitoken.errors import InputError
 from multitoken.loss import (
     DEFAULT_CHUNK_ELEMENTS,
     LossStats,
-    _chunk_logits,
-    _chunk_rows,
-    _compute_dtype,
+    chunk_logits,
+    chunk_rows,
     chunked_backward,
+    compute_dtype,
     flat_loss_inputs,
 )
-from multitoken.parallel.apply import _all_gather
+from multitoken.parallel.kv_gather import all_gather_into
 
 __all__ = ["VocabParallelCrossEntropy"]
 
@@ -53,7 +53,7 @@ def _local_stats(hidden, weight, targets, owned, rows, dtype) -> Tensor:
     buffer = hidden.new_empty((rows, vocab_local), dtype=torch.float32)  # one chunk of logits
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
-        logits = _chunk_logits(hidden[start:stop].to(dtype), weight, buffer)  # (C, V / tp)
+        logits = chunk_logits(hidden[start:stop].to(dtype), weight, buffer)  # (C, V / tp)
         tgt = targets[start:stop]
         picked = logits.gather(1, tgt[:, None]).squeeze(1)
         row_max, top1 = logits.max(dim=-1)
@@ -87,16 +87,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # hidden (N, H) replicated over the group, weight (V / tp, H) this rank's rows,
         # targets (N,) global ids (0 where not valid).
         n_tokens, vocab_local = hidden.shape[0], weight.shape[0]
-        dtype = _compute_dtype(hidden, weight)
+        dtype = compute_dtype(hidden, weight)
         w = weight.to(dtype)
-        rows = min(_chunk_rows(vocab_local, chunk_elements), max(n_tokens, 1))
+        rows = min(chunk_rows(vocab_local, chunk_elements), max(n_tokens, 1))
         local_targets = targets - vocab_start
         owned = valid & (local_targets >= 0) & (local_targets < vocab_local)
         local_targets = torch.where(owned, local_targets, torch.zeros_like(local_targets))
         stats = _local_stats(hidden, w, local_targets, owned, rows, dtype)  # (N, 5)
         tp = dist.get_world_size(group)
         gathered = stats.new_empty((tp * n_tokens, 5))  # rank after rank along dim 0
-        _all_gather(gathered, stats, group)
+        all_gather_into(gathered, stats, group)
         lse, target_logit, hit = _combine(gathered.view(tp, n_tokens, 5))
         loss_sum = torch.where(valid, lse - target_logit, 0.0).sum()
         correct = (hit & valid).sum()
@@ -123,7 +123,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 class VocabParallelCrossEntropy:
     """:func:`~multitoken.loss.linear_cross_entropy` for a head sharded by vocabulary rows.
 
-    Set as ``MTPModel.cross_entropy`` by :func:`~multitoken.parallel.tensor.apply_tp`; a class
+    Returned by :func:`~multitoken.models.parallelize.apply_tp` for the step to pass; a class
     rather than a closure so the model stays picklable and prints its group.
 
     Args:

@@ -18,6 +18,10 @@ from typing import Any
 from multitoken.errors import FIXED, ConfigError, require
 from multitoken.models.gpt import GPTConfig
 from multitoken.mtp import MTPConfig
+from multitoken.parallel.dims import ParallelDims
+
+# How CP stripes get their halos (parallel.halo_fill).
+HALO_FILLS = ("sharding", "exchange")
 
 __all__ = [
     "TrainConfig",
@@ -194,8 +198,9 @@ class ParallelSection:
             of one replica (times cp) and all-reduces gradients across replicas. Must divide
             dp; 1 = shard over all dp * cp ranks. Same data and losses for every value.
         cp: context-parallel ranks (each row is sharded over them).
-        lookahead: "halo" (MTP lookahead filled when sharding, no messages) or "exchange"
-            (one collective per step from local shards).
+        halo_fill: how each CP stripe gets the up-to-D values that follow it in its document:
+            "sharding" (read from the global batch when it is sharded, no message) or
+            "exchange" (one all-to-all per step from local shards). Was parallel.lookahead.
         tp: tensor-parallel ranks (heads, feed-forward and vocabulary split over them).
         sequence_parallel: with tp > 1, split the activations between blocks (norms,
             residual adds) by sequence over the TP ranks; data.seq_len / cp must then be a
@@ -205,32 +210,21 @@ class ParallelSection:
     dp: int = 1
     dp_replicate: int = 1
     cp: int = 2
-    lookahead: str = "halo"
+    halo_fill: str = "sharding"
     tp: int = 1
     sequence_parallel: bool = True
 
     def __post_init__(self) -> None:
+        self.dims  # the sizes are checked once, by ParallelDims  # noqa: B018
         require(
-            [
-                (self.dp >= 1, "dp", "must be >= 1"),
-                (self.dp_replicate >= 1, "dp_replicate", "must be >= 1"),
-                (
-                    self.dp_replicate < 1 or self.dp % self.dp_replicate == 0,
-                    "dp_replicate",
-                    f"must divide parallel.dp={self.dp} (each replica shards over dp / "
-                    f"dp_replicate ranks; choose among "
-                    f"{', '.join(str(d) for d in range(1, self.dp + 1) if self.dp % d == 0)})",
-                ),
-                (self.cp >= 1, "cp", "must be >= 1"),
-                (self.tp >= 1, "tp", "must be >= 1"),
-                (
-                    self.lookahead in ("halo", "exchange"),
-                    "lookahead",
-                    'must be "halo" or "exchange"',
-                ),
-            ],
+            [(self.halo_fill in HALO_FILLS, "halo_fill", 'must be "sharding" or "exchange"')],
             self,
         )
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The layout these sizes describe (not yet built)."""
+        return ParallelDims(dp=self.dp, cp=self.cp, tp=self.tp, dp_replicate=self.dp_replicate)
 
     @property
     def world(self) -> int:

@@ -72,7 +72,23 @@ def _coerce(key: str, raw: Any, kind: type, from_cli: bool) -> Any:
     raise ConfigError(f"{key} must be {name}, got {raw!r}")
 
 
+# Keys renamed in 0.3, with the old values' new spelling: the old key works for one version,
+# with one line on stderr naming the new one.
+RENAMED: dict[str, tuple[str, dict[Any, Any]]] = {
+    "parallel.lookahead": ("parallel.halo_fill", {"halo": "sharding"}),
+}
+
+
 def _set(values: dict[str, dict[str, Any]], key: str, raw: Any, from_cli: bool) -> None:
+    if key in RENAMED:
+        new_key, new_values = RENAMED[key]
+        print(
+            f"warning: {key} is deprecated and will be removed in the next version: use "
+            f"{new_key}" + (f" ({', '.join(f'{a!r} is {b!r}' for a, b in new_values.items())})"
+                            if new_values else ""),
+            file=sys.stderr,
+        )  # fmt: skip
+        key, raw = new_key, new_values.get(raw, raw)
     section_name, _, name = key.partition(".")
     sections = _sections()
     if section_name not in sections or not name:

@@ -20,6 +20,7 @@ from multitoken.data.tokenizer import documents_with_eos
 from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
+from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
 from multitoken.mtp_model import MTPModel
 
@@ -91,18 +92,10 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos={self.eos_id})"
 
 
-# transformers' attention and MLP modules are not split by multitoken's tensor-parallel plan.
-_TP_REFUSAL = (
-    "parallel.tp={tp} with model.hf: tensor parallelism is not wired up for Hugging Face models; "
-    "use parallel.tp=1 (parallel.dp and parallel.cp work)"
-)
-
-
 def _check_folder(cfg) -> dict:
     """Everything about ``model.hf`` that can be refused without loading the weights."""
     path = cfg.model.hf
-    if cfg.parallel.tp > 1:
-        raise ConfigError(_TP_REFUSAL.format(tp=cfg.parallel.tp))
+    check_hf_layout(cfg.parallel.tp)
     config = read_config(path)
     if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
         raise ConfigError(
@@ -138,7 +131,7 @@ def hf_tokenizer(cfg) -> HFTokenizer:
 def build_hf_model(cfg, pad_id: int, device: torch.device | None = None) -> MTPModel:
     """The folder's model with ``mtp.depth`` depths (its MTP weights when it has them), on
     ``device``. Parallelism is applied from outside, by the same code as for the reference GPT
-    (:func:`multitoken.train.step.build_model`: context parallelism through the attention
+    (:func:`multitoken.train.model.build_model`: context parallelism through the attention
     modules' ``kv_gather`` hooks, then FSDP2); tensor parallelism is refused (see
     :func:`hf_tokenizer`, which runs first)."""
     model = load_hf_mtp_model(

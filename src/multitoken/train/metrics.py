@@ -8,12 +8,53 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from multitoken.errors import DataError
 
-__all__ = ["MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "read_metrics", "record", "Stopwatch"]
+
+
+def record(step: int, losses: list, accs: list, mtp_weight: float, **extra) -> dict[str, Any]:
+    """One ``metrics.jsonl`` record from per-depth losses and accuracies (index 0: main)."""
+    num_depths = len(losses) - 1
+    total = losses[0] + (mtp_weight / num_depths * sum(losses[1:]) if num_depths else 0.0)
+    out = {
+        "step": step,
+        "loss": total,
+        "loss_main": losses[0],
+        "loss_mtp": losses[1:],
+        "acc_main": accs[0],
+        "acc_mtp": accs[1:],
+    }
+    out.update(extra)
+    return out
+
+
+class Stopwatch:
+    """Training time only: evaluation and checkpointing run inside :meth:`paused`."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
+
+    def rate(self) -> float:
+        """Tokens per second since the last call, and restart."""
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.start, self.tokens = time.perf_counter(), 0
+        return rate
 
 
 class MetricsWriter:

@@ -1,164 +1,104 @@
 """The training loop of ``multitoken train``: one function run by every rank.
 
 Per step, on every rank: the same global batch from the deterministic loader, this rank's
-:class:`~multitoken.batch.StepBatch` (:func:`~multitoken.train.step.prepare_step`: its rows,
-its CP shard with the MTP halo, the global valid-target counts), the loss
-(:func:`~multitoken.mtp_model.step_loss` with the step's lambda), backward, gradients summed over
-all ranks (FSDP2's reduce-scatters, layer by layer), clip, AdamW. Metrics are summed over
-ranks and divided once (sum/sum).
+:class:`~multitoken.batch.StepBatch` (:func:`~multitoken.train.batching.rank_batch`: its rows,
+its CP shard with the MTP halos, the global valid-target counts), the loss
+(:func:`~multitoken.mtp_model.step_loss` with the step's lambda and the layout's
+cross-entropy), backward, gradients summed over all ranks (FSDP2's reduce-scatters, layer by
+layer), clip, the non-finite guard, AdamW. Metrics are summed over ranks and divided once
+(sum/sum).
+
+The parts, each with one job: the layout (:mod:`.ranks`), the model (:mod:`.model`), the
+optimiser and schedule (:mod:`.optim`), the batch (:mod:`.batching`), the checkpointer
+(:mod:`.checkpointer`), the guard (:mod:`.guard`), the records (:mod:`.metrics`,
+:mod:`.progress`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from multitoken.errors import CheckpointError, TrainingError, UserError, set_validation
-from multitoken.mtp_model import MTPModel, step_loss
-from multitoken.parallel import MetricSums, clip_grad_norm, grad_norm, local_device
+from multitoken.errors import set_validation
+from multitoken.mtp_model import step_loss
+from multitoken.parallel import MetricSums, ParallelDims, clip_grad_norm, grad_norm, local_device
 from multitoken.train import probes
-from multitoken.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
+from multitoken.train.batching import rank_batch
+from multitoken.train.checkpoint import resume_checkpoint
+from multitoken.train.checkpointer import Checkpointer, RunState
 from multitoken.train.config import TrainConfig
 from multitoken.train.data import PreparedData, prepare_data
+from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
-from multitoken.train.metrics import MetricsWriter
+from multitoken.train.metrics import MetricsWriter, Stopwatch, record
+from multitoken.train.model import build_model
+from multitoken.train.optim import build_optimizer, build_scheduler
 from multitoken.train.preflight import available_memory, check_memory
 from multitoken.train.progress import Progress
+from multitoken.train.ranks import on_rank0, setup_dims
 from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir, write_run_files
-from multitoken.train.step import (
-    Ranks,
-    build_model,
-    build_optimizer,
-    lr_lambda,
-    prepare_step,
-    setup_ranks,
-)
 
 __all__ = ["train"]
 
 
-class _Stopwatch:
-    """Training time only: evaluation and checkpointing run inside :meth:`paused`."""
+class Trainer:
+    """One run on one rank: its parts, and the named pieces of its loop."""
 
-    def __init__(self) -> None:
-        self.start, self.tokens = time.perf_counter(), 0
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - began
-
-    def rate(self) -> float:
-        """Tokens per second since the last call, and restart."""
-        elapsed = time.perf_counter() - self.start
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        self.start, self.tokens = time.perf_counter(), 0
-        return rate
-
-
-def _record(step: int, losses: list, accs: list, weight: float, **extra) -> dict[str, Any]:
-    depth = len(losses) - 1
-    total = losses[0] + (weight / depth * sum(losses[1:]) if depth else 0.0)
-    record = {
-        "step": step,
-        "loss": total,
-        "loss_main": losses[0],
-        "loss_mtp": losses[1:],
-        "acc_main": accs[0],
-        "acc_mtp": accs[1:],
-    }
-    record.update(extra)
-    return record
-
-
-def _on_rank0(ranks: Ranks, device: torch.device, decide: Callable[[], int]) -> int:
-    """Run ``decide`` on rank 0 only and hand every rank its result.
-
-    A :class:`UserError` on rank 0 is raised on every rank (the others with a pointer to rank
-    0's message) instead of leaving them waiting in the next collective.
-    """
-    value, error = 0, None
-    if ranks.is_main:
-        try:
-            value = decide()
-        except UserError as err:
-            error = err
-    if ranks.world_group is not None:
-        sent = torch.tensor([value, error is not None], dtype=torch.int64, device=device)
-        dist.broadcast(sent, group=ranks.world_group, group_src=0)
-        value, failed = (int(x) for x in sent.tolist())
-        if failed and error is None:
-            raise CheckpointError("rank 0 refused to start this run (its error says why)")
-    if error is not None:
-        raise error
-    return value
-
-
-class _Trainer:
-    """The state of one run on one rank, and the named parts of its loop."""
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        data: PreparedData,
-        ranks: Ranks,
-        device: torch.device,
-        signals: StopSignals | None = None,
-    ):
-        self.cfg, self.data, self.ranks, self.device = cfg, data, ranks, device
-        self.signals = signals or StopSignals()
+    def __init__(self, cfg: TrainConfig, data: PreparedData, dims: ParallelDims, device):
+        self.cfg, self.data, self.dims, self.device = cfg, data, dims, device
         tokenizer = data.tokenizer
-        self.model: MTPModel = build_model(
-            cfg, tokenizer.vocab_size, tokenizer.pad_id, ranks, device
+        self.model, self.cross_entropy = build_model(
+            cfg, tokenizer.vocab_size, tokenizer.pad_id, dims, device
         )
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.checkpointer = Checkpointer(
+            cfg.run_dir, self.model, self.optimizer, self.scheduler, data.train_loader,
+            dims.world_group, cfg.train.keep_checkpoints,
+        )  # fmt: skip
+        self.guard = NonFiniteGuard(
+            cfg.train.max_skipped_steps, dims.world_group, device, dims.is_main
+        )
+        self.state = RunState()
         self.val_start = data.val_loader.state_dict()
-        self.step, self.tokens_seen, self.resumed = 0, 0, False
-        self.skipped, self.skipped_in_a_row = 0, 0
         self.autocast = device.type == "cuda" and cfg.train.bf16
         self.batch_tokens = cfg.data.batch_size * cfg.data.seq_len
 
+    @property
+    def end(self) -> int:
+        """The last step this invocation trains (``train.stop_after`` stops early)."""
+        t = self.cfg.train
+        return min(t.steps, t.stop_after or t.steps)
+
     def restore(self, checkpoint: Path) -> None:
-        """Continue from a verified checkpoint (see :func:`resume_checkpoint`)."""
-        group = self.ranks.world_group
-        extra = load_checkpoint(checkpoint, self.model, self.optimizer, group)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.data.train_loader.load_state_dict(extra["loader"])
-        torch.set_rng_state(extra["rng"])
-        self.step, self.tokens_seen, self.resumed = extra["step"], extra["tokens"], True
-        self.skipped = extra.get("skipped", 0)
-        if self.ranks.is_main:
-            print(f"resuming {self.cfg.run_dir} from step {self.step} ({checkpoint.name})")
+        self.checkpointer.restore(checkpoint, self.state)
+        self.guard.skipped = self.state.skipped
+        if self.dims.is_main:
+            print(f"resuming {self.cfg.run_dir} from step {self.state.step} ({checkpoint.name})")
             t = self.cfg.train
-            end = min(t.steps, t.stop_after or t.steps)
-            if self.step >= end:
+            if self.state.step >= self.end:
                 key = (
                     "train.stop_after" if t.stop_after and t.stop_after < t.steps else "train.steps"
                 )
-                print(f"nothing to train: step {self.step} reaches {key}={end}; raise it to go on")
+                print(
+                    f"nothing to train: step {self.state.step} reaches {key}={self.end}; "
+                    "raise it to go on"
+                )
 
-    def forward(self, global_batch: dict[str, torch.Tensor], weight: float):
+    def save(self) -> None:
+        self.state.skipped = self.guard.skipped
+        self.checkpointer.save(self.state)
+
+    def forward(self, global_batch: dict[str, torch.Tensor], mtp_weight: float):
         cfg = self.cfg
-        batch = prepare_step(
-            global_batch,
-            self.ranks,
-            cfg.mtp.depth,
-            self.model.pad_id,
-            self.device,
-            cfg.parallel.lookahead,
-        )
+        batch = rank_batch(
+            global_batch, self.dims, cfg.mtp.depth, self.model.pad_id, self.device,
+            cfg.parallel.halo_fill,
+        )  # fmt: skip
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return step_loss(self.model, batch, weight)
+            return step_loss(self.model, batch, mtp_weight, cross_entropy=self.cross_entropy)
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, clipped to ``train.grad_clip`` when that is set."""
@@ -167,55 +107,27 @@ class _Trainer:
         clip = self.cfg.train.grad_clip
         return clip_grad_norm(params, clip) if clip > 0 else grad_norm(params)
 
-    def train_step(self, step: int, weight: float):
+    def train_step(self, step: int, mtp_weight: float, stop_requested: bool):
         """One update, or none when the loss or gradient norm is non-finite on any rank.
 
         Returns:
             ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
         """
-        losses = self.forward(next(self.data.train_loader), weight)
+        losses = self.forward(next(self.data.train_loader), mtp_weight)
         loss = losses.loss * float("nan") if probes.hit(f"nan{step}") else losses.loss
         loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
-        norm = self._grad_norm()
-        # One small all-reduce per step, so that every rank skips the same updates and stops
-        # after the same step (a signal may reach the ranks at different moments).
-        flags = torch.stack(
-            [
-                (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm.detach())).float(),
-                torch.tensor(float(self.signals.received is not None), device=norm.device),
-            ]
-        ).to(self.device)
-        if self.ranks.world_group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ranks.world_group)
-        nonfinite, stop = (bool(x) for x in flags.tolist())
+        nonfinite, stop = self.guard.check(loss, self._grad_norm(), stop_requested)
         if nonfinite:
-            self._skip(step)
+            self.guard.skip(step)
         else:
             self.optimizer.step()
-            self.skipped_in_a_row = 0
+            self.guard.applied()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return losses, lr, stop
 
-    def _skip(self, step: int) -> None:
-        """A non-finite update is never applied; too many in a row stop the run."""
-        self.skipped += 1
-        self.skipped_in_a_row += 1
-        limit = self.cfg.train.max_skipped_steps
-        if self.ranks.is_main:
-            print(f"warning: step {step}: non-finite loss or gradient norm, update skipped")
-        if self.skipped_in_a_row > limit:
-            first = step - self.skipped_in_a_row + 1
-            raise TrainingError(
-                f"non-finite loss or gradient norm at step {first}"
-                + (f" through {step}" if step > first else "")
-                + f" ({self.skipped_in_a_row} in a row, more than train.max_skipped_steps="
-                f"{limit}); the updates were skipped and no checkpoint holds them: lower "
-                "train.lr, raise train.warmup_steps or set train.grad_clip"
-            )
-
-    def evaluate(self, step: int, weight: float) -> dict[str, Any]:
+    def evaluate(self, step: int, mtp_weight: float) -> dict[str, Any]:
         """Losses on the same held-out batches at every evaluation."""
         cfg, loader = self.cfg, self.data.val_loader
         meter = MetricSums(cfg.mtp.depth, self.device)
@@ -225,70 +137,45 @@ class _Trainer:
             for _ in range(cfg.train.eval_batches):
                 meter.add(self.forward(next(loader), cfg.mtp.weight_at(0, cfg.train.steps)))
         self.model.train()
-        losses, accs, _ = meter.reduce(self.ranks.token_group)
-        return _record(step, losses, accs, weight, split="val", tokens=self.tokens_seen)
+        losses, accs, _ = meter.reduce(self.dims.token_group)
+        return record(step, losses, accs, mtp_weight, split="val", tokens=self.state.tokens)
 
-    def save(self, step: int) -> None:
-        extra = {
-            "step": step,
-            "tokens": self.tokens_seen,
-            "skipped": self.skipped,
-            "scheduler": self.scheduler.state_dict(),
-            "loader": self.data.train_loader.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        save_checkpoint(
-            self.cfg.run_dir,
-            step,
-            self.model,
-            self.optimizer,
-            extra,
-            self.ranks.world_group,
-            keep=self.cfg.train.keep_checkpoints,
+    def run(self, signals: StopSignals) -> dict[str, Any]:
+        t, is_main, end = self.cfg.train, self.dims.is_main, self.end
+        resumed = self.state.step if self.state.step else None
+        writer = (
+            MetricsWriter(self.cfg.run_dir, resumed, self.cfg.run.tensorboard) if is_main else None
         )
-
-    def run(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
-        end = min(t.steps, t.stop_after or t.steps)
-        is_main = self.ranks.is_main
-        writer = None
-        if is_main:
-            start = self.step if self.resumed else None
-            writer = MetricsWriter(cfg.run_dir, start, cfg.run.tensorboard)
-        progress = Progress(is_main, self.step, end)
-        meter = MetricSums(cfg.mtp.depth, self.device)
-        clock = _Stopwatch()
-        last: dict[str, Any] = {}
+        progress = Progress(is_main, self.state.step, end)
+        meter, clock, last = MetricSums(self.cfg.mtp.depth, self.device), Stopwatch(), {}
         self.model.train()
-        for step in range(self.step + 1, end + 1):
+        for step in range(self.state.step + 1, end + 1):
             probes.hit(f"step{step}")
-            weight = cfg.mtp.weight_at(step, t.steps)
-            losses, lr, stop = self.train_step(step, weight)
+            mtp_weight = self.cfg.mtp.weight_at(step, t.steps)
+            losses, lr, stop = self.train_step(step, mtp_weight, signals.received is not None)
             meter.add(losses)
-            self.tokens_seen += self.batch_tokens
+            self.state.step, self.state.tokens = step, self.state.tokens + self.batch_tokens
             clock.tokens += self.batch_tokens
             if step % t.log_every == 0 or step == end or stop:
-                mean_losses, accs, _ = meter.reduce(self.ranks.token_group)
-                rate = clock.rate()
-                last = _record(
-                    step, mean_losses, accs, weight, tokens=self.tokens_seen, lr=lr,
-                    tokens_per_s=rate, skipped=self.skipped,
+                mean_losses, accs, _ = meter.reduce(self.dims.token_group)
+                last = record(
+                    step, mean_losses, accs, mtp_weight, tokens=self.state.tokens, lr=lr,
+                    tokens_per_s=clock.rate(), skipped=self.guard.skipped,
                 )  # fmt: skip
                 if writer:
                     writer.write(last)
                 progress.train(last)
             with clock.paused():
                 if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                    val = self.evaluate(step, weight)
+                    last["val"] = self.evaluate(step, mtp_weight)
                     if writer:
-                        writer.write(val)
-                    progress.val(val)
-                    last["val"] = val
+                        writer.write(last["val"])
+                    progress.val(last["val"])
                 if (t.save_every and step % t.save_every == 0) or step == end or stop:
-                    self.save(step)
+                    self.save()
             progress.advance(step)
             if stop:
-                last["stopped_by"] = self.signals.received or 0
+                last["stopped_by"] = signals.received or 0
                 break
         progress.close()
         if writer:
@@ -307,42 +194,43 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
 
     Args:
         cfg: the resolved configuration.
-        data: already prepared data (single process); None = prepare it here.
+        data: data this process already prepared, after checking the run folder and the
+            model's vocabulary (``multitoken train`` in one process); None = do both here.
     """
     device = local_device()
     if device.type == "cuda":  # the launcher checked host memory; a GPU is checked here
         check_memory(cfg, available_memory(device))
-    ranks = setup_ranks(cfg, device)
-    run_dir, mode = cfg.run_dir, cfg.train.resume
+    dims = setup_dims(cfg, device)
     lock: RunLock | None = None
-    checkpoints = run_dir / "checkpoints"
+    checked_here = data is not None
 
     def decide_start() -> int:  # rank 0: the step to resume from, -1 = a fresh start
         nonlocal lock
-        if not RunLock.held_here(run_dir):
-            lock = RunLock(run_dir).acquire()
-        check_run_dir(run_dir, mode, cfg.run.overwrite)
-        if mode:
-            check_resume_config(run_dir, cfg)
-        path = resume_checkpoint(run_dir, mode)
+        if not RunLock.held_here(cfg.run_dir):
+            lock = RunLock(cfg.run_dir).acquire()
+        if not checked_here:
+            check_run_dir(cfg.run_dir, cfg.train.resume, cfg.run.overwrite)
+            if cfg.train.resume:
+                check_resume_config(cfg.run_dir, cfg)
+        path = resume_checkpoint(cfg.run_dir, cfg.train.resume)
         return -1 if path is None else int(path.name.removeprefix("step_"))
 
     try:
         with StopSignals() as signals:
-            start = _on_rank0(ranks, device, decide_start)
+            start = on_rank0(dims, device, decide_start)
             if data is None:
-                data = prepare_data(cfg, verbose=False, group=ranks.world_group)
-            resuming = start >= 0
-            if not cfg.model.hf:  # the vocabulary fits the model and tp, before any write
-                cfg.model_config(data.tokenizer.vocab_size)
-            _on_rank0(ranks, device, lambda: write_run_files(cfg, data.tokenizer, resuming) or 0)
+                data = prepare_data(cfg, verbose=False, group=dims.world_group)
+                if not cfg.model.hf:  # the vocabulary fits the model and tp, before any write
+                    cfg.model_config(data.tokenizer.vocab_size)
+            write = lambda: write_run_files(cfg, data.tokenizer, start >= 0) or 0  # noqa: E731
+            on_rank0(dims, device, write)
             set_validation(cfg.train.check_inputs)
-            trainer = _Trainer(cfg, data, ranks, device, signals)
-            if resuming:
-                trainer.restore(checkpoints / f"step_{start:06d}")
-            if signals.received is None:
-                return trainer.run()
-            return {"stopped_by": signals.received}  # stopped before the first step
+            trainer = Trainer(cfg, data, dims, device)
+            if start >= 0:
+                trainer.restore(cfg.run_dir / "checkpoints" / f"step_{start:06d}")
+            if signals.received is not None:
+                return {"stopped_by": signals.received}  # stopped before the first step
+            return trainer.run(signals)
     finally:
         if lock is not None:
             lock.release()

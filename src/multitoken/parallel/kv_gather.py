@@ -1,4 +1,4 @@
-"""``parallelize(model, groups)``: context parallelism applied to a plain model from outside.
+"""``apply_cp(model, cp_group)``: context parallelism's attention, applied from outside.
 
 Under CP each rank holds a shard of every row (:mod:`.context`). Attention is the only layer
 that mixes tokens, and it only needs the keys and values of the whole row: every
@@ -8,7 +8,8 @@ while the queries stay local and the mask is built from global positions and doc
 (``kv_layout``). This is the approach Llama 3 used at 128k context: it supports document masks
 and grouped-query attention directly, and with GQA only the KV heads travel.
 
-The model never imports ``torch.distributed``; this module sets the hooks.
+The model never imports ``torch.distributed``; this module sets the hooks. It knows no model's
+attribute names: it looks for modules that declare the hook.
 """
 
 from __future__ import annotations
@@ -18,25 +19,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from multitoken.errors import InputError
-from multitoken.models.attention import Attention
 
-__all__ = ["parallelize", "SequenceGather", "gather_sequence", "decoder_layers"]
-
-
-def decoder_layers(model: nn.Module, who: str) -> list[nn.Module]:
-    """``model.decoder.layers`` as a list: the main transformer layers that ``who`` (the
-    function applying a parallelism) rewrites, or one error saying the model has none."""
-    decoder = getattr(model, "decoder", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise InputError(
-            f"{who} needs model.decoder.layers (an nn.ModuleList of transformer layers); "
-            f"{type(decoder).__name__} has none"
-        )
-    return list(layers)
+__all__ = [
+    "apply_cp",
+    "SequenceGather",
+    "gather_sequence",
+    "all_gather_into",
+    "reduce_scatter_into",
+]
 
 
-def _all_gather(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
+def all_gather_into(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
     # all_gather_single is the torch >= 2.10 name; the older one warns there.
     if hasattr(dist, "all_gather_single"):
         dist.all_gather_single(out, x, group=group)
@@ -44,7 +37,7 @@ def _all_gather(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
         dist.all_gather_into_tensor(out, x, group=group)
 
 
-def _reduce_scatter(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
+def reduce_scatter_into(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
     if hasattr(dist, "reduce_scatter_single"):
         dist.reduce_scatter_single(out, x, group=group)
     else:
@@ -61,7 +54,7 @@ class _GatherSequence(torch.autograd.Function):
         # Collectives concatenate along dim 0; move the sequence there and back.
         local = x.movedim(dim, 0).contiguous()  # (T, ...)
         out = local.new_empty((world * local.shape[0], *local.shape[1:]))  # (cp * T, ...)
-        _all_gather(out, local, group)
+        all_gather_into(out, local, group)
         return out.movedim(0, dim)
 
     @staticmethod
@@ -69,7 +62,7 @@ class _GatherSequence(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         full = grad.movedim(ctx.dim, 0).contiguous()  # (cp * T, ...)
         out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-        _reduce_scatter(out, full, ctx.group)
+        reduce_scatter_into(out, full, ctx.group)
         return out.movedim(0, ctx.dim), None, None
 
 
@@ -104,32 +97,32 @@ class SequenceGather:
         return f"SequenceGather(ranks={ranks}, dim={self.dim})"
 
 
-def parallelize(model: nn.Module, groups) -> nn.Module:
-    """Apply context parallelism to ``model`` in place and return it.
+def apply_cp(model: nn.Module, cp_group: dist.ProcessGroup | None) -> nn.Module:
+    """Apply context parallelism's attention to ``model`` in place and return it.
 
     Sets ``kv_gather`` on every attention module that declares the hook (an attribute named
-    ``kv_gather``: the reference :class:`Attention`, and every attention module of a Hugging
-    Face model wrapped by :class:`~multitoken.hf.HFDecoder`), main layers and MTP depths, to an
-    all-gather over ``groups.cp_group``; with ``cp_size == 1`` (or ``groups`` None) it clears
-    the hooks. Feed the model :meth:`CPShard.step_batch` so the mask sees the gathered keys'
-    layout.
+    ``kv_gather``: the reference :class:`~multitoken.models.attention.Attention`, and every
+    attention module of a Hugging Face model wrapped by :class:`~multitoken.hf.HFDecoder`), main
+    layers and MTP depths, to an all-gather over ``cp_group``; with ``cp_group`` None (or of one
+    rank) it clears the hooks. Feed the model :meth:`CPShard.step_batch` so the mask sees the
+    gathered keys' layout.
 
     Args:
         model: any module containing attention modules that declare ``kv_gather``.
-        groups: a :class:`~multitoken.parallel.mesh.ParallelGroups` (or anything with
-            ``cp_group`` and ``cp_size``), or None.
+        cp_group: the CP group (:attr:`~multitoken.parallel.dims.ParallelDims.cp_group`), or
+            None.
     """
     hook = None
-    if groups is not None and groups.cp_size > 1:
-        hook = SequenceGather(groups.cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        hook = SequenceGather(cp_group, dim=3)  # [2 (K, V), B, Hkv, T, d]
     found = 0
     for module in model.modules():
-        if isinstance(module, Attention) or hasattr(module, "kv_gather"):
+        if hasattr(module, "kv_gather"):
             module.kv_gather = hook
             found += 1
     if hook is not None and not found:
         raise InputError(
-            f"parallelize found no attention module with a kv_gather hook in "
+            f"apply_cp found no attention module with a kv_gather hook in "
             f"{type(model).__name__}: context parallelism would silently attend to local keys "
             "only; use parallel.cp=1"
         )
