@@ -4,8 +4,8 @@ Every way starts from the same local shard (rank r's chunks r and 2cp-1-r of eve
 and ends with the same ``mtp_input_ids [D, B, T_local]`` and ``depth_labels [D+1, B, T_local]``
 (checked equal on every rank):
 
-* ``halo``: the halos are read from the global batch the loader already holds (DESIGN.md
-  section 4, way 1); no message.
+* ``halo``: the halos are read from the global batch the loader already holds
+  (docs/design.md#context-parallelism, filled at sharding time); no message.
 * ``exchange``: the fallback; the halos of every document, depth and tensor travel in one
   ``all_to_all_single`` routed from the layout.
 * ``roll``: the approach the library replaces; each tensor is rolled by one position per depth,

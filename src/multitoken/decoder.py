@@ -1,4 +1,5 @@
-"""What Multi-Token Prediction needs from a decoder, written down once (DESIGN.md section 7).
+"""What Multi-Token Prediction needs from a decoder, written down once
+(docs/design.md#decoder-interface).
 
 MTP sits on top of a decoder-only language model and needs only a few things from it: embed
 token ids, run the main layers on a layout to the final normed hidden state ``h^0``, build a

@@ -9,7 +9,7 @@ whatever the number of tokens and depths.
 
 Normalisation is the caller's choice: the function returns a *sum* over valid targets, and the
 model divides by the number of valid targets summed over every rank that shares the batch
-(DESIGN.md section 4), so that a rank with no valid target contributes 0, never 0/0.
+(docs/design.md#context-parallelism), so that a rank with no valid target contributes 0, never 0/0.
 """
 
 from __future__ import annotations

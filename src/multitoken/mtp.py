@@ -1,7 +1,7 @@
 """The DeepSeek-V3 Multi-Token Prediction module, for any decoder.
 
 Depth k (k = 1..D) maps the previous depth's hidden state and the embedding of the token k
-places ahead to a new hidden state (DESIGN.md section 1)::
+places ahead to a new hidden state (docs/design.md#mtp-formula)::
 
     h_i^k = FinalNorm_k(Layer_k(Proj_k([ENorm_k(Emb(t_{i+k})) ; HNorm_k(h_i^{k-1})])))
 

@@ -1,4 +1,4 @@
-"""Nothing in a checkpoint runs code when it is loaded (DESIGN.md section 10).
+"""Nothing in a checkpoint runs code when it is loaded (docs/design.md#run-guarantees).
 
 Each test plants a pickle whose loading would create a marker file, and first shows that the
 stock torch path does run it (so the test can fail), then that multitoken's does not.

@@ -1,5 +1,5 @@
 """The HF adapter: packing exactness per architecture, D = 0 against transformers' own loss,
-the mask traps of DESIGN.md section 9, and refusals."""
+the mask traps of docs/design.md#weight-formats, and refusals."""
 
 from dataclasses import replace
 

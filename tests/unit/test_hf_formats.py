@@ -34,7 +34,7 @@ def block_keys(model_type="llama"):
 
 
 def released_names(fmt, depth, model_type="llama"):
-    """The key names as the issue and DESIGN.md section 9 spell them."""
+    """The key names as the issue and docs/design.md#weight-formats spell them."""
     names = []
     for k in range(depth):
         if fmt == "deepseek":

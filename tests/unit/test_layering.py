@@ -1,4 +1,4 @@
-"""The package's import graph: one-way layers, no cycles (docs/design.md#code-layers).
+"""The package's import graph: one-way layers, no cycles (docs/design.md#glossary).
 
 The core (layout, lookahead, loss, mtp, models, mtp_model, batch, decoder, errors) imports
 nothing of hf/, parallel/, train/, data/ or the CLI; decoding does not import training. The one

@@ -49,7 +49,7 @@ def test_lookahead_equals_naive_loop(batch_spec, fill, seed):
 
 
 def test_seed_example_valid_target_masks():
-    # Depth D = 2, one row, documents [0, 5) and [5, 12) (DESIGN.md, issue 2).
+    # Depth D = 2, one row, documents [0, 5) and [5, 12) (docs/design.md#lookahead).
     layout = SequenceLayout.from_cu_seqlens(torch.tensor([0, 5, 12]), shape=(1, 12))
     ids = torch.arange(100, 112)[None]
     labels = lookahead(ids, layout, 1, IGNORE_INDEX)

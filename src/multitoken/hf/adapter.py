@@ -1,4 +1,4 @@
-"""The decoder interface for a Hugging Face causal LM (DESIGN.md section 7).
+"""The decoder interface for a Hugging Face causal LM (docs/design.md#decoder-interface).
 
 :class:`HFDecoder` wraps a transformers ``*ForCausalLM`` and implements
 :class:`~multitoken.decoder.Decoder`: the embedding, the output head and the rotary embedding

@@ -9,7 +9,8 @@ for ``"sdpa"``, an additive float mask for ``"eager"``, a FlexAttention ``BlockM
 
 Why not let transformers build the mask from ``position_ids``: its packed-sequence detection is
 switched off silently by any 2D attention mask, by ``use_cache=True`` and by rolled position ids
-(DESIGN.md section 9). Here the mask comes from the :class:`~multitoken.layout.SequenceLayout`
+(docs/design.md#weight-formats). Here the mask comes from the
+:class:`~multitoken.layout.SequenceLayout`
 alone, so it cannot be switched off, and it carries the key layout under context parallelism
 and when decoding with a cache, like the reference model's :class:`AttentionMask`.
 

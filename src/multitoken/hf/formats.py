@@ -1,4 +1,5 @@
-"""Released MTP weight formats, in and out, by the names the serving engines load (DESIGN.md 9).
+"""Released MTP weight formats, in and out, by the names the serving engines load
+(docs/design.md#weight-formats).
 
 * ``deepseek`` (DeepSeek-V3/R1, GLM-4.5): ``model.layers.{L+k}.{enorm, hnorm, eh_proj,
   shared_head.norm}`` + the block, and per-depth copies ``embed_tokens``, ``shared_head.head``;

@@ -13,7 +13,7 @@ rank's *extended* buffer, where local chunk c (C = 2 per piece) is followed by i
 The halo of a chunk shorter than D reaches several chunks ahead, so its values can come from
 several ranks: owners are derived from the plan, never assumed to be the neighbour.
 
-Two ways to fill halos (DESIGN.md section 4): from the global batch at sharding time
+Two ways to fill halos (docs/design.md#context-parallelism): from the global batch at sharding time
 (:func:`halo_from_global`, no communication), or with one ``all_to_all_single`` over the CP
 group from the local shards alone (:class:`HaloRoute`, :func:`exchange_values`).
 """

@@ -1,6 +1,7 @@
 """Which rank holds which token: the load-balanced context-parallel split of a batch.
 
-The split is the one Megatron-LM and TransformerEngine use (DESIGN.md section 4). Every
+The split is the one Megatron-LM and TransformerEngine use (docs/design.md#context-parallelism).
+Every
 *piece* of a row (a document, a run of ``doc_id == -1`` tokens, or the whole row when the batch
 is unpacked) is padded to a multiple of ``2 * cp`` and cut into ``2 * cp`` equal chunks; rank r
 keeps chunks ``r`` and ``2 * cp - 1 - r`` of every piece, in row order. Causal attention costs

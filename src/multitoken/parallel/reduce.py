@@ -1,6 +1,7 @@
 """The collectives of a data- and context-parallel step: normalise, sync gradients, log.
 
-Normalisation is global (DESIGN.md section 4): every rank divides its local loss sum by the
+Normalisation is global (docs/design.md#context-parallelism): every rank divides its local loss sum
+by the
 number of valid targets summed over the DP x CP group, per depth. Summing the ranks' losses
 then gives the unsharded loss, and summing their gradients gives its gradient, so the gradient
 sync is a plain sum. A rank without a valid target at some depth contributes ``0 / N = 0``.
