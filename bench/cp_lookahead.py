@@ -45,7 +45,7 @@ from _common import (  # noqa: E402
 )
 from multitoken import next_token_labels  # noqa: E402
 from multitoken.parallel import ParallelGroups, exchange_halo, shard_batch  # noqa: E402
-from multitoken.parallel.halo import halo_from_global, halo_targets  # noqa: E402
+from multitoken.parallel.halo import halo_from_global, halo_sources  # noqa: E402
 from multitoken.testing.comms import count_comms  # noqa: E402
 
 PAD, IGNORE, VOCAB = 0, -100, 32000
@@ -61,9 +61,9 @@ def make_batch(rows: int, seqlen: int, docs: int, seed: int):
 
 
 def by_halo(bare, ids, labels):
-    targets = halo_targets(bare.plan, bare.cp_rank, bare.depth)
+    sources = halo_sources(bare.plan, bare.cp_rank, bare.depth)
     return bare.with_halo(
-        halo_from_global(ids, targets, PAD), halo_from_global(labels, targets, IGNORE)
+        halo_from_global(ids, sources, PAD), halo_from_global(labels, sources, IGNORE)
     )
 
 

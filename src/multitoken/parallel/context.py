@@ -29,7 +29,7 @@ from multitoken.parallel.halo import (
     check_cp_group,
     exchange_values,
     halo_from_global,
-    halo_targets,
+    halo_sources,
 )
 from multitoken.parallel.plan import ShardPlan, plan_shards
 
@@ -90,11 +90,11 @@ class CPShard:
         self, halo_ids: Tensor, halo_labels: Tensor, valid: Tensor | None = None
     ) -> CPShard:
         """This shard with its halos and the MTP inputs and targets computed from them
-        (``valid``: the halo slots that hold a value, ``halo_targets(...).valid``, when the
+        (``valid``: the halo slots that hold a value, ``halo_sources(...).valid``, when the
         caller has it already)."""
         plan, depth = self.plan, self.depth
         if valid is None:
-            valid = halo_targets(plan, self.cp_rank, depth).valid
+            valid = halo_sources(plan, self.cp_rank, depth).valid
         index = HaloIndex.build(plan, self.cp_rank, depth, valid)
         shifts = list(range(1, depth + 1))
         return replace(
@@ -240,11 +240,11 @@ def shard_batch(
     )
     if not halo:
         return shard
-    targets = halo_targets(plan, cp_rank, depth)
+    sources = halo_sources(plan, cp_rank, depth)
     return shard.with_halo(
-        halo_from_global(input_ids, targets, pad_id),
-        halo_from_global(labels, targets, ignore_index),
-        targets.valid,
+        halo_from_global(input_ids, sources, pad_id),
+        halo_from_global(labels, sources, ignore_index),
+        sources.valid,
     )
 
 

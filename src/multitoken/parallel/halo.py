@@ -34,8 +34,8 @@ __all__ = [
     "HaloRoute",
     "ShardMismatchError",
     "check_cp_group",
-    "halo_targets",
-    "halo_targets_all_ranks",
+    "halo_sources",
+    "halo_sources_all_ranks",
     "halo_from_global",
     "exchange_values",
 ]
@@ -83,7 +83,7 @@ def check_cp_group(
 
 
 @dataclass(frozen=True)
-class HaloTargets:
+class HaloSources:
     """Where the halo values of one rank's chunks live (each field ``[..., C, D]``: halo slot
     ``d`` of local chunk ``c`` holds the value ``d + 1`` places after the chunk's last token)."""
 
@@ -92,32 +92,32 @@ class HaloTargets:
     owner: Tensor  # rank holding the value
     owner_flat: Tensor  # flat index of the value in the owner's [B, T_local] shard
 
-    def map(self, fn: Callable[[Tensor], Tensor]) -> HaloTargets:
+    def map(self, fn: Callable[[Tensor], Tensor]) -> HaloSources:
         """``fn`` applied to every field."""
         fields = (self.valid, self.global_flat, self.owner, self.owner_flat)
-        return HaloTargets(*(fn(t) for t in fields))
+        return HaloSources(*(fn(t) for t in fields))
 
-    def by_slot(self) -> HaloTargets:
-        """The same targets with one entry per halo slot: every field ``[..., C * D]``."""
+    def by_slot(self) -> HaloSources:
+        """The same sources with one entry per halo slot: every field ``[..., C * D]``."""
         return self.map(lambda t: t.flatten(-2))
 
 
-def halo_targets(plan: ShardPlan, cp_rank: int, depth: int) -> HaloTargets:
+def halo_sources(plan: ShardPlan, cp_rank: int, depth: int) -> HaloSources:
     """Halo sources of every local chunk of rank ``cp_rank``: each field ``[C, D]``.
 
     Local chunk ``c = 2 * piece + second`` (the first chunk of a piece, then its second) owns
     halo slots ``c * D .. c * D + D - 1``.
     """
     ranks = torch.tensor([cp_rank], device=plan.row.device)
-    return _halo_targets(plan, ranks, depth).map(lambda t: t[0])
+    return _halo_sources(plan, ranks, depth).map(lambda t: t[0])
 
 
-def halo_targets_all_ranks(plan: ShardPlan, depth: int) -> HaloTargets:
-    """:func:`halo_targets` of every rank at once: each field ``[cp, C, D]``, row r for rank r."""
-    return _halo_targets(plan, torch.arange(plan.cp_size, device=plan.row.device), depth)
+def halo_sources_all_ranks(plan: ShardPlan, depth: int) -> HaloSources:
+    """:func:`halo_sources` of every rank at once: each field ``[cp, C, D]``, row r for rank r."""
+    return _halo_sources(plan, torch.arange(plan.cp_size, device=plan.row.device), depth)
 
 
-def _halo_targets(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloTargets:
+def _halo_sources(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloSources:
     """Halo sources of the ``R`` ranks in ``cp_ranks``: each field ``[R, C, D]``."""
     cp = plan.cp_size
     device = plan.row.device
@@ -143,7 +143,7 @@ def _halo_targets(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloTargets:
     owner_offset = torch.where(owners_first, 0, chunk_len) + offset_in_chunk
     row, start = plan.row[piece][:, None], plan.start[piece][:, None]  # (C, 1)
     local_start = plan.local_start[piece][:, None]  # (C, 1)
-    return HaloTargets(
+    return HaloSources(
         valid=valid,
         global_flat=(row * plan.seqlen + start + offset).expand_as(offset),
         owner=owner,
@@ -218,11 +218,11 @@ class HaloIndex:
         return out.view(len(shifts), *self.shape)
 
 
-def halo_from_global(values: Tensor, targets: HaloTargets, fill: int) -> Tensor:  # (C, D)
+def halo_from_global(values: Tensor, sources: HaloSources, fill: int) -> Tensor:  # (C, D)
     """Halo of every local chunk read from the global ``[B, T]`` tensor ``values``."""
     flat = values.reshape(-1)
-    safe = torch.where(targets.valid, targets.global_flat, 0)
-    return torch.where(targets.valid, flat[safe], torch.full_like(flat[safe], fill))
+    safe = torch.where(sources.valid, sources.global_flat, 0)
+    return torch.where(sources.valid, flat[safe], torch.full_like(flat[safe], fill))
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ class HaloRoute:
     def build(cls, plan: ShardPlan, cp_rank: int, depth: int) -> HaloRoute:
         cp = plan.cp_size
         # Every rank's needs, one entry per halo slot: fields (cp, C * D).
-        needs = halo_targets_all_ranks(plan, depth).by_slot()
+        needs = halo_sources_all_ranks(plan, depth).by_slot()
         requester_rank = torch.arange(cp, device=plan.row.device)[:, None]  # (cp, 1)
         from_peer = needs.valid & (needs.owner != requester_rank)
         # What I send: slots of every other rank that I own, ordered by (requester, slot).
