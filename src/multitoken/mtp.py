@@ -223,7 +223,7 @@ def depth_losses(
     hidden_states: Sequence[Tensor],
     head_weight: Tensor,
     depth_labels: Tensor,
-    loss_weight: float,
+    mtp_weight: float,
     loss_normalizer: Tensor | None = None,
     ignore_index: int = -100,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -235,7 +235,7 @@ def depth_losses(
         hidden_states: D + 1 tensors ``[B, T, H]``: ``h^0`` then each depth's.
         head_weight: ``[V, H]`` shared output-head weight.
         depth_labels: ``[D + 1, B, T]`` targets (``ignore_index`` where none).
-        loss_weight: lambda.
+        mtp_weight: lambda.
         loss_normalizer: ``[D + 1]`` valid-target counts to divide by; pass the counts summed
             over every rank that shares the batch (context and data parallel) so that summing
             losses and gradients over ranks gives the unsharded ones. ``None``: local counts.
@@ -267,5 +267,5 @@ def depth_losses(
     depth = depth_loss.shape[0] - 1
     loss = depth_loss[0]
     if depth > 0:
-        loss = loss + (loss_weight / depth) * depth_loss[1:].sum()
+        loss = loss + (mtp_weight / depth) * depth_loss[1:].sum()
     return DepthLosses(loss, depth_loss, depth_tokens, torch.stack(correct), loss_sum.detach())

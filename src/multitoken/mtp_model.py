@@ -138,7 +138,7 @@ class MTPModel(nn.Module):
         labels: Tensor,
         layout: SequenceLayout | None = None,
         *,
-        loss_weight: float | None = None,
+        mtp_weight: float | None = None,
         normalizer: Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
     ) -> DepthLosses:
@@ -148,26 +148,26 @@ class MTPModel(nn.Module):
             input_ids: ``[B, T]`` token ids.
             labels: ``[B, T]`` next-token labels (see :func:`~multitoken.next_token_labels`).
             layout: documents; None = one document per row.
-            loss_weight: lambda; None = ``config.loss_weight``.
+            mtp_weight: lambda; None = ``config.loss_weight``.
             normalizer: ``[D + 1]`` counts to divide by; None = this batch's.
             ignore_index: the "no target" label.
         """
         batch = StepBatch.build(input_ids, labels, layout, self.depth, self.pad_id, ignore_index)
         if normalizer is not None:
             batch = replace(batch, normalizer=normalizer)
-        weight = self.config.loss_weight if loss_weight is None else loss_weight
-        return step_loss(self, batch, weight, ignore_index)
+        mtp_weight = self.config.loss_weight if mtp_weight is None else mtp_weight
+        return step_loss(self, batch, mtp_weight, ignore_index)
 
 
 def step_loss(
-    model: nn.Module, batch: StepBatch, loss_weight: float, ignore_index: int = IGNORE_INDEX
+    model: nn.Module, batch: StepBatch, mtp_weight: float, ignore_index: int = IGNORE_INDEX
 ) -> DepthLosses:
     """The loss of one step: ``model``'s hidden states through the shared head, per depth.
 
     Args:
         model: an :class:`MTPModel` (possibly wrapped by a parallelism that keeps its call).
         batch: this rank's :class:`~multitoken.batch.StepBatch`.
-        loss_weight: the step's lambda (schedules pass it here; nothing is mutated).
+        mtp_weight: the step's lambda (schedules pass it here; nothing is mutated).
         ignore_index: the "no target" label.
     """
     hidden_states = model(
@@ -194,7 +194,7 @@ def step_loss(
         hidden_states,
         model.head_weight,
         depth_labels,
-        loss_weight,
+        mtp_weight,
         batch.normalizer,
         ignore_index,
         model.config.loss_chunk_elements,
