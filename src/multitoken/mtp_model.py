@@ -9,7 +9,8 @@ users.
 
 Example (the reference GPT, packed documents, D = 2)::
 
-    >>> model = MTPModel.from_config(GPTConfig.preset("tiny", vocab_size=4096), MTPConfig(depth=2))
+    >>> tiny = GPTConfig.preset("tiny", vocab_size=4096)
+    >>> model = MTPModel.from_config(tiny, MTPConfig(num_depths=2))
     >>> ids = torch.randint(1, 4096, (2, 16))
     >>> layout = SequenceLayout.from_lengths([[5, 11], [16]])
     >>> out = model.loss(ids, next_token_labels(ids, layout), layout)
@@ -65,7 +66,7 @@ class MTPModel(nn.Module):
         self.decoder = decoder
         self.config = config
         self.pad_id = pad_id
-        self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
+        self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.num_depths else None
         # The head's cross-entropy; tensor parallelism swaps in the vocabulary-parallel one.
         self.cross_entropy = linear_cross_entropy
         if config.freeze_base:
@@ -75,13 +76,13 @@ class MTPModel(nn.Module):
 
     @classmethod
     def from_config(cls, decoder_config: GPTConfig, mtp: MTPConfig, *, pad_id: int = 0) -> MTPModel:
-        """The reference GPT with ``mtp.depth`` depths, every weight initialised together.
+        """The reference GPT with ``mtp.num_depths`` depths, every weight initialised together.
 
         The residual projections of the main and MTP layers are scaled by their total count
         (:func:`~multitoken.models.gpt.init_weights`).
         """
         built = cls(GPT(decoder_config, init=False), mtp, pad_id=pad_id)
-        init_weights(built, decoder_config.init_std, decoder_config.n_layers + mtp.depth)
+        init_weights(built, decoder_config.init_std, decoder_config.n_layers + mtp.num_depths)
         return built
 
     @property

@@ -31,7 +31,7 @@ def hf_model(model_type: str, depth: int) -> MTPModel:
     """The same weights on every rank and in the reference (seeded)."""
     decoder = HFDecoder(tiny_model(model_type, seed=0))
     torch.manual_seed(1)
-    model = MTPModel(decoder, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
+    model = MTPModel(decoder, MTPConfig(num_depths=depth, loss_weight=0.3), pad_id=PAD)
     init_mtp_weights(model)
     return model
 
@@ -90,7 +90,7 @@ def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
     cfg = _config(folder, dp=2, cp=2, freeze_base=freeze_base)
     cpu = torch.device("cpu")
     model = build_model(cfg, 97, PAD, ranks, cpu)
-    batch = prepare_step(_global_batch(), ranks, cfg.mtp.depth, PAD, cpu)
+    batch = prepare_step(_global_batch(), ranks, cfg.mtp.num_depths, PAD, cpu)
     out = step_loss(model, batch, cfg.mtp.loss_weight)
     out.loss.backward()  # FSDP2 sums the gradients over DP x CP
     return step_record(model, out)

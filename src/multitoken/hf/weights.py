@@ -170,7 +170,7 @@ def load_hf_mtp_model(
     attention: str = "document",
     seed: int = 0,
 ) -> MTPModel:
-    """A local HF folder as an :class:`MTPModel` with ``mtp.depth`` depths.
+    """A local HF folder as an :class:`MTPModel` with ``mtp.num_depths`` depths.
 
     The depths come from the folder's MTP weights when it carries some (any format), else they
     are initialised as the model initialises its layers (seeded by ``seed``).
@@ -179,7 +179,7 @@ def load_hf_mtp_model(
     torch.manual_seed(seed)
     model = MTPModel(decoder, mtp, pad_id=pad_id)
     init_mtp_weights(model)
-    if mtp.depth:
+    if mtp.num_depths:
         load_mtp_weights(model, path)
     else:
         extra = set(checkpoint_keys(path)) - set(decoder.model.state_dict())
