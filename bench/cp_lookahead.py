@@ -1,6 +1,6 @@
 """What preparing the MTP inputs costs under context parallelism, three ways, on gloo ranks.
 
-Every way starts from the same local shard (rank r's chunks r and 2cp-1-r of every document)
+Every way starts from the same local shard (rank r's stripes r and 2cp-1-r of every document)
 and ends with the same ``mtp_input_ids [D, B, T_local]`` and ``depth_labels [D+1, B, T_local]``
 (checked equal on every rank):
 
@@ -9,8 +9,8 @@ and ends with the same ``mtp_input_ids [D, B, T_local]`` and ``depth_labels [D+1
 * ``exchange``: the fallback; the halos of every document, depth and tensor travel in one
   ``all_to_all_single`` routed from the layout.
 * ``roll``: the approach the library replaces; each tensor is rolled by one position per depth,
-  one document at a time, each roll a point-to-point exchange of the chunk boundary values
-  with the neighbouring chunks' owners.
+  one document at a time, each roll a point-to-point exchange of the stripe boundary values
+  with the neighbouring stripes' owners.
 
 Messages and bytes are what one rank hands to ``torch.distributed`` per step (mean over
 ranks), counted by wrapping the calls. Time is wall-clock per step (communication is waiting,
@@ -45,7 +45,7 @@ from _common import (  # noqa: E402
 )
 from multitoken import next_token_labels  # noqa: E402
 from multitoken.parallel import ParallelDims, exchange_halo, shard_batch  # noqa: E402
-from multitoken.parallel.halo import halo_from_global, halo_targets  # noqa: E402
+from multitoken.parallel.halo import halo_from_global, halo_sources  # noqa: E402
 from multitoken.testing.comms import count_comms  # noqa: E402
 
 PAD, IGNORE, VOCAB = 0, -100, 32000
@@ -61,9 +61,9 @@ def make_batch(rows: int, seqlen: int, docs: int, seed: int):
 
 
 def by_halo(bare, ids, labels):
-    targets = halo_targets(bare.plan, bare.cp_rank, bare.depth)
+    sources = halo_sources(bare.plan, bare.cp_rank, bare.depth)
     return bare.with_halo(
-        halo_from_global(ids, targets, PAD), halo_from_global(labels, targets, IGNORE)
+        halo_from_global(ids, sources, PAD), halo_from_global(labels, sources, IGNORE)
     )
 
 
@@ -72,42 +72,44 @@ def by_exchange(bare, group):
 
 
 def _roll_once(cur: torch.Tensor, plan, cp_rank: int, fill: int, group) -> torch.Tensor:
-    """``cur`` shifted left by one inside every chunk; the value entering each chunk's end
-    is the first value of the next chunk, fetched from its owner, one document at a time."""
+    """``cur`` shifted left by one inside every stripe; the value entering each stripe's end
+    is the first value of the next stripe, fetched from its owner, one document at a time."""
     cp = plan.cp_size
-    s = plan.chunk_len.tolist()
+    s = plan.stripe_len.tolist()
     base = (plan.row * plan.local_len + plan.local_start).tolist()
     ranks = dist.get_process_group_ranks(group)
     rolled = torch.cat([cur[1:], cur[:1]])
 
-    def owner(chunk: int) -> int:
-        return chunk if chunk < cp else 2 * cp - 1 - chunk
+    def owner(stripe: int) -> int:
+        return stripe if stripe < cp else 2 * cp - 1 - stripe
 
-    def first(p: int, chunk: int) -> int:  # flat local index of a chunk's first token
-        return base[p] + (0 if chunk < cp else s[p])
+    def first(p: int, stripe: int) -> int:  # flat local index of a stripe's first token
+        return base[p] + (0 if stripe < cp else s[p])
 
     for p in range(plan.num_pieces):
         mine = (cp_rank, 2 * cp - 1 - cp_rank)
         pending, incoming = [], {}
-        for chunk in mine:
-            if chunk > 0 and owner(chunk - 1) != cp_rank:  # my first value ends chunk - 1
-                at = first(p, chunk)
-                pending.append(dist.isend(cur[at : at + 1], ranks[owner(chunk - 1)], group, chunk))
-            nxt = chunk + 1
+        for stripe in mine:
+            if stripe > 0 and owner(stripe - 1) != cp_rank:  # my first value ends stripe - 1
+                at = first(p, stripe)
+                pending.append(
+                    dist.isend(cur[at : at + 1], ranks[owner(stripe - 1)], group, stripe)
+                )
+            nxt = stripe + 1
             if nxt < 2 * cp and owner(nxt) != cp_rank:
                 buf = cur.new_empty(1)
                 pending.append(dist.irecv(buf, ranks[owner(nxt)], group, nxt))
-                incoming[chunk] = buf
+                incoming[stripe] = buf
         for work in pending:
             work.wait()
-        for chunk in mine:
-            end = first(p, chunk) + s[p] - 1
-            nxt = chunk + 1
+        for stripe in mine:
+            end = first(p, stripe) + s[p] - 1
+            nxt = stripe + 1
             if nxt == 2 * cp:
                 rolled[end] = fill
-            elif chunk in incoming:
-                rolled[end] = incoming[chunk][0]
-            else:  # the next chunk is mine too
+            elif stripe in incoming:
+                rolled[end] = incoming[stripe][0]
+            else:  # the next stripe is mine too
                 rolled[end] = cur[first(p, nxt)]
     return rolled
 

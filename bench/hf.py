@@ -48,7 +48,7 @@ def mtp_model(hf: LlamaForCausalLM, depth: int, freeze: bool) -> MTPModel:
     copy = LlamaForCausalLM(hf.config)
     copy.load_state_dict(hf.state_dict())
     torch.manual_seed(1)
-    model = MTPModel(HFDecoder(copy.train()), MTPConfig(depth=depth, freeze_base=freeze))
+    model = MTPModel(HFDecoder(copy.train()), MTPConfig(num_depths=depth, freeze_base=freeze))
     init_mtp_weights(model)
     return model.train()
 

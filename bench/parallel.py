@@ -105,7 +105,7 @@ def make_config(args, dp: int, cp: int, tp: int, sp: bool = True) -> TrainConfig
     )
     return TrainConfig(
         model=model,
-        mtp=MTPConfig(depth=args.depth),
+        mtp=MTPConfig(num_depths=args.depth),
         data=DataSection(vocab_size=args.vocab, seq_len=args.seqlen, batch_size=args.rows),
         parallel=ParallelSection(dp=dp, cp=cp, tp=tp, sequence_parallel=sp),
     )
@@ -185,7 +185,9 @@ def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args)
 
     def train_step(after_update=None):
         """The trainer's step (``Trainer.train_step``) on a fixed global batch."""
-        step_batch = rank_batch(batch, ranks, cfg.mtp.depth, PAD, device, cfg.parallel.halo_fill)
+        step_batch = rank_batch(
+            batch, ranks, cfg.mtp.num_depths, PAD, device, cfg.parallel.halo_fill
+        )
         losses = step_loss(model, step_batch, cfg.mtp.loss_weight, cross_entropy=cross_entropy)
         losses.loss.backward()
         clip_grad_norm(model.parameters(), cfg.train.grad_clip)

@@ -102,7 +102,7 @@ def synthetic_prompts(count: int, length: int, seed: int, steps: int):
     config = GPTConfig(
         vocab_size=vocab, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512
     )
-    model = MTPModel.from_config(config, MTPConfig(depth=3, loss_weight=0.5))
+    model = MTPModel.from_config(config, MTPConfig(num_depths=3, loss_weight=0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         starts = torch.randint(0, len(train) - 64, (8,), generator=gen)
@@ -231,7 +231,9 @@ def main() -> None:
         )
     depth = model.depth
     if depth == 0:
-        raise SystemExit(f"{source}: the model has no MTP heads (mtp.depth = 0), nothing to draft")
+        raise SystemExit(
+            f"{source}: the model has no MTP heads (mtp.num_depths = 0), nothing to draft"
+        )
     reference = isinstance(model.decoder, GPT)  # compiled decoding and the export need it
     hf_model = hf_model_of(model, eos_id) if reference and not args.no_hf else None
     names = mode_names(depth, hf_model is not None, compiled=reference)

@@ -102,7 +102,7 @@ def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, see
     for depth in (0, 1, 2):
         for compiled in (False, True):
             torch.manual_seed(seed)
-            model = MTPModel.from_config(cfg, MTPConfig(depth=depth))
+            model = MTPModel.from_config(cfg, MTPConfig(num_depths=depth))
             if compiled:
                 compile_gpt(model)
 
@@ -113,7 +113,7 @@ def compiled_and_peer(cfg: GPTConfig, batch: int, seqlen: int, repeats: int, see
             steps[f"D={depth} {'compiled' if compiled else 'eager'}"] = step
 
     torch.manual_seed(seed)
-    reference = MTPModel.from_config(cfg, MTPConfig(depth=0))
+    reference = MTPModel.from_config(cfg, MTPConfig(num_depths=0))
     hf = llama_model(reference.decoder, eos_id=1, pad_id=0)
     hf.config._attn_implementation = "sdpa"
     # transformers shifts the labels itself: give it the inputs, it predicts ids[1:].
@@ -165,7 +165,7 @@ def main() -> None:
     models = {}
     for depth in depths:
         torch.manual_seed(args.seed)
-        models[depth] = MTPModel.from_config(cfg, MTPConfig(depth=depth))
+        models[depth] = MTPModel.from_config(cfg, MTPConfig(num_depths=depth))
     ids, labels, layout = packed_batch(batch, seqlen, docs, 4096, gen)
 
     def train_step(depth: int) -> None:

@@ -164,7 +164,7 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(1)
     if speculative and model.depth == 0:
         raise InputError(
-            f"run '{run_dir}' was trained without MTP heads (mtp.depth = 0), which speculative "
+            f"run '{run_dir}' was trained without MTP heads (mtp.num_depths = 0), which speculative "
             "decoding drafts with: drop --speculative, or train a run with an MTP depth >= 1"
         )
     generator = torch.Generator(device=model.head_weight.device).manual_seed(args.seed)

@@ -13,7 +13,9 @@ from a trusted pipeline turns them off with :func:`set_validation` or, for a blo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -35,6 +37,8 @@ __all__ = [
     "set_validation",
     "validation",
     "validation_enabled",
+    "warn_renamed",
+    "renamed_kwarg",
 ]
 
 INT_DTYPES = (torch.int32, torch.int64)
@@ -160,3 +164,29 @@ def check_in_range(
     if bool(bad.any()):
         value = int(x[bad].reshape(-1)[0])
         raise error(f"{name} {value} is outside [0, {high}): {fix}")
+
+
+def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    """A :class:`DeprecationWarning` for a name kept one version after its rename.
+
+    ``stacklevel`` 3 points at the caller of the function that calls this one.
+    """
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=stacklevel)
+
+
+def renamed_kwarg(old: str, new: str) -> Callable[[Callable], Callable]:
+    """Decorator: the keyword argument ``old`` still works as ``new``, with a warning."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if old in kwargs:
+                warn_renamed(f"{fn.__qualname__}({old}=...)", f"{new}=")
+                if new in kwargs:
+                    raise TypeError(f"{fn.__qualname__} got {new} and its deprecated alias {old}")
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap

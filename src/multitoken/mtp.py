@@ -16,6 +16,7 @@ over depth k's valid targets divided by their count over every rank (:func:`dept
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from multitoken.errors import FIXED, ConfigError, InputError
+from multitoken.errors import FIXED, ConfigError, InputError, warn_renamed
 from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, linear_cross_entropy
 
 __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth_losses"]
@@ -37,7 +38,7 @@ class MTPConfig:
     """Multi-Token Prediction and its loss (field docstrings become CLI help).
 
     Attributes:
-        depth: extra future tokens predicted (D); 0 = plain next-token training.
+        num_depths: extra future tokens predicted (D); 0 = plain next-token training.
         loss_weight: lambda in L_main + lambda/D * sum_k L_k (DeepSeek-V3: 0.3, then 0.1).
         loss_weight_final: lambda after the switch; < 0 = no switch.
         loss_weight_switch: fraction of train.steps after which loss_weight_final applies.
@@ -51,9 +52,12 @@ class MTPConfig:
         targets: what the MTP depths learn to predict: "data" (the corpus' tokens) or "base"
             (the decoder's own greedy next tokens: self-distillation, which maximises
             speculative acceptance).
+
+    ``depth`` is the deprecated name of ``num_depths``: ``MTPConfig(depth=2)`` and
+    ``config.depth`` still work for one version, with a :class:`DeprecationWarning`.
     """
 
-    depth: int = field(default=2, metadata=FIXED)
+    num_depths: int = field(default=2, metadata=FIXED)
     loss_weight: float = 0.3
     loss_weight_final: float = -1.0
     loss_weight_switch: float = 0.7
@@ -68,8 +72,9 @@ class MTPConfig:
 
     def validate(self) -> None:
         """Raise :class:`~multitoken.errors.ConfigError` naming the first bad field."""
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
-            raise ConfigError(f"must be an int >= 0, got {self.depth!r}", "depth")
+        d = self.num_depths
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise ConfigError(f"must be an int >= 0, got {d!r}", "num_depths")
         for key in ("loss_weight", "loss_weight_final"):
             value = getattr(self, key)
             if value != value or value in (float("inf"), float("-inf")):
@@ -80,9 +85,10 @@ class MTPConfig:
             raise ConfigError(
                 f"must be in [0, 1], got {self.loss_weight_switch}", "loss_weight_switch"
             )
-        if self.freeze_base and self.depth == 0:
+        if self.freeze_base and self.num_depths == 0:
             raise ConfigError(
-                "with depth = 0 leaves nothing to train: set mtp.depth >= 1", "freeze_base"
+                "with num_depths = 0 leaves nothing to train: set mtp.num_depths >= 1",
+                "freeze_base",
             )
         if self.targets not in TARGETS:
             raise ConfigError(f"must be one of {TARGETS}, got {self.targets!r}", "targets")
@@ -91,11 +97,39 @@ class MTPConfig:
                 f"must be >= 1, got {self.loss_chunk_elements}", "loss_chunk_elements"
             )
 
+    @property
+    def depth(self) -> int:
+        """Deprecated: :attr:`num_depths`."""
+        warn_renamed("MTPConfig.depth", "MTPConfig.num_depths")
+        return self.num_depths
+
+    @depth.setter
+    def depth(self, value: int) -> None:
+        warn_renamed("MTPConfig.depth", "MTPConfig.num_depths")
+        self.num_depths = value
+
     def weight_at(self, step: int, total_steps: int) -> float:
         """lambda at optimiser step ``step`` of ``total_steps`` (the DeepSeek-V3 switch)."""
         if self.loss_weight_final >= 0 and step > self.loss_weight_switch * total_steps:
             return self.loss_weight_final
         return self.loss_weight
+
+
+_fields_init = MTPConfig.__init__
+_NO_DEPTH = object()
+
+
+@functools.wraps(_fields_init)
+def _init_with_deprecated_depth(self, *args, depth=_NO_DEPTH, **kwargs) -> None:
+    if depth is not _NO_DEPTH:
+        warn_renamed("MTPConfig(depth=...)", "num_depths= (the number D of MTP depths)")
+        if args or "num_depths" in kwargs:
+            raise TypeError("MTPConfig got num_depths and its deprecated alias depth: pass one")
+        kwargs["num_depths"] = depth
+    _fields_init(self, *args, **kwargs)
+
+
+MTPConfig.__init__ = _init_with_deprecated_depth
 
 
 class MTPDepth(nn.Module):
@@ -156,7 +190,7 @@ class MultiTokenPredictor(nn.Module):
         self.config = config
         self.depths = nn.ModuleList(
             MTPDepth(dim, layer_factory(k), norm_factory, config.hidden_first)
-            for k in range(1, config.depth + 1)
+            for k in range(1, config.num_depths + 1)
         )
 
     @classmethod
@@ -223,7 +257,7 @@ def depth_losses(
     hidden_states: Sequence[Tensor],
     head_weight: Tensor,
     depth_labels: Tensor,
-    loss_weight: float,
+    mtp_weight: float,
     loss_normalizer: Tensor | None = None,
     ignore_index: int = -100,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -235,7 +269,7 @@ def depth_losses(
         hidden_states: D + 1 tensors ``[B, T, H]``: ``h^0`` then each depth's.
         head_weight: ``[V, H]`` shared output-head weight.
         depth_labels: ``[D + 1, B, T]`` targets (``ignore_index`` where none).
-        loss_weight: lambda.
+        mtp_weight: lambda.
         loss_normalizer: ``[D + 1]`` valid-target counts to divide by; pass the counts summed
             over every rank that shares the batch (context and data parallel) so that summing
             losses and gradients over ranks gives the unsharded ones. ``None``: local counts.
@@ -267,5 +301,5 @@ def depth_losses(
     depth = depth_loss.shape[0] - 1
     loss = depth_loss[0]
     if depth > 0:
-        loss = loss + (loss_weight / depth) * depth_loss[1:].sum()
+        loss = loss + (mtp_weight / depth) * depth_loss[1:].sum()
     return DepthLosses(loss, depth_loss, depth_tokens, torch.stack(correct), loss_sum.detach())

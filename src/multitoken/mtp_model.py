@@ -9,7 +9,8 @@ users.
 
 Example (the reference GPT, packed documents, D = 2)::
 
-    >>> model = MTPModel.from_config(GPTConfig.preset("tiny", vocab_size=4096), MTPConfig(depth=2))
+    >>> tiny = GPTConfig.preset("tiny", vocab_size=4096)
+    >>> model = MTPModel.from_config(tiny, MTPConfig(num_depths=2))
     >>> ids = torch.randint(1, 4096, (2, 16))
     >>> layout = SequenceLayout.from_lengths([[5, 11], [16]])
     >>> out = model.loss(ids, next_token_labels(ids, layout), layout)
@@ -62,7 +63,7 @@ class MTPModel(nn.Module):
         self.decoder = decoder
         self.config = config
         self.pad_id = pad_id
-        self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.depth else None
+        self.mtp = MultiTokenPredictor.for_decoder(config, decoder) if config.num_depths else None
         if config.freeze_base:
             # No parameter of the decoder requires grad, so autograd records none of its
             # operations: the backbone runs as under no_grad, and only MTP params get grads.
@@ -70,13 +71,13 @@ class MTPModel(nn.Module):
 
     @classmethod
     def from_config(cls, decoder_config: GPTConfig, mtp: MTPConfig, *, pad_id: int = 0) -> MTPModel:
-        """The reference GPT with ``mtp.depth`` depths, every weight initialised together.
+        """The reference GPT with ``mtp.num_depths`` depths, every weight initialised together.
 
         The residual projections of the main and MTP layers are scaled by their total count
         (:func:`~multitoken.models.gpt.init_weights`).
         """
         built = cls(GPT(decoder_config, init=False), mtp, pad_id=pad_id)
-        init_weights(built, decoder_config.init_std, decoder_config.n_layers + mtp.depth)
+        init_weights(built, decoder_config.init_std, decoder_config.n_layers + mtp.num_depths)
         return built
 
     @property
@@ -133,7 +134,7 @@ class MTPModel(nn.Module):
         labels: Tensor,
         layout: SequenceLayout | None = None,
         *,
-        loss_weight: float | None = None,
+        mtp_weight: float | None = None,
         normalizer: Tensor | None = None,
         ignore_index: int = IGNORE_INDEX,
         cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
@@ -144,7 +145,7 @@ class MTPModel(nn.Module):
             input_ids: ``[B, T]`` token ids.
             labels: ``[B, T]`` next-token labels (see :func:`~multitoken.next_token_labels`).
             layout: documents; None = one document per row.
-            loss_weight: lambda; None = ``config.loss_weight``.
+            mtp_weight: lambda; None = ``config.loss_weight``.
             normalizer: ``[D + 1]`` counts to divide by; None = this batch's.
             ignore_index: the "no target" label.
             cross_entropy: the head's loss for the model's layout (what its
@@ -153,14 +154,14 @@ class MTPModel(nn.Module):
         batch = StepBatch.build(input_ids, labels, layout, self.depth, self.pad_id, ignore_index)
         if normalizer is not None:
             batch = replace(batch, normalizer=normalizer)
-        weight = self.config.loss_weight if loss_weight is None else loss_weight
-        return step_loss(self, batch, weight, ignore_index, cross_entropy=cross_entropy)
+        mtp_weight = self.config.loss_weight if mtp_weight is None else mtp_weight
+        return step_loss(self, batch, mtp_weight, ignore_index, cross_entropy=cross_entropy)
 
 
 def step_loss(
     model: nn.Module,
     batch: StepBatch,
-    loss_weight: float,
+    mtp_weight: float,
     ignore_index: int = IGNORE_INDEX,
     *,
     cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
@@ -170,7 +171,7 @@ def step_loss(
     Args:
         model: an :class:`MTPModel` (possibly wrapped by a parallelism that keeps its call).
         batch: this rank's :class:`~multitoken.batch.StepBatch`.
-        loss_weight: the step's lambda (schedules pass it here; nothing is mutated).
+        mtp_weight: the step's lambda (schedules pass it here; nothing is mutated).
         ignore_index: the "no target" label.
         cross_entropy: the head's loss for the model's layout: the one its
             ``parallelize_<model>`` returned (vocabulary-parallel under TP).
@@ -199,7 +200,7 @@ def step_loss(
         hidden_states,
         model.head_weight,
         depth_labels,
-        loss_weight,
+        mtp_weight,
         batch.normalizer,
         ignore_index,
         model.config.loss_chunk_elements,

@@ -50,7 +50,7 @@ def make_model(depth: int, seed: int = 0, attention: str = "document") -> MTPMod
         max_seq_len=64,
         attention=attention,
     )
-    return MTPModel.from_config(config, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
+    return MTPModel.from_config(config, MTPConfig(num_depths=depth, loss_weight=0.3), pad_id=PAD)
 
 
 def make_batch(packed: bool, seed: int = 0, rows: list[list[int]] | None = None):

@@ -32,7 +32,7 @@ def hf_model(model_type: str, depth: int) -> MTPModel:
     """The same weights on every rank and in the reference (seeded)."""
     decoder = HFDecoder(tiny_model(model_type, seed=0))
     torch.manual_seed(1)
-    model = MTPModel(decoder, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
+    model = MTPModel(decoder, MTPConfig(num_depths=depth, loss_weight=0.3), pad_id=PAD)
     init_mtp_weights(model)
     return model
 
@@ -71,7 +71,7 @@ def test_hf_cp_equals_single_process(pool2, model_type, depth):
 
 
 def _config(folder, dp: int = 1, cp: int = 1, tp: int = 1, freeze_base: bool = False):
-    overrides = [f"model.hf={folder}", "mtp.depth=2", "data.seq_len=24"]
+    overrides = [f"model.hf={folder}", "mtp.num_depths=2", "data.seq_len=24"]
     overrides += [f"mtp.freeze_base={str(freeze_base).lower()}"]
     overrides += [f"parallel.dp={dp}", f"parallel.cp={cp}", f"parallel.tp={tp}"]
     return load_config(None, overrides)
@@ -90,7 +90,7 @@ def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
     cfg = _config(folder, dp=2, cp=2, freeze_base=freeze_base)
     cpu = torch.device("cpu")
     model, cross_entropy = build_model(cfg, 97, PAD, g, cpu)
-    batch = rank_batch(_global_batch(), g, cfg.mtp.depth, PAD, cpu)
+    batch = rank_batch(_global_batch(), g, cfg.mtp.num_depths, PAD, cpu)
     out = step_loss(model, batch, cfg.mtp.loss_weight, cross_entropy=cross_entropy)
     out.loss.backward()  # FSDP2 sums the gradients over DP x CP
     return step_record(model, out)

@@ -148,7 +148,7 @@ def frozen_base_under_tp() -> tuple[list[str], list[str], list[str]]:
     g = tp_groups(1, 1, dist.get_world_size())
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=TP_VOCAB, dim=32, n_layers=N_LAYERS, n_heads=8, n_kv_heads=4)
-    model = MTPModel.from_config(config, MTPConfig(depth=1, freeze_base=True), pad_id=PAD)
+    model = MTPModel.from_config(config, MTPConfig(num_depths=1, freeze_base=True), pad_id=PAD)
     before = [name for name, p in model.named_parameters() if p.requires_grad]
     cross_entropy = apply_tp(model, g.tp_mesh)
     after = [name for name, p in model.named_parameters() if p.requires_grad]

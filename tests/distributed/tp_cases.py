@@ -55,7 +55,7 @@ def make_tp_model(depth: int, seed: int = 0, tie: bool = True, **overrides) -> M
         tie_embeddings=tie,
     )
     config = GPTConfig(**{**fields, **overrides})
-    return MTPModel.from_config(config, MTPConfig(depth=depth, loss_weight=0.3), pad_id=PAD)
+    return MTPModel.from_config(config, MTPConfig(num_depths=depth, loss_weight=0.3), pad_id=PAD)
 
 
 def tp_reference(depth: int, rows, tie: bool = True) -> dict:

@@ -33,7 +33,9 @@ def test_compile_falls_back_with_a_message(monkeypatch, capsys):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", broken)
-    model = MTPModel.from_config(GPTConfig(vocab_size=50, dim=16, n_heads=2), MTPConfig(depth=1))
+    model = MTPModel.from_config(
+        GPTConfig(vocab_size=50, dim=16, n_heads=2), MTPConfig(num_depths=1)
+    )
     assert compile_gpt(model) is False
     out = capsys.readouterr().out
     assert "torch.compile cannot run here (RuntimeError: no C++ compiler found)" in out

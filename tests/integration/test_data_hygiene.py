@@ -145,7 +145,7 @@ def test_train_on_a_hostile_folder_reports_every_skip(folder, tmp_path):
     (folder / "huge.txt").write_text("word " * 300_000)
     out, err = io.StringIO(), io.StringIO()
     argv = ["train", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1"]
-    argv += ["model.max_seq_len=128", "mtp.depth=2", "data.vocab_size=300", "data.seq_len=64"]
+    argv += ["model.max_seq_len=128", "mtp.num_depths=2", "data.vocab_size=300", "data.seq_len=64"]
     argv += ["data.batch_size=4", "data.val_fraction=0.1", "train.steps=2", "parallel.cp=1"]
     argv += ["train.warmup_steps=1", "train.eval_batches=1", "data.max_doc_mb=1"]
     argv += [f"run.dir={tmp_path}", f"data.cache_dir={tmp_path}/cache", "--data", str(folder)]

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from multitoken.cli import main
 
 TINY = [
-    "mtp.depth=2",
+    "mtp.num_depths=2",
     "data.max_files=24",
     "data.seq_len=64",
     "data.batch_size=4",

@@ -21,7 +21,7 @@ TINY = [
     "model.n_heads=2",
     "model.n_kv_heads=1",
     "model.max_seq_len=128",
-    "mtp.depth=2",
+    "mtp.num_depths=2",
     "data.max_files=24",
     "data.vocab_size=400",
     "data.seq_len=64",
@@ -222,7 +222,7 @@ def test_empty_corpus_is_a_clear_error(workdir):
 
 
 def test_own_text_folder_and_plain_next_token_run(workdir):
-    """--data on a folder of text files, with mtp.depth=0 (the plain next-token model)."""
+    """--data on a folder of text files, with mtp.num_depths=0 (the plain next-token model)."""
     import sysconfig
 
     corpus = workdir / "corpus"
@@ -230,7 +230,7 @@ def test_own_text_folder_and_plain_next_token_run(workdir):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for source in sorted(stdlib.glob("*.py"))[:24]:
         (corpus / (source.stem + ".txt")).write_text(source.read_text(encoding="utf-8"))
-    run_cli(workdir, "parallel.cp=1", "mtp.depth=0", "run.name=plain", "--data", str(corpus))
+    run_cli(workdir, "parallel.cp=1", "mtp.num_depths=0", "run.name=plain", "--data", str(corpus))
     records = train_records(workdir / "plain")
     assert records[-1]["loss_mtp"] == [] and records[-1]["loss"] == records[-1]["loss_main"]
 
@@ -253,7 +253,7 @@ def test_generate_command_line(workdir, reference):
 def test_generate_refuses_speculative_without_mtp_heads(workdir):
     plain = workdir / "plain"
     if not plain.exists():
-        run_cli(workdir, "parallel.cp=1", "mtp.depth=0", "run.name=plain", "train.steps=3")
+        run_cli(workdir, "parallel.cp=1", "mtp.num_depths=0", "run.name=plain", "train.steps=3")
     cmd = [sys.executable, "-m", "multitoken", "generate", "--run", str(plain), "--speculative"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -59,7 +59,7 @@ def test_one_document_per_row_takes_the_causal_fast_path_with_the_same_result(mo
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=64, attention=mode)
-    model = MTPModel.from_config(cfg, MTPConfig(depth=1))
+    model = MTPModel.from_config(cfg, MTPConfig(num_depths=1))
     ids = torch.randint(1, 50, (3, 20))
     rows = SequenceLayout.rows(3, 20)
     explicit = SequenceLayout.from_lengths([[20]] * 3)  # the same documents, a dense mask

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
-    return MTPModel.from_config(config, MTPConfig(depth=1), pad_id=0)
+    return MTPModel.from_config(config, MTPConfig(num_depths=1), pad_id=0)
 
 
 def step(model, optimizer):

@@ -48,7 +48,7 @@ class Payload:
 def tiny_model():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
-    return MTPModel.from_config(config, MTPConfig(depth=1), pad_id=0)
+    return MTPModel.from_config(config, MTPConfig(num_depths=1), pad_id=0)
 
 
 def trained(model):

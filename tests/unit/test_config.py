@@ -22,7 +22,7 @@ def test_defaults_file_then_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\ndim = 96\nn_heads = 4\n[run]\nname = "x"\n[mtp]\ndepth = 3\n')
     cfg = load_config(str(path), ["model.dim=64", "train.resume=true", "mtp.loss_weight=0.1"])
-    assert cfg.model.dim == 64 and cfg.mtp.depth == 3 and cfg.run.name == "x"
+    assert cfg.model.dim == 64 and cfg.mtp.num_depths == 3 and cfg.run.name == "x"
     assert cfg.train.resume is True and cfg.mtp.loss_weight == 0.1
     assert str(cfg.run_dir) == "runs/x"
 
@@ -83,7 +83,10 @@ def test_toml_round_trip(tmp_path):
         (["train.lr=inf"], "train.lr must be a finite number > 0"),
         (["mtp.loss_weight=inf"], "mtp.loss_weight must be a finite number"),
         (["model.init_std=-1"], "model.init_std must be > 0"),
-        (["mtp.depth=8", "data.seq_len=8", "parallel.cp=1"], "mtp.depth=8 leaves no target"),
+        (
+            ["mtp.num_depths=8", "data.seq_len=8", "parallel.cp=1"],
+            "mtp.num_depths=8 leaves no target",
+        ),
         (["run.name=a\nb"], "run.name must not contain control characters"),
         (["model.n_heads=3"], "model.n_heads must split dim=128 into heads of an even size"),
         (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
@@ -111,7 +114,7 @@ def test_help_documents_every_field():
     text = config_help()
     for key in (
         "model.dim",
-        "mtp.depth",
+        "mtp.num_depths",
         "mtp.loss_weight",
         "data.path",
         "train.steps",
@@ -147,7 +150,7 @@ def test_schedules():
 
 def test_the_model_config_is_nested_not_mirrored():
     # One dataclass per concept: the training config holds the library's own configs.
-    cfg = load_config(None, ["model.dim=64", "mtp.depth=3"])
+    cfg = load_config(None, ["model.dim=64", "mtp.num_depths=3"])
     assert type(cfg.model) is GPTConfig and type(cfg.mtp) is MTPConfig
     model = cfg.model_config(vocab_size=512)
     assert model.vocab_size == 512 and model.dim == 64 and model.ffn_hidden % 64 == 0
@@ -171,9 +174,13 @@ def test_the_batches_do_not_depend_on_cp():
 
 def test_fixed_keys_come_from_the_dataclasses():
     keys = fixed_keys(TrainConfig())
-    assert {"model.dim", "model.n_layers", "mtp.depth", "mtp.hidden_first", "data.path"} <= set(
-        keys
-    )
+    assert {
+        "model.dim",
+        "model.n_layers",
+        "mtp.num_depths",
+        "mtp.hidden_first",
+        "data.path",
+    } <= set(keys)
     assert not {"model.recompute", "model.backend", "mtp.loss_weight", "train.steps"} & set(keys)
 
 
@@ -201,18 +208,20 @@ def test_run_dir_protection(tmp_path):
 def test_resume_refuses_a_changed_model(tmp_path):
     # Resuming with other model settings failed inside the checkpoint load (a traceback) after
     # config.toml had been overwritten, or, with fewer MTP depths, silently dropped weights.
-    saved = load_config(None, ["model.dim=64", "mtp.depth=2"])
+    saved = load_config(None, ["model.dim=64", "mtp.num_depths=2"])
     (tmp_path / "config.toml").write_text(to_toml(saved))
-    check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.depth=2"]))
+    check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.num_depths=2"]))
     # Schedule, logging and recompute settings may change on resume.
     check_resume_config(
         tmp_path,
-        load_config(None, ["model.dim=64", "mtp.depth=2", "train.steps=500", "model.recompute=1"]),
+        load_config(
+            None, ["model.dim=64", "mtp.num_depths=2", "train.steps=500", "model.recompute=1"]
+        ),
     )
     with pytest.raises(ConfigError, match="model.dim=32, .*was trained with model.dim=64"):
-        check_resume_config(tmp_path, load_config(None, ["model.dim=32", "mtp.depth=2"]))
-    with pytest.raises(ConfigError, match="mtp.depth=1, .*was trained with mtp.depth=2"):
-        check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.depth=1"]))
+        check_resume_config(tmp_path, load_config(None, ["model.dim=32", "mtp.num_depths=2"]))
+    with pytest.raises(ConfigError, match="mtp.num_depths=1, .*was trained with mtp.num_depths=2"):
+        check_resume_config(tmp_path, load_config(None, ["model.dim=64", "mtp.num_depths=1"]))
     check_resume_config(tmp_path / "elsewhere", saved)  # no saved config: nothing to compare
 
 
@@ -270,3 +279,9 @@ def test_a_renamed_key_still_works_for_one_version_with_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("warning: parallel.lookahead is deprecated") and len(err) == 2
     assert "use parallel.halo_fill" in err[0]
+
+
+def test_mtp_depth_is_read_as_num_depths_for_one_version(capsys):
+    assert load_config(None, ["mtp.depth=3"]).mtp.num_depths == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: mtp.depth is deprecated") and "use mtp.num_depths" in line

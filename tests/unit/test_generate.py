@@ -22,7 +22,9 @@ def make_model(depth, seed=0, vocab=24, **overrides):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)
     cfg.update(overrides)
-    return MTPModel.from_config(GPTConfig(**cfg), MTPConfig(depth=depth, loss_weight=1.0)).eval()
+    return MTPModel.from_config(
+        GPTConfig(**cfg), MTPConfig(num_depths=depth, loss_weight=1.0)
+    ).eval()
 
 
 def phrase_stream(seed=0, vocab=24, phrases=8, length=20000):

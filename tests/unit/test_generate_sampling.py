@@ -55,7 +55,7 @@ def exact_two_token_law(model, prompt, temperature):
 def test_speculative_sampling_matches_plain_sampling_law(draft_depth):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=4, dim=16, n_layers=1, n_heads=2, max_seq_len=16, init_std=1.0)
-    model = MTPModel.from_config(cfg, MTPConfig(depth=2)).eval()
+    model = MTPModel.from_config(cfg, MTPConfig(num_depths=2)).eval()
     prompt, temperature = [1, 3, 0, 2], 1.3
     exact = exact_two_token_law(model, prompt, temperature)
     gen = torch.Generator().manual_seed(1)
@@ -79,7 +79,7 @@ def test_speculative_sampling_matches_plain_sampling_law(draft_depth):
 def test_plain_sampling_is_seeded():
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=32)
-    model = MTPModel.from_config(cfg, MTPConfig(depth=0)).eval()
+    model = MTPModel.from_config(cfg, MTPConfig(num_depths=0)).eval()
 
     def run(seed):
         gen = torch.Generator().manual_seed(seed)

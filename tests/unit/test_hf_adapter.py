@@ -18,7 +18,7 @@ DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
 def hf_mtp_model(model_type, depth, implementation="sdpa", seed=0):
     decoder = HFDecoder(tiny_model(model_type, seed), implementation)
     torch.manual_seed(seed + 1)
-    model = MTPModel(decoder, MTPConfig(depth=depth, loss_weight=0.3), pad_id=0)
+    model = MTPModel(decoder, MTPConfig(num_depths=depth, loss_weight=0.3), pad_id=0)
     init_mtp_weights(model)
     return model
 
@@ -91,7 +91,7 @@ def test_sliding_window_bites_and_is_honoured():
     ids = torch.randint(2, 97, (1, 24), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert not torch.allclose(windowed(ids).logits, full(ids).logits, atol=1e-4)
-        ours = MTPModel(HFDecoder(tiny_model("mistral")), MTPConfig(depth=0)).logits(ids)
+        ours = MTPModel(HFDecoder(tiny_model("mistral")), MTPConfig(num_depths=0)).logits(ids)
         torch.testing.assert_close(ours, windowed(ids).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -106,7 +106,7 @@ def test_trap_2d_mask_and_use_cache_turn_hf_packing_off_but_not_ours():
     ids, layout = packed_batch()
     ids, positions = ids[:1], layout.positions[:1]
     row_layout = SequenceLayout(layout.doc_ids[:1], positions, layout.seq_index[:1])
-    ours = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(depth=0))
+    ours = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(num_depths=0))
     with torch.no_grad():
         exact = ours.logits(ids, row_layout)
     # transformers detects packing from restarting position_ids alone (no mask, no cache) ...
@@ -180,7 +180,7 @@ def test_from_pretrained_round_trip(tmp_path):
     ids = torch.randint(2, 97, (1, 12))
     with torch.no_grad():
         expected = tiny_model("qwen3")(ids).logits
-        ours = MTPModel(decoder, MTPConfig(depth=0)).logits(ids)
+        ours = MTPModel(decoder, MTPConfig(num_depths=0)).logits(ids)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 

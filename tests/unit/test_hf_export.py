@@ -32,7 +32,7 @@ def reference(tokenizer, depth=2, tie=True, hidden_first=False):
         vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
         max_seq_len=64, tie_embeddings=tie, rope_theta=500.0, norm_eps=1e-6,
     )  # fmt: skip
-    model = MTPModel.from_config(cfg, MTPConfig(depth=depth, hidden_first=hidden_first))
+    model = MTPModel.from_config(cfg, MTPConfig(num_depths=depth, hidden_first=hidden_first))
     with torch.no_grad():  # norms away from 1, so a dropped or misnamed one would show
         for p in model.parameters():
             if p.dim() == 1:
@@ -51,7 +51,7 @@ def test_transformers_loads_the_export_with_equal_logits(tmp_path, tokenizer, ti
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model.logits(ids), rtol=1e-5, atol=1e-5)
         # The MTP weights come back through the adapter: every depth's hidden state equal.
-        back = load_hf_mtp_model(tmp_path / "out", MTPConfig(depth=depth))
+        back = load_hf_mtp_model(tmp_path / "out", MTPConfig(num_depths=depth))
         for ours, theirs in zip(model(ids), back(ids)):
             torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_the_exported_tokenizer_round_trips_text(tmp_path, tokenizer):
 def test_hidden_first_run_exports_to_every_format(tmp_path, tokenizer):
     model = reference(tokenizer, depth=1, hidden_first=True)
     export_model(model, tokenizer, tmp_path / "out", "deepseek")
-    back = load_hf_mtp_model(tmp_path / "out", MTPConfig(depth=1))
+    back = load_hf_mtp_model(tmp_path / "out", MTPConfig(num_depths=1))
     ids = torch.randint(2, tokenizer.vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(back(ids)[1], model(ids)[1], rtol=1e-5, atol=1e-5)

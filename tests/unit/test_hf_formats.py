@@ -77,7 +77,7 @@ def synthetic(names, model):
 
 def write_folder(tmp_path, fmt, depth, tensors=None, config_entries=None, model_type="llama"):
     folder = save_tiny(model_type, tmp_path / "model")
-    model = MTPModel(HFDecoder.from_pretrained(folder), MTPConfig(depth=depth))
+    model = MTPModel(HFDecoder.from_pretrained(folder), MTPConfig(num_depths=depth))
     tensors = (
         synthetic(released_names(fmt, depth, model_type), model) if tensors is None else tensors
     )
@@ -96,7 +96,7 @@ CASES = [("deepseek", 1), ("deepseek", 2), ("qwen3_next", 1), ("mimo", 1), ("mim
 @pytest.mark.parametrize("fmt,depth", CASES)
 def test_released_names_load_run_and_save_back_bit_exact(tmp_path, fmt, depth):
     folder, tensors = write_folder(tmp_path, fmt, depth)
-    model = load_hf_mtp_model(folder, MTPConfig(depth=depth))
+    model = load_hf_mtp_model(folder, MTPConfig(num_depths=depth))
     # Loaded, not initialised: the projection is the file's (columns swapped for MiMo).
     eh = model.mtp.depths[0].eh_proj.weight
     name = {"deepseek": f"model.layers.{L}.eh_proj.weight", "qwen3_next": "mtp.fc.weight"}.get(
@@ -124,9 +124,9 @@ def test_mimo_order_is_hidden_first():
     # A model concatenating [emb; hid] saved as MiMo and loaded into a [hid; emb] model computes
     # the same depth outputs: the column swap is the order change, nothing else.
     torch.manual_seed(0)
-    a = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(depth=2))
+    a = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(num_depths=2))
     init_mtp_weights(a)
-    b = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(depth=2, hidden_first=True))
+    b = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(num_depths=2, hidden_first=True))
     from multitoken.hf.formats import from_format
     from multitoken.hf.weights import depth_states
 
@@ -154,7 +154,7 @@ def test_mimo_order_is_hidden_first():
     ],
 )
 def test_renamed_missing_or_extra_key_fails_with_the_list(tmp_path, change, match):
-    model = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(depth=1))
+    model = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(num_depths=1))
     tensors = synthetic(released_names("deepseek", 1), model)
     if change == "rename":
         tensors["model.layers.2.enorm_x.weight"] = tensors.pop("model.layers.2.enorm.weight")
@@ -166,32 +166,32 @@ def test_renamed_missing_or_extra_key_fails_with_the_list(tmp_path, change, matc
         tensors["model.layers.2.mlp.extra.weight"] = torch.zeros(2)
     folder, _ = write_folder(tmp_path, "deepseek", 1, tensors)
     with pytest.raises(CheckpointError, match=match):
-        load_hf_mtp_model(folder, MTPConfig(depth=1))
+        load_hf_mtp_model(folder, MTPConfig(num_depths=1))
 
 
 def test_keys_of_another_format_than_the_config_are_refused(tmp_path):
-    model = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(depth=1))
+    model = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(num_depths=1))
     tensors = synthetic(released_names("qwen3_next", 1), model)
     folder, _ = write_folder(tmp_path, "deepseek", 1, tensors, {"num_nextn_predict_layers": 1})
     with pytest.raises(CheckpointError, match="qwen3_next MTP keys but config.json has no mtp_num"):
-        load_hf_mtp_model(folder, MTPConfig(depth=1))
+        load_hf_mtp_model(folder, MTPConfig(num_depths=1))
 
 
 def test_depth_mismatch_names_the_fix(tmp_path):
     folder, _ = write_folder(tmp_path, "mimo", 2)
-    with pytest.raises(CheckpointError, match="holds 2 MTP depth.*set mtp.depth=2"):
-        load_hf_mtp_model(folder, MTPConfig(depth=1))
+    with pytest.raises(CheckpointError, match="holds 2 MTP depth.*set mtp.num_depths=2"):
+        load_hf_mtp_model(folder, MTPConfig(num_depths=1))
 
 
 def test_qwen3_next_holds_one_depth():
-    model = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(depth=2))
+    model = MTPModel(HFDecoder(tiny_model("llama")), MTPConfig(num_depths=2))
     with pytest.raises(CheckpointError, match="holds one depth"):
         mtp_tensors(model, "qwen3_next")
 
 
 def test_load_mtp_weights_without_mtp_keys_is_a_no_op(tmp_path):
     folder = save_tiny("qwen2", tmp_path / "m")
-    model = MTPModel(HFDecoder.from_pretrained(folder), MTPConfig(depth=1))
+    model = MTPModel(HFDecoder.from_pretrained(folder), MTPConfig(num_depths=1))
     before = {name: value.clone() for name, value in model.state_dict().items()}
     assert load_mtp_weights(model, folder) is None
     after = model.state_dict()

@@ -17,7 +17,7 @@ LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]
 def build(freeze_base, depth=2, targets="data", model_type="llama"):
     decoder = HFDecoder(tiny_model(model_type))
     torch.manual_seed(1)
-    mtp = MTPConfig(depth=depth, freeze_base=freeze_base, targets=targets)
+    mtp = MTPConfig(num_depths=depth, freeze_base=freeze_base, targets=targets)
     model = MTPModel(decoder, mtp, pad_id=0)
     init_mtp_weights(model)
     return model
@@ -90,9 +90,9 @@ def test_heads_only_step_holds_less_memory_than_the_full_step():
 
 def test_freeze_base_needs_a_depth():
     with pytest.raises(ConfigError, match="freeze_base"):
-        MTPConfig(depth=0, freeze_base=True)
+        MTPConfig(num_depths=0, freeze_base=True)
     with pytest.raises(ConfigError, match="targets"):
-        MTPConfig(depth=1, targets="teacher")
+        MTPConfig(num_depths=1, targets="teacher")
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -21,7 +21,7 @@ def make_model(depth, seed=0, recompute=False, recompute_main=False, **overrides
     torch.manual_seed(seed)
     cfg = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
     cfg.update(overrides, recompute=recompute_main)
-    mtp = MTPConfig(depth=depth, loss_weight=0.3, recompute=recompute)
+    mtp = MTPConfig(num_depths=depth, loss_weight=0.3, recompute=recompute)
     return MTPModel.from_config(GPTConfig(**cfg), mtp)
 
 
@@ -171,7 +171,19 @@ def test_bad_input_errors():
     with pytest.raises(ConfigError, match="vocab_size must be set"):
         GPT(GPTConfig())
     with pytest.raises(InputError, match="does not implement multitoken.decoder.Decoder"):
-        MTPModel(torch.nn.Linear(2, 2), MTPConfig(depth=1))
+        MTPModel(torch.nn.Linear(2, 2), MTPConfig(num_depths=1))
+
+
+def test_mtp_config_depth_is_a_deprecated_alias_of_num_depths():
+    with pytest.warns(DeprecationWarning, match="use num_depths="):
+        config = MTPConfig(depth=3)
+    assert config.num_depths == 3 and config == MTPConfig(num_depths=3)
+    with pytest.warns(DeprecationWarning, match="MTPConfig.depth is deprecated"):
+        assert config.depth == 3
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="num_depths must"):
+        MTPConfig(depth=-1)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="pass one"):
+        MTPConfig(num_depths=1, depth=1)
 
 
 def test_value_checks_can_be_turned_off():
@@ -235,7 +247,7 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32():
 def test_dropping_padding_rows_keeps_the_logits_of_the_real_tokens(tie):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=12, dim=16, n_layers=1, n_heads=2, tie_embeddings=tie)
-    model = MTPModel.from_config(config, MTPConfig(depth=1))
+    model = MTPModel.from_config(config, MTPConfig(num_depths=1))
     ids = torch.randint(0, 10, (1, 6))
     before = [h @ model.head_weight.t() for h in model(ids)]  # the main head and every depth
     model.decoder.drop_padding_rows(10)

@@ -143,8 +143,8 @@ def test_shards_reassemble_to_global_lookahead(layout, cp, depth, seed):
 
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_tiny_documents_and_chunks_shorter_than_depth(cp, depth):
-    # Documents of 1..3 tokens next to a long one: chunks of 1 token, halos from far ranks.
+def test_tiny_documents_and_stripes_shorter_than_depth(cp, depth):
+    # Documents of 1..3 tokens next to a long one: stripes of 1 token, halos from far ranks.
     layout = make_layout([[1, 2, 3, 1, 9, 1], [17]])
     ids, labels = make_batch(layout)
     check_against_global(ids, labels, layout, cp, depth)
@@ -158,8 +158,8 @@ def test_unpacked_rows():
         assert shards[0].plan.local_len == -(-13 // (2 * cp)) * 2
 
 
-def test_load_balanced_chunks():
-    """Rank r keeps chunks r and 2cp-1-r of every document, in order."""
+def test_load_balanced_stripes():
+    """Rank r keeps stripes r and 2cp-1-r of every document, in order."""
     layout = make_layout([[16, 8]])
     ids = torch.arange(24)[None] + 1
     shards = all_shards(ids, next_token_labels(ids, layout), layout, 4, 1)

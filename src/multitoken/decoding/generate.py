@@ -242,7 +242,7 @@ def generate(
     if speculative and depth == 0:
         raise InputError(
             "speculative decoding drafts with the MTP heads, and this model has none "
-            "(mtp.depth = 0): train it with an MTP depth >= 1, or decode without --speculative"
+            "(mtp.num_depths = 0): train it with an MTP depth >= 1, or decode without --speculative"
         )
     if not speculative:
         draft_depth = 0

@@ -11,7 +11,7 @@ document mask (:mod:`multitoken.hf.attention`), so packed batches are exact.
 Example (a local folder written by ``save_pretrained``; D = 2 heads on top)::
 
     >>> decoder = HFDecoder.from_pretrained("path/to/llama")
-    >>> model = MTPModel(decoder, MTPConfig(depth=2), pad_id=0)
+    >>> model = MTPModel(decoder, MTPConfig(num_depths=2), pad_id=0)
     >>> init_mtp_weights(model)
     >>> out = model.loss(ids, next_token_labels(ids, layout), layout)
 """

@@ -127,7 +127,7 @@ def to_format(
     if fmt == "qwen3_next" and len(depths) != 1:
         raise CheckpointError(
             f"the qwen3_next MTP format holds one depth, the model has {len(depths)}: export "
-            "with --format deepseek or mimo, or train with mtp.depth=1"
+            "with --format deepseek or mimo, or train with mtp.num_depths=1"
         )
     out: dict[str, Tensor] = {}
     for k, depth in enumerate(depths):
@@ -211,7 +211,7 @@ def from_format(
     if fmt == "qwen3_next" and len(template) != 1:
         raise CheckpointError(
             f"the qwen3_next MTP format holds one depth, the model has {len(template)}: "
-            "set mtp.depth=1"
+            "set mtp.num_depths=1"
         )
     expected = set()
     for k, depth in enumerate(template):

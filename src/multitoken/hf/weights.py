@@ -92,8 +92,8 @@ def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
     stored = int(config[CONFIG_KEYS[fmt]]) if fmt != "qwen3_next" else 1
     if stored != model.depth:
         raise CheckpointError(
-            f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.depth = {model.depth}: "
-            f"set mtp.depth={stored}"
+            f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths = {model.depth}: "
+            f"set mtp.num_depths={stored}"
         )
     depths = from_format(
         read_tensors(folder, extra),
@@ -170,7 +170,7 @@ def load_hf_mtp_model(
     attention: str = "document",
     seed: int = 0,
 ) -> MTPModel:
-    """A local HF folder as an :class:`MTPModel` with ``mtp.depth`` depths.
+    """A local HF folder as an :class:`MTPModel` with ``mtp.num_depths`` depths.
 
     The depths come from the folder's MTP weights when it carries some (any format), else they
     are initialised as the model initialises its layers (seeded by ``seed``).
@@ -179,7 +179,7 @@ def load_hf_mtp_model(
     torch.manual_seed(seed)
     model = MTPModel(decoder, mtp, pad_id=pad_id)
     init_mtp_weights(model)
-    if mtp.depth:
+    if mtp.num_depths:
         load_mtp_weights(model, path)
     else:
         extra = set(checkpoint_keys(path)) - set(decoder.model.state_dict())

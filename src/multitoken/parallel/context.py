@@ -4,7 +4,7 @@
 each rank a :class:`CPShard` whose :meth:`~CPShard.step_batch` is the rank's
 :class:`~multitoken.batch.StepBatch`: the local tokens, their layout (global positions and
 document ids), the layout of the keys gathered over the CP group, and the MTP inputs and
-targets of every depth. Those come from the *halo* of each local chunk (:mod:`.halo`), filled
+targets of every depth. Those come from the *halo* of each local stripe (:mod:`.halo`), filled
 either from the global batch at sharding time (default: no message in the forward) or, when a
 rank only has its local shard, by :func:`exchange_halo` with one collective.
 
@@ -29,7 +29,7 @@ from multitoken.parallel.halo import (
     check_cp_group,
     exchange_values,
     halo_from_global,
-    halo_targets,
+    halo_sources,
 )
 from multitoken.parallel.plan import ShardPlan, plan_shards
 
@@ -58,8 +58,8 @@ class CPShard:
         depth: D, the number of MTP depths.
         pad_id: input fill where a lookahead leaves its document.
         ignore_index: label fill.
-        halo_ids: ``[C, D]`` ids following each local chunk (C = 2 per piece); None until filled.
-        halo_labels: ``[C, D]`` labels following each local chunk; None until filled.
+        halo_ids: ``[C, D]`` ids following each local stripe (C = 2 per piece); None until filled.
+        halo_labels: ``[C, D]`` labels following each local stripe; None until filled.
         mtp_input_ids: ``[D, B, T_local]`` depth k's input at index k - 1; None until filled.
         depth_labels: ``[D + 1, B, T_local]`` targets, main first; None until filled.
     """
@@ -90,11 +90,11 @@ class CPShard:
         self, halo_ids: Tensor, halo_labels: Tensor, valid: Tensor | None = None
     ) -> CPShard:
         """This shard with its halos and the MTP inputs and targets computed from them
-        (``valid``: the halo slots that hold a value, ``halo_targets(...).valid``, when the
+        (``valid``: the halo slots that hold a value, ``halo_sources(...).valid``, when the
         caller has it already)."""
         plan, depth = self.plan, self.depth
         if valid is None:
-            valid = halo_targets(plan, self.cp_rank, depth).valid
+            valid = halo_sources(plan, self.cp_rank, depth).valid
         index = HaloIndex.build(plan, self.cp_rank, depth, valid)
         shifts = list(range(1, depth + 1))
         return replace(
@@ -200,9 +200,9 @@ def shard_batch(
         >>> layout = SequenceLayout.from_cu_seqlens(torch.tensor([0, 5, 12]), shape=(1, 12))
         >>> ids = torch.arange(10, 22)[None]
         >>> shard = shard_batch(ids, next_token_labels(ids, layout), layout, 2, 0, 2, pad_id=0)
-        >>> shard.input_ids  # chunks 0 and 3 of each document (padded to 8)
+        >>> shard.input_ids  # stripes 0 and 3 of each document (padded to 8)
         tensor([[10, 11,  0,  0, 15, 16, 21,  0]])
-        >>> shard.halo_ids  # the 2 ids after each local chunk, 0 past the document's end
+        >>> shard.halo_ids  # the 2 ids after each local stripe, 0 past the document's end
         tensor([[12, 13],
                 [ 0,  0],
                 [17, 18],
@@ -240,11 +240,11 @@ def shard_batch(
     )
     if not halo:
         return shard
-    targets = halo_targets(plan, cp_rank, depth)
+    sources = halo_sources(plan, cp_rank, depth)
     return shard.with_halo(
-        halo_from_global(input_ids, targets, pad_id),
-        halo_from_global(labels, targets, ignore_index),
-        targets.valid,
+        halo_from_global(input_ids, sources, pad_id),
+        halo_from_global(labels, sources, ignore_index),
+        sources.valid,
     )
 
 
@@ -260,7 +260,7 @@ def exchange_halo(
 
     The fallback for data pipelines that only produce local shards: every rank derives from
     the plan which of its values each peer needs, and one ``all_to_all_single`` carries the ids
-    and the labels of every document and every depth at once. Exact for chunks shorter than D
+    and the labels of every document and every depth at once. Exact for stripes shorter than D
     (their halo comes from several ranks). ``group`` may be None only when ``cp_size == 1``.
 
     Args:

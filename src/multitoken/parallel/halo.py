@@ -1,16 +1,16 @@
-"""Halos: the D values that follow each local chunk in its document, and lookahead from them.
+"""Halos: the D values that follow each local stripe in its document, and lookahead from them.
 
-Under context parallelism a rank holds two chunks of every piece (:mod:`.plan`). Depth k of
+Under context parallelism a rank holds two stripes of every piece (:mod:`.plan`). Depth k of
 the MTP module needs ``lookahead(x, k)``, the value k places ahead in the same document, and
-for the last k tokens of a chunk that value lives in a later chunk, often on another rank. The
-*halo* of a chunk is the D values that follow it in its padded document (fill values where the
+for the last k tokens of a stripe that value lives in a later stripe, often on another rank. The
+*halo* of a stripe is the D values that follow it in its padded document (fill values where the
 document has ended). With the halo in hand every lookahead up to D is local, read from the
-rank's *extended* buffer, where local chunk c (C = 2 per piece) is followed by its D halo slots:
+rank's *extended* buffer, where local stripe c (C = 2 per piece) is followed by its D halo slots:
 
-    extended = chunk_0 ++ halo_0 ++ chunk_1 ++ halo_1 ++ ...            (per rank, flat)
-    lookahead(x, k)[j] = extended[j + D * local_chunk(j) + k]            for every k <= D
+    extended = stripe_0 ++ halo_0 ++ stripe_1 ++ halo_1 ++ ...            (per rank, flat)
+    lookahead(x, k)[j] = extended[j + D * local_stripe(j) + k]            for every k <= D
 
-The halo of a chunk shorter than D reaches several chunks ahead, so its values can come from
+The halo of a stripe shorter than D reaches several stripes ahead, so its values can come from
 several ranks: owners are derived from the plan, never assumed to be the neighbour.
 
 Two ways to fill halos (docs/design.md#context-parallelism): from the global batch at sharding time
@@ -35,8 +35,8 @@ __all__ = [
     "HaloRoute",
     "ShardMismatchError",
     "check_cp_group",
-    "halo_targets",
-    "halo_targets_all_ranks",
+    "halo_sources",
+    "halo_sources_all_ranks",
     "halo_from_global",
     "exchange_values",
 ]
@@ -82,67 +82,67 @@ def check_cp_group(
 
 
 @dataclass(frozen=True)
-class HaloTargets:
-    """Where the halo values of one rank's chunks live (each field ``[..., C, D]``: halo slot
-    ``d`` of local chunk ``c`` holds the value ``d + 1`` places after the chunk's last token)."""
+class HaloSources:
+    """Where the halo values of one rank's stripes live (each field ``[..., C, D]``: halo slot
+    ``d`` of local stripe ``c`` holds the value ``d + 1`` places after the stripe's last token)."""
 
     valid: Tensor  # the slot holds a real token of the same document
     global_flat: Tensor  # flat index of the value in the global [B, T] batch
     owner: Tensor  # rank holding the value
     owner_flat: Tensor  # flat index of the value in the owner's [B, T_local] shard
 
-    def map(self, fn: Callable[[Tensor], Tensor]) -> HaloTargets:
+    def map(self, fn: Callable[[Tensor], Tensor]) -> HaloSources:
         """``fn`` applied to every field."""
         fields = (self.valid, self.global_flat, self.owner, self.owner_flat)
-        return HaloTargets(*(fn(t) for t in fields))
+        return HaloSources(*(fn(t) for t in fields))
 
-    def by_slot(self) -> HaloTargets:
-        """The same targets with one entry per halo slot: every field ``[..., C * D]``."""
+    def by_slot(self) -> HaloSources:
+        """The same sources with one entry per halo slot: every field ``[..., C * D]``."""
         return self.map(lambda t: t.flatten(-2))
 
 
-def halo_targets(plan: ShardPlan, cp_rank: int, depth: int) -> HaloTargets:
-    """Halo sources of every local chunk of rank ``cp_rank``: each field ``[C, D]``.
+def halo_sources(plan: ShardPlan, cp_rank: int, depth: int) -> HaloSources:
+    """Halo sources of every local stripe of rank ``cp_rank``: each field ``[C, D]``.
 
-    Local chunk ``c = 2 * piece + second`` (the first chunk of a piece, then its second) owns
+    Local stripe ``c = 2 * piece + second`` (the first stripe of a piece, then its second) owns
     halo slots ``c * D .. c * D + D - 1``.
     """
     ranks = torch.tensor([cp_rank], device=plan.row.device)
-    return _halo_targets(plan, ranks, depth).map(lambda t: t[0])
+    return _halo_sources(plan, ranks, depth).map(lambda t: t[0])
 
 
-def halo_targets_all_ranks(plan: ShardPlan, depth: int) -> HaloTargets:
-    """:func:`halo_targets` of every rank at once: each field ``[cp, C, D]``, row r for rank r."""
-    return _halo_targets(plan, torch.arange(plan.cp_size, device=plan.row.device), depth)
+def halo_sources_all_ranks(plan: ShardPlan, depth: int) -> HaloSources:
+    """:func:`halo_sources` of every rank at once: each field ``[cp, C, D]``, row r for rank r."""
+    return _halo_sources(plan, torch.arange(plan.cp_size, device=plan.row.device), depth)
 
 
-def _halo_targets(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloTargets:
+def _halo_sources(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloSources:
     """Halo sources of the ``R`` ranks in ``cp_ranks``: each field ``[R, C, D]``."""
     cp = plan.cp_size
     device = plan.row.device
-    local_chunk = torch.arange(2 * plan.num_pieces, device=device)  # (C,)
-    piece = local_chunk // 2  # (C,)
-    is_second = (local_chunk % 2)[:, None].bool()  # (C, 1)
-    chunk_len = plan.chunk_len[piece][:, None]  # (C, 1)
+    local_stripe = torch.arange(2 * plan.num_pieces, device=device)  # (C,)
+    piece = local_stripe // 2  # (C,)
+    is_second = (local_stripe % 2)[:, None].bool()  # (C, 1)
+    stripe_len = plan.stripe_len[piece][:, None]  # (C, 1)
     rank = cp_ranks[:, None, None]  # (R, 1, 1)
-    # Which of the piece's 2 * cp chunks each local chunk is: rank r keeps r and 2 * cp - 1 - r.
-    chunk = torch.where(is_second, 2 * cp - 1 - rank, rank)  # (R, C, 1)
+    # Which of the piece's 2 * cp stripes each local stripe is: rank r keeps r and 2 * cp - 1 - r.
+    stripe = torch.where(is_second, 2 * cp - 1 - rank, rank)  # (R, C, 1)
     step = torch.arange(depth, device=device)  # (D,)
-    # Piece offsets of the D tokens following each chunk.
-    offset = (chunk + 1) * chunk_len + step  # (R, C, D)
+    # Piece offsets of the D tokens following each stripe.
+    offset = (stripe + 1) * stripe_len + step  # (R, C, D)
     length, doc = plan.length[piece][:, None], plan.doc[piece][:, None]  # (C, 1)
     valid = (offset < length) & (doc >= 0)  # (R, C, D)
-    # The chunk of the piece holding each value, its owner, and the value's offset among the
-    # owner's two local chunks of the piece (its first chunk at [0, chunk_len), its second at
-    # [chunk_len, 2 * chunk_len)): chunks below cp are an owner's first chunk.
-    source_chunk = torch.div(offset, chunk_len, rounding_mode="floor")  # (R, C, D)
-    owners_first = source_chunk < cp
-    owner = torch.where(owners_first, source_chunk, 2 * cp - 1 - source_chunk)
-    offset_in_chunk = offset - source_chunk * chunk_len
-    owner_offset = torch.where(owners_first, 0, chunk_len) + offset_in_chunk
+    # The stripe of the piece holding each value, its owner, and the value's offset among the
+    # owner's two local stripes of the piece (its first stripe at [0, stripe_len), its second at
+    # [stripe_len, 2 * stripe_len)): stripes below cp are an owner's first stripe.
+    source_stripe = torch.div(offset, stripe_len, rounding_mode="floor")  # (R, C, D)
+    owners_first = source_stripe < cp
+    owner = torch.where(owners_first, source_stripe, 2 * cp - 1 - source_stripe)
+    offset_in_stripe = offset - source_stripe * stripe_len
+    owner_offset = torch.where(owners_first, 0, stripe_len) + offset_in_stripe
     row, start = plan.row[piece][:, None], plan.start[piece][:, None]  # (C, 1)
     local_start = plan.local_start[piece][:, None]  # (C, 1)
-    return HaloTargets(
+    return HaloSources(
         valid=valid,
         global_flat=(row * plan.seqlen + start + offset).expand_as(offset),
         owner=owner,
@@ -153,11 +153,11 @@ def _halo_targets(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloTargets:
 @dataclass(frozen=True)
 class HaloIndex:
     """Where the local tokens and the halo slots of one rank sit in its flat *extended* buffer
-    (every local chunk followed by its halo, module docstring), and which entries of that
+    (every local stripe followed by its halo, module docstring), and which entries of that
     buffer hold a real token (everything else reads as fill).
 
     Attributes:
-        depth: D, halo slots per chunk.
+        depth: D, halo slots per stripe.
         shape: ``(B, T_local)`` of the local shard.
         token_index: ``[B * T_local]`` index in the extended buffer of each local token.
         halo_index: ``[C * D]`` index in the extended buffer of each halo slot.
@@ -175,18 +175,18 @@ class HaloIndex:
     @classmethod
     def build(cls, plan: ShardPlan, cp_rank: int, depth: int, halo_valid: Tensor) -> HaloIndex:
         piece, offset = plan.token_pieces(cp_rank)  # (B * T_local,)
-        chunk_len = plan.chunk_len  # (N,)
-        is_second = torch.div(offset, chunk_len[piece], rounding_mode="floor") >= plan.cp_size
-        local_chunk = 2 * piece + is_second.long()  # (B * T_local,)
-        # Each token moves right by the D halo slots of every local chunk before it.
-        token_index = torch.arange(piece.numel(), device=piece.device) + depth * local_chunk
-        n_chunks = 2 * plan.num_pieces
-        # Flat end of every local chunk: chunks tile the shard, so a running sum of lengths.
-        chunk_end = torch.cumsum(chunk_len.repeat_interleave(2), 0)  # (C,)
-        slot = torch.arange(n_chunks * depth, device=piece.device)  # (C * D,)
+        stripe_len = plan.stripe_len  # (N,)
+        is_second = torch.div(offset, stripe_len[piece], rounding_mode="floor") >= plan.cp_size
+        local_stripe = 2 * piece + is_second.long()  # (B * T_local,)
+        # Each token moves right by the D halo slots of every local stripe before it.
+        token_index = torch.arange(piece.numel(), device=piece.device) + depth * local_stripe
+        n_stripes = 2 * plan.num_pieces
+        # Flat end of every local stripe: stripes tile the shard, so a running sum of lengths.
+        stripe_end = torch.cumsum(stripe_len.repeat_interleave(2), 0)  # (C,)
+        slot = torch.arange(n_stripes * depth, device=piece.device)  # (C * D,)
         # max(depth, 1): with D = 0 there are no slots, but the division must stay defined.
-        slot_chunk = torch.div(slot, max(depth, 1), rounding_mode="floor")
-        halo_index = chunk_end[slot_chunk] + depth * slot_chunk + slot % max(depth, 1)
+        slot_stripe = torch.div(slot, max(depth, 1), rounding_mode="floor")
+        halo_index = stripe_end[slot_stripe] + depth * slot_stripe + slot % max(depth, 1)
         token_real = (offset < plan.length[piece]) & (plan.doc[piece] >= 0)
         extended_len = piece.numel() + slot.numel()
         extended_real = torch.zeros(extended_len, dtype=torch.bool, device=piece.device)
@@ -200,7 +200,7 @@ class HaloIndex:
 
         Args:
             x: ``[B, T_local]`` local values.
-            halo: ``[C, D]`` the values following every local chunk.
+            halo: ``[C, D]`` the values following every local stripe.
             shifts: non-negative ints, at most D.
             fill: the value where ``i + k`` leaves the document.
 
@@ -217,11 +217,11 @@ class HaloIndex:
         return out.view(len(shifts), *self.shape)
 
 
-def halo_from_global(values: Tensor, targets: HaloTargets, fill: int) -> Tensor:  # (C, D)
-    """Halo of every local chunk read from the global ``[B, T]`` tensor ``values``."""
+def halo_from_global(values: Tensor, sources: HaloSources, fill: int) -> Tensor:  # (C, D)
+    """Halo of every local stripe read from the global ``[B, T]`` tensor ``values``."""
     flat = values.reshape(-1)
-    safe = torch.where(targets.valid, targets.global_flat, 0)
-    return torch.where(targets.valid, flat[safe], torch.full_like(flat[safe], fill))
+    safe = torch.where(sources.valid, sources.global_flat, 0)
+    return torch.where(sources.valid, flat[safe], torch.full_like(flat[safe], fill))
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ class HaloRoute:
     def build(cls, plan: ShardPlan, cp_rank: int, depth: int) -> HaloRoute:
         cp = plan.cp_size
         # Every rank's needs, one entry per halo slot: fields (cp, C * D).
-        needs = halo_targets_all_ranks(plan, depth).by_slot()
+        needs = halo_sources_all_ranks(plan, depth).by_slot()
         requester_rank = torch.arange(cp, device=plan.row.device)[:, None]  # (cp, 1)
         from_peer = needs.valid & (needs.owner != requester_rank)
         # What I send: slots of every other rank that I own, ordered by (requester, slot).
@@ -365,5 +365,5 @@ def exchange_values(
         received = values.new_empty(sum(recv_splits))
         dist.all_to_all_single(received, send, recv_splits, send_splits, group=group)
         route.unpack(received, halos, fingerprint)
-    n_chunks = 2 * plan.num_pieces
-    return [h.view(n_chunks, depth).to(t.dtype) for h, t in zip(halos, tensors)]
+    n_stripes = 2 * plan.num_pieces
+    return [h.view(n_stripes, depth).to(t.dtype) for h, t in zip(halos, tensors)]

@@ -3,19 +3,19 @@
 The split is the one Megatron-LM and TransformerEngine use (docs/design.md#context-parallelism).
 Every
 *piece* of a row (a document, a run of ``doc_id == -1`` tokens, or the whole row when the batch
-is unpacked) is padded to a multiple of ``2 * cp`` and cut into ``2 * cp`` equal chunks; rank r
-keeps chunks ``r`` and ``2 * cp - 1 - r`` of every piece, in row order. Causal attention costs
-about the same on every rank, because each rank holds one early and one late chunk.
+is unpacked) is padded to a multiple of ``2 * cp`` and cut into ``2 * cp`` equal stripes; rank r
+keeps stripes ``r`` and ``2 * cp - 1 - r`` of every piece, in row order. Causal attention costs
+about the same on every rank, because each rank holds one early and one late stripe.
 
 Rows of a packed batch can differ in padded length (each document rounds up on its own). Every
 row is brought to the longest padded length by one more piece at its end, a tail of
-``doc_id == -1`` tokens that is chunked like the others, so that every rank's shard is a
+``doc_id == -1`` tokens that is cut into stripes like the others, so that every rank's shard is a
 rectangular ``[B, T_local]`` with ``T_local = max padded row length / cp``.
 
 A :class:`ShardPlan` describes the split with a handful of integers per piece, so it is cheap
 to build, identical on every rank, and enough to derive, without communication, every rank's
 local layout, the layout of the keys gathered over the CP group, and who owns the halo of every
-chunk (:mod:`multitoken.parallel.context`).
+stripe (:mod:`multitoken.parallel.context`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ShardPlan:
         length: ``[N]`` real tokens of the piece (0 for a row tail).
         padded: ``[N]`` padded length, a multiple of ``2 * cp_size``.
         pos0: ``[N]`` position (inside its document) of the piece's first token.
-        local_start: ``[N]`` where the piece's two chunks start in every rank's local row.
+        local_start: ``[N]`` where the piece's two stripes start in every rank's local row.
     """
 
     cp_size: int
@@ -65,8 +65,8 @@ class ShardPlan:
     local_start: Tensor
 
     @property
-    def chunk_len(self) -> Tensor:
-        """``[N]`` tokens per chunk of each piece."""
+    def stripe_len(self) -> Tensor:
+        """``[N]`` tokens per stripe of each piece."""
         return self.padded // (2 * self.cp_size)
 
     @property
@@ -97,22 +97,22 @@ class ShardPlan:
 
     def _token_pieces(self, cp_ranks: Tensor) -> tuple[Tensor, Tensor]:
         """``(piece, offset)``, each ``[R, B * T_local]``, of the ``R`` ranks in ``cp_ranks``."""
-        # Every rank's shard is the same sequence of pieces, two chunks each; only which two
-        # chunks of the piece (so the offsets) depend on the rank.
+        # Every rank's shard is the same sequence of pieces, two stripes each; only which two
+        # stripes of the piece (so the offsets) depend on the rank.
         device = self.row.device
-        tokens_per_rank = 2 * self.chunk_len  # (N,) tokens of each piece on every rank
+        tokens_per_rank = 2 * self.stripe_len  # (N,) tokens of each piece on every rank
         pieces = torch.arange(self.num_pieces, device=device)
         piece = torch.repeat_interleave(pieces, tokens_per_rank)  # (B * T_local,)
         flat = torch.arange(piece.numel(), device=device)
-        # Offset inside the piece's two local chunks, in [0, 2 * chunk_len).
+        # Offset inside the piece's two local stripes, in [0, 2 * stripe_len).
         local_offset = flat - (self.row * self.local_len + self.local_start)[piece]
-        chunk_len = self.chunk_len[piece]  # (B * T_local,)
-        in_second = local_offset >= chunk_len
-        offset_in_chunk = local_offset - in_second.long() * chunk_len
+        stripe_len = self.stripe_len[piece]  # (B * T_local,)
+        in_second = local_offset >= stripe_len
+        offset_in_stripe = local_offset - in_second.long() * stripe_len
         rank = cp_ranks[:, None]  # (R, 1)
-        # Rank r keeps chunks r and 2 * cp - 1 - r of every piece.
-        chunk = torch.where(in_second, 2 * self.cp_size - 1 - rank, rank)  # (R, B * T_local)
-        offset = chunk * chunk_len + offset_in_chunk
+        # Rank r keeps stripes r and 2 * cp - 1 - r of every piece.
+        stripe = torch.where(in_second, 2 * self.cp_size - 1 - rank, rank)  # (R, B * T_local)
+        offset = stripe * stripe_len + offset_in_stripe
         return piece.expand_as(offset), offset
 
     def layout_of(self, piece: Tensor, offset: Tensor) -> SequenceLayout:
@@ -165,9 +165,9 @@ def plan_shards(layout: SequenceLayout, cp_size: int, *, pad: bool = True) -> Sh
 
         >>> layout = SequenceLayout.from_cu_seqlens(torch.tensor([0, 5, 12]), shape=(1, 12))
         >>> plan = plan_shards(layout, cp_size=2)
-        >>> plan.padded.tolist(), plan.chunk_len.tolist(), plan.local_len
+        >>> plan.padded.tolist(), plan.stripe_len.tolist(), plan.local_len
         ([8, 8], [2, 2], 8)
-        >>> plan.kv_layout().doc_ids  # rank 0 (chunks 0, 3 of each document), then rank 1
+        >>> plan.kv_layout().doc_ids  # rank 0 (stripes 0, 3 of each document), then rank 1
         tensor([[ 0,  0, -1, -1,  1,  1,  1, -1,  0,  0,  0, -1,  1,  1,  1,  1]])
     """
     if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
@@ -198,7 +198,7 @@ def plan_shards(layout: SequenceLayout, cp_size: int, *, pad: bool = True) -> Sh
             what = f"document at token {int(start[piece])} of row"
         raise LayoutError(
             f"{what} {int(row[piece])} has {int(length[piece])} tokens, not a multiple of "
-            f"2*cp_size={multiple}: each of the {multiple} chunks needs an equal share; pass "
+            f"2*cp_size={multiple}: each of the {multiple} stripes needs an equal share; pass "
             "pad=True to pad every document, or make lengths multiples of 2*cp_size"
         )
     row_padded = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, row, padded)
@@ -217,7 +217,7 @@ def plan_shards(layout: SequenceLayout, cp_size: int, *, pad: bool = True) -> Sh
         row, piece_doc, start, length, padded, pos0 = (
             t[order] for t in (row, piece_doc, start, length, padded, pos0)
         )
-    tokens_per_rank = padded // cp_size  # (N,) two chunks of every piece on every rank
+    tokens_per_rank = padded // cp_size  # (N,) two stripes of every piece on every rank
     # Where each piece starts in the concatenation of all local rows (exclusive running sum),
     # then made relative to the start of its row.
     flat_start = torch.cumsum(tokens_per_rank, 0) - tokens_per_rank

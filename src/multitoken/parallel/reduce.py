@@ -118,14 +118,14 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
     dist.all_reduce(flat, group=group)
-    for p, grad, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
-        chunk = chunk.view_as(grad).to(grad.dtype)
+    for p, grad, part in zip(params, grads, flat.split([g.numel() for g in grads])):
+        part = part.view_as(grad).to(grad.dtype)
         if p.grad is None and isinstance(p, DTensor):
-            p.grad = DTensor.from_local(chunk.clone(), p.device_mesh, p.placements)
+            p.grad = DTensor.from_local(part.clone(), p.device_mesh, p.placements)
         elif p.grad is None:
-            p.grad = chunk.clone()
+            p.grad = part.clone()
         else:
-            grad.copy_(chunk)
+            grad.copy_(part)
 
 
 def _local(t: Tensor) -> Tensor:

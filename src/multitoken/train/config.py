@@ -374,10 +374,10 @@ class TrainConfig:
                 f"divide them: make data.seq_len a multiple of cp * tp = {parallel.cp * tp}, "
                 "or set parallel.sequence_parallel=false"
             )
-        if self.mtp.depth >= data.seq_len:
+        if self.mtp.num_depths >= data.seq_len:
             raise ConfigError(
-                f"mtp.depth={self.mtp.depth} leaves no target in rows of data.seq_len="
-                f"{data.seq_len} tokens: lower mtp.depth or raise data.seq_len"
+                f"mtp.num_depths={self.mtp.num_depths} leaves no target in rows of data.seq_len="
+                f"{data.seq_len} tokens: lower mtp.num_depths or raise data.seq_len"
             )
 
 

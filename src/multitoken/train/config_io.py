@@ -76,6 +76,7 @@ def _coerce(key: str, raw: Any, kind: type, from_cli: bool) -> Any:
 # with one line on stderr naming the new one.
 RENAMED: dict[str, tuple[str, dict[Any, Any]]] = {
     "parallel.lookahead": ("parallel.halo_fill", {"halo": "sharding"}),
+    "mtp.depth": ("mtp.num_depths", {}),
 }
 
 

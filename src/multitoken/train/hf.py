@@ -112,12 +112,12 @@ def _check_folder(cfg) -> dict:
         or (k.startswith("model.layers.") and int(k.split(".")[2]) < main)
     }
     fmt = detect_format(prefix_free - own, config)
-    if fmt is not None and cfg.mtp.depth:
+    if fmt is not None and cfg.mtp.num_depths:
         stored = 1 if fmt == "qwen3_next" else int(config[CONFIG_KEYS[fmt]])
-        if stored != cfg.mtp.depth:
+        if stored != cfg.mtp.num_depths:
             raise ConfigError(
-                f"{path} holds {stored} MTP depth(s) ({fmt} format) but mtp.depth="
-                f"{cfg.mtp.depth}: set mtp.depth={stored}"
+                f"{path} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths="
+                f"{cfg.mtp.num_depths}: set mtp.num_depths={stored}"
             )
     return config
 
@@ -129,7 +129,7 @@ def hf_tokenizer(cfg) -> HFTokenizer:
 
 
 def build_hf_model(cfg, pad_id: int, device: torch.device | None = None) -> MTPModel:
-    """The folder's model with ``mtp.depth`` depths (its MTP weights when it has them), on
+    """The folder's model with ``mtp.num_depths`` depths (its MTP weights when it has them), on
     ``device``. Parallelism is applied from outside, by the same code as for the reference GPT
     (:func:`multitoken.train.model.build_model`: context parallelism through the attention
     modules' ``kv_gather`` hooks, then FSDP2); tensor parallelism is refused (see

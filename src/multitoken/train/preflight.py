@@ -37,10 +37,10 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
     )
     mtp_layer = layer + 2 * dim * dim + 3 * dim  # + eh_proj and the three norms
     params = vocab * dim * (1 if model.tie_embeddings else 2)
-    params += model.n_layers * layer + cfg.mtp.depth * mtp_layer
+    params += model.n_layers * layer + cfg.mtp.num_depths * mtp_layer
     rows = cfg.data.batch_size // cfg.parallel.dp
     queries = cfg.data.seq_len // cfg.parallel.cp
-    layers = model.n_layers + cfg.mtp.depth
+    layers = model.n_layers + cfg.mtp.num_depths
     tp = cfg.parallel.tp
     scores = rows * model.n_heads * queries * cfg.data.seq_len
     return {

@@ -94,7 +94,7 @@ class Trainer:
     def forward(self, global_batch: dict[str, torch.Tensor], mtp_weight: float):
         cfg = self.cfg
         batch = rank_batch(
-            global_batch, self.dims, cfg.mtp.depth, self.model.pad_id, self.device,
+            global_batch, self.dims, cfg.mtp.num_depths, self.model.pad_id, self.device,
             cfg.parallel.halo_fill,
         )  # fmt: skip
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -130,7 +130,7 @@ class Trainer:
     def evaluate(self, step: int, mtp_weight: float) -> dict[str, Any]:
         """Losses on the same held-out batches at every evaluation."""
         cfg, loader = self.cfg, self.data.val_loader
-        meter = MetricSums(cfg.mtp.depth, self.device)
+        meter = MetricSums(cfg.mtp.num_depths, self.device)
         loader.load_state_dict(self.val_start)
         self.model.eval()
         with torch.no_grad():
@@ -147,7 +147,7 @@ class Trainer:
             MetricsWriter(self.cfg.run_dir, resumed, self.cfg.run.tensorboard) if is_main else None
         )
         progress = Progress(is_main, self.state.step, end)
-        meter, clock, last = MetricSums(self.cfg.mtp.depth, self.device), Stopwatch(), {}
+        meter, clock, last = MetricSums(self.cfg.mtp.num_depths, self.device), Stopwatch(), {}
         self.model.train()
         for step in range(self.state.step + 1, end + 1):
             probes.hit(f"step{step}")
