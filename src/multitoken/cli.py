@@ -164,8 +164,9 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(1)
     if speculative and model.depth == 0:
         raise InputError(
-            f"run '{run_dir}' was trained without MTP heads (mtp.num_depths = 0), which speculative "
-            "decoding drafts with: drop --speculative, or train a run with an MTP depth >= 1"
+            f"run '{run_dir}' was trained without MTP heads (mtp.num_depths = 0), which "
+            "speculative decoding drafts with: drop --speculative, or train a run with an MTP "
+            "depth >= 1"
         )
     generator = torch.Generator(device=model.head_weight.device).manual_seed(args.seed)
     prompt_ids = tokenizer.encode(prompt)

@@ -92,8 +92,8 @@ def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
     stored = int(config[CONFIG_KEYS[fmt]]) if fmt != "qwen3_next" else 1
     if stored != model.depth:
         raise CheckpointError(
-            f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths = {model.depth}: "
-            f"set mtp.num_depths={stored}"
+            f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths = "
+            f"{model.depth}: set mtp.num_depths={stored}"
         )
     depths = from_format(
         read_tensors(folder, extra),
