@@ -153,8 +153,7 @@ def cmd_generate(args) -> int:
         InputError: ``--speculative`` with a model trained without MTP heads, and the other
             errors of :func:`~multitoken.decoding.generate.generate`.
     """
-    run_dir, prompt, max_new_tokens = args.run, args.prompt, args.max_new_tokens
-    speculative, draft_depth, temperature = args.speculative, args.draft_depth, args.temperature
+    run_dir, prompt, speculative = args.run, args.prompt, args.speculative
     model, tokenizer = load_for_inference(run_dir)
     model.eval()
     if model.head_weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -168,55 +167,10 @@ def cmd_generate(args) -> int:
             "speculative decoding drafts with: drop --speculative, or train a run with an MTP "
             "depth >= 1"
         )
-    generator = torch.Generator(device=model.head_weight.device).manual_seed(args.seed)
-    prompt_ids = tokenizer.encode(prompt)
-    capacity = len(prompt_ids) + max_new_tokens
-    if speculative or max_new_tokens:
-        # The first calls pay one-time costs (allocations, kernel choice, compilation): keep
-        # them out of tokens_per_s, which should be the steady rate.
-        depth = model.depth if speculative else 0
-        warm = min(depth + 2, model.decoder.max_seq_len - 1)
-        warm_prompt = prompt_ids[-8:]
-        generate(
-            model, warm_prompt, warm, speculative, draft_depth, start_id=tokenizer.eos_id,
-            compile=args.compile, capacity=min(capacity, model.decoder.max_seq_len),
-        )  # fmt: skip
-    result = generate(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        speculative=speculative,
-        draft_depth=draft_depth,
-        temperature=temperature,
-        eos_id=tokenizer.eos_id,
-        start_id=tokenizer.eos_id,
-        generator=generator,
-        compile=args.compile,
-    )
-    full = tokenizer.decode(result.prompt_ids + result.tokens)
-    head = tokenizer.decode(result.prompt_ids)
-    # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
-    text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
+    result, text = _decode(model, tokenizer, args)
     stats = result.stats
-    accuracy = [
-        hits / total if total else None
-        for hits, total in teacher_forced_accuracy(
-            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
-        )
-    ]
     if args.json:
-        record = {
-            "text": text,
-            "tokens": stats.new_tokens,
-            "token_ids": result.tokens,
-            "forwards": stats.forwards,
-            "tokens_per_forward": round(stats.tokens_per_forward, 4),
-            "acceptance": [None if a is None else round(a, 4) for a in stats.acceptance],
-            "teacher_forced_accuracy": [None if a is None else round(a, 4) for a in accuracy],
-            "tokens_per_s": round(stats.tokens_per_s, 2),
-            "prompt_tokens": len(result.prompt_ids),
-        }
-        print(json.dumps(record))
+        print(json.dumps(_generation_record(model, result, text)))
         return 0
     print(prompt + text)
     summary = (
@@ -228,6 +182,61 @@ def cmd_generate(args) -> int:
         summary += f"; acceptance per depth: {rates}"
     print(summary, file=sys.stderr)
     return 0
+
+
+def _decode(model, tokenizer, args):
+    """``generate`` on the prompt after a short warm-up; returns the result and the new text."""
+    prompt_ids, max_new_tokens = tokenizer.encode(args.prompt), args.max_new_tokens
+    capacity = len(prompt_ids) + max_new_tokens
+    if args.speculative or max_new_tokens:
+        # The first calls pay one-time costs (allocations, kernel choice, compilation): keep
+        # them out of tokens_per_s, which should be the steady rate.
+        depth = model.depth if args.speculative else 0
+        warm = min(depth + 2, model.decoder.max_seq_len - 1)
+        generate(
+            model, prompt_ids[-8:], warm, args.speculative, args.draft_depth,
+            start_id=tokenizer.eos_id, compile=args.compile,
+            capacity=min(capacity, model.decoder.max_seq_len),
+        )  # fmt: skip
+    result = generate(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        speculative=args.speculative,
+        draft_depth=args.draft_depth,
+        temperature=args.temperature,
+        eos_id=tokenizer.eos_id,
+        start_id=tokenizer.eos_id,
+        generator=torch.Generator(device=model.head_weight.device).manual_seed(args.seed),
+        compile=args.compile,
+    )
+    full = tokenizer.decode(result.prompt_ids + result.tokens)
+    head = tokenizer.decode(result.prompt_ids)
+    # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
+    text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
+    return result, text
+
+
+def _generation_record(model, result, text: str) -> dict:
+    """The JSON line of ``multitoken generate --json``."""
+    stats = result.stats
+    accuracy = [
+        hits / total if total else None
+        for hits, total in teacher_forced_accuracy(
+            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
+        )
+    ]
+    return {
+        "text": text,
+        "tokens": stats.new_tokens,
+        "token_ids": result.tokens,
+        "forwards": stats.forwards,
+        "tokens_per_forward": round(stats.tokens_per_forward, 4),
+        "acceptance": [None if a is None else round(a, 4) for a in stats.acceptance],
+        "teacher_forced_accuracy": [None if a is None else round(a, 4) for a in accuracy],
+        "tokens_per_s": round(stats.tokens_per_s, 2),
+        "prompt_tokens": len(result.prompt_ids),
+    }
 
 
 def cmd_export(args) -> int:

@@ -237,31 +237,10 @@ def generate(
             outside 1..D, a negative temperature, prompt ids outside the vocabulary, or
             ``max_new_tokens`` that does not fit the context.
     """
-    decoder = model.decoder
-    depth = model.depth
-    if speculative and depth == 0:
-        raise InputError(
-            "speculative decoding drafts with the MTP heads, and this model has none "
-            "(mtp.num_depths = 0): train it with an MTP depth >= 1, or decode without --speculative"
-        )
-    if not speculative:
-        draft_depth = 0
-    elif draft_depth is None:
-        draft_depth = depth
-    elif not 1 <= draft_depth <= depth:
-        raise InputError(
-            f"draft_depth must be in 1..{depth} (the model's MTP depths), got {draft_depth}"
-        )
+    draft_depth = _draft_depths(model, speculative, draft_depth)
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
-    if isinstance(prompt_ids, Tensor):
-        prompt_ids = prompt_ids.reshape(-1).tolist()
-    start_id = model.pad_id if start_id is None else start_id
-    prompt = fit_prompt(prompt_ids, max_new_tokens, decoder.max_seq_len, start_id)
-    bad = [i for i in prompt if not 0 <= i < decoder.vocab_size]
-    if bad:
-        raise InputError(f"prompt id {bad[0]} is outside the vocabulary [0, {decoder.vocab_size})")
-
+    prompt = _checked_prompt(model, prompt_ids, max_new_tokens, start_id)
     stats = GenerationStats(
         draft_depth=draft_depth,
         reached=[0] * draft_depth,
@@ -269,10 +248,8 @@ def generate(
         accepted_histogram=[0] * (draft_depth + 1),
     )
     capacity = max(capacity or 0, len(prompt) + max_new_tokens)
-    if compile:
-        state = StaticDecodeState(model, capacity, draft_depth)
-    else:
-        state = DecodeState(model, capacity, draft_depth)
+    state_cls = StaticDecodeState if compile else DecodeState
+    state = state_cls(model, capacity, draft_depth)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
@@ -281,35 +258,85 @@ def generate(
             state.forward_main(prompt[:-1])
         while len(new) < max_new_tokens:
             seq = state.tokens
-            length = len(seq)
             # Drafting needs h^0 of the second-to-last token, and no more drafts than tokens wanted.
-            n_draft = min(draft_depth, max_new_tokens - len(new) - 1) if length > 1 else 0
-            extended, draft_probs = list(seq), []
-            for k in range(1, n_draft + 1):
-                h = state.forward_depth(k, extended, end=length - 1)  # (T_k, H)
-                token, probs = _pick(h[-1] @ model.head_weight.t(), temperature, generator)
-                extended.append(token)
-                draft_probs.append(probs)
-            drafts = extended[length:]
-            h0 = state.forward_main([seq[-1], *drafts])  # (n_draft + 1, H)
-            n_acc, token = accept_drafts(
-                h0 @ model.head_weight.t(), drafts, draft_probs, temperature, generator
-            )
-            out = [*drafts[:n_acc], token]
-            stats.forwards += 1
-            stats.accepted_histogram[n_acc] += 1
-            for k in range(min(n_acc + 1, n_draft)):
-                stats.reached[k] += 1
-                stats.accepted[k] += k < n_acc
+            n_draft = min(draft_depth, max_new_tokens - len(new) - 1) if len(seq) > 1 else 0
+            out, n_acc = _speculative_step(model, state, n_draft, temperature, generator, stats)
             if eos_id is not None and eos_id in out:
                 out = out[: out.index(eos_id) + 1]
             new += out
-            state.commit(seq + out, exact_upto=length + n_acc)
+            state.commit(seq + out, exact_upto=len(seq) + n_acc)
             if eos_id is not None and out[-1] == eos_id:
                 break
     stats.seconds = time.perf_counter() - began
     stats.new_tokens = len(new)
     return Generation(prompt, new, stats, state)
+
+
+def _draft_depths(model: MTPModel, speculative: bool, draft_depth: int | None) -> int:
+    """How many depths draft each step: 0 without speculation, else 1..D (None = D)."""
+    depth = model.depth
+    if speculative and depth == 0:
+        raise InputError(
+            "speculative decoding drafts with the MTP heads, and this model has none "
+            "(mtp.num_depths = 0): train it with an MTP depth >= 1, or decode without --speculative"
+        )
+    if not speculative:
+        return 0
+    if draft_depth is None:
+        return depth
+    if not 1 <= draft_depth <= depth:
+        raise InputError(
+            f"draft_depth must be in 1..{depth} (the model's MTP depths), got {draft_depth}"
+        )
+    return draft_depth
+
+
+def _checked_prompt(
+    model: MTPModel, prompt_ids: Sequence[int] | Tensor, max_new_tokens: int, start_id: int | None
+) -> list[int]:
+    """The prompt as ids that fit the context (:func:`fit_prompt`), checked against the
+    vocabulary."""
+    decoder = model.decoder
+    if isinstance(prompt_ids, Tensor):
+        prompt_ids = prompt_ids.reshape(-1).tolist()
+    start_id = model.pad_id if start_id is None else start_id
+    prompt = fit_prompt(prompt_ids, max_new_tokens, decoder.max_seq_len, start_id)
+    bad = [i for i in prompt if not 0 <= i < decoder.vocab_size]
+    if bad:
+        raise InputError(f"prompt id {bad[0]} is outside the vocabulary [0, {decoder.vocab_size})")
+    return prompt
+
+
+def _speculative_step(
+    model: MTPModel,
+    state: DecodeState,
+    n_draft: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    stats: GenerationStats,
+) -> tuple[list[int], int]:
+    """Draft ``n_draft`` tokens with the depths, verify them with one main forward; returns the
+    tokens to commit (the accepted drafts and one token of the main model) and how many drafts
+    were accepted. With ``n_draft = 0`` it is one plain decoding step."""
+    seq = state.tokens
+    length = len(seq)
+    extended, draft_probs = list(seq), []
+    for k in range(1, n_draft + 1):
+        h = state.forward_depth(k, extended, end=length - 1)  # (T_k, H)
+        token, probs = _pick(h[-1] @ model.head_weight.t(), temperature, generator)
+        extended.append(token)
+        draft_probs.append(probs)
+    drafts = extended[length:]
+    h0 = state.forward_main([seq[-1], *drafts])  # (n_draft + 1, H)
+    n_acc, token = accept_drafts(
+        h0 @ model.head_weight.t(), drafts, draft_probs, temperature, generator
+    )
+    stats.forwards += 1
+    stats.accepted_histogram[n_acc] += 1
+    for k in range(min(n_acc + 1, n_draft)):
+        stats.reached[k] += 1
+        stats.accepted[k] += k < n_acc
+    return [*drafts[:n_acc], token], n_acc
 
 
 def teacher_forced_accuracy(

@@ -80,7 +80,14 @@ from multitoken.parallel.kv_gather import apply_cp
 from multitoken.parallel.tensor import SEQ, check_sequence, gathered_norm, sum_weight_gradients
 from multitoken.parallel.vocab_loss import VocabParallelCrossEntropy
 
-__all__ = ["parallelize_gpt", "apply_tp", "check_tp", "tp_layers"]
+__all__ = [
+    "parallelize_gpt",
+    "compile_gpt",
+    "apply_tp",
+    "check_tp",
+    "check_tp_split",
+    "tp_layers",
+]
 
 
 def parallelize_gpt(
@@ -159,17 +166,20 @@ def check_tp(model: nn.Module, tp_size: int) -> None:
                 f"apply_tp: layer {index} ({type(layer).__name__}) is not a reference Block "
                 "(attention: Attention, feed_forward with w1, w2, w3)"
             )
-        sizes = (
-            ("model.n_heads", attention.n_heads),
-            ("model.n_kv_heads", attention.n_kv_heads),
-            ("model.ffn_dim", feed_forward.w1.out_features),
+        check_tp_split(
+            attention.n_heads, attention.n_kv_heads, feed_forward.w1.out_features, tp_size
         )
-        for key, size in sizes:
-            if size % tp_size:
-                raise ConfigError(
-                    f"{key}={size} is not divisible by parallel.tp={tp_size}: every TP rank "
-                    "computes an equal share of the heads and of the feed-forward width"
-                )
+
+
+def check_tp_split(n_heads: int, n_kv_heads: int, ffn_dim: int, tp: int) -> None:
+    """Refuse a layer ``tp`` ranks cannot split evenly (the one copy of this check: the training
+    config runs it before any rank starts, :func:`check_tp` on a built model)."""
+    for key, size in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("ffn_dim", ffn_dim)):
+        if size % tp:
+            raise ConfigError(
+                f"model.{key}={size} is not divisible by parallel.tp={tp}: every TP rank "
+                "computes an equal share of the heads and of the feed-forward width"
+            )
 
 
 def _layer_plan(sequence_parallel: bool) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 from multitoken.errors import FIXED, ConfigError, require
 from multitoken.models.gpt import GPTConfig
+from multitoken.models.parallelize import check_tp_split
 from multitoken.mtp import MTPConfig
 from multitoken.parallel.dims import ParallelDims
 
@@ -317,6 +318,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks across sections (each section checked itself when it was built)."""
+        self._check_batch_layout()
+        self._check_model_layout()
+
+    def _check_batch_layout(self) -> None:
+        """The batch fits the layout: rows split over dp, pieces over 2 * cp."""
         data, parallel = self.data, self.parallel
         if data.batch_size % parallel.dp:
             raise ConfigError(
@@ -348,22 +354,16 @@ class TrainConfig:
                 f"run.overwrite=true removes the run that train.resume={self.train.resume!r} "
                 "would continue: set one of them"
             )
-        model, tp = self.model, parallel.tp
+
+    def _check_model_layout(self) -> None:
+        """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
+        data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         if self.mtp.targets == "base" and (tp > 1 or parallel.cp > 1):
             raise ConfigError(
                 "mtp.targets=base takes the decoder's greedy tokens over the whole vocabulary "
                 "and the whole row: use parallel.tp=1 and parallel.cp=1 with it"
             )
-        for key, size in (
-            ("n_heads", model.n_heads),
-            ("n_kv_heads", model.kv_heads),
-            ("ffn_dim", model.ffn_hidden),
-        ):
-            if size % tp:
-                raise ConfigError(
-                    f"model.{key}={size} is not divisible by parallel.tp={tp}: every TP rank "
-                    "computes an equal share of the heads and of the feed-forward width"
-                )
+        check_tp_split(model.n_heads, model.kv_heads, model.ffn_hidden, tp)
         rows = model.vocab_size or (0 if data.tokenizer else data.vocab_size)  # a BPE's size
         self._check_rows_split(rows, "model.vocab_size" if model.vocab_size else "data.vocab_size")
         local = data.seq_len // parallel.cp  # positions per CP rank (cp divides seq_len)
