@@ -939,8 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     rows: list[Row] = []
     if not cuda and not args.cpu_smoke:
-        print("no CUDA device: every check SKIP (python bench/gpu_check.py --cpu-smoke runs the "
-              "comparisons at tiny sizes on the CPU)")  # fmt: skip
+        build = "" if torch.version.cuda else f"; this torch ({torch.__version__}) has no CUDA"
+        print(f"no CUDA device{build}: every check SKIP (python bench/gpu_check.py --cpu-smoke "
+              "runs the comparisons at tiny sizes on the CPU)")  # fmt: skip
         rows = [Row(n, status="SKIP", reason="no CUDA device") for n in args.selected]
     else:
         if cuda and not args.cpu_smoke:
