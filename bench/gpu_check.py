@@ -30,10 +30,12 @@ comparison logic itself runs: ``python bench/gpu_check.py --cpu-smoke --only tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -699,6 +701,13 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _train_step(ctx: Ctx, model, batch: StepBatch, optimizer) -> torch.Tensor:
     with ctx.autocast():
         out = step_loss(model, batch, 0.3)
@@ -740,11 +749,16 @@ def check_throughput(ctx: Ctx) -> None:
                 for _ in range(warmup):
                     _train_step(ctx, model, batch, optimizer)
                 ctx.sync()
+                graphs = _graphs_compiled()
                 start = time.perf_counter()
                 for _ in range(steps):
                     loss = _train_step(ctx, model, batch, optimizer)
                 ctx.sync()
                 elapsed = time.perf_counter() - start
+                # Every step builds a new AttentionMask (and block mask): a graph compiled in
+                # the timed steps means dynamo recompiles per step (and, past its limit,
+                # silently runs the attention eagerly).
+                recompiled = _graphs_compiled() - graphs
                 break
             except torch.OutOfMemoryError:
                 if r == 1:
@@ -761,6 +775,9 @@ def check_throughput(ctx: Ctx) -> None:
         flops_per_token = 6 * params + 6 * depth * vocab * dim + 12 * layers * dim * seqlen
         mfu = tokens_per_s * flops_per_token / peak if peak else None
         finite = math.isfinite(float(loss.detach()))
+        problems = [] if finite else [f"loss {float(loss.detach())}"]
+        if recompiled:
+            problems.append(f"{recompiled} graph(s) compiled during the timed steps")
         ctx.emit(
             Row(
                 "throughput",
@@ -772,9 +789,9 @@ def check_throughput(ctx: Ctx) -> None:
                 else f"{name}: no peak known, tokens/s only",
                 error=f"{params / 1e6:.1f}M params, {r}x{seqlen} tokens/step, "
                 f"{steps} steps in {elapsed:.2f}s",
-                tolerance="finite loss (timing only)",
-                status="PASS" if finite else "FAIL",
-                reason="" if finite else f"loss {float(loss.detach())}",
+                tolerance="finite loss, no recompilation in the timed steps",
+                status="FAIL" if problems else "PASS",
+                reason="; ".join(problems),
                 seconds=time.perf_counter() - began,
                 data={
                     "tokens_per_s": tokens_per_s,
@@ -783,6 +800,7 @@ def check_throughput(ctx: Ctx) -> None:
                     "rows": r,
                     "seqlen": seqlen,
                     "flops_per_token": flops_per_token,
+                    "graphs_compiled_while_timed": recompiled,
                 },
             )  # fmt: skip
         )
@@ -845,12 +863,19 @@ def run_isolated(name: str, args: argparse.Namespace, limit: float) -> list[Row]
             cmd.append("--perturb-reference")
         began = time.perf_counter()
         problem = ""
+        # Its own session: on a timeout the whole group goes (spawned ranks, compile workers).
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            stdout, stderr = proc.communicate(timeout=limit)
             if proc.returncode not in (0, 1):
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                tail = (stderr or stdout).strip().splitlines()[-3:]
                 problem = f"child exited with code {proc.returncode}: {' | '.join(tail)[:400]}"
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             problem = f"timed out after {limit:.0f}s (the check's time limit)"
         rows = []
         if out.exists():
