@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup test test-slow lint format train bench bench-data clean
+.PHONY: setup test test-slow lint format train bench bench-data gpu-check clean
 
 # Idempotent: re-runs only when pyproject.toml changes. torch is pinned so that pip takes the
 # CPU wheel instead of pulling a multi-GB CUDA build.
@@ -46,6 +46,12 @@ bench: setup
 # Tokenisation throughput, store size, loader speed and RSS against corpus size (minutes).
 bench-data: setup
 	$(PY) bench/data.py
+
+# Every CUDA path against the CPU fp32 reference, on a machine with an NVIDIA GPU (< 8 min on
+# one H100; not part of `make test`). Without a GPU every check is SKIP; ARGS="--cpu-smoke"
+# runs the comparisons at tiny sizes on the CPU.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
