@@ -89,7 +89,7 @@ class TrainingError(UserError):
 
 
 # Field metadata of the config dataclasses: the fields that shape the weights (a run cannot be
-# resumed with other values; ``multitoken.train.config.fixed_keys`` reads it).
+# resumed with other values; ``multitoken.train.config_io.fixed_keys`` reads it).
 FIXED = {"fixed_on_resume": True}
 
 

@@ -7,8 +7,14 @@ from multitoken import MTPConfig
 from multitoken.models import GPTConfig
 from multitoken.mtp import DepthLosses
 from multitoken.parallel import MetricSums
-from multitoken.train.config import ConfigError, TrainConfig, fixed_keys
-from multitoken.train.config_io import config_help, load_config, load_saved_config, to_toml
+from multitoken.train.config import ConfigError, TrainConfig
+from multitoken.train.config_io import (
+    config_help,
+    fixed_keys,
+    load_config,
+    load_saved_config,
+    to_toml,
+)
 from multitoken.train.optim import lr_lambda
 from multitoken.train.run_dir import (
     check_resume_config,
@@ -160,8 +166,8 @@ def test_the_model_config_is_nested_not_mirrored():
     # The same check whether the library or the CLI builds the config.
     with pytest.raises(ConfigError, match="n_heads must be >= 1, got 0"):
         GPTConfig(n_heads=0)
-    with pytest.raises(ConfigError, match="depth must be an int >= 0"):
-        MTPConfig(depth=-1)
+    with pytest.raises(ConfigError, match="num_depths must be an int >= 0"):
+        MTPConfig(num_depths=-1)
 
 
 def test_the_batches_do_not_depend_on_cp():

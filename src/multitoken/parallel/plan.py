@@ -203,20 +203,9 @@ def plan_shards(layout: SequenceLayout, cp_size: int, *, pad: bool = True) -> Sh
         )
     row_padded = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, row, padded)
     longest_row = int(row_padded.max())
-    tail_rows = torch.nonzero(row_padded < longest_row).view(-1)
-    if tail_rows.numel():
-        n_tail = tail_rows.numel()
-        row = torch.cat([row, tail_rows])
-        piece_doc = torch.cat([piece_doc, piece_doc.new_full((n_tail,), -1)])
-        start = torch.cat([start, start.new_full((n_tail,), seqlen)])
-        length = torch.cat([length, length.new_zeros(n_tail)])
-        padded = torch.cat([padded, longest_row - row_padded[tail_rows]])
-        pos0 = torch.cat([pos0, pos0.new_zeros(n_tail)])
-        # A stable sort on the row puts each tail after its row's pieces.
-        order = torch.sort(row, stable=True).indices
-        row, piece_doc, start, length, padded, pos0 = (
-            t[order] for t in (row, piece_doc, start, length, padded, pos0)
-        )
+    row, piece_doc, start, length, padded, pos0 = _pad_rows(
+        row_padded, longest_row, seqlen, row, piece_doc, start, length, padded, pos0
+    )
     tokens_per_rank = padded // cp_size  # (N,) two stripes of every piece on every rank
     # Where each piece starts in the concatenation of all local rows (exclusive running sum),
     # then made relative to the start of its row.
@@ -269,3 +258,25 @@ def _check_documents(
             f"row {token // seqlen} has position {int(positions.reshape(-1)[token])}, expected "
             f"{int(expected[token])}"
         )
+
+
+def _pad_rows(row_padded: Tensor, longest_row: int, seqlen: int, row: Tensor, *pieces: Tensor):
+    """Give every row shorter than the longest one a tail piece of padding (no document,
+    starting past the row's end), so that every row has the same local length on every rank.
+
+    ``pieces`` are the per-piece ``(doc, start, length, padded, pos0)``; returns ``(row,
+    *pieces)`` with the tails appended, sorted by row (tails after their row's pieces)."""
+    tail_rows = torch.nonzero(row_padded < longest_row).view(-1)
+    if not tail_rows.numel():
+        return (row, *pieces)
+    n_tail = tail_rows.numel()
+    piece_doc, start, length, padded, pos0 = pieces
+    row = torch.cat([row, tail_rows])
+    piece_doc = torch.cat([piece_doc, piece_doc.new_full((n_tail,), -1)])
+    start = torch.cat([start, start.new_full((n_tail,), seqlen)])
+    length = torch.cat([length, length.new_zeros(n_tail)])
+    padded = torch.cat([padded, longest_row - row_padded[tail_rows]])
+    pos0 = torch.cat([pos0, pos0.new_zeros(n_tail)])
+    # A stable sort on the row puts each tail after its row's pieces.
+    order = torch.sort(row, stable=True).indices
+    return tuple(t[order] for t in (row, piece_doc, start, length, padded, pos0))

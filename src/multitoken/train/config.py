@@ -11,7 +11,7 @@ from TOML and ``key=value`` overrides is :mod:`multitoken.train.config_io`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ __all__ = [
     "RunSection",
     "ConfigError",
     "alignment",
-    "fixed_keys",
 ]
 
 
@@ -391,13 +390,3 @@ def alignment(cfg: TrainConfig) -> int:
     global batch trains on the same tokens in the same order (CP = 1 and CP = 4 alike).
     """
     return cfg.data.align or DEFAULT_ALIGN
-
-
-def fixed_keys(cfg: TrainConfig) -> list[str]:
-    """``section.field`` keys a run's weights and tokenizer depend on (fixed on resume)."""
-    keys = []
-    for section in fields(cfg):
-        for item in fields(getattr(cfg, section.name)):
-            if item.metadata.get("fixed_on_resume"):
-                keys.append(f"{section.name}.{item.name}")
-    return keys

@@ -27,7 +27,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["load_config", "load_saved_config", "config_from_dict", "config_help", "to_toml"]
+__all__ = [
+    "load_config",
+    "load_saved_config",
+    "config_from_dict",
+    "config_help",
+    "to_toml",
+    "fixed_keys",
+]
 
 
 def _sections() -> dict[str, type]:
@@ -200,3 +207,13 @@ def to_toml(cfg: TrainConfig) -> str:
             out.append(f"{key} = {text}")
         out.append("")
     return "\n".join(out)
+
+
+def fixed_keys(cfg: TrainConfig) -> list[str]:
+    """``section.field`` keys a run's weights and tokenizer depend on (fixed on resume)."""
+    keys = []
+    for section in dataclasses.fields(cfg):
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            if item.metadata.get("fixed_on_resume"):
+                keys.append(f"{section.name}.{item.name}")
+    return keys

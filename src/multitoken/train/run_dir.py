@@ -21,8 +21,8 @@ from pathlib import Path
 
 from multitoken.data import Tokenizer
 from multitoken.errors import CheckpointError, ConfigError, UserError
-from multitoken.train.config import TrainConfig, fixed_keys
-from multitoken.train.config_io import load_saved_config, to_toml
+from multitoken.train.config import TrainConfig
+from multitoken.train.config_io import fixed_keys, load_saved_config, to_toml
 
 __all__ = [
     "RunLock",
