@@ -86,6 +86,7 @@ __all__ = [
     "apply_tp",
     "check_tp",
     "check_tp_split",
+    "check_vocab_split",
     "tp_layers",
 ]
 
@@ -151,13 +152,7 @@ def check_tp(model: nn.Module, tp_size: int) -> None:
         ConfigError: query or key/value heads, the feed-forward width or the vocabulary not
             divisible by ``tp_size``; a layer that is not the reference layout.
     """
-    decoder = model.decoder
-    vocab = decoder.vocab_size
-    if vocab % tp_size:
-        raise ConfigError(
-            f"model.vocab_size={vocab} is not divisible by parallel.tp={tp_size}: the head and "
-            f"the embedding are split by vocabulary rows (pad the vocabulary to a multiple of tp)"
-        )
+    check_vocab_split(model.decoder.vocab_size, tp_size)
     for index, layer in enumerate(tp_layers(model)):
         attention = getattr(layer, "attention", None)
         feed_forward = getattr(layer, "feed_forward", None)
@@ -168,6 +163,16 @@ def check_tp(model: nn.Module, tp_size: int) -> None:
             )
         check_tp_split(
             attention.n_heads, attention.n_kv_heads, feed_forward.w1.out_features, tp_size
+        )
+
+
+def check_vocab_split(rows: int, tp: int, key: str = "model.vocab_size") -> None:
+    """Refuse vocabulary rows ``tp`` cannot split (the embedding and head are split by rows);
+    the message names the multiple to set ``key`` to."""
+    if rows % tp:
+        raise ConfigError(
+            f"the vocabulary's {rows} rows are not divisible by parallel.tp={tp} (the "
+            f"embedding and head are split by rows): set {key}={-(-rows // tp) * tp}"
         )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from multitoken.errors import FIXED, ConfigError, require
 from multitoken.models.gpt import GPTConfig
-from multitoken.models.parallelize import check_tp_split
+from multitoken.models.parallelize import check_tp_split, check_vocab_split
 from multitoken.mtp import MTPConfig
 from multitoken.parallel.dims import ParallelDims
 
@@ -308,12 +308,8 @@ class TrainConfig:
 
     def _check_rows_split(self, rows: int, key: str) -> None:
         """TP splits the embedding and the head by rows: ``rows`` must divide by tp."""
-        tp = self.parallel.tp
-        if rows % tp and not self.model.hf:
-            raise ConfigError(
-                f"the vocabulary's {rows} rows are not divisible by parallel.tp={tp} (the "
-                f"embedding and head are split by rows): set {key}={-(-rows // tp) * tp}"
-            )
+        if not self.model.hf:
+            check_vocab_split(rows, self.parallel.tp, key)
 
     def validate(self) -> None:
         """Checks across sections (each section checked itself when it was built)."""
