@@ -180,10 +180,10 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
     calls = []
     forward_depth = DecodeState.forward_depth
 
-    def recording(self, depth, tokens, end):
-        hidden = forward_depth(self, depth, tokens, end)
+    def recording(self, k, tokens, end):
+        hidden = forward_depth(self, k, tokens, end)
         draft = int((hidden[-1] @ model.head_weight.t()).argmax())
-        calls.append((depth, end, list(tokens[: end + depth]), draft))
+        calls.append((k, end, list(tokens[: end + k]), draft))
         return hidden
 
     monkeypatch.setattr(DecodeState, "forward_depth", recording)
@@ -194,9 +194,9 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
         seq = out.prompt_ids + out.tokens
         with torch.no_grad():
             hidden = model(torch.tensor([seq]))
-        for depth, end, read, draft in calls:
-            if read == seq[: end + depth]:
-                teacher = int((hidden[depth][0, end - 1] @ model.head_weight.t()).argmax())
+        for k, end, read, draft in calls:
+            if read == seq[: end + k]:
+                teacher = int((hidden[k][0, end - 1] @ model.head_weight.t()).argmax())
                 assert draft == teacher
                 checked += 1
     assert checked > 50 and {call[0] for call in calls} == {1, 2, 3}

@@ -179,7 +179,7 @@ def test_keys_of_another_format_than_the_config_are_refused(tmp_path):
 
 def test_depth_mismatch_names_the_fix(tmp_path):
     folder, _ = write_folder(tmp_path, "mimo", 2)
-    with pytest.raises(CheckpointError, match="holds 2 MTP depth.*set mtp.depth=2"):
+    with pytest.raises(CheckpointError, match="holds 2 MTP depth.*set mtp.num_depths=2"):
         load_hf_mtp_model(folder, MTPConfig(num_depths=1))
 
 

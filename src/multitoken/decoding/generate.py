@@ -237,19 +237,20 @@ def generate(
             ``max_new_tokens`` that does not fit the context.
     """
     decoder = model.decoder
-    depth = model.depth
-    if speculative and depth == 0:
+    num_depths = model.num_depths
+    if speculative and num_depths == 0:
         raise InputError(
             "speculative decoding drafts with the MTP heads, and this model has none "
-            "(mtp.depth = 0): train it with an MTP depth >= 1, or decode without --speculative"
+            "(mtp.num_depths = 0): train it with mtp.num_depths >= 1, or decode without "
+            "--speculative"
         )
     if not speculative:
         draft_depth = 0
     elif draft_depth is None:
-        draft_depth = depth
-    elif not 1 <= draft_depth <= depth:
+        draft_depth = num_depths
+    elif not 1 <= draft_depth <= num_depths:
         raise InputError(
-            f"draft_depth must be in 1..{depth} (the model's MTP depths), got {draft_depth}"
+            f"draft_depth must be in 1..{num_depths} (the model's MTP depths), got {draft_depth}"
         )
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
@@ -324,12 +325,12 @@ def teacher_forced_accuracy(
     Returns:
         ``[(hits, targets)]`` for depths 1..D.
     """
-    depth = model.depth
+    num_depths = model.num_depths
     with torch.inference_mode():
         x = torch.tensor([list(ids)], dtype=torch.long, device=model.head_weight.device)
         hidden = model(x)
         result = []
-        for k in range(1, depth + 1):
+        for k in range(1, num_depths + 1):
             first = max(start - k - 1, 0)  # first position whose target is generated
             # Empty when the sequence is too short to hold a target of depth k.
             positions = torch.arange(first, max(first, len(ids) - k - 1), device=x.device)

@@ -151,12 +151,12 @@ class StaticDecodeState(DecodeState):
             c.length = start + length
         return h0
 
-    def _run_depth(self, depth: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
+    def _run_depth(self, k: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
         length = ids.shape[1]
         _, depth_step = self._functions(length)
-        cache_ = self.mtp[depth - 1]
+        cache_ = self.mtp[k - 1]
         input_pos = self._positions[start : start + length]
-        module = self.model.mtp.depths[depth - 1]
+        module = self.model.mtp.depths[k - 1]
         out = depth_step(self.decoder, module, hidden, ids, input_pos, cache_.k, cache_.v)
         cache_.length = start + length
         return out
