@@ -35,7 +35,7 @@ from torch import Tensor
 
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.static import StaticDecodeState
-from multitoken.errors import InputError
+from multitoken.errors import InputError, renamed_kwarg, warn_renamed
 from multitoken.mtp_model import MTPModel
 
 __all__ = [
@@ -55,7 +55,7 @@ class GenerationStats:
     Attributes:
         new_tokens: tokens generated.
         forwards: main-model forwards after the prompt's prefill; each yields >= 1 token.
-        draft_depth: MTP depths used to draft (0 = plain decoding).
+        draft_depths: MTP depths used to draft (0 = plain decoding).
         reached: per depth k, drafts the verifier judged: the step drafted depth k and
             accepted every shallower draft.
         accepted: per depth k, of those, the accepted ones.
@@ -65,11 +65,17 @@ class GenerationStats:
 
     new_tokens: int = 0
     forwards: int = 0
-    draft_depth: int = 0
+    draft_depths: int = 0
     reached: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     accepted_histogram: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def draft_depth(self) -> int:
+        """Deprecated: :attr:`draft_depths`."""
+        warn_renamed("GenerationStats.draft_depth", "GenerationStats.draft_depths")
+        return self.draft_depths
 
     @property
     def tokens_per_forward(self) -> float:
@@ -86,8 +92,8 @@ class GenerationStats:
 
     def merge(self, other: GenerationStats) -> GenerationStats:
         """The sum of two runs' counters (same draft depth)."""
-        if other.draft_depth != self.draft_depth:
-            raise ValueError(f"draft depth {other.draft_depth} != {self.draft_depth}")
+        if other.draft_depths != self.draft_depths:
+            raise ValueError(f"draft depths {other.draft_depths} != {self.draft_depths}")
 
         def add(a: list[int], b: list[int]) -> list[int]:
             return [x + y for x, y in zip(a, b)]
@@ -95,7 +101,7 @@ class GenerationStats:
         return GenerationStats(
             self.new_tokens + other.new_tokens,
             self.forwards + other.forwards,
-            self.draft_depth,
+            self.draft_depths,
             add(self.reached, other.reached),
             add(self.accepted, other.accepted),
             add(self.accepted_histogram, other.accepted_histogram),
@@ -195,12 +201,13 @@ def _pick(
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 
+@renamed_kwarg("draft_depth", "draft_depths")
 def generate(
     model: MTPModel,
     prompt_ids: Sequence[int] | Tensor,
     max_new_tokens: int,
     speculative: bool = False,
-    draft_depth: int | None = None,
+    draft_depths: int | None = None,
     temperature: float = 0.0,
     *,
     eos_id: int | None = None,
@@ -217,7 +224,7 @@ def generate(
             empty prompts.
         max_new_tokens: at most this many new tokens (fewer when ``eos_id`` comes first).
         speculative: draft with the MTP heads and verify with the main model.
-        draft_depth: MTP depths to draft with, 1..D; None = all D.
+        draft_depths: MTP depths to draft with, 1..D; None = all D.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
         eos_id: stop after generating this token.
         start_id: the token an empty prompt starts from; None = ``model.pad_id``.
@@ -245,12 +252,12 @@ def generate(
             "--speculative"
         )
     if not speculative:
-        draft_depth = 0
-    elif draft_depth is None:
-        draft_depth = num_depths
-    elif not 1 <= draft_depth <= num_depths:
+        draft_depths = 0
+    elif draft_depths is None:
+        draft_depths = num_depths
+    elif not 1 <= draft_depths <= num_depths:
         raise InputError(
-            f"draft_depth must be in 1..{num_depths} (the model's MTP depths), got {draft_depth}"
+            f"draft_depths must be in 1..{num_depths} (the model's MTP depths), got {draft_depths}"
         )
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
@@ -263,16 +270,16 @@ def generate(
         raise InputError(f"prompt id {bad[0]} is outside the vocabulary [0, {decoder.vocab_size})")
 
     stats = GenerationStats(
-        draft_depth=draft_depth,
-        reached=[0] * draft_depth,
-        accepted=[0] * draft_depth,
-        accepted_histogram=[0] * (draft_depth + 1),
+        draft_depths=draft_depths,
+        reached=[0] * draft_depths,
+        accepted=[0] * draft_depths,
+        accepted_histogram=[0] * (draft_depths + 1),
     )
     capacity = max(capacity or 0, len(prompt) + max_new_tokens)
     if compile:
-        state = StaticDecodeState(model, capacity, draft_depth)
+        state = StaticDecodeState(model, capacity, draft_depths)
     else:
-        state = DecodeState(model, capacity, draft_depth)
+        state = DecodeState(model, capacity, draft_depths)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
@@ -283,7 +290,7 @@ def generate(
             seq = state.tokens
             length = len(seq)
             # Drafting needs h^0 of the second-to-last token, and no more drafts than tokens wanted.
-            n_draft = min(draft_depth, max_new_tokens - len(new) - 1) if length > 1 else 0
+            n_draft = min(draft_depths, max_new_tokens - len(new) - 1) if length > 1 else 0
             extended, draft_probs = list(seq), []
             for k in range(1, n_draft + 1):
                 h = state.forward_depth(k, extended, end=length - 1)  # (T_k, H)

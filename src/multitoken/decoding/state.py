@@ -61,23 +61,23 @@ class DecodeState:
     Args:
         model: the :class:`~multitoken.mtp_model.MTPModel`.
         capacity: the longest sequence (prompt plus new tokens) this state will hold.
-        mtp_depths: how many MTP depths keep caches (0 for plain decoding).
+        draft_depths: how many MTP depths keep caches (0 for plain decoding).
     """
 
-    def __init__(self, model: MTPModel, capacity: int, mtp_depths: int = 0):
-        if not 0 <= mtp_depths <= model.num_depths:
-            raise InputError(f"{mtp_depths} MTP depths asked, the model has {model.num_depths}")
+    def __init__(self, model: MTPModel, capacity: int, draft_depths: int = 0):
+        if not 0 <= draft_depths <= model.num_depths:
+            raise InputError(f"{draft_depths} MTP depths asked, the model has {model.num_depths}")
         decoder = model.decoder
         head = model.head_weight
         self.model, self.decoder = model, decoder
         self.tokens: list[int] = []
         self.main = [decoder.new_kv_cache(1, capacity) for _ in range(decoder.num_layers)]
-        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(mtp_depths)]
+        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(draft_depths)]
         # hidden[k][:, j] = h^k_j, the hidden input of depth k + 1 at position j.
         self.hidden = torch.zeros(
-            mtp_depths, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
+            draft_depths, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
         )
-        self._hidden_end = [0] * mtp_depths  # one past the last position written, per depth
+        self._hidden_end = [0] * draft_depths  # one past the last position written, per depth
 
     @property
     def device(self) -> torch.device:
