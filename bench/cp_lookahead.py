@@ -61,7 +61,7 @@ def make_batch(rows: int, seqlen: int, docs: int, seed: int):
 
 
 def by_halo(bare, ids, labels):
-    sources = halo_sources(bare.plan, bare.cp_rank, bare.depth)
+    sources = halo_sources(bare.plan, bare.cp_rank, bare.num_depths)
     return bare.with_halo(
         halo_from_global(ids, sources, PAD), halo_from_global(labels, sources, IGNORE)
     )
@@ -120,7 +120,7 @@ def by_roll(bare, group):
     out = {}
     for name, x, fill in (("ids", bare.input_ids, PAD), ("labels", bare.labels, IGNORE)):
         cur, steps = x.reshape(-1), [torch.where(real, x, fill)]
-        for _ in range(bare.depth):
+        for _ in range(bare.num_depths):
             cur = _roll_once(cur, bare.plan, bare.cp_rank, fill, group)
             steps.append(torch.where(real, cur.view_as(x), fill))
         out[name] = torch.stack(steps)

@@ -69,7 +69,7 @@ def main() -> None:
         hf.zero_grad(set_to_none=True)
 
     def step_of(model: MTPModel):
-        step_batch = StepBatch.build(ids, next_token_labels(ids, rows), rows, model.depth)
+        step_batch = StepBatch.build(ids, next_token_labels(ids, rows), rows, model.num_depths)
 
         def step() -> None:
             step_loss(model, step_batch, 0.3).loss.backward()

@@ -172,7 +172,7 @@ def hf_generate(hf_model, prompt: list[int], max_new: int, eos_id, static: bool)
 
 def step_costs(model: MTPModel, prompt: list[int], repeats: int = 200) -> dict[str, float]:
     """Milliseconds of the pieces of a decoding step, each the median of ``repeats`` calls."""
-    depth = model.depth
+    depth = model.num_depths
     state = DecodeState(model, len(prompt) + depth + 2, depth)
     head = model.head_weight.t()
 
@@ -229,7 +229,7 @@ def main() -> None:
         model, eos_id, prompts, source = heldout_prompts(
             args.run, args.prompts, args.prompt_tokens, args.max_new_tokens, args.seed
         )
-    depth = model.depth
+    depth = model.num_depths
     if depth == 0:
         raise SystemExit(
             f"{source}: the model has no MTP heads (mtp.num_depths = 0), nothing to draft"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from multitoken.errors import InputError, check_int_tensor
+from multitoken.errors import InputError, check_int_tensor, renamed_kwarg, warn_renamed
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, mtp_inputs
 
@@ -45,16 +45,24 @@ class StepBatch:
     kv_layout: SequenceLayout | None = None
 
     @property
-    def depth(self) -> int:
+    def num_depths(self) -> int:
+        """D, the number of MTP depths."""
         return self.mtp_input_ids.shape[0]
 
+    @property
+    def depth(self) -> int:
+        """Deprecated: :attr:`num_depths`."""
+        warn_renamed("StepBatch.depth", "StepBatch.num_depths")
+        return self.num_depths
+
     @classmethod
+    @renamed_kwarg("depth", "num_depths")
     def build(
         cls,
         input_ids: Tensor,
         labels: Tensor,
         layout: SequenceLayout | None,
-        depth: int,
+        num_depths: int,
         pad_id: int = 0,
         ignore_index: int = IGNORE_INDEX,
     ) -> StepBatch:
@@ -64,15 +72,15 @@ class StepBatch:
             input_ids: ``[B, T]`` token ids.
             labels: ``[B, T]`` next-token labels (see :func:`~multitoken.next_token_labels`).
             layout: documents of the batch; None = one document per row.
-            depth: D.
+            num_depths: D.
             pad_id: input fill where a lookahead leaves its document (never a target).
             ignore_index: the "no target" label.
 
-        Example (the seed example: depth 2, documents [0, 5) and [5, 12))::
+        Example (the seed example: D = 2, documents [0, 5) and [5, 12))::
 
             >>> layout = SequenceLayout.from_lengths([[5, 7]])
             >>> ids = torch.arange(12)[None]
-            >>> batch = StepBatch.build(ids, next_token_labels(ids, layout), layout, depth=2)
+            >>> batch = StepBatch.build(ids, next_token_labels(ids, layout), layout, num_depths=2)
             >>> batch.normalizer        # 4 + 6 next-token targets, then 3 + 5, then 2 + 4
             tensor([10,  8,  6])
         """
@@ -87,7 +95,7 @@ class StepBatch:
             layout = SequenceLayout.rows(*input_ids.shape, device=input_ids.device)
         layout.check_tensor("input_ids", input_ids)
         # One lookahead for all depths; shift 0 also drops labels on padding tokens.
-        ids, depth_labels = mtp_inputs(input_ids, labels, layout, depth, pad_id, ignore_index)
+        ids, depth_labels = mtp_inputs(input_ids, labels, layout, num_depths, pad_id, ignore_index)
         return cls(input_ids, layout, ids, depth_labels, target_counts(depth_labels, ignore_index))
 
     def to(self, device: torch.device | str) -> StepBatch:

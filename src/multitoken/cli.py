@@ -161,7 +161,7 @@ def cmd_generate(args) -> int:
         # mostly synchronise, and stall outright while another process holds a core (measured
         # here: 2 threads decode the default model ~20x slower than 1 on a busy 2-core machine).
         torch.set_num_threads(1)
-    if speculative and model.depth == 0:
+    if speculative and model.num_depths == 0:
         raise InputError(
             f"run '{run_dir}' was trained without MTP heads (mtp.num_depths = 0), which "
             "speculative decoding drafts with: drop --speculative, or train a run with an MTP "
@@ -191,8 +191,8 @@ def _decode(model, tokenizer, args):
     if args.speculative or max_new_tokens:
         # The first calls pay one-time costs (allocations, kernel choice, compilation): keep
         # them out of tokens_per_s, which should be the steady rate.
-        depth = model.depth if args.speculative else 0
-        warm = min(depth + 2, model.decoder.max_seq_len - 1)
+        num_depths = model.num_depths if args.speculative else 0
+        warm = min(num_depths + 2, model.decoder.max_seq_len - 1)
         generate(
             model, prompt_ids[-8:], warm, args.speculative, args.draft_depth,
             start_id=tokenizer.eos_id, compile=args.compile,
@@ -203,7 +203,7 @@ def _decode(model, tokenizer, args):
         prompt_ids,
         max_new_tokens,
         speculative=args.speculative,
-        draft_depth=args.draft_depth,
+        draft_depths=args.draft_depth,
         temperature=args.temperature,
         eos_id=tokenizer.eos_id,
         start_id=tokenizer.eos_id,
@@ -245,7 +245,11 @@ def cmd_export(args) -> int:
 
     model, tokenizer = load_for_inference(args.run)
     export_model(model, tokenizer, args.out, args.format)
-    depths = f"{model.depth} MTP depth(s) in the {args.format} format" if model.depth else "no MTP"
+    depths = (
+        f"{model.num_depths} MTP depth(s) in the {args.format} format"
+        if model.num_depths
+        else "no MTP"
+    )
     print(
         f"exported {args.run} to {args.out}/ ({depths}); load it with "
         f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) or model.hf={args.out}"

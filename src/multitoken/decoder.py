@@ -103,8 +103,8 @@ class Decoder(Protocol):
         """
         ...
 
-    def make_mtp_layer(self, depth: int) -> nn.Module:
-        """A fresh layer for MTP depth ``depth``, called as ``layer(x, **layer_kwargs)``
+    def make_mtp_layer(self, k: int) -> nn.Module:
+        """A fresh layer for MTP depth ``k`` (1..D), called as ``layer(x, **layer_kwargs)``
         (plus ``cache=`` when decoding)."""
         ...
 

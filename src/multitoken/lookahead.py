@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from multitoken.errors import InputError
+from multitoken.errors import InputError, renamed_kwarg
 from multitoken.layout import SequenceLayout
 
 __all__ = ["lookahead", "next_token_labels", "mtp_inputs", "IGNORE_INDEX"]
@@ -97,11 +97,12 @@ def next_token_labels(
     return lookahead(input_ids, layout, 1, fill=ignore_index)
 
 
+@renamed_kwarg("depth", "num_depths")
 def mtp_inputs(
     input_ids: Tensor,
     labels: Tensor | None,
     layout: SequenceLayout | None,
-    depth: int,
+    num_depths: int,
     pad_id: int,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor | None]:
@@ -112,7 +113,7 @@ def mtp_inputs(
         shape ``[D + 1, B, T]`` (index 0 the main next-token labels, index k depth k's), or
         ``None`` when ``labels`` is ``None``.
     """
-    shifts = list(range(1, depth + 1))
+    shifts = list(range(1, num_depths + 1))
     ids = lookahead(input_ids, layout, shifts, fill=pad_id)
     if labels is None:
         return ids, None

@@ -224,12 +224,12 @@ class MultiTokenPredictor(nn.Module):
                 f"{len(self.depths)}"
             )
         outputs = []
-        for depth, ids in zip(self.depths, mtp_input_ids):
+        for module, ids in zip(self.depths, mtp_input_ids):
             if self.config.recompute and torch.is_grad_enabled():
                 # The embedding lookup stays outside: only the layer's activations are dropped.
-                hidden = checkpoint(depth, hidden, embed(ids), use_reentrant=False, **layer_kwargs)
+                hidden = checkpoint(module, hidden, embed(ids), use_reentrant=False, **layer_kwargs)
             else:
-                hidden = depth(hidden, embed(ids), **layer_kwargs)
+                hidden = module(hidden, embed(ids), **layer_kwargs)
             outputs.append(hidden)
         return outputs
 
@@ -298,8 +298,8 @@ def depth_losses(
         )
     # A depth with no valid target anywhere has sum 0 and count 0: 0 / 1 = 0, never NaN.
     depth_loss = loss_sum / normalizer.to(loss_sum).clamp(min=1)
-    depth = depth_loss.shape[0] - 1
+    num_depths = depth_loss.shape[0] - 1
     loss = depth_loss[0]
-    if depth > 0:
-        loss = loss + (mtp_weight / depth) * depth_loss[1:].sum()
+    if num_depths > 0:
+        loss = loss + (mtp_weight / num_depths) * depth_loss[1:].sum()
     return DepthLosses(loss, depth_loss, depth_tokens, torch.stack(correct), loss_sum.detach())

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from multitoken.batch import StepBatch
 from multitoken.decoder import Decoder
-from multitoken.errors import InputError
+from multitoken.errors import InputError, warn_renamed
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
 from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, chunk_rows, linear_cross_entropy
@@ -81,8 +81,15 @@ class MTPModel(nn.Module):
         return built
 
     @property
-    def depth(self) -> int:
+    def num_depths(self) -> int:
+        """D, the number of MTP depths (0 without MTP)."""
         return 0 if self.mtp is None else len(self.mtp.depths)
+
+    @property
+    def depth(self) -> int:
+        """Deprecated: :attr:`num_depths`."""
+        warn_renamed("MTPModel.depth", "MTPModel.num_depths")
+        return self.num_depths
 
     @property
     def head_weight(self) -> Tensor:
@@ -114,7 +121,7 @@ class MTPModel(nn.Module):
                     "a sharded batch (kv_layout given) needs mtp_input_ids built from its halo: "
                     "see multitoken.parallel.shard_batch"
                 )
-            shifts = list(range(1, self.depth + 1))
+            shifts = list(range(1, self.num_depths + 1))
             mtp_input_ids = lookahead(input_ids, layout, shifts, fill=self.pad_id)
         kwargs = decoder.layer_kwargs(layout, kv_layout)
         hidden_states = [decoder.hidden(input_ids, kwargs)]
@@ -151,7 +158,9 @@ class MTPModel(nn.Module):
             cross_entropy: the head's loss for the model's layout (what its
                 ``parallelize_<model>`` or ``apply_tp`` returned).
         """
-        batch = StepBatch.build(input_ids, labels, layout, self.depth, self.pad_id, ignore_index)
+        batch = StepBatch.build(
+            input_ids, labels, layout, self.num_depths, self.pad_id, ignore_index
+        )
         if normalizer is not None:
             batch = replace(batch, normalizer=normalizer)
         mtp_weight = self.config.loss_weight if mtp_weight is None else mtp_weight

@@ -88,7 +88,7 @@ def test_heads_only_run_changes_only_the_heads(exported, heads_run):
     # (That the backbone stays bit-identical while the heads train is checked in memory by
     # test_hf_heads_only.py; load_for_inference rebuilds the backbone from `exported` anyway.)
     model, _ = load_for_inference(heads_run)
-    assert model.depth == 2
+    assert model.num_depths == 2
     records = [json.loads(line) for line in (heads_run / "metrics.jsonl").read_text().splitlines()]
     assert len(records[-1]["loss_mtp"]) == 2
 

@@ -173,7 +173,7 @@ def test_killed_rank_leaves_the_last_complete_checkpoint_loadable(workdir):
     assert (run / "checkpoints" / "step_000006.partial").is_dir()
     assert latest_checkpoint(run).name == "step_000003"
     model, tokenizer = load_for_inference(run)
-    assert model.depth == 2 and tokenizer.vocab_size <= 400
+    assert model.num_depths == 2 and tokenizer.vocab_size <= 400
     # A rank killed mid-step (not saving) also leaves step 3 as the newest checkpoint.
     proc = run_cli(
         workdir,

@@ -60,7 +60,7 @@ def test_toml_round_trip(tmp_path):
             ["parallel.tp=2", "data.vocab_size=401", "model.n_kv_heads=2"],
             "401 rows are not divisible by parallel.tp=2.*set data.vocab_size=402",
         ),
-        (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 chunks, .*: set data.align=16"),
+        (["parallel.cp=8"], "parallel.cp=8 cuts .* 16 stripes, .*: set data.align=16"),
         (["parallel.halo_fill=ring"], 'parallel.halo_fill must be "sharding" or "exchange"'),
         (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1"),
         (

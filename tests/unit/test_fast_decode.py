@@ -16,8 +16,8 @@ def test_compiled_speculative_equals_eager_and_greedy(trained, depth):  # noqa: 
     prompts = [stream[i : i + 7].tolist() for i in (0, 50, 333)]
     accepted = 0
     for prompt in prompts:
-        eager = generate(model, prompt, 24, speculative=True, draft_depth=depth)
-        fast = generate(model, prompt, 24, speculative=True, draft_depth=depth, compile=True)
+        eager = generate(model, prompt, 24, speculative=True, draft_depths=depth)
+        fast = generate(model, prompt, 24, speculative=True, draft_depths=depth, compile=True)
         plain = generate(model, prompt, 24, compile=True)
         assert fast.tokens == eager.tokens == plain.tokens == naive_greedy(model, prompt, 24)
         assert fast.stats.accepted == eager.stats.accepted  # the same drafts, accepted alike

@@ -141,15 +141,15 @@ def test_speculative_equals_greedy_random_models(depth):
 def test_speculative_equals_greedy_on_a_model_that_accepts(trained):
     model, stream = trained
     histogram = [0] * 4
-    for draft_depth in (1, 2, 3):
+    for draft_depths in (1, 2, 3):
         for start in range(0, 800, 100):
             prompt = stream[start : start + 7].tolist()
             plain = generate(model, prompt, 40)
-            spec = generate(model, prompt, 40, speculative=True, draft_depth=draft_depth)
+            spec = generate(model, prompt, 40, speculative=True, draft_depths=draft_depths)
             assert spec.tokens == plain.tokens
             assert sum(spec.stats.accepted_histogram) == spec.stats.forwards
             assert spec.stats.forwards + sum(spec.stats.accepted) == 40
-            if draft_depth == 3:
+            if draft_depths == 3:
                 histogram = [a + b for a, b in zip(histogram, spec.stats.accepted_histogram)]
     assert plain.tokens == naive_greedy(model, prompt, 40)
     # Every path ran: steps that rejected the first draft, stopped midway, accepted all.
@@ -180,10 +180,10 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
     calls = []
     forward_depth = DecodeState.forward_depth
 
-    def recording(self, depth, tokens, end):
-        hidden = forward_depth(self, depth, tokens, end)
+    def recording(self, k, tokens, end):
+        hidden = forward_depth(self, k, tokens, end)
         draft = int((hidden[-1] @ model.head_weight.t()).argmax())
-        calls.append((depth, end, list(tokens[: end + depth]), draft))
+        calls.append((k, end, list(tokens[: end + k]), draft))
         return hidden
 
     monkeypatch.setattr(DecodeState, "forward_depth", recording)
@@ -194,9 +194,9 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
         seq = out.prompt_ids + out.tokens
         with torch.no_grad():
             hidden = model(torch.tensor([seq]))
-        for depth, end, read, draft in calls:
-            if read == seq[: end + depth]:
-                teacher = int((hidden[depth][0, end - 1] @ model.head_weight.t()).argmax())
+        for k, end, read, draft in calls:
+            if read == seq[: end + k]:
+                teacher = int((hidden[k][0, end - 1] @ model.head_weight.t()).argmax())
                 assert draft == teacher
                 checked += 1
     assert checked > 50 and {call[0] for call in calls} == {1, 2, 3}
@@ -251,7 +251,7 @@ def test_rejected_drafts_leave_no_trace_in_the_caches(trained, monkeypatch):
 def test_edge_prompts_and_lengths(trained, speculative):
     model, stream = trained
     for depth in (1, 3):
-        kwargs = dict(speculative=speculative, draft_depth=depth if speculative else None)
+        kwargs = dict(speculative=speculative, draft_depths=depth if speculative else None)
         # max_new_tokens = 0 and 1.
         out = generate(model, stream[:5].tolist(), 0, **kwargs)
         assert out.tokens == [] and out.stats.forwards == 0
@@ -293,8 +293,12 @@ def test_errors_are_clear():
     with pytest.raises(InputError, match="MTP heads"):
         generate(plain, [1, 2, 3], 4, speculative=True)
     model = make_model(2)
-    with pytest.raises(InputError, match="draft_depth must be in 1..2"):
-        generate(model, [1, 2, 3], 4, speculative=True, draft_depth=3)
+    with pytest.raises(InputError, match="draft_depths must be in 1..2"):
+        generate(model, [1, 2, 3], 4, speculative=True, draft_depths=3)
+    with pytest.warns(DeprecationWarning, match=r"generate\(draft_depth=...\) is deprecated"):
+        stats = generate(model, [1, 2, 3], 2, speculative=True, draft_depth=1).stats
+    with pytest.warns(DeprecationWarning, match="GenerationStats.draft_depth is deprecated"):
+        assert stats.draft_depth == stats.draft_depths == 1
     with pytest.raises(InputError, match="outside the vocabulary"):
         generate(model, [1, 99], 4)
     with pytest.raises(InputError, match="temperature"):

@@ -51,8 +51,8 @@ def exact_two_token_law(model, prompt, temperature):
     return first[:, None] * second
 
 
-@pytest.mark.parametrize("draft_depth", [1, 2])
-def test_speculative_sampling_matches_plain_sampling_law(draft_depth):
+@pytest.mark.parametrize("draft_depths", [1, 2])
+def test_speculative_sampling_matches_plain_sampling_law(draft_depths):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=4, dim=16, n_layers=1, n_heads=2, max_seq_len=16, init_std=1.0)
     model = MTPModel.from_config(cfg, MTPConfig(num_depths=2)).eval()
@@ -62,9 +62,9 @@ def test_speculative_sampling_matches_plain_sampling_law(draft_depth):
     counts = torch.zeros(4, 4)
     trials, accepted, rejected = 1500, 0, 0
     for _ in range(trials):
-        # Three new tokens so that the first step drafts draft_depth tokens; the first two
+        # Three new tokens so that the first step drafts draft_depths tokens; the first two
         # follow the two-token law whichever way they were produced.
-        out = generate(model, prompt, 3, True, draft_depth, temperature, generator=gen)
+        out = generate(model, prompt, 3, True, draft_depths, temperature, generator=gen)
         counts[out.tokens[0], out.tokens[1]] += 1
         accepted += sum(out.stats.accepted)
         rejected += sum(out.stats.reached) - sum(out.stats.accepted)

@@ -148,7 +148,7 @@ def test_trap_flattening_separator_protects_shift_one_only():
     layout = SequenceLayout.from_lengths([[4, 3]])
     from multitoken.batch import StepBatch
 
-    batch = StepBatch.build(ids, next_token_labels(ids, layout), layout, depth=2)
+    batch = StepBatch.build(ids, next_token_labels(ids, layout), layout, num_depths=2)
     first_doc = batch.depth_labels[:, 0, :4]
     assert not (first_doc >= 20).any()
 

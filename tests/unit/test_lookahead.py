@@ -53,7 +53,7 @@ def test_seed_example_valid_target_masks():
     layout = SequenceLayout.from_cu_seqlens(torch.tensor([0, 5, 12]), shape=(1, 12))
     ids = torch.arange(100, 112)[None]
     labels = lookahead(ids, layout, 1, IGNORE_INDEX)
-    mtp_ids, depth_labels = mtp_inputs(ids, labels, layout, depth=2, pad_id=0)
+    mtp_ids, depth_labels = mtp_inputs(ids, labels, layout, num_depths=2, pad_id=0)
     valid = (depth_labels != IGNORE_INDEX).int()[:, 0].tolist()
     assert valid[0] == [1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0]
     assert valid[1] == [1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0]

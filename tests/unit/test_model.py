@@ -12,6 +12,7 @@ from multitoken import (
     MTPConfig,
     MTPModel,
     SequenceLayout,
+    StepBatch,
     next_token_labels,
 )
 from multitoken.models import GPT, GPTConfig
@@ -184,6 +185,14 @@ def test_mtp_config_depth_is_a_deprecated_alias_of_num_depths():
         MTPConfig(depth=-1)
     with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="pass one"):
         MTPConfig(num_depths=1, depth=1)
+    model = make_model(2)
+    with pytest.warns(DeprecationWarning, match="MTPModel.depth is deprecated"):
+        assert model.depth == model.num_depths == 2
+    ids = torch.randint(1, 97, (1, 8))
+    with pytest.warns(DeprecationWarning, match=r"build\(depth=...\) is deprecated"):
+        batch = StepBatch.build(ids, next_token_labels(ids), None, depth=2)
+    with pytest.warns(DeprecationWarning, match="StepBatch.depth is deprecated"):
+        assert batch.depth == batch.num_depths == 2
 
 
 def test_value_checks_can_be_turned_off():

@@ -51,7 +51,7 @@ def all_shards(ids, labels, layout, cp, depth, **kwargs):
 
 def simulate_exchange(shards):
     """The fallback exchange of every rank, with the all_to_all done by hand."""
-    cp, depth = shards[0].cp_size, shards[0].depth
+    cp, depth = shards[0].cp_size, shards[0].num_depths
     routes = [HaloRoute.build(s.plan, s.cp_rank, depth) for s in shards]
     values = [torch.stack([s.input_ids.reshape(-1), s.labels.reshape(-1)]).long() for s in shards]
     sent = []
@@ -215,7 +215,7 @@ def test_no_padding_requires_multiples():
     [
         (dict(cp_size=0), "cp_size must be an int >= 1"),
         (dict(cp_rank=2), "cp_rank must be an int in \\[0, cp_size=2\\)"),
-        (dict(depth=-1), "depth must be an int >= 0"),
+        (dict(num_depths=-1), "num_depths must be an int >= 0"),
         (dict(labels=torch.zeros(1, 5, dtype=torch.long)), "differ in shape"),
         (dict(input_ids=torch.zeros(1, 6)), "must be int32 or int64"),
         (dict(layout=make_layout([[4]])), "has shape \\(1, 6\\) but the layout is \\[1, 4\\]"),
@@ -228,7 +228,7 @@ def test_bad_arguments(change, message):
         layout=make_layout([[6]]),
         cp_size=2,
         cp_rank=0,
-        depth=1,
+        num_depths=1,
         pad_id=PAD,
     )
     args.update(change)
@@ -271,4 +271,4 @@ def test_step_batch_needs_a_halo():
     full = shard_batch(ids, labels, layout, 2, 0, 1, PAD)
     batch = full.step_batch(counts)
     assert batch.kv_layout is full.kv_layout and batch.normalizer is counts
-    assert torch.equal(batch.mtp_input_ids, full.mtp_input_ids) and batch.depth == 1
+    assert torch.equal(batch.mtp_input_ids, full.mtp_input_ids) and batch.num_depths == 1

@@ -1,7 +1,6 @@
 """Decoding with a KV cache, and self-speculative decoding with the MTP heads.
 
-The MTP depths are draft models for free (docs/design.md#speculative-decoding). One speculative
-step, with
+The MTP depths are draft models for free (DESIGN.md section 6). One speculative step, with
 ``L`` committed tokens ``t_0 .. t_{L-1}`` and the main model cached up to position ``L - 2``:
 
 1. **Draft.** Depth 1 at position ``L - 2`` reads ``h^0_{L-2}`` and ``t_{L-1}`` and proposes
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.static import StaticDecodeState
-from multitoken.errors import InputError
+from multitoken.errors import InputError, renamed_kwarg, warn_renamed
 from multitoken.mtp_model import MTPModel
 
 __all__ = [
@@ -56,7 +55,7 @@ class GenerationStats:
     Attributes:
         new_tokens: tokens generated.
         forwards: main-model forwards after the prompt's prefill; each yields >= 1 token.
-        draft_depth: MTP depths used to draft (0 = plain decoding).
+        draft_depths: MTP depths used to draft (0 = plain decoding).
         reached: per depth k, drafts the verifier judged: the step drafted depth k and
             accepted every shallower draft.
         accepted: per depth k, of those, the accepted ones.
@@ -66,11 +65,17 @@ class GenerationStats:
 
     new_tokens: int = 0
     forwards: int = 0
-    draft_depth: int = 0
+    draft_depths: int = 0
     reached: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     accepted_histogram: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def draft_depth(self) -> int:
+        """Deprecated: :attr:`draft_depths`."""
+        warn_renamed("GenerationStats.draft_depth", "GenerationStats.draft_depths")
+        return self.draft_depths
 
     @property
     def tokens_per_forward(self) -> float:
@@ -87,8 +92,8 @@ class GenerationStats:
 
     def merge(self, other: GenerationStats) -> GenerationStats:
         """The sum of two runs' counters (same draft depth)."""
-        if other.draft_depth != self.draft_depth:
-            raise ValueError(f"draft depth {other.draft_depth} != {self.draft_depth}")
+        if other.draft_depths != self.draft_depths:
+            raise ValueError(f"draft depths {other.draft_depths} != {self.draft_depths}")
 
         def add(a: list[int], b: list[int]) -> list[int]:
             return [x + y for x, y in zip(a, b)]
@@ -96,7 +101,7 @@ class GenerationStats:
         return GenerationStats(
             self.new_tokens + other.new_tokens,
             self.forwards + other.forwards,
-            self.draft_depth,
+            self.draft_depths,
             add(self.reached, other.reached),
             add(self.accepted, other.accepted),
             add(self.accepted_histogram, other.accepted_histogram),
@@ -196,12 +201,13 @@ def _pick(
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 
+@renamed_kwarg("draft_depth", "draft_depths")
 def generate(
     model: MTPModel,
     prompt_ids: Sequence[int] | Tensor,
     max_new_tokens: int,
     speculative: bool = False,
-    draft_depth: int | None = None,
+    draft_depths: int | None = None,
     temperature: float = 0.0,
     *,
     eos_id: int | None = None,
@@ -218,7 +224,7 @@ def generate(
             empty prompts.
         max_new_tokens: at most this many new tokens (fewer when ``eos_id`` comes first).
         speculative: draft with the MTP heads and verify with the main model.
-        draft_depth: MTP depths to draft with, 1..D; None = all D.
+        draft_depths: MTP depths to draft with, 1..D; None = all D.
         temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
         eos_id: stop after generating this token.
         start_id: the token an empty prompt starts from; None = ``model.pad_id``.
@@ -237,19 +243,19 @@ def generate(
             outside 1..D, a negative temperature, prompt ids outside the vocabulary, or
             ``max_new_tokens`` that does not fit the context.
     """
-    draft_depth = _draft_depths(model, speculative, draft_depth)
+    draft_depths = _draft_depths(model, speculative, draft_depths)
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
     prompt = _checked_prompt(model, prompt_ids, max_new_tokens, start_id)
     stats = GenerationStats(
-        draft_depth=draft_depth,
-        reached=[0] * draft_depth,
-        accepted=[0] * draft_depth,
-        accepted_histogram=[0] * (draft_depth + 1),
+        draft_depths=draft_depths,
+        reached=[0] * draft_depths,
+        accepted=[0] * draft_depths,
+        accepted_histogram=[0] * (draft_depths + 1),
     )
     capacity = max(capacity or 0, len(prompt) + max_new_tokens)
     state_cls = StaticDecodeState if compile else DecodeState
-    state = state_cls(model, capacity, draft_depth)
+    state = state_cls(model, capacity, draft_depths)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
@@ -259,7 +265,7 @@ def generate(
         while len(new) < max_new_tokens:
             seq = state.tokens
             # Drafting needs h^0 of the second-to-last token, and no more drafts than tokens wanted.
-            n_draft = min(draft_depth, max_new_tokens - len(new) - 1) if len(seq) > 1 else 0
+            n_draft = min(draft_depths, max_new_tokens - len(new) - 1) if len(seq) > 1 else 0
             out, n_acc = _speculative_step(model, state, n_draft, temperature, generator, stats)
             if eos_id is not None and eos_id in out:
                 out = out[: out.index(eos_id) + 1]
@@ -272,23 +278,24 @@ def generate(
     return Generation(prompt, new, stats, state)
 
 
-def _draft_depths(model: MTPModel, speculative: bool, draft_depth: int | None) -> int:
+def _draft_depths(model: MTPModel, speculative: bool, draft_depths: int | None) -> int:
     """How many depths draft each step: 0 without speculation, else 1..D (None = D)."""
-    depth = model.depth
-    if speculative and depth == 0:
+    num_depths = model.num_depths
+    if speculative and num_depths == 0:
         raise InputError(
             "speculative decoding drafts with the MTP heads, and this model has none "
-            "(mtp.num_depths = 0): train it with an MTP depth >= 1, or decode without --speculative"
+            "(mtp.num_depths = 0): train it with mtp.num_depths >= 1, or decode without "
+            "--speculative"
         )
     if not speculative:
         return 0
-    if draft_depth is None:
-        return depth
-    if not 1 <= draft_depth <= depth:
+    if draft_depths is None:
+        return num_depths
+    if not 1 <= draft_depths <= num_depths:
         raise InputError(
-            f"draft_depth must be in 1..{depth} (the model's MTP depths), got {draft_depth}"
+            f"draft_depths must be in 1..{num_depths} (the model's MTP depths), got {draft_depths}"
         )
-    return draft_depth
+    return draft_depths
 
 
 def _checked_prompt(
@@ -352,12 +359,12 @@ def teacher_forced_accuracy(
     Returns:
         ``[(hits, targets)]`` for depths 1..D.
     """
-    depth = model.depth
+    num_depths = model.num_depths
     with torch.inference_mode():
         x = torch.tensor([list(ids)], dtype=torch.long, device=model.head_weight.device)
         hidden = model(x)
         result = []
-        for k in range(1, depth + 1):
+        for k in range(1, num_depths + 1):
             first = max(start - k - 1, 0)  # first position whose target is generated
             # Empty when the sequence is too short to hold a target of depth k.
             positions = torch.arange(first, max(first, len(ids) - k - 1), device=x.device)

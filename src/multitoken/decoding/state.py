@@ -61,23 +61,23 @@ class DecodeState:
     Args:
         model: the :class:`~multitoken.mtp_model.MTPModel`.
         capacity: the longest sequence (prompt plus new tokens) this state will hold.
-        mtp_depths: how many MTP depths keep caches (0 for plain decoding).
+        draft_depths: how many MTP depths keep caches (0 for plain decoding).
     """
 
-    def __init__(self, model: MTPModel, capacity: int, mtp_depths: int = 0):
-        if not 0 <= mtp_depths <= model.depth:
-            raise InputError(f"{mtp_depths} MTP depths asked, the model has {model.depth}")
+    def __init__(self, model: MTPModel, capacity: int, draft_depths: int = 0):
+        if not 0 <= draft_depths <= model.num_depths:
+            raise InputError(f"{draft_depths} MTP depths asked, the model has {model.num_depths}")
         decoder = model.decoder
         head = model.head_weight
         self.model, self.decoder = model, decoder
         self.tokens: list[int] = []
         self.main = [decoder.new_kv_cache(1, capacity) for _ in range(decoder.num_layers)]
-        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(mtp_depths)]
+        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(draft_depths)]
         # hidden[k][:, j] = h^k_j, the hidden input of depth k + 1 at position j.
         self.hidden = torch.zeros(
-            mtp_depths, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
+            draft_depths, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
         )
-        self._hidden_end = [0] * mtp_depths  # one past the last position written, per depth
+        self._hidden_end = [0] * draft_depths  # one past the last position written, per depth
 
     @property
     def device(self) -> torch.device:
@@ -95,28 +95,28 @@ class DecodeState:
             self._hidden_end[0] = max(self._hidden_end[0], start + len(ids))
         return h0[0]
 
-    def forward_depth(self, depth: int, tokens: list[int], end: int) -> Tensor:
-        """Bring MTP depth ``depth`` up to position ``end - 1``; return ``h^depth [T, H]``.
+    def forward_depth(self, k: int, tokens: list[int], end: int) -> Tensor:
+        """Bring MTP depth ``k`` up to position ``end - 1``; return ``h^k [T, H]``.
 
         Args:
-            depth: k in 1..D.
+            k: the depth, 1..D.
             tokens: the sequence the depth reads, committed tokens followed by the drafts of the
-                shallower depths (position j reads ``tokens[j + depth]``).
-            end: one past the last position to compute; ``h^{depth-1}`` must be known there.
+                shallower depths (position j reads ``tokens[j + k]``).
+            end: one past the last position to compute; ``h^{k-1}`` must be known there.
 
         Returns:
-            ``h^depth`` at the newly computed positions ``[cache.length, end)``.
+            ``h^k`` at the newly computed positions ``[cache.length, end)``.
         """
-        cache = self.mtp[depth - 1]
+        cache = self.mtp[k - 1]
         start = cache.length
         if end <= start:
-            raise InputError(f"MTP depth {depth} already holds positions up to {start - 1}")
-        hidden = self.hidden[depth - 1, :, start:end]  # (1, T, H)
-        ids = self._ids(tokens[start + depth : end + depth])
-        out = self._run_depth(depth, hidden, ids, start)  # (1, T, H)
-        if depth < len(self.mtp):
-            self.hidden[depth, :, start:end] = out
-            self._hidden_end[depth] = max(self._hidden_end[depth], end)
+            raise InputError(f"MTP depth {k} already holds positions up to {start - 1}")
+        hidden = self.hidden[k - 1, :, start:end]  # (1, T, H)
+        ids = self._ids(tokens[start + k : end + k])
+        out = self._run_depth(k, hidden, ids, start)  # (1, T, H)
+        if k < len(self.mtp):
+            self.hidden[k, :, start:end] = out
+            self._hidden_end[k] = max(self._hidden_end[k], end)
         return out[0]
 
     # The two forwards, through the Decoder interface (StaticDecodeState compiles them).
@@ -124,10 +124,10 @@ class DecodeState:
         kwargs = decode_layer_kwargs(self.decoder, 1, start, ids.shape[1], self.device)
         return self.decoder.hidden(ids, kwargs, caches=self.main)
 
-    def _run_depth(self, depth: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
+    def _run_depth(self, k: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
         kwargs = decode_layer_kwargs(self.decoder, 1, start, ids.shape[1], self.device)
-        module = self.model.mtp.depths[depth - 1]
-        return module(hidden, self.decoder.embed(ids), **kwargs, cache=self.mtp[depth - 1])
+        module = self.model.mtp.depths[k - 1]
+        return module(hidden, self.decoder.embed(ids), **kwargs, cache=self.mtp[k - 1])
 
     def commit(self, tokens: list[int], exact_upto: int) -> None:
         """Make ``tokens`` the committed sequence and roll back what no longer holds.

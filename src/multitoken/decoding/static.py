@@ -100,9 +100,9 @@ def _compiled() -> tuple[Any, Any]:
     return torch.compile(_main_step, dynamic=False), torch.compile(_depth_step, dynamic=False)
 
 
-def max_static_tokens(draft_depth: int) -> int:
+def max_static_tokens(draft_depths: int) -> int:
     """Steps of at most this many new tokens run compiled (plain: 1, speculative: D + 1)."""
-    return draft_depth + 1
+    return draft_depths + 1
 
 
 class StaticDecodeState(DecodeState):
@@ -112,11 +112,11 @@ class StaticDecodeState(DecodeState):
         model: an :class:`~multitoken.mtp_model.MTPModel` over the reference GPT.
         capacity: the longest sequence (prompt plus new tokens); the caches hold the next power
             of two (at least 64, at most ``max_seq_len``).
-        mtp_depths: MTP depths that draft (0 for plain decoding).
+        draft_depths: MTP depths that draft (0 for plain decoding).
         compile: compile the short steps (False: the same static-shape code, eagerly).
     """
 
-    def __init__(self, model: MTPModel, capacity: int, mtp_depths: int = 0, compile: bool = True):
+    def __init__(self, model: MTPModel, capacity: int, draft_depths: int = 0, compile: bool = True):
         if not isinstance(model.decoder, GPT):
             raise InputError(
                 f"compiled decoding needs the reference GPT decoder, got "
@@ -130,9 +130,9 @@ class StaticDecodeState(DecodeState):
         # Capacity shapes every graph: round it up to a power of two (at least 64, at most
         # max_seq_len) so that generations of similar lengths share the compiled steps.
         capacity = min(max(64, 1 << (capacity - 1).bit_length()), model.decoder.max_seq_len)
-        super().__init__(model, capacity, mtp_depths)
+        super().__init__(model, capacity, draft_depths)
         self.compile = compile
-        self.max_static = max_static_tokens(mtp_depths)
+        self.max_static = max_static_tokens(draft_depths)
         self._keys = [c.k for c in self.main]
         self._values = [c.v for c in self.main]
         self._positions = torch.arange(capacity, device=self.device)
@@ -151,12 +151,12 @@ class StaticDecodeState(DecodeState):
             c.length = start + length
         return h0
 
-    def _run_depth(self, depth: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
+    def _run_depth(self, k: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
         length = ids.shape[1]
         _, depth_step = self._functions(length)
-        cache_ = self.mtp[depth - 1]
+        cache_ = self.mtp[k - 1]
         input_pos = self._positions[start : start + length]
-        module = self.model.mtp.depths[depth - 1]
+        module = self.model.mtp.depths[k - 1]
         out = depth_step(self.decoder, module, hidden, ids, input_pos, cache_.k, cache_.v)
         cache_.length = start + length
         return out

@@ -208,7 +208,7 @@ class HFDecoder(nn.Module):
             x = _output(layer(x, **layer_kwargs, cache=cache))
         return self.base.norm(x)
 
-    def make_mtp_layer(self, depth: int) -> nn.Module:
+    def make_mtp_layer(self, k: int) -> nn.Module:
         """A fresh decoder layer of the model's class, numbered after the main layers.
 
         The config copy counts the MTP layers as full-attention layers after the main ones
@@ -216,7 +216,7 @@ class HFDecoder(nn.Module):
         (Mistral's ``sliding_window``) gives its MTP layers the same window.
         """
         config = copy.deepcopy(self.model.config)
-        index = self.num_layers + depth - 1
+        index = self.num_layers + k - 1
         config.num_hidden_layers = index + 1
         if getattr(config, "layer_types", None):
             config.layer_types = list(config.layer_types[: self.num_layers])

@@ -149,9 +149,9 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
     tensors, entries = {}, {}
     if model.mtp is not None:
         depths = []
-        for depth in model.mtp.depths:
+        for module in model.mtp.depths:
             canonical = {}
-            for key, value in depth.state_dict().items():
+            for key, value in module.state_dict().items():
                 if key.startswith("layer."):
                     key = "layer." + _block_key(key.removeprefix("layer."))
                 canonical[key] = value

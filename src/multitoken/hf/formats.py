@@ -130,9 +130,9 @@ def to_format(
             "with --format deepseek or mimo, or train with mtp.num_depths=1"
         )
     out: dict[str, Tensor] = {}
-    for k, depth in enumerate(depths):
+    for k, state in enumerate(depths):
         prefix = _prefix(fmt, num_layers, k)
-        for canonical, value in depth.items():
+        for canonical, value in state.items():
             if canonical == "eh_proj.weight" and hidden_first != _HIDDEN_FIRST[fmt]:
                 value = _swap_halves(value)
             name = prefix + _name(fmt, canonical)
@@ -214,9 +214,9 @@ def from_format(
             "set mtp.num_depths=1"
         )
     expected = set()
-    for k, depth in enumerate(template):
+    for k, state in enumerate(template):
         prefix = _prefix(fmt, num_layers, k)
-        expected |= {prefix + _name(fmt, canonical) for canonical in depth}
+        expected |= {prefix + _name(fmt, canonical) for canonical in state}
         if fmt == "deepseek":
             expected |= {prefix + "embed_tokens.weight", prefix + "shared_head.head.weight"}
     missing = sorted(set(expected) - set(tensors))
@@ -227,10 +227,10 @@ def from_format(
             f"layers: missing {missing[:20] or 'none'}; unexpected {unexpected[:20] or 'none'}"
         )
     depths = []
-    for k, depth in enumerate(template):
+    for k, state in enumerate(template):
         prefix = _prefix(fmt, num_layers, k)
         out = {}
-        for canonical, like in depth.items():
+        for canonical, like in state.items():
             name = prefix + _name(fmt, canonical)
             value = tensors[name]
             if value.shape != like.shape:

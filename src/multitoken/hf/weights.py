@@ -68,7 +68,7 @@ def read_tensors(folder: str | Path, keys: set[str] | None = None) -> dict[str, 
 
 def depth_states(model: MTPModel) -> list[dict[str, Tensor]]:
     """The canonical per-depth dicts of ``model``'s MTP depths (depth 1 first)."""
-    return [dict(depth.state_dict()) for depth in model.mtp.depths] if model.mtp else []
+    return [dict(module.state_dict()) for module in model.mtp.depths] if model.mtp else []
 
 
 def _shared(model: MTPModel) -> dict[str, Tensor]:
@@ -80,7 +80,7 @@ def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
 
     Raises:
         CheckpointError: keys of no format or of several, a config.json that does not describe
-            them, a depth count other than ``model.depth``, missing or unexpected keys.
+            them, a depth count other than ``model.num_depths``, missing or unexpected keys.
     """
     folder = Path(folder)
     config = read_config(folder)
@@ -90,10 +90,10 @@ def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
     if fmt is None:
         return None
     stored = int(config[CONFIG_KEYS[fmt]]) if fmt != "qwen3_next" else 1
-    if stored != model.depth:
+    if stored != model.num_depths:
         raise CheckpointError(
             f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths = "
-            f"{model.depth}: set mtp.num_depths={stored}"
+            f"{model.num_depths}: set mtp.num_depths={stored}"
         )
     depths = from_format(
         read_tensors(folder, extra),

@@ -280,7 +280,7 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
         self.config = replace(self.config, vocab_size=vocab_size)
 
-    def make_mtp_layer(self, depth: int) -> Block:
+    def make_mtp_layer(self, k: int) -> Block:
         return Block(self.config)
 
     def make_norm(self) -> nn.RMSNorm:

@@ -5,7 +5,7 @@ model-agnostic parts (each model applies them in its own ``parallelize_<model>``
   and this rank's coordinates.
 * :mod:`.rendezvous`: joining the process group (a store namespace per restart).
 * :mod:`.plan`: the load-balanced split of a batch over the CP ranks.
-* :mod:`.halo`: the MTP halo of every chunk, and who owns it.
+* :mod:`.halo`: the MTP halo of every stripe, and who owns it.
 * :mod:`.context`: CP shards with halos and the one-collective fallback exchange.
 * :mod:`.reduce`: the step's collectives (global normaliser, gradient sum, metrics).
 * :mod:`.kv_gather`: ``apply_cp(model, cp_group)``: all-gather-KV attention.

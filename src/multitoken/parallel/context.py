@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from multitoken.batch import StepBatch
+from multitoken.errors import renamed_kwarg, warn_renamed
 from multitoken.layout import LayoutError, SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX
 from multitoken.parallel.halo import (
@@ -55,7 +56,7 @@ class CPShard:
             all-gather (rank) order; the same tensor on every rank, computed without messages.
         plan: the split (:class:`ShardPlan`), identical on every rank.
         cp_rank: this rank's index in the CP group.
-        depth: D, the number of MTP depths.
+        num_depths: D, the number of MTP depths.
         pad_id: input fill where a lookahead leaves its document.
         ignore_index: label fill.
         halo_ids: ``[C, D]`` ids following each local stripe (C = 2 per piece); None until filled.
@@ -70,7 +71,7 @@ class CPShard:
     kv_layout: SequenceLayout
     plan: ShardPlan
     cp_rank: int
-    depth: int
+    num_depths: int
     pad_id: int
     ignore_index: int
     halo_ids: Tensor | None = None
@@ -83,6 +84,12 @@ class CPShard:
         return self.plan.cp_size
 
     @property
+    def depth(self) -> int:
+        """Deprecated: :attr:`num_depths`."""
+        warn_renamed("CPShard.depth", "CPShard.num_depths")
+        return self.num_depths
+
+    @property
     def has_halo(self) -> bool:
         return self.halo_ids is not None
 
@@ -92,11 +99,11 @@ class CPShard:
         """This shard with its halos and the MTP inputs and targets computed from them
         (``valid``: the halo slots that hold a value, ``halo_sources(...).valid``, when the
         caller has it already)."""
-        plan, depth = self.plan, self.depth
+        plan, num_depths = self.plan, self.num_depths
         if valid is None:
-            valid = halo_sources(plan, self.cp_rank, depth).valid
-        index = HaloIndex.build(plan, self.cp_rank, depth, valid)
-        shifts = list(range(1, depth + 1))
+            valid = halo_sources(plan, self.cp_rank, num_depths).valid
+        index = HaloIndex.build(plan, self.cp_rank, num_depths, valid)
+        shifts = list(range(1, num_depths + 1))
         return replace(
             self,
             halo_ids=halo_ids,
@@ -135,11 +142,11 @@ class CPShard:
         labelled = (self.labels.reshape(-1) != self.ignore_index) & (
             self.layout.doc_ids.reshape(-1) >= 0
         )
-        k = torch.arange(self.depth + 1, device=offset.device)[:, None]
+        k = torch.arange(self.num_depths + 1, device=offset.device)[:, None]
         return ((offset[None] >= k) & labelled[None]).sum(1)
 
 
-def _check_args(input_ids, labels, layout, cp_size, cp_rank, depth, pad_id, ignore_index):
+def _check_args(input_ids, labels, layout, cp_size, cp_rank, num_depths, pad_id, ignore_index):
     for name, value in (("input_ids", input_ids), ("labels", labels)):
         if not isinstance(value, Tensor) or value.dim() != 2:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -152,7 +159,7 @@ def _check_args(input_ids, labels, layout, cp_size, cp_rank, depth, pad_id, igno
         )
     if layout is not None:
         layout.check_tensor("input_ids", input_ids)
-    for name, value, low in (("cp_size", cp_size, 1), ("depth", depth, 0)):
+    for name, value, low in (("cp_size", cp_size, 1), ("num_depths", num_depths, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise LayoutError(f"{name} must be an int >= {low}, got {value!r}")
     if not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size:
@@ -161,13 +168,14 @@ def _check_args(input_ids, labels, layout, cp_size, cp_rank, depth, pad_id, igno
         raise LayoutError(f"pad_id and ignore_index must be ints, got {pad_id!r}, {ignore_index!r}")
 
 
+@renamed_kwarg("depth", "num_depths")
 def shard_batch(
     input_ids: Tensor,
     labels: Tensor,
     layout: SequenceLayout | None,
     cp_size: int,
     cp_rank: int,
-    depth: int,
+    num_depths: int,
     pad_id: int,
     ignore_index: int = IGNORE_INDEX,
     *,
@@ -185,7 +193,7 @@ def shard_batch(
         layout: documents of the global batch; None = one document per row (unpacked).
         cp_size: ranks in the CP group.
         cp_rank: this rank's index in the CP group.
-        depth: D, MTP depths (0 = next-token prediction only).
+        num_depths: D, MTP depths (0 = next-token prediction only).
         pad_id: token id of padding and of lookahead fill (never a target).
         ignore_index: label of padding and of lookahead fill.
         pad: pad each document to a multiple of ``2 * cp_size``; False raises instead.
@@ -195,7 +203,7 @@ def shard_batch(
     Raises:
         LayoutError: on malformed input (see :func:`plan_shards`), the same on every rank.
 
-    Example (the seed example: depth 2, documents [0, 5) and [5, 12), cp = 2)::
+    Example (the seed example: D = 2, documents [0, 5) and [5, 12), cp = 2)::
 
         >>> layout = SequenceLayout.from_cu_seqlens(torch.tensor([0, 5, 12]), shape=(1, 12))
         >>> ids = torch.arange(10, 22)[None]
@@ -210,7 +218,7 @@ def shard_batch(
         >>> shard.mtp_input_ids[1]  # depth 2 reads 2 ahead: 11 -> 13 comes from rank 1
         tensor([[12, 13,  0,  0, 17, 18,  0,  0]])
     """
-    _check_args(input_ids, labels, layout, cp_size, cp_rank, depth, pad_id, ignore_index)
+    _check_args(input_ids, labels, layout, cp_size, cp_rank, num_depths, pad_id, ignore_index)
     if layout is None:
         layout = SequenceLayout.rows(*input_ids.shape, device=input_ids.device)
     plan = plan_shards(layout, cp_size, pad=pad)
@@ -234,13 +242,13 @@ def shard_batch(
         kv_layout=kv_layout,
         plan=plan,
         cp_rank=cp_rank,
-        depth=depth,
+        num_depths=num_depths,
         pad_id=pad_id,
         ignore_index=ignore_index,
     )
     if not halo:
         return shard
-    sources = halo_sources(plan, cp_rank, depth)
+    sources = halo_sources(plan, cp_rank, num_depths)
     return shard.with_halo(
         halo_from_global(input_ids, sources, pad_id),
         halo_from_global(labels, sources, ignore_index),
@@ -248,9 +256,10 @@ def shard_batch(
     )
 
 
+@renamed_kwarg("depth", "num_depths")
 def exchange_halo(
     shard: CPShard,
-    depth: int | None = None,
+    num_depths: int | None = None,
     group: dist.ProcessGroup | None = None,
     pad_id: int | None = None,
     *,
@@ -265,8 +274,8 @@ def exchange_halo(
 
     Args:
         shard: this rank's shard (from ``shard_batch(..., halo=False)`` or a loader).
-        depth: D to build the halos for; None = ``shard.depth`` (a shard cut with depth 0 can
-            be given its MTP inputs here).
+        num_depths: D to build the halos for; None = ``shard.num_depths`` (a shard cut with
+            D = 0 can be given its MTP inputs here).
         group: the CP process group (``exchange_halo(shard, cp_group)`` also works).
         pad_id: input fill; None = ``shard.pad_id``.
         tp_size: the mesh's tensor-parallel size (to check ``group``, see
@@ -276,14 +285,14 @@ def exchange_halo(
         ValueError: ``group`` does not match the shard's CP size and rank (before any message).
         ShardMismatchError: the peers sharded a different plan (on every rank).
     """
-    if isinstance(depth, dist.ProcessGroup) and group is None:
-        depth, group = None, depth
+    if isinstance(num_depths, dist.ProcessGroup) and group is None:
+        num_depths, group = None, num_depths
     if not isinstance(shard, CPShard):
         raise TypeError(f"exchange_halo takes a CPShard, got {type(shard).__name__}")
-    depth = shard.depth if depth is None else depth
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-    shard = replace(shard, depth=depth, pad_id=shard.pad_id if pad_id is None else pad_id)
+    num_depths = shard.num_depths if num_depths is None else num_depths
+    if not isinstance(num_depths, int) or isinstance(num_depths, bool) or num_depths < 0:
+        raise ValueError(f"num_depths must be an int >= 0, got {num_depths!r}")
+    shard = replace(shard, num_depths=num_depths, pad_id=shard.pad_id if pad_id is None else pad_id)
     if shard.cp_size > 1:
         if group is None:
             raise ValueError("exchange_halo needs the CP process group when cp_size > 1")
@@ -298,7 +307,7 @@ def exchange_halo(
         [shard.pad_id, shard.ignore_index],
         shard.plan,
         shard.cp_rank,
-        shard.depth,
+        shard.num_depths,
         group,
     )
     return shard.with_halo(halo_ids, halo_labels)

@@ -101,22 +101,22 @@ class HaloSources:
         return self.map(lambda t: t.flatten(-2))
 
 
-def halo_sources(plan: ShardPlan, cp_rank: int, depth: int) -> HaloSources:
+def halo_sources(plan: ShardPlan, cp_rank: int, num_depths: int) -> HaloSources:
     """Halo sources of every local stripe of rank ``cp_rank``: each field ``[C, D]``.
 
     Local stripe ``c = 2 * piece + second`` (the first stripe of a piece, then its second) owns
     halo slots ``c * D .. c * D + D - 1``.
     """
     ranks = torch.tensor([cp_rank], device=plan.row.device)
-    return _halo_sources(plan, ranks, depth).map(lambda t: t[0])
+    return _halo_sources(plan, ranks, num_depths).map(lambda t: t[0])
 
 
-def halo_sources_all_ranks(plan: ShardPlan, depth: int) -> HaloSources:
+def halo_sources_all_ranks(plan: ShardPlan, num_depths: int) -> HaloSources:
     """:func:`halo_sources` of every rank at once: each field ``[cp, C, D]``, row r for rank r."""
-    return _halo_sources(plan, torch.arange(plan.cp_size, device=plan.row.device), depth)
+    return _halo_sources(plan, torch.arange(plan.cp_size, device=plan.row.device), num_depths)
 
 
-def _halo_sources(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloSources:
+def _halo_sources(plan: ShardPlan, cp_ranks: Tensor, num_depths: int) -> HaloSources:
     """Halo sources of the ``R`` ranks in ``cp_ranks``: each field ``[R, C, D]``."""
     cp = plan.cp_size
     device = plan.row.device
@@ -127,7 +127,7 @@ def _halo_sources(plan: ShardPlan, cp_ranks: Tensor, depth: int) -> HaloSources:
     rank = cp_ranks[:, None, None]  # (R, 1, 1)
     # Which of the piece's 2 * cp stripes each local stripe is: rank r keeps r and 2 * cp - 1 - r.
     stripe = torch.where(is_second, 2 * cp - 1 - rank, rank)  # (R, C, 1)
-    step = torch.arange(depth, device=device)  # (D,)
+    step = torch.arange(num_depths, device=device)  # (D,)
     # Piece offsets of the D tokens following each stripe.
     offset = (stripe + 1) * stripe_len + step  # (R, C, D)
     length, doc = plan.length[piece][:, None], plan.doc[piece][:, None]  # (C, 1)
@@ -157,7 +157,7 @@ class HaloIndex:
     buffer hold a real token (everything else reads as fill).
 
     Attributes:
-        depth: D, halo slots per stripe.
+        num_depths: D, halo slots per stripe.
         shape: ``(B, T_local)`` of the local shard.
         token_index: ``[B * T_local]`` index in the extended buffer of each local token.
         halo_index: ``[C * D]`` index in the extended buffer of each halo slot.
@@ -165,7 +165,7 @@ class HaloIndex:
         token_real: ``[B * T_local]`` bool: the local token itself belongs to a document.
     """
 
-    depth: int
+    num_depths: int
     shape: tuple[int, int]
     token_index: Tensor
     halo_index: Tensor
@@ -173,27 +173,27 @@ class HaloIndex:
     token_real: Tensor
 
     @classmethod
-    def build(cls, plan: ShardPlan, cp_rank: int, depth: int, halo_valid: Tensor) -> HaloIndex:
+    def build(cls, plan: ShardPlan, cp_rank: int, num_depths: int, halo_valid: Tensor) -> HaloIndex:
         piece, offset = plan.token_pieces(cp_rank)  # (B * T_local,)
         stripe_len = plan.stripe_len  # (N,)
         is_second = torch.div(offset, stripe_len[piece], rounding_mode="floor") >= plan.cp_size
         local_stripe = 2 * piece + is_second.long()  # (B * T_local,)
         # Each token moves right by the D halo slots of every local stripe before it.
-        token_index = torch.arange(piece.numel(), device=piece.device) + depth * local_stripe
+        token_index = torch.arange(piece.numel(), device=piece.device) + num_depths * local_stripe
         n_stripes = 2 * plan.num_pieces
         # Flat end of every local stripe: stripes tile the shard, so a running sum of lengths.
         stripe_end = torch.cumsum(stripe_len.repeat_interleave(2), 0)  # (C,)
-        slot = torch.arange(n_stripes * depth, device=piece.device)  # (C * D,)
-        # max(depth, 1): with D = 0 there are no slots, but the division must stay defined.
-        slot_stripe = torch.div(slot, max(depth, 1), rounding_mode="floor")
-        halo_index = stripe_end[slot_stripe] + depth * slot_stripe + slot % max(depth, 1)
+        slot = torch.arange(n_stripes * num_depths, device=piece.device)  # (C * D,)
+        # max(num_depths, 1): with D = 0 there are no slots, but the division must stay defined.
+        slot_stripe = torch.div(slot, max(num_depths, 1), rounding_mode="floor")
+        halo_index = stripe_end[slot_stripe] + num_depths * slot_stripe + slot % max(num_depths, 1)
         token_real = (offset < plan.length[piece]) & (plan.doc[piece] >= 0)
         extended_len = piece.numel() + slot.numel()
         extended_real = torch.zeros(extended_len, dtype=torch.bool, device=piece.device)
         extended_real[token_index] = token_real
         extended_real[halo_index] = halo_valid.reshape(-1)
         shape = (plan.batch, plan.local_len)
-        return cls(depth, shape, token_index, halo_index, extended_real, token_real)
+        return cls(num_depths, shape, token_index, halo_index, extended_real, token_real)
 
     def lookahead(self, x: Tensor, halo: Tensor, shifts: Sequence[int], fill: int) -> Tensor:
         """``lookahead(x, k)`` of the local shard for every ``k`` in ``shifts`` (each <= D).
@@ -252,10 +252,10 @@ class HaloRoute:
     valid: Tensor
 
     @classmethod
-    def build(cls, plan: ShardPlan, cp_rank: int, depth: int) -> HaloRoute:
+    def build(cls, plan: ShardPlan, cp_rank: int, num_depths: int) -> HaloRoute:
         cp = plan.cp_size
         # Every rank's needs, one entry per halo slot: fields (cp, C * D).
-        needs = halo_sources_all_ranks(plan, depth).by_slot()
+        needs = halo_sources_all_ranks(plan, num_depths).by_slot()
         requester_rank = torch.arange(cp, device=plan.row.device)[:, None]  # (cp, 1)
         from_peer = needs.valid & (needs.owner != requester_rank)
         # What I send: slots of every other rank that I own, ordered by (requester, slot).
@@ -343,7 +343,7 @@ def exchange_values(
     fills: Sequence[int],
     plan: ShardPlan,
     cp_rank: int,
-    depth: int,
+    num_depths: int,
     group: dist.ProcessGroup | None,
 ) -> list[Tensor]:
     """Halos ``[C, D]`` of several local integer tensors with one collective over ``group``.
@@ -355,7 +355,7 @@ def exchange_values(
     Raises:
         ShardMismatchError: a peer sent a different plan fingerprint.
     """
-    route = HaloRoute.build(plan, cp_rank, depth)
+    route = HaloRoute.build(plan, cp_rank, num_depths)
     values = torch.stack([t.reshape(-1).long() for t in tensors])  # (n, B * T_local)
     halos = route.local_halos(values, fills)
     if plan.cp_size > 1:
@@ -366,4 +366,4 @@ def exchange_values(
         dist.all_to_all_single(received, send, recv_splits, send_splits, group=group)
         route.unpack(received, halos, fingerprint)
     n_stripes = 2 * plan.num_pieces
-    return [h.view(n_stripes, depth).to(t.dtype) for h, t in zip(halos, tensors)]
+    return [h.view(n_stripes, num_depths).to(t.dtype) for h, t in zip(halos, tensors)]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from multitoken.errors import InputError
+from multitoken.errors import InputError, renamed_kwarg
 from multitoken.lookahead import IGNORE_INDEX
 from multitoken.mtp import DepthLosses
 from multitoken.parallel.context import CPShard
@@ -56,7 +56,7 @@ def global_normalizer(
     Raises:
         ShardMismatchError: on every rank, when some CP peers disagree on the plan.
 
-    Example (one rank, depth 1)::
+    Example (one rank, D = 1)::
 
         >>> global_normalizer(torch.tensor([[[5, -100, 7]], [[-100, -100, 2]]]), None)
         tensor([2, 1])
@@ -82,20 +82,20 @@ def global_normalizer(
     # One slot per DP replica holds the sum and the sum of squares of its CP ranks'
     # fingerprints: n * sum(h^2) == sum(h)^2 iff they are all equal (exact in int64).
     replicas, slot = size // cp, rank // cp
-    depths = counts.numel()
-    vec = torch.zeros(depths + 2 * replicas, dtype=torch.long, device=counts.device)
-    vec[:depths] = counts
-    vec[depths + slot] = fingerprint
-    vec[depths + replicas + slot] = fingerprint * fingerprint
+    n_counts = counts.numel()  # D + 1
+    vec = torch.zeros(n_counts + 2 * replicas, dtype=torch.long, device=counts.device)
+    vec[:n_counts] = counts
+    vec[n_counts + slot] = fingerprint
+    vec[n_counts + replicas + slot] = fingerprint * fingerprint
     dist.all_reduce(vec, group=group)
-    sums, squares = vec[depths : depths + replicas], vec[depths + replicas :]
+    sums, squares = vec[n_counts : n_counts + replicas], vec[n_counts + replicas :]
     bad = torch.nonzero(cp * squares != sums * sums).view(-1).tolist()
     if bad:
         raise ShardMismatchError(
             f"the CP ranks of data-parallel replica(s) {bad} hold shards of different plans: "
             "every rank of a CP group must shard the same global batch with the same cp_size"
         )
-    return vec[:depths]
+    return vec[:n_counts]
 
 
 def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
@@ -143,13 +143,14 @@ class MetricSums:
 
     Example (one rank, D = 1)::
 
-        >>> sums = MetricSums(depth=1)
+        >>> sums = MetricSums(num_depths=1)
         >>> sums.add(losses)                    # a DepthLosses, after each step
         >>> losses, accuracies, tokens = sums.reduce(group)   # at a logging step; resets
     """
 
-    def __init__(self, depth: int, device: torch.device | str = "cpu"):
-        self.sums = torch.zeros(3, depth + 1, dtype=torch.float64, device=device)
+    @renamed_kwarg("depth", "num_depths")
+    def __init__(self, num_depths: int, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(3, num_depths + 1, dtype=torch.float64, device=device)
 
     def add(self, losses: DepthLosses) -> None:
         """Add one step's local loss sums, valid targets and top-1 hits per depth."""

@@ -328,7 +328,7 @@ class TrainConfig:
         if align % (2 * parallel.cp):
             raise ConfigError(
                 f"parallel.cp={parallel.cp} cuts every document piece into 2 * cp = "
-                f"{2 * parallel.cp} chunks, which data.align={align} does not divide: set "
+                f"{2 * parallel.cp} stripes, which data.align={align} does not divide: set "
                 f"data.align={max(align, 2 * parallel.cp) // (2 * parallel.cp) * 2 * parallel.cp}"
                 " (and the same value in every run you compare: it decides the batches)"
             )
@@ -336,7 +336,7 @@ class TrainConfig:
             suggestion = max(align, data.seq_len // align * align)
             raise ConfigError(
                 f"data.seq_len={data.seq_len} is not compatible with parallel.cp={parallel.cp}: "
-                f"it must be a positive multiple of {align} (2 * cp chunks per document, see "
+                f"it must be a positive multiple of {align} (2 * cp stripes per document, see "
                 f"data.align), e.g. data.seq_len={suggestion}"
             )
         if data.seq_len > self.model.max_seq_len:
