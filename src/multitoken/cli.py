@@ -27,12 +27,17 @@ from multitoken.train.checkpoint import (
     checkpoint_folders,
     load_for_inference,
 )
-from multitoken.train.config_io import config_help, load_config
+from multitoken.train.config_io import config_help, explicit_keys, load_config
 from multitoken.train.data import prepare_data
 from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
 from multitoken.train.lifecycle import die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
-from multitoken.train.preflight import available_memory, check_memory, check_paths
+from multitoken.train.preflight import (
+    available_memory,
+    check_memory,
+    check_paths,
+    fit_to_devices,
+)
 from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir
 from multitoken.train.trainer import train
 
@@ -89,13 +94,19 @@ def cmd_train(args) -> int:
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
     cfg = load_config(files[0] if files else None, overrides)
-    world = cfg.parallel.world
+    explicit = explicit_keys(files[0] if files else None, overrides)
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
         if "TORCHELASTIC_RUN_ID" in os.environ:
             die_with_parent()
-        _preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cfg = fit_to_devices(cfg, ranks_here, explicit=explicit, launcher=False)
+        _preflight(cfg, ranks_here)
         last = train(cfg)
         return _report_stop(cfg, last["stopped_by"]) if "stopped_by" in last else 0
+    # The default run may take the layout the GPUs here allow (--nproc is a layout choice).
+    explicit |= set() if args.nproc is None else {"parallel.cp"}
+    cfg = fit_to_devices(cfg, cfg.parallel.world, explicit=explicit)  # or one error line
+    world = cfg.parallel.world
     nproc = world if args.nproc is None else args.nproc
     if nproc != world:
         raise ConfigError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from multitoken.errors import ConfigError
@@ -32,11 +33,18 @@ def check_hf_layout(tp: int) -> None:
 
 
 def parallelize_hf(
-    model: nn.Module, dims: ParallelDims, *, compile: bool = False, verbose: bool = True
+    model: nn.Module,
+    dims: ParallelDims,
+    *,
+    compile: bool = False,
+    verbose: bool = True,
+    mixed_precision: torch.dtype | None = None,
 ) -> Callable:
     """Make ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on an
-    :class:`~multitoken.hf.HFDecoder`) parallel over ``dims`` in place: CP -> compile -> FSDP2.
-    Returns the cross-entropy to pass to :func:`~multitoken.mtp_model.step_loss`."""
+    :class:`~multitoken.hf.HFDecoder`) parallel over ``dims`` in place: CP -> compile -> FSDP2
+    (gathering the parameters in ``mixed_precision``, as
+    :func:`~multitoken.models.parallelize.parallelize_gpt`). Returns the cross-entropy to pass
+    to :func:`~multitoken.mtp_model.step_loss`."""
     check_hf_layout(dims.tp)
     if dims.cp > 1:
         apply_cp(model, dims.cp_group)
@@ -44,5 +52,5 @@ def parallelize_hf(
         depths = [] if model.mtp is None else list(model.mtp.depths)
         compile_modules([*model.decoder.layers, *depths], model.head_weight.device.type, verbose)
     if dims.token_world_size > 1:
-        apply_fsdp(model, dims.fsdp_mesh)
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype=mixed_precision)
     return linear_cross_entropy

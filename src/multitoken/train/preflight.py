@@ -11,6 +11,8 @@ run that passes may still need more.
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +20,18 @@ import torch
 from multitoken.errors import ConfigError
 from multitoken.train.config import TrainConfig
 
-__all__ = ["memory_estimate", "available_memory", "check_memory", "check_paths"]
+__all__ = [
+    "memory_estimate",
+    "available_memory",
+    "check_memory",
+    "check_paths",
+    "fit_to_devices",
+    "LAYOUT_KEYS",
+]
+
+# The settings that decide how many ranks a run starts: a run that sets none of them is the
+# default layout, which may be fitted to the GPUs present.
+LAYOUT_KEYS = ("parallel.dp", "parallel.dp_replicate", "parallel.cp", "parallel.tp")
 
 _FP32 = 4
 _GIB = 1 << 30
@@ -113,3 +126,49 @@ def check_paths(cfg: TrainConfig) -> None:
                 if key == "run.dir" and not os.access(parent, os.W_OK | os.X_OK):
                     raise ConfigError(f"{key}={value!r}: {parent} is not writable")
                 break
+
+
+def fit_to_devices(
+    cfg: TrainConfig, ranks_here: int, *, explicit: set[str], launcher: bool = True
+) -> TrainConfig:
+    """The run's config, checked against the CUDA devices of this machine before any rank
+    starts: NCCL needs one GPU per local rank (rank i uses ``cuda:i``).
+
+    Without CUDA nothing changes (gloo ranks on the CPU, any number). With fewer GPUs than
+    ``ranks_here`` local ranks, a run that set none of :data:`LAYOUT_KEYS` (the default run)
+    takes the largest ``parallel.cp`` the devices and the config allow (the losses do not
+    depend on the layout), with one line saying so; any other run is refused.
+
+    Args:
+        cfg: the resolved config.
+        ranks_here: local ranks the run would start on this machine.
+        explicit: the ``section.key`` names the user set (:func:`~.config_io.explicit_keys`).
+        launcher: multitoken launches the ranks (False under torchrun: the ranks exist).
+
+    Raises:
+        ConfigError: more local ranks than GPUs, in a layout the user chose.
+    """
+    if not torch.cuda.is_available():
+        return cfg
+    devices = torch.cuda.device_count()
+    if ranks_here <= devices:
+        return cfg
+    if launcher and not explicit & set(LAYOUT_KEYS):
+        for cp in range(min(cfg.parallel.cp, devices), 0, -1):
+            try:
+                fitted = replace(cfg, parallel=replace(cfg.parallel, cp=cp))
+            except ConfigError:
+                continue
+            print(
+                f"multitoken: {devices} CUDA device(s) here: training with parallel.cp={cp} "
+                f"instead of the default {cfg.parallel.cp} (the same losses; set parallel.cp "
+                "to choose)",
+                file=sys.stderr,
+            )
+            return fitted
+    raise ConfigError(
+        f"{ranks_here} local ranks (parallel.dp * parallel.cp * parallel.tp per node) but "
+        f"{devices} CUDA device(s) here, and each rank needs a GPU of its own: lower "
+        f"parallel.dp, parallel.cp or parallel.tp to at most {devices} ranks per node, or train "
+        "on the CPU with CUDA_VISIBLE_DEVICES="
+    )

@@ -33,7 +33,7 @@ from multitoken.train.data import PreparedData, prepare_data
 from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter, Stopwatch, record
-from multitoken.train.model import build_model
+from multitoken.train.model import build_model, mixed_precision
 from multitoken.train.optim import build_optimizer, build_scheduler
 from multitoken.train.preflight import available_memory, check_memory
 from multitoken.train.progress import Progress
@@ -63,7 +63,7 @@ class Trainer:
         )
         self.state = RunState()
         self.val_start = data.val_loader.state_dict()
-        self.autocast = device.type == "cuda" and cfg.train.bf16
+        self.autocast = mixed_precision(cfg, device) is not None  # bf16 autocast on CUDA
         self.batch_tokens = cfg.data.batch_size * cfg.data.seq_len
 
     @property
@@ -104,8 +104,8 @@ class Trainer:
         """The global gradient norm, clipped to ``train.grad_clip`` when that is set."""
         # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.train.grad_clip
-        return clip_grad_norm(params, clip) if clip > 0 else grad_norm(params)
+        clip, device = self.cfg.train.grad_clip, self.device  # the norm of no gradient too
+        return clip_grad_norm(params, clip, device) if clip > 0 else grad_norm(params, device)
 
     def train_step(self, step: int, mtp_weight: float, stop_requested: bool):
         """One update, or none when the loss or gradient norm is non-finite on any rank.
