@@ -195,3 +195,173 @@ def test_the_gradient_norm_of_no_gradient_is_on_the_models_device():
 
     guard = NonFiniteGuard(5, None, torch.device("cpu"), False)
     assert guard.check(torch.tensor(1.0), grad_norm([], device="cpu"), False) == (False, False)
+
+
+# ---------------------------------------------------------------- 2: Flex or SDPA, once
+
+
+def test_the_backend_is_chosen_once_by_head_size_and_probe(monkeypatch):
+    from multitoken.models import attention
+
+    probes = []
+
+    def probe(device_type, head_dim=None):
+        probes.append((device_type, head_dim))
+        return None  # compiled FlexAttention works (as on a GPU with Triton)
+
+    monkeypatch.setattr(attention, "flex_unavailable", probe)
+    resolve = attention.resolve_backend
+    assert resolve("auto", "cuda", 64) == "flex"
+    assert resolve("auto", "cuda", 8) == "sdpa"  # Inductor refuses heads under 16
+    assert resolve("flex", "cuda", 8) == "sdpa"
+    assert resolve("auto", "cpu", 64) == "sdpa"
+    assert resolve("sdpa", "cuda", 64) == "sdpa"
+    assert probes == [("cuda", 64)]  # the probe only where Flex is a candidate
+    monkeypatch.setattr(attention, "flex_unavailable", lambda *a: "no Triton")
+    assert resolve("auto", "cuda", 64) == "sdpa"  # no compiler: SDPA, never an error
+
+
+def test_a_model_resolves_its_backend_from_its_head_size(monkeypatch):
+    from multitoken.models import attention
+
+    monkeypatch.setattr(attention, "flex_unavailable", lambda *a: None)
+    small = GPTConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4)  # head size 8
+    large = GPTConfig(vocab_size=64, dim=128, n_layers=1, n_heads=2)  # head size 64
+    assert MTPModel.from_config(small, MTPConfig()).decoder.backend("cuda") == "sdpa"
+    assert MTPModel.from_config(large, MTPConfig()).decoder.backend("cuda") == "flex"
+    assert MTPModel.from_config(large, MTPConfig()).decoder.backend("cpu") == "sdpa"
+
+
+# ---------------------------------------------------------------- 5: the block mask's cost
+
+
+def _packed_layout(batch: int, seqlen: int, seed: int = 0):
+    """Packed documents of random lengths with padding runs (doc id -1), as the sharder makes."""
+    from multitoken import SequenceLayout
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, doc = [], 0
+    for _ in range(batch):
+        row = []
+        while len(row) < seqlen:
+            n = int(torch.randint(1, seqlen // 3 + 2, (1,), generator=gen))
+            pad = int(torch.randint(0, 2, (1,), generator=gen)) * 3
+            row += [doc] * n + [-1] * pad
+            doc += 1
+        rows.append(row[:seqlen])
+    return SequenceLayout.from_doc_ids(torch.tensor(rows))
+
+
+def _sharded_layouts(seqlen: int):
+    from multitoken import next_token_labels
+    from multitoken.parallel import shard_batch
+
+    layout = _packed_layout(2, seqlen, seed=1)
+    ids = torch.randint(1, 50, (2, seqlen))
+    shard = shard_batch(ids, next_token_labels(ids, layout), layout, 2, 1, 1, 0)
+    return shard.layout, shard.step_batch(torch.zeros(2, dtype=torch.long)).kv_layout
+
+
+@pytest.mark.parametrize("mode", ["document", "causal"])
+@pytest.mark.parametrize("block", [4, 16])
+def test_the_block_mask_from_block_ranges_equals_the_dense_one(mode, block):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from multitoken.models.attention import AttentionMask
+    from multitoken.models.block_mask import document_block_mask
+
+    for q, kv in [(_packed_layout(3, 70), None), _sharded_layouts(96)]:
+        rule = AttentionMask(q, kv, mode=mode, backend="flex")
+        kv = rule.kv
+        dense = rule.dense()[:, 0]  # (B, Tq, Tk) the rule, pair by pair
+        mask_mod = rule.block_mask().mask_mod
+        mine = document_block_mask(q, kv, mode == "causal", mask_mod, block)
+        ref = create_block_mask(
+            mask_mod, q.shape[0], None, q.shape[1], kv.shape[1], BLOCK_SIZE=block
+        )
+        # Block level: the same full blocks; every block the rule touches is kept.
+        full, kept = _block_sets(mine), _block_sets(ref)
+        assert full[1] == kept[1]
+        assert full[0] | full[1] >= kept[0] | kept[1]
+        # Every full block is all allowed, every dropped block all forbidden.
+        for b, i, j in full[1]:
+            assert dense[b, i * block : (i + 1) * block, j * block : (j + 1) * block].all()
+        nq, nk = -(-q.shape[1] // block), -(-kv.shape[1] // block)
+        for b in range(q.shape[0]):
+            for i in range(nq):
+                for j in range(nk):
+                    if (b, i, j) not in full[0] | full[1]:
+                        assert not dense[
+                            b, i * block : (i + 1) * block, j * block : (j + 1) * block
+                        ].any()
+
+
+def _block_sets(mask) -> tuple[set, set]:
+    """``(partial, full)`` block pairs ``(b, i, j)`` of a BlockMask."""
+    out = []
+    for count, indices in (
+        (mask.kv_num_blocks, mask.kv_indices),
+        (mask.full_kv_num_blocks, mask.full_kv_indices),
+    ):
+        pairs = set()
+        for b in range(count.shape[0]):
+            for i in range(count.shape[2]):
+                for j in indices[b, 0, i, : int(count[b, 0, i])].tolist():
+                    pairs.add((b, i, j))
+        out.append(pairs)
+    return out[0], out[1]
+
+
+def test_flex_with_the_range_block_mask_equals_sdpa():
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from multitoken.models.attention import AttentionMask
+
+    q_layout, kv_layout = _sharded_layouts(320)  # several 128-blocks, a ragged tail
+    gen = torch.Generator().manual_seed(0)
+    b, tq, tk = q_layout.shape[0], q_layout.shape[1], kv_layout.shape[1]
+    q = torch.randn(b, 2, tq, 16, generator=gen)
+    k, v = torch.randn(b, 1, tk, 16, generator=gen), torch.randn(b, 1, tk, 16, generator=gen)
+    for mode in ("document", "causal"):
+        expected = AttentionMask(q_layout, kv_layout, mode, "sdpa").attend(q, k, v)
+        mask = AttentionMask(q_layout, kv_layout, mode, "flex").block_mask()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _largest_allocation(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.peak = max(Largest.peak, t.numel() * t.element_size())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.peak
+
+
+def test_the_block_mask_never_allocates_per_pair():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from multitoken.models.attention import AttentionMask
+
+    layout = _packed_layout(2, 2048)
+    pairs = 2 * 2048 * 2048
+    rule = AttentionMask(layout, backend="flex")
+    ours = _largest_allocation(rule.block_mask)
+    mask_mod = rule.block_mask().mask_mod
+    dense = _largest_allocation(lambda: create_block_mask(mask_mod, 2, None, 2048, 2048))
+    assert dense >= pairs  # the dense path: at least one byte per (query, key) pair
+    assert ours * 100 < pairs  # ranges: B * T values and a block table
