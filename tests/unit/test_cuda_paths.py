@@ -365,3 +365,143 @@ def test_the_block_mask_never_allocates_per_pair():
     dense = _largest_allocation(lambda: create_block_mask(mask_mod, 2, None, 2048, 2048))
     assert dense >= pairs  # the dense path: at least one byte per (query, key) pair
     assert ours * 100 < pairs  # ranges: B * T values and a block table
+
+
+# ---------------------------------------------------------------- 8: host syncs of a step
+
+# Ops that make the host wait for a GPU: a value read back, or an output whose size depends
+# on the values (the host must learn it).
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "item"}
+
+
+class _SyncCounter:
+    """Counts host syncs while active, except inside the host's preparation of a batch and
+    reads of host scalars (``ignore``: AdamW's step counts, CPU tensors even on a GPU)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.calls: list[str] = []
+        self.paused = False
+        self.ignore: set[int] = set()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                host_scalar = name == "_local_scalar_dense" and id(args[0]) in counter.ignore
+                if (
+                    not counter.paused
+                    and not host_scalar
+                    and (
+                        name in SYNC_OPS
+                        or (name == "repeat_interleave" and "output_size" not in (kwargs or {}))
+                    )
+                ):
+                    counter.calls.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def host(self, fn):
+        def run(*args, **kwargs):
+            self.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused = False
+
+        return run
+
+
+def _trainer(counter, overrides):
+    from multitoken import SequenceLayout, next_token_labels
+    from multitoken.train import trainer as trainer_module
+    from multitoken.train.batching import BatchFeed
+    from multitoken.train.guard import NonFiniteGuard
+    from multitoken.train.model import build_model
+    from multitoken.train.optim import build_optimizer, build_scheduler
+
+    cfg = load_config(None, ["model.dim=32", "model.n_layers=1", "train.steps=9", *overrides])
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    trainer.cfg, trainer.dims, trainer.device = cfg, cfg.parallel.dims, torch.device("cpu")
+    trainer.model, trainer.cross_entropy = build_model(cfg, 64, 0, trainer.dims, trainer.device)
+    trainer.optimizer = build_optimizer(trainer.model, cfg)
+    trainer.scheduler = build_scheduler(trainer.optimizer, cfg)
+    trainer.guard = NonFiniteGuard(5, None, trainer.device, False)
+    trainer.autocast = False
+
+    class Loader:  # the loader's interface (it runs on the host)
+        gen, step = torch.Generator().manual_seed(0), 0
+
+        def __next__(self):
+            self.step += 1
+            layout = SequenceLayout.from_lengths([[5, 11], [16]])
+            ids = torch.randint(1, 64, (2, 16), generator=self.gen)
+            labels = next_token_labels(ids, layout)
+            return {"input_ids": ids, "labels": labels, "cu_seqlens": layout.cu_seqlens()}
+
+        def state_dict(self):
+            return {"step": self.step}
+
+    trainer.feed = BatchFeed(Loader(), trainer.prepare)
+    trainer.feed.prefetch = counter.host(trainer.feed.prefetch)  # the host's part
+    return trainer
+
+
+@pytest.mark.parametrize("checks", [False, True])
+def test_host_syncs_of_a_training_step(monkeypatch, checks):
+    """With train.check_inputs=false a step reads one thing back from the device: the guard's
+    two flags (apply the update? stop?), which the host needs to decide what to run next."""
+    from multitoken.errors import validation
+
+    counter = _SyncCounter()
+    # cp = 1 here (one process): the CP plan runs on the host like the rest of the preparation,
+    # see test_a_cp_batch_is_cut_on_the_host.
+    trainer = _trainer(counter, [f"train.check_inputs={str(checks).lower()}", "parallel.cp=1"])
+    with validation(checks):
+        trainer.train_step(1, 0.3, False)  # AdamW makes its state
+        counter.ignore = {id(s["step"]) for s in trainer.optimizer.state.values()}
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):
+            if not counter.paused:
+                counter.calls.append("tolist")
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+        with counter.mode:
+            trainer.train_step(2, 0.3, False)
+    if checks:  # the value checks read values back (ids and targets in range)
+        assert "_local_scalar_dense" in counter.calls
+    else:
+        assert counter.calls == ["tolist"]
+
+
+def test_a_cp_batch_is_cut_on_the_host_and_copied_once(monkeypatch):
+    """The CP plan reads its own sizes (nonzero, repeat_interleave, max): on the host they cost
+    nothing, so the batch is cut there and only the result goes to the device."""
+    from multitoken import SequenceLayout, next_token_labels
+    from multitoken.train import batching
+
+    seen = []
+    shard_batch = batching.shard_batch
+
+    def record(ids, *args, **kwargs):
+        seen.append(ids.device.type)
+        return shard_batch(ids, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "shard_batch", record)
+    layout = SequenceLayout.from_lengths([[5, 11], [16]])
+    ids = torch.randint(1, 64, (2, 16))
+    global_batch = {
+        "input_ids": ids,
+        "labels": next_token_labels(ids, layout),
+        "cu_seqlens": layout.cu_seqlens(),
+    }
+    dims = SimpleNamespace(dp=1, dp_rank=0, cp=2, cp_rank=1, tp=1, token_group=None)
+    batch = batching.rank_batch(global_batch, dims, 2, 0, torch.device("meta"))
+    assert seen == ["cpu"]  # cut on the host ...
+    tensors = [batch.input_ids, batch.mtp_input_ids, batch.depth_labels, batch.normalizer]
+    tensors += [batch.layout.doc_ids, batch.kv_layout.positions]
+    assert {t.device.type for t in tensors} == {"meta"}  # ... then copied to the device

@@ -25,7 +25,7 @@ from multitoken.errors import set_validation
 from multitoken.mtp_model import step_loss
 from multitoken.parallel import MetricSums, ParallelDims, clip_grad_norm, grad_norm, local_device
 from multitoken.train import probes
-from multitoken.train.batching import rank_batch
+from multitoken.train.batching import BatchFeed, rank_batch
 from multitoken.train.checkpoint import resume_checkpoint
 from multitoken.train.checkpointer import Checkpointer, RunState
 from multitoken.train.config import TrainConfig
@@ -54,8 +54,9 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.feed = BatchFeed(data.train_loader, self.prepare)  # one batch ahead
         self.checkpointer = Checkpointer(
-            cfg.run_dir, self.model, self.optimizer, self.scheduler, data.train_loader,
+            cfg.run_dir, self.model, self.optimizer, self.scheduler, self.feed,
             dims.world_group, cfg.train.keep_checkpoints,
         )  # fmt: skip
         self.guard = NonFiniteGuard(
@@ -91,12 +92,17 @@ class Trainer:
         self.state.skipped = self.guard.skipped
         self.checkpointer.save(self.state)
 
-    def forward(self, global_batch: dict[str, torch.Tensor], mtp_weight: float):
+    def prepare(self, global_batch: dict[str, torch.Tensor]):
+        """This rank's batch, cut on the host and copied to the device."""
         cfg = self.cfg
-        batch = rank_batch(
+        return rank_batch(
             global_batch, self.dims, cfg.mtp.num_depths, self.model.pad_id, self.device,
             cfg.parallel.halo_fill,
         )  # fmt: skip
+
+    def forward(self, batch, mtp_weight: float):
+        """The losses of a prepared batch (or of a loader's global batch)."""
+        batch = self.prepare(batch) if isinstance(batch, dict) else batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             return step_loss(self.model, batch, mtp_weight, cross_entropy=self.cross_entropy)
 
@@ -113,10 +119,14 @@ class Trainer:
         Returns:
             ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
         """
-        losses = self.forward(next(self.data.train_loader), mtp_weight)
+        losses = self.forward(self.feed.next(), mtp_weight)
         loss = losses.loss * float("nan") if probes.hit(f"nan{step}") else losses.loss
         loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
-        nonfinite, stop = self.guard.check(loss, self._grad_norm(), stop_requested)
+        norm = self._grad_norm()
+        if step < self.end:  # the host cuts the next batch while the device runs this one
+            self.feed.prefetch()
+        # The step's one host sync: whether every rank applies the update, whether to stop.
+        nonfinite, stop = self.guard.check(loss, norm, stop_requested)
         if nonfinite:
             self.guard.skip(step)
         else:
