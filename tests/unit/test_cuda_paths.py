@@ -505,3 +505,32 @@ def test_a_cp_batch_is_cut_on_the_host_and_copied_once(monkeypatch):
     tensors = [batch.input_ids, batch.mtp_input_ids, batch.depth_labels, batch.normalizer]
     tensors += [batch.layout.doc_ids, batch.kv_layout.positions]
     assert {t.device.type for t in tensors} == {"meta"}  # ... then copied to the device
+
+
+# ---------------------------------------------------------------- 4: the preflight's count
+
+
+def test_the_preflight_counts_what_the_chosen_attention_allocates(monkeypatch):
+    from multitoken.models import attention
+    from multitoken.train.preflight import check_memory, memory_estimate
+
+    # 32 heads at 32k tokens, cp 1: fp32 scores would be 128 GiB per sequence.
+    cfg = load_config(
+        None,
+        [
+            "model.dim=4096", "model.n_heads=32", "model.n_kv_heads=8", "model.n_layers=2",
+            "model.max_seq_len=32768", "data.seq_len=32768", "data.batch_size=1",
+            "parallel.cp=1", "data.vocab_size=32000",
+        ],
+    )  # fmt: skip
+    key = "attention scores of one layer"
+    t = 32768
+    assert memory_estimate(cfg, "cpu")[key] == 32 * t * t * 4  # SDPA's math kernel
+    assert memory_estimate(cfg, "cuda", "flex")[key] == 32 * t * 4  # the log-sum-exp only
+    assert memory_estimate(cfg, "cuda", "sdpa")[key] == t * t  # the boolean mask
+    # The backend it would choose: Flex where it compiles, for heads of 128.
+    monkeypatch.setattr(attention, "flex_unavailable", lambda *a: None)
+    assert memory_estimate(cfg, "cuda")[key] == 32 * t * 4
+    check_memory(cfg, 80 << 30, "cuda")  # fits an 80 GiB GPU: not refused
+    with pytest.raises(ConfigError, match="attention scores of one layer: 128.0 GiB"):
+        check_memory(cfg, 80 << 30, "cpu")

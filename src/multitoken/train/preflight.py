@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from multitoken.errors import ConfigError
+from multitoken.models.attention import resolve_backend
 from multitoken.train.config import TrainConfig
 
 __all__ = [
     "memory_estimate",
+    "attention_bytes",
     "available_memory",
     "check_memory",
     "check_paths",
@@ -37,8 +39,30 @@ _FP32 = 4
 _GIB = 1 << 30
 
 
-def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
-    """A lower bound of one rank's memory, in bytes, by what it is for."""
+def attention_bytes(cfg: TrainConfig, backend: str, device_type: str) -> int:
+    """What one layer's attention allocates beyond q, k, v and its output, per rank: the fp32
+    ``[B, H, T / cp, T]`` scores of SDPA's math kernel on the CPU; FlexAttention's fp32
+    log-sum-exp ``[B, H, T / cp]`` (the scores stay in the kernel, the block mask is a table
+    per 128 x 128 block); on CUDA, SDPA's boolean ``[B, 1, T / cp, T]`` mask (its
+    memory-efficient kernel keeps no scores)."""
+    model = cfg.model
+    rows = cfg.data.batch_size // cfg.parallel.dp
+    queries = cfg.data.seq_len // cfg.parallel.cp
+    if backend == "flex":
+        return rows * model.n_heads * queries * _FP32
+    if device_type != "cuda":
+        return rows * model.n_heads * queries * cfg.data.seq_len * _FP32
+    return rows * queries * cfg.data.seq_len  # one byte per (query, key)
+
+
+def memory_estimate(
+    cfg: TrainConfig, device_type: str = "cpu", backend: str | None = None
+) -> dict[str, int]:
+    """A lower bound of one rank's memory, in bytes, by what it is for, on ``device_type``
+    with the attention ``backend`` the model runs there (None = the one it would choose,
+    :func:`~multitoken.models.attention.resolve_backend`)."""
+    if backend is None:
+        backend = resolve_backend(cfg.model.backend, device_type, cfg.model.head_dim)
     model, world = cfg.model, cfg.parallel.world
     dim, head_dim, ffn = model.dim, model.head_dim, model.ffn_hidden
     vocab = model.vocab_size or cfg.data.vocab_size
@@ -55,7 +79,6 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
     queries = cfg.data.seq_len // cfg.parallel.cp
     layers = model.n_layers + cfg.mtp.num_depths
     tp = cfg.parallel.tp
-    scores = rows * model.n_heads * queries * cfg.data.seq_len
     return {
         # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank
         # of one replica (HSDP keeps parallel.dp_replicate copies)
@@ -63,7 +86,7 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
         "rotary table": model.max_seq_len * head_dim * _FP32,
         # TP splits the heads and the feed-forward (and, with sequence parallelism, the rest):
         # dividing all of it by tp keeps this a lower bound
-        "attention scores of one layer": scores * _FP32 // tp,
+        "attention scores of one layer": attention_bytes(cfg, backend, device_type) // tp,
         "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers // tp,
     }
 
@@ -83,15 +106,16 @@ def available_memory(device: torch.device | None = None, ranks_here: int = 1) ->
     return None
 
 
-def check_memory(cfg: TrainConfig, available: int | None) -> None:
-    """Refuse a configuration whose lower-bound memory exceeds ``available`` bytes.
+def check_memory(cfg: TrainConfig, available: int | None, device_type: str = "cpu") -> None:
+    """Refuse a configuration whose lower-bound memory exceeds ``available`` bytes on
+    ``device_type``.
 
     Raises:
         ConfigError: naming the estimate, its largest part and the settings that drive it.
     """
     if available is None:
         return
-    parts = memory_estimate(cfg)
+    parts = memory_estimate(cfg, device_type)
     need = sum(parts.values())
     if need <= available:
         return

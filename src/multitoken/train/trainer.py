@@ -209,7 +209,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
     """
     device = local_device()
     if device.type == "cuda":  # the launcher checked host memory; a GPU is checked here
-        check_memory(cfg, available_memory(device))
+        check_memory(cfg, available_memory(device), device.type)
     dims = setup_dims(cfg, device)
     lock: RunLock | None = None
     checked_here = data is not None
