@@ -534,3 +534,28 @@ def test_the_preflight_counts_what_the_chosen_attention_allocates(monkeypatch):
     check_memory(cfg, 80 << 30, "cuda")  # fits an 80 GiB GPU: not refused
     with pytest.raises(ConfigError, match="attention scores of one layer: 128.0 GiB"):
         check_memory(cfg, 80 << 30, "cpu")
+
+
+# ---------------------------------------------------------------- 6: loss chunks by device
+
+
+def test_loss_chunks_are_sized_for_the_device(monkeypatch):
+    from multitoken import loss
+    from multitoken.loss import chunk_elements_for, chunk_rows, linear_cross_entropy
+
+    assert chunk_elements_for(torch.device("cpu")) == 1 << 23  # as before on the CPU
+    assert chunk_elements_for(torch.device("cuda")) == 1 << 26
+    assert chunk_elements_for(torch.device("cuda"), 1000) == 1000  # an explicit size wins
+    assert chunk_rows(128_000, 1 << 26) == 524  # tokens per chunk at a 128k vocabulary
+    assert MTPConfig().loss_chunk_elements == 0  # by device
+    with pytest.raises(ConfigError, match="loss_chunk_elements"):
+        MTPConfig(loss_chunk_elements=-1)
+    seen = []
+    apply = loss._LinearCrossEntropy.apply
+    monkeypatch.setattr(
+        loss._LinearCrossEntropy, "apply", lambda *a: seen.append(a[-1]) or apply(*a)
+    )
+    h, w, t = torch.randn(6, 4), torch.randn(10, 4), torch.tensor([1, 2, -100, 3, 4, 5])
+    linear_cross_entropy(h, w, t)
+    linear_cross_entropy(h, w, t, chunk_elements=20)
+    assert seen == [1 << 23, 20]
