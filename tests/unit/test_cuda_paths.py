@@ -559,3 +559,39 @@ def test_loss_chunks_are_sized_for_the_device(monkeypatch):
     linear_cross_entropy(h, w, t)
     linear_cross_entropy(h, w, t, chunk_elements=20)
     assert seen == [1 << 23, 20]
+
+
+# ---------------------------------------------------------------- 9: HF models and FSDP2
+
+
+@pytest.mark.parametrize(
+    "device, token_world, built_on",
+    [("cuda", 2, None), ("cuda", 1, "cuda"), ("cpu", 2, "cpu")],
+)
+def test_a_sharded_hf_model_reaches_the_gpu_one_fsdp_unit_at_a_time(
+    monkeypatch, device, token_world, built_on
+):
+    """Sharded over GPUs, the HF model is built on the host (None) and parallelize_hf's FSDP2
+    moves each unit to the GPU as it shards it; unsharded, it is built where it trains."""
+    import multitoken.hf.parallelize as hf_parallelize
+    import multitoken.train.hf as train_hf
+    from multitoken.train.model import build_model
+
+    cfg = load_config(None, [])
+    cfg.model.hf = "some/folder"
+    built, parallel = [], []
+
+    class Stub:
+        def to(self, where):
+            return self
+
+    monkeypatch.setattr(train_hf, "build_hf_model", lambda c, p, d: built.append(d) or Stub())
+    monkeypatch.setattr(
+        hf_parallelize, "parallelize_hf", lambda m, dims, **kw: parallel.append(kw) or "ce"
+    )
+    dims = SimpleNamespace(token_world_size=token_world, is_main=True)
+    build_model(cfg, 64, 0, dims, torch.device(device))
+    assert built == [None if built_on is None else torch.device(built_on)]
+    assert parallel[0]["device_type"] == device
+    expected = torch.bfloat16 if device == "cuda" else None
+    assert parallel[0]["mixed_precision"] is expected

@@ -33,12 +33,15 @@ def build_model(
         from multitoken.hf.parallelize import parallelize_hf
         from multitoken.train.hf import build_hf_model
 
-        model = build_hf_model(cfg, pad_id, device)
+        # Sharded over GPUs, the model stays on the host until FSDP2 shards it: fully_shard
+        # moves each unit to the GPU as it cuts it, so no GPU ever holds the whole fp32 model.
+        sharded = device.type == "cuda" and dims.token_world_size > 1
+        model = build_hf_model(cfg, pad_id, None if sharded else device)
         cross_entropy = parallelize_hf(
             model, dims, compile=cfg.train.compile, verbose=dims.is_main,
-            mixed_precision=mixed_precision(cfg, device),
+            mixed_precision=mixed_precision(cfg, device), device_type=device.type,
         )  # fmt: skip
-        return model, cross_entropy
+        return model.to(device), cross_entropy
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
     cross_entropy = parallelize_gpt(
