@@ -166,7 +166,7 @@ def cmd_generate(args) -> int:
     """
     run_dir, prompt, speculative = args.run, args.prompt, args.speculative
     model, tokenizer = load_for_inference(run_dir)
-    model.eval()
+    model = model.to(generate_device(args.device)).eval()
     if model.head_weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Decoding one row is a chain of small matrix-vector products: extra intra-op threads
         # mostly synchronise, and stall outright while another process holds a core (measured
@@ -193,6 +193,15 @@ def cmd_generate(args) -> int:
         summary += f"; acceptance per depth: {rates}"
     print(summary, file=sys.stderr)
     return 0
+
+
+def generate_device(name: str | None) -> torch.device:
+    """``generate --device``: "cuda" or "cpu"; None = CUDA when it is available."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but CUDA is not available here: use --device cpu")
+    return torch.device(name)
 
 
 def _decode(model, tokenizer, args):
@@ -309,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compiled static-shape decode steps (the first call compiles, tens of seconds)",
     )
+    gen.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None,
+        help="where to decode (default: cuda when available; compiled steps there are CUDA graphs)",
+    )  # fmt: skip
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON line of statistics")
     gen.set_defaults(func=cmd_generate)

@@ -595,3 +595,54 @@ def test_a_sharded_hf_model_reaches_the_gpu_one_fsdp_unit_at_a_time(
     assert parallel[0]["device_type"] == device
     expected = torch.bfloat16 if device == "cuda" else None
     assert parallel[0]["mixed_precision"] is expected
+
+
+# ---------------------------------------------------------------- 10: decoding on a GPU
+
+
+def test_generate_takes_a_device_and_cuda_decoding_is_graph_captured(monkeypatch):
+    from multitoken.cli import build_parser, generate_device
+    from multitoken.decoding.static import compile_mode
+    from multitoken.errors import InputError
+
+    parser = build_parser()
+    assert parser.parse_args(["generate"]).device is None
+    assert parser.parse_args(["generate", "--device", "cpu"]).device == "cpu"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--device", "tpu"])
+    _fake_gpus(monkeypatch, 1)
+    assert generate_device(None) == torch.device("cuda")  # the default where there is one
+    assert generate_device("cpu") == torch.device("cpu")
+    _fake_gpus(monkeypatch, 0)
+    assert generate_device(None) == torch.device("cpu")
+    with pytest.raises(InputError, match="--device cuda but CUDA is not available"):
+        generate_device("cuda")
+    assert compile_mode("cuda") == "reduce-overhead"  # CUDA graphs
+    assert compile_mode("cpu") is None
+
+
+def test_generate_decodes_on_the_device_it_is_given(monkeypatch, capsys):
+    from multitoken import cli
+
+    model = MTPModel.from_config(GPTConfig.preset("tiny", vocab_size=64), MTPConfig()).eval()
+    moved = []
+    to = MTPModel.to
+
+    def record(self, device):
+        moved.append(torch.device(device))
+        return to(self, device)
+
+    class Tokenizer:
+        eos_id = 0
+
+        def encode(self, text):
+            return [1, 2, 3]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(MTPModel, "to", record)
+    monkeypatch.setattr(cli, "load_for_inference", lambda run: (model, Tokenizer()))
+    args = ["generate", "--device", "cpu", "--max-new-tokens", "2", "--json"]
+    assert cli.main(args) == 0
+    assert moved == [torch.device("cpu")]
