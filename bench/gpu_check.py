@@ -15,6 +15,15 @@ same computation in fp32 on the CPU:
 5. ``fsdp2``: FSDP2 (``apply_fsdp``) on NCCL vs one process (loss and every gradient).
 6. ``preflight_memory``: ``multitoken.train.preflight.memory_estimate`` vs the step's
    ``torch.cuda.max_memory_allocated`` (the estimate claims to be a lower bound).
+8. ``cuda_paths`` (issue 22): the decisions a first GPU run depends on, one row each: local
+   ranks against the GPUs (the default run's layout), the attention backend per head size
+   (Flex where it compiles and the head is >= 16, else SDPA; a head-8 model's step runs),
+   the collective timeout reaching NCCL, the block mask's memory at B = 8, T = 8192, the loss
+   chunk per device (time of the head's backward at V = 128k against the CPU-sized chunks),
+   FSDP2's bf16 parameters on NCCL, the host syncs of a step with checks off (one: the
+   guard's flags), the gradient norm of no gradient on the GPU, ``generate --device`` and
+   CUDA-graph decoding (``compiled_decode`` above runs it). HF models on the GPUs are checked
+   by the CPU tests only (no HF folder here).
 7. ``throughput``: a ~125M GPT (dim 768, 12 layers, 12 heads, vocab 50304, seq 2048) at D = 1,
    bf16 autocast, eager and with ``train.compile``: tokens/s and MFU.
 
@@ -641,7 +650,7 @@ def check_preflight_memory(ctx: Ctx) -> None:
         data=DataSection(seq_len=seqlen, batch_size=rows, vocab_size=model_cfg.vocab_size),
         parallel=ParallelSection(dp=1, cp=1),
     )
-    parts = memory_estimate(cfg)
+    parts = memory_estimate(cfg, ctx.device.type)  # counts the attention this device runs
     estimate = sum(parts.values())
     ids, labels, layout = make_batch(packed_rows(rows, seqlen, 4), model_cfg.vocab_size)
     began = time.perf_counter()
@@ -809,6 +818,139 @@ def check_throughput(ctx: Ctx) -> None:
             torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- 8. issue 22
+def _path_row(case: str, ok: bool, result: str, reference: str, began: float, **data) -> Row:
+    return Row(
+        "cuda_paths", case, result=result, reference=reference, status="PASS" if ok else "FAIL",
+        seconds=time.perf_counter() - began, data=data,
+    )  # fmt: skip
+
+
+def check_cuda_paths(ctx: Ctx) -> None:
+    """Issue 22's items on the GPU (see the module docstring); rows that need CUDA are SKIP in
+    smoke mode."""
+    from multitoken.loss import chunk_elements_for, linear_cross_entropy
+    from multitoken.models.attention import resolve_backend
+    from multitoken.parallel import grad_norm
+    from multitoken.train.config_io import load_config
+    from multitoken.train.preflight import fit_to_devices
+
+    if not ctx.cuda:
+        ctx.emit(Row("cuda_paths", "all", status="SKIP", reason="needs CUDA"))
+        return
+    began = time.perf_counter()
+    cfg = load_config(None, [])
+    fitted = fit_to_devices(cfg, cfg.parallel.world, explicit=set())
+    gpus = torch.cuda.device_count()
+    ok = fitted.parallel.world <= gpus
+    ctx.emit(_path_row("1 default layout", ok, f"cp={fitted.parallel.cp}", f"{gpus} GPU(s)", began))
+    began = time.perf_counter()
+    got = (resolve_backend("auto", "cuda", 64), resolve_backend("auto", "cuda", 8))
+    model = make_model(1, dim=32, n_heads=4, n_kv_heads=2).to(ctx.device)  # head size 8
+    ids, labels, layout = make_batch(packed_rows(2, 64, 3), 128)
+    with ctx.autocast():
+        out = step_loss(model, StepBatch.build(ids, labels, layout, 1, PAD).to(ctx.device), 0.3)
+    out.loss.backward()
+    ok = got == ("flex", "sdpa") and bool(torch.isfinite(out.loss))
+    ctx.emit(_path_row("2 backend d=64 / d=8", ok, "/".join(got), "flex/sdpa", began))
+    began = time.perf_counter()
+    layout = _attention_layout(8192)
+    rows8 = SequenceLayout(layout.doc_ids.repeat(4, 1), layout.positions.repeat(4, 1),
+                           layout.seq_index.repeat(4, 1))  # fmt: skip
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    AttentionMask(rows8.to(ctx.device), backend="flex").block_mask()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    pairs = 8 * 8192 * 8192
+    ctx.emit(_path_row("5 block mask B=8 T=8192", peak * 100 < pairs, f"peak {peak / 2**20:.1f} "
+                       "MiB", f"dense path ~{10 * pairs / 2**30:.1f} GiB", began))  # fmt: skip
+    began = time.perf_counter()
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    h = torch.randn(8192, 1024, device=ctx.device, generator=gen, requires_grad=True)
+    w = torch.randn(128256, 1024, device=ctx.device, generator=gen) * 0.02
+    w.requires_grad_()
+    t = torch.randint(0, 128256, (8192,), device=ctx.device, generator=gen)
+    times = {}
+    for chunk in (1 << 23, chunk_elements_for(ctx.device)):
+        for _ in range(2):  # the second is timed
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with ctx.autocast():
+                linear_cross_entropy(h, w, t, chunk_elements=chunk).loss_sum.backward()
+            torch.cuda.synchronize()
+            times[chunk] = time.perf_counter() - start
+            h.grad = w.grad = None
+    small, big = times[1 << 23], times[chunk_elements_for(ctx.device)]
+    ctx.emit(_path_row("6 loss chunk V=128k", big <= small * 1.05, f"{big * 1e3:.0f} ms at 2^26",
+                       f"{small * 1e3:.0f} ms at 2^23", began, speedup=small / big))  # fmt: skip
+    began = time.perf_counter()
+    norm = grad_norm([], ctx.device)
+    ctx.emit(_path_row("11 norm of no gradient", norm.device.type == "cuda", str(norm.device),
+                       "cuda", began))  # fmt: skip
+    _fsdp_and_syncs(ctx)
+
+
+def _fsdp_and_syncs(ctx: Ctx) -> None:
+    """Items 3, 7 and 8 on a one-rank NCCL group (this check's own process)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from multitoken.parallel import clip_grad_norm, init_distributed
+    from multitoken.train.batching import rank_batch
+    from multitoken.train.guard import NonFiniteGuard
+
+    began = time.perf_counter()
+    os.environ.pop("WORLD_SIZE", None)
+    init_distributed("nccl", timeout=datetime.timedelta(seconds=3600))
+    try:
+        try:
+            backend = dist.distributed_c10d._get_default_group()._get_backend(ctx.device)
+            seen_timeout = backend.options._timeout.total_seconds()
+        except Exception as err:  # a private attribute: report, do not fail
+            seen_timeout = f"unreadable ({type(err).__name__})"
+        ctx.emit(_path_row("3 NCCL timeout", seen_timeout in (3600, 3600.0), str(seen_timeout),
+                           "3600 s (parallel.timeout_s)", began))  # fmt: skip
+        model = make_model(1)
+        apply_fsdp(model.to(ctx.device), init_device_mesh("cuda", (1,)), param_dtype=torch.bfloat16)
+        seen = []
+        model.decoder.layers[0].register_forward_pre_hook(
+            lambda m, a: seen.append(m.attention.wq.weight.dtype)
+        )
+        ids, labels, layout = make_batch(packed_rows(2, 128, 3), 128)
+        global_batch = {"input_ids": ids, "labels": labels, "cu_seqlens": layout.cu_seqlens()}
+        dims = ParallelDims(dp=1, cp=1, tp=1)
+        guard = NonFiniteGuard(5, None, ctx.device, False)
+        batch = rank_batch(global_batch, dims, 1, PAD, ctx.device)  # the host's part
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught, multitoken_checks(False):
+            warnings.simplefilter("always")
+            with ctx.autocast():
+                out = step_loss(model, batch, 0.3)
+            out.loss.backward()
+            norm = clip_grad_norm(list(model.parameters()), 1.0, ctx.device)
+            guard.check(out.loss, norm, False)
+        torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        ctx.emit(_path_row("7 FSDP2 param dtype", seen == [torch.bfloat16], str(seen),
+                           "[torch.bfloat16]", began))  # fmt: skip
+        ctx.emit(_path_row("8 host syncs, checks off", len(syncs) <= 1, f"{len(syncs)} sync(s)",
+                           "1 (the guard's flags)", began,
+                           where=[str(w.message)[:120] for w in syncs]))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def multitoken_checks(enabled: bool):
+    from multitoken.errors import validation
+
+    return validation(enabled)
+
+
 # ----------------------------------------------------------------------------- driver
 # name, function, time limit on the GPU (seconds)
 CHECKS: list[tuple[str, Callable[[Ctx], None], int]] = [
@@ -819,6 +961,7 @@ CHECKS: list[tuple[str, Callable[[Ctx], None], int]] = [
     ("fsdp2", check_fsdp2, 90),
     ("preflight_memory", check_preflight_memory, 90),
     ("throughput", check_throughput, 200),
+    ("cuda_paths", lambda ctx: check_cuda_paths(ctx), 150),
 ]
 NAMES = [name for name, _, _ in CHECKS]
 

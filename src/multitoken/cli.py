@@ -27,12 +27,17 @@ from multitoken.train.checkpoint import (
     checkpoint_folders,
     load_for_inference,
 )
-from multitoken.train.config_io import config_help, load_config
+from multitoken.train.config_io import config_help, explicit_keys, load_config
 from multitoken.train.data import prepare_data
 from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
 from multitoken.train.lifecycle import die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
-from multitoken.train.preflight import available_memory, check_memory, check_paths
+from multitoken.train.preflight import (
+    available_memory,
+    check_memory,
+    check_paths,
+    fit_to_devices,
+)
 from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir
 from multitoken.train.trainer import train
 
@@ -89,13 +94,19 @@ def cmd_train(args) -> int:
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
     cfg = load_config(files[0] if files else None, overrides)
-    world = cfg.parallel.world
+    explicit = explicit_keys(files[0] if files else None, overrides)
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
         if "TORCHELASTIC_RUN_ID" in os.environ:
             die_with_parent()
-        _preflight(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cfg = fit_to_devices(cfg, ranks_here, explicit=explicit, launcher=False)
+        _preflight(cfg, ranks_here)
         last = train(cfg)
         return _report_stop(cfg, last["stopped_by"]) if "stopped_by" in last else 0
+    # The default run may take the layout the GPUs here allow (--nproc is a layout choice).
+    explicit |= set() if args.nproc is None else {"parallel.cp"}
+    cfg = fit_to_devices(cfg, cfg.parallel.world, explicit=explicit)  # or one error line
+    world = cfg.parallel.world
     nproc = world if args.nproc is None else args.nproc
     if nproc != world:
         raise ConfigError(
@@ -155,7 +166,7 @@ def cmd_generate(args) -> int:
     """
     run_dir, prompt, speculative = args.run, args.prompt, args.speculative
     model, tokenizer = load_for_inference(run_dir)
-    model.eval()
+    model = model.to(generate_device(args.device)).eval()
     if model.head_weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Decoding one row is a chain of small matrix-vector products: extra intra-op threads
         # mostly synchronise, and stall outright while another process holds a core (measured
@@ -182,6 +193,15 @@ def cmd_generate(args) -> int:
         summary += f"; acceptance per depth: {rates}"
     print(summary, file=sys.stderr)
     return 0
+
+
+def generate_device(name: str | None) -> torch.device:
+    """``generate --device``: "cuda" or "cpu"; None = CUDA when it is available."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but CUDA is not available here: use --device cpu")
+    return torch.device(name)
 
 
 def _decode(model, tokenizer, args):
@@ -302,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compiled static-shape decode steps (the first call compiles, tens of seconds)",
     )
+    gen.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None,
+        help="where to decode (default: cuda when available; compiled steps there are CUDA graphs)",
+    )  # fmt: skip
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON line of statistics")
     gen.set_defaults(func=cmd_generate)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multitoken.errors import FIXED, ConfigError, InputError, warn_renamed
-from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, linear_cross_entropy
+from multitoken.loss import LossStats, linear_cross_entropy
 
 __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth_losses"]
 
@@ -45,7 +45,8 @@ class MTPConfig:
         hidden_first: concatenate [hidden; embedding] (MiMo's weights) instead of
             [embedding; hidden] (DeepSeek-V3, GLM-4.5, Qwen3-Next).
         recompute: recompute each depth's layer in the backward (less memory, same result).
-        loss_chunk_elements: logits per chunk of the chunked cross-entropy.
+        loss_chunk_elements: logits per chunk of the chunked cross-entropy; 0 = by device
+            (2**23 on the CPU, 2**26 on CUDA).
         freeze_base: train the MTP heads only: the decoder runs without autograd and only the
             MTP parameters are optimised and checkpointed (a pretrained or fine-tuned model
             gets working draft heads back).
@@ -63,7 +64,7 @@ class MTPConfig:
     loss_weight_switch: float = 0.7
     hidden_first: bool = field(default=False, metadata=FIXED)
     recompute: bool = False
-    loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    loss_chunk_elements: int = 0
     freeze_base: bool = field(default=False, metadata=FIXED)
     targets: str = "data"
 
@@ -92,9 +93,10 @@ class MTPConfig:
             )
         if self.targets not in TARGETS:
             raise ConfigError(f"must be one of {TARGETS}, got {self.targets!r}", "targets")
-        if self.loss_chunk_elements < 1:
+        if self.loss_chunk_elements < 0:
             raise ConfigError(
-                f"must be >= 1, got {self.loss_chunk_elements}", "loss_chunk_elements"
+                f"must be >= 0 (0 = by device), got {self.loss_chunk_elements}",
+                "loss_chunk_elements",
             )
 
     @property
@@ -260,7 +262,7 @@ def depth_losses(
     mtp_weight: float,
     loss_normalizer: Tensor | None = None,
     ignore_index: int = -100,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int = 0,
     cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
 ) -> DepthLosses:
     """Cross-entropy of every depth through the shared head, normalised per depth.
@@ -274,7 +276,7 @@ def depth_losses(
             over every rank that shares the batch (context and data parallel) so that summing
             losses and gradients over ranks gives the unsharded ones. ``None``: local counts.
         ignore_index: the "no target" label.
-        chunk_elements: logits per chunk in :func:`linear_cross_entropy`.
+        chunk_elements: logits per chunk in :func:`linear_cross_entropy` (0 = by device).
         cross_entropy: the head's loss, called as :func:`linear_cross_entropy`; tensor
             parallelism passes a vocabulary-parallel one (``MTPModel.cross_entropy``).
     """

@@ -31,7 +31,7 @@ from multitoken.decoder import Decoder
 from multitoken.errors import InputError, warn_renamed
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
-from multitoken.loss import DEFAULT_CHUNK_ELEMENTS, LossStats, chunk_rows, linear_cross_entropy
+from multitoken.loss import LossStats, chunk_elements_for, chunk_rows, linear_cross_entropy
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
@@ -222,7 +222,7 @@ def base_targets(
     head_weight: Tensor,
     depth_labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int = 0,
 ) -> Tensor:
     """Self-distillation targets: depth k learns the decoder's own greedy next tokens.
 
@@ -236,7 +236,8 @@ def base_targets(
         head_weight: ``[V, H]`` the output head.
         depth_labels: ``[D + 1, B, T]`` data targets.
         ignore_index: the "no target" label.
-        chunk_elements: at most this many logits exist at once (the loss's bound).
+        chunk_elements: at most this many logits exist at once (the loss's bound); 0 = the
+            device's default.
 
     Returns:
         ``[D + 1, B, T]`` targets.
@@ -244,7 +245,7 @@ def base_targets(
     with torch.no_grad():
         # Chunks of tokens, as the loss walks them: never a row's [T, V] logits at once.
         flat = h0.reshape(-1, h0.shape[-1])
-        rows = chunk_rows(head_weight.shape[0], chunk_elements)
+        rows = chunk_rows(head_weight.shape[0], chunk_elements_for(h0.device, chunk_elements))
         parts = [(part @ head_weight.t()).argmax(-1) for part in flat.split(rows)]
         greedy = torch.cat(parts).view(h0.shape[:-1])  # (B, T)
     out = depth_labels.clone()

@@ -42,7 +42,7 @@ def test_help_and_list(gpu_check, capsys):
     assert "--cpu-smoke" in capsys.readouterr().out
     assert gpu_check.main(["--list"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == gpu_check.NAMES and len(names) == 7
+    assert names == gpu_check.NAMES and len(names) == 8
     assert gpu_check.parse_args(["--only", "fsdp2,throughput"]).selected == ["fsdp2", "throughput"]
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--only", "nope"])

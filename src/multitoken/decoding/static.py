@@ -90,14 +90,25 @@ def _depth_step(
     return module(hidden, decoder.embed(ids), **kwargs, cache=_StaticCache(k, v, input_pos))
 
 
+def compile_mode(device_type: str) -> str | None:
+    """``torch.compile``'s mode for the decode steps: "reduce-overhead" on CUDA (the steps are
+    replayed as CUDA graphs: one launch per step instead of one per kernel, which is what a
+    one-token step costs on a GPU), the default elsewhere."""
+    return "reduce-overhead" if device_type == "cuda" else None
+
+
 @cache
-def _compiled() -> tuple[Any, Any]:
+def _compiled(device_type: str = "cpu") -> tuple[Any, Any]:
     # dynamic=False: one static graph per T (and per depth module); the decoder, the layers
     # and the cache buffers are guarded by identity, so a new model or state recompiles.
     # D depths x (D + 1) step sizes exceed dynamo's default of 8 graphs per function, past
     # which it would silently run eagerly: allow enough for D <= 7.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(_main_step, dynamic=False), torch.compile(_depth_step, dynamic=False)
+    mode = compile_mode(device_type)
+    return (
+        torch.compile(_main_step, dynamic=False, mode=mode),
+        torch.compile(_depth_step, dynamic=False, mode=mode),
+    )
 
 
 def max_static_tokens(draft_depths: int) -> int:
@@ -136,10 +147,16 @@ class StaticDecodeState(DecodeState):
         self._keys = [c.k for c in self.main]
         self._values = [c.v for c in self.main]
         self._positions = torch.arange(capacity, device=self.device)
+        if compile and self.device.type == "cuda":
+            # The caches are written in place by every step: fixed addresses let the CUDA
+            # graphs keep them as they are instead of copying them in and out.
+            depth_caches = [t for c in self.mtp for t in (c.k, c.v)]
+            for buffer in [*self._keys, *self._values, *depth_caches]:
+                torch._dynamo.mark_static_address(buffer)
 
     def _functions(self, length: int):
         if self.compile and length <= self.max_static:
-            return _compiled()
+            return _compiled(self.device.type)
         return _main_step, _depth_step
 
     def _run_main(self, ids: Tensor, start: int) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from multitoken.errors import ConfigError
@@ -32,17 +33,27 @@ def check_hf_layout(tp: int) -> None:
 
 
 def parallelize_hf(
-    model: nn.Module, dims: ParallelDims, *, compile: bool = False, verbose: bool = True
+    model: nn.Module,
+    dims: ParallelDims,
+    *,
+    compile: bool = False,
+    verbose: bool = True,
+    mixed_precision: torch.dtype | None = None,
+    device_type: str | None = None,
 ) -> Callable:
     """Make ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on an
-    :class:`~multitoken.hf.HFDecoder`) parallel over ``dims`` in place: CP -> compile -> FSDP2.
-    Returns the cross-entropy to pass to :func:`~multitoken.mtp_model.step_loss`."""
+    :class:`~multitoken.hf.HFDecoder`) parallel over ``dims`` in place: CP -> compile -> FSDP2
+    (gathering the parameters in ``mixed_precision``, as
+    :func:`~multitoken.models.parallelize.parallelize_gpt`). Returns the cross-entropy to pass
+    to :func:`~multitoken.mtp_model.step_loss`. ``device_type`` is where it trains (None = where
+    its weights are): a model left on the host for FSDP2 to move unit by unit says "cuda"."""
     check_hf_layout(dims.tp)
     if dims.cp > 1:
         apply_cp(model, dims.cp_group)
     if compile:
         depths = [] if model.mtp is None else list(model.mtp.depths)
-        compile_modules([*model.decoder.layers, *depths], model.head_weight.device.type, verbose)
+        device_type = device_type or model.head_weight.device.type
+        compile_modules([*model.decoder.layers, *depths], device_type, verbose)
     if dims.token_world_size > 1:
-        apply_fsdp(model, dims.fsdp_mesh)
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype=mixed_precision)
     return linear_cross_entropy

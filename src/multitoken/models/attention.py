@@ -1,5 +1,12 @@
 """Document-causal attention: SDPA with a boolean mask (CPU), FlexAttention (CUDA).
 
+The backend is chosen once per model (:func:`resolve_backend`): ``"auto"`` is FlexAttention on
+CUDA when compiled FlexAttention runs there for the model's head size (a one-time probe:
+Inductor's kernel refuses head sizes under 16, and without Triton it cannot compile at all), else
+SDPA. FlexAttention always runs compiled (uncompiled it materialises the scores), whatever
+``train.compile`` says about the layers; its block mask is built from per-block ranges of the
+metadata (:mod:`multitoken.models.block_mask`), never from a ``[B, Tq, Tk]`` tensor.
+
 The mask is a function of per-token metadata only (document id, position in the document,
 index in the row), for the queries and for the keys separately. That is what makes it work
 unchanged under context parallelism: the keys may come from every rank of the group (gathered
@@ -22,16 +29,66 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 from multitoken.errors import ConfigError, LayoutError
 from multitoken.layout import SequenceLayout
+from multitoken.models.block_mask import document_block_mask
 from multitoken.models.kv_cache import LayerKVCache
 
-__all__ = ["AttentionMask", "Attention", "ATTENTION_MODES", "BACKENDS"]
+__all__ = [
+    "AttentionMask",
+    "Attention",
+    "ATTENTION_MODES",
+    "BACKENDS",
+    "FLEX_MIN_HEAD_DIM",
+    "resolve_backend",
+    "flex_unavailable",
+]
 
 ATTENTION_MODES = ("document", "causal")
 BACKENDS = ("auto", "sdpa", "flex")
+FLEX_MIN_HEAD_DIM = 16  # Inductor's FlexAttention kernel refuses smaller heads
+
+
+def resolve_backend(backend: str, device_type: str, head_dim: int | None = None) -> str:
+    """``"flex"`` or ``"sdpa"``: the attention a model with heads of ``head_dim`` runs.
+
+    ``"auto"`` is FlexAttention on CUDA when :func:`flex_unavailable` finds nothing against it
+    (head size, compiler), else SDPA; an explicit ``"flex"`` still goes to SDPA for a head size
+    FlexAttention cannot take. ``"sdpa"`` is SDPA.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    small = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
+    if backend == "sdpa" or small:
+        return "sdpa"
+    if backend == "flex":
+        return "flex"
+    return (
+        "flex"
+        if device_type == "cuda" and flex_unavailable(device_type, head_dim) is None
+        else "sdpa"
+    )
+
+
+@cache
+def flex_unavailable(device_type: str, head_dim: int | None = None) -> str | None:
+    """None when compiled FlexAttention runs forward and backward here, else why not (said
+    once, on stderr). Cached: the probe compiles once per process and head size."""
+    d = head_dim or 64
+    try:
+        q = torch.randn(1, 1, 128, d, device=device_type, requires_grad=True)
+        layout = SequenceLayout.rows(1, 128, device=device_type)
+        out = _compiled_flex()(
+            q, q, q, block_mask=AttentionMask(layout, backend="flex").block_mask()
+        )
+        out.sum().backward()
+    except Exception as err:  # any failure of the compiler or the kernel: SDPA
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        print(f"multitoken: FlexAttention cannot run here ({reason}): using SDPA", flush=True)
+        return reason
+    return None
 
 
 class AttentionMask:
@@ -41,7 +98,8 @@ class AttentionMask:
         q_layout: layout of the local queries ``[B, Tq]``.
         kv_layout: layout of the keys ``[B, Tk]``; defaults to ``q_layout`` (no sharding).
         mode: ``"document"`` or ``"causal"``.
-        backend: ``"sdpa"``, ``"flex"`` or ``"auto"`` (flex on CUDA, sdpa elsewhere).
+        backend: ``"sdpa"``, ``"flex"`` or ``"auto"`` (:func:`resolve_backend` without a head
+            size; models pass their resolved one).
     """
 
     def __init__(
@@ -61,7 +119,7 @@ class AttentionMask:
                 f"key layout has {kv_layout.shape[0]} rows, query layout {q_layout.shape[0]}"
             )
         if backend == "auto":
-            backend = "flex" if q_layout.device.type == "cuda" else "sdpa"
+            backend = resolve_backend(backend, q_layout.device.type)
         self.q, self.kv, self.mode, self.backend = q_layout, kv_layout, mode, backend
         self._dense: Tensor | None = None
         self._block = None
@@ -90,14 +148,13 @@ class AttentionMask:
                     ok = ok | ((dq >= 0) & (dk >= 0) & (kv.seq_index[b, ki] <= q.seq_index[b, qi]))
                 return ok
 
-            batch, tq = q.shape
-            self._block = create_block_mask(mask_mod, batch, None, tq, kv.shape[1], device=q.device)
+            self._block = document_block_mask(q, kv, causal, mask_mod)
         return self._block
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Masked ``softmax(q k^T / sqrt(d)) v``; q ``[B, H, Tq, d]``, k/v ``[B, Hkv, Tk, d]``."""
         gqa = k.shape[1] != q.shape[1]
-        if self.backend == "flex":
+        if self.backend == "flex" and q.shape[-1] >= FLEX_MIN_HEAD_DIM:
             return _compiled_flex()(q, k, v, block_mask=self.block_mask(), enable_gqa=gqa)
         if self.q.one_per_row and self.kv is self.q:
             # One document per row, keys = queries: the rule is plain causal attention, which

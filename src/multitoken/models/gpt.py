@@ -26,7 +26,13 @@ from multitoken.errors import (
     require,
 )
 from multitoken.layout import SequenceLayout
-from multitoken.models.attention import ATTENTION_MODES, BACKENDS, Attention, AttentionMask
+from multitoken.models.attention import (
+    ATTENTION_MODES,
+    BACKENDS,
+    Attention,
+    AttentionMask,
+    resolve_backend,
+)
 from multitoken.models.kv_cache import LayerKVCache
 
 __all__ = ["GPTConfig", "GPT", "Block", "PRESETS", "init_weights"]
@@ -48,7 +54,8 @@ class GPTConfig:
         max_seq_len: longest document position the rotary table covers.
         tie_embeddings: share the embedding matrix with the output head.
         attention: "document" (causal inside each document) or "causal" (across the row).
-        backend: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or "flex".
+        backend: "auto" (FlexAttention on CUDA where it compiles for the head size, >= 16;
+            SDPA elsewhere), "sdpa" or "flex".
         init_std: standard deviation of the weight initialisation.
         recompute: recompute the main layers' activations in the backward (less memory).
         hf: a local Hugging Face model folder (config.json, safetensors, tokenizer); when set
@@ -240,11 +247,16 @@ class GPT(nn.Module):
             "raise model.max_seq_len or split long documents",
         )
         # Decoding shapes change every step: SDPA, as FlexAttention would recompile each time.
-        backend = "sdpa" if decoding else self.config.backend
+        backend = "sdpa" if decoding else self.backend(layout.device.type)
         mask = AttentionMask(layout, kv_layout, self.config.attention, backend)
         positions = layout.positions
         rope = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         return {"rope": rope, "mask": mask}
+
+    def backend(self, device_type: str) -> str:
+        """The attention this model runs on ``device_type`` (chosen once, see
+        :func:`~multitoken.models.attention.resolve_backend`)."""
+        return resolve_backend(self.config.backend, device_type, self.config.head_dim)
 
     def hidden(
         self,

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
@@ -98,6 +99,7 @@ def parallelize_gpt(
     sequence_parallel: bool = True,
     compile: bool = False,
     verbose: bool = True,
+    mixed_precision: torch.dtype | None = None,
 ) -> Callable:
     """Make ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on the reference GPT, on its
     device, the same weights on every rank) parallel over ``dims`` in place: TP -> CP ->
@@ -111,6 +113,9 @@ def parallelize_gpt(
         sequence_parallel: with TP, split the activations between blocks by sequence.
         compile: compile every main layer and MTP depth (each its own graph).
         verbose: print why compile cannot run here, when it cannot.
+        mixed_precision: the dtype FSDP2 gathers the parameters in (bf16 when the step runs
+            under bf16 autocast on CUDA: half the all-gather bytes, no re-cast of every weight
+            at every use); None = the parameters' own. Gradients are reduced in fp32.
     """
     cross_entropy: Callable = linear_cross_entropy
     if dims.tp > 1:
@@ -120,7 +125,7 @@ def parallelize_gpt(
     if compile:
         compile_gpt(model, verbose)
     if dims.token_world_size > 1:
-        apply_fsdp(model, dims.fsdp_mesh)
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype=mixed_precision)
     return cross_entropy
 
 

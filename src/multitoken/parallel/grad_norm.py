@@ -38,12 +38,20 @@ def _shard_groups(grad: Tensor) -> tuple[dist.ProcessGroup, ...]:
     )
 
 
-def grad_norm(parameters: Iterable[nn.Parameter]) -> Tensor:
+def grad_norm(
+    parameters: Iterable[nn.Parameter], device: torch.device | str | None = None
+) -> Tensor:
     """The L2 norm of all gradients of ``parameters`` as one unsharded vector (fp32 scalar).
 
     Collective over the groups the gradients are sharded on: call it on every rank. Ranks
     iterate the parameters in the same order, so they issue the same all-reduces.
+
+    Args:
+        parameters: the parameters (those without a gradient count 0).
+        device: where the norm of no gradient at all lives (the model's device, so that it
+            stacks with the trainer's other flags); None = the first parameter's, else CPU.
     """
+    parameters = list(parameters)
     # Shard group names -> (those groups, the squared sum of their gradients' local shards).
     squares: dict[tuple, tuple[tuple, Tensor]] = {}
     for param in parameters:
@@ -62,18 +70,26 @@ def grad_norm(parameters: Iterable[nn.Parameter]) -> Tensor:
             dist.all_reduce(square, group=group)
         total = square if total is None else total + square
     if total is None:
-        return torch.zeros(())
+        if device is None:
+            device = parameters[0].device if parameters else "cpu"
+        return torch.zeros((), dtype=torch.float32, device=device)
     return total.sqrt()
 
 
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+def clip_grad_norm(
+    parameters: Iterable[nn.Parameter], max_norm: float, device: torch.device | str | None = None
+) -> Tensor:
     """Scale the gradients so that their global L2 norm is at most ``max_norm``.
 
     The drop-in for ``torch.nn.utils.clip_grad_norm_`` (same scaling rule) under tensor
-    parallelism and FSDP2. Returns the norm before clipping.
+    parallelism and FSDP2. Returns the norm before clipping (on ``device`` when no parameter
+    has a gradient, see :func:`grad_norm`).
     """
+    parameters = list(parameters)
     params = [p for p in parameters if p.grad is not None]
-    norm = grad_norm(params)
+    if device is None and parameters:
+        device = parameters[0].device
+    norm = grad_norm(params, device)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
         for param in params:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from multitoken.errors import InputError, renamed_kwarg
+from multitoken.errors import InputError, renamed_kwarg, validation_enabled
 from multitoken.lookahead import IGNORE_INDEX
 from multitoken.mtp import DepthLosses
 from multitoken.parallel.context import CPShard
@@ -36,6 +36,7 @@ def global_normalizer(
     ignore_index=IGNORE_INDEX,
     *,
     tp_size: int = 1,
+    device: torch.device | str | None = None,
 ):
     """``[D + 1]`` int64 valid-target counts per depth, summed over ``group`` (one all_reduce).
 
@@ -52,6 +53,11 @@ def global_normalizer(
         ignore_index: the "no target" label (tensor input only; a shard knows its own).
         tp_size: the mesh's tensor-parallel size (to check a shard's group, see
             :func:`~multitoken.parallel.halo.check_cp_group`).
+        device: where the counts are reduced (an NCCL group reduces device tensors): the
+            batch may be counted on the host, where it was sharded; None = the batch's device.
+
+    With value checks off (:func:`~multitoken.errors.set_validation`) the plan fingerprints
+    still travel but are not read back: reading them is a host sync on a GPU.
 
     Raises:
         ShardMismatchError: on every rank, when some CP peers disagree on the plan.
@@ -71,6 +77,11 @@ def global_normalizer(
             raise InputError("depth_labels must be a [D + 1, B, T] tensor or a CPShard")
         labels = depth_labels if depth_labels.dim() == 3 else depth_labels[None]
         counts = (labels != ignore_index).sum((1, 2))
+    if device is not None and torch.device(device).type == "cuda" and counts.device.type == "cpu":
+        # Pinned: a copy from pageable memory would wait for the device's queue first.
+        counts = counts.pin_memory().to(device, non_blocking=True)
+    elif device is not None:
+        counts = counts.to(device)
     if group is None:
         return counts
     if check is None:
@@ -88,6 +99,8 @@ def global_normalizer(
     vec[n_counts + slot] = fingerprint
     vec[n_counts + replicas + slot] = fingerprint * fingerprint
     dist.all_reduce(vec, group=group)
+    if not validation_enabled():
+        return vec[:n_counts]
     sums, squares = vec[n_counts : n_counts + replicas], vec[n_counts + replicas :]
     bad = torch.nonzero(cp * squares != sums * sums).view(-1).tolist()
     if bad:

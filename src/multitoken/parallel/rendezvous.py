@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
+from multitoken.errors import ConfigError
+
 __all__ = ["attempt_store", "init_distributed", "local_device"]
 
 ROOT = "multitoken/attempt"
@@ -90,12 +92,21 @@ def local_device() -> torch.device:
     """This rank's device: ``cuda:<LOCAL_RANK>`` (made current) when CUDA is available, else CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank, devices = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= devices:  # before set_device, whose error names no fix
+        raise ConfigError(
+            f"local rank {local_rank} needs cuda:{local_rank} but this machine has {devices} "
+            "CUDA device(s): start at most one rank per GPU on each node (parallel.dp * "
+            "parallel.cp * parallel.tp, or torchrun --nproc-per-node)"
+        )
+    device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
 
 
-def init_distributed(backend: str | None = None) -> torch.device:
+def init_distributed(
+    backend: str | None = None, timeout: timedelta = default_pg_timeout
+) -> torch.device:
     """Join the process group described by ``torchrun``'s environment; idempotent.
 
     Without ``torchrun`` (no ``WORLD_SIZE``) it starts a one-rank group, so single-process
@@ -103,6 +114,12 @@ def init_distributed(backend: str | None = None) -> torch.device:
     ``torchrun --max-restarts``) joins in a namespace of the launcher's store of its own
     (:func:`attempt_store`). The backend is NCCL when CUDA
     is available, gloo otherwise.
+
+    Args:
+        backend: "nccl" or "gloo"; None = NCCL when CUDA is available.
+        timeout: how long a collective (and the rendezvous) waits for the slowest rank before
+            it fails: long enough for rank 0 to prepare the data or hash a checkpoint while
+            the others wait in a broadcast or a barrier (NCCL's own default is 10 minutes).
 
     Returns:
         This rank's device (``cuda:<LOCAL_RANK>`` or ``cpu``).
@@ -118,15 +135,16 @@ def init_distributed(backend: str | None = None) -> torch.device:
         # --max-restarts restarts the ranks on a store that holds the last attempt's keys.
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store, rank, world_size = next(dist.rendezvous("env://", rank, world_size))
-        store.set_timeout(default_pg_timeout)
+        store.set_timeout(timeout)
         dist.init_process_group(
             backend,
-            store=attempt_store(store, rank, world_size),
+            store=attempt_store(store, rank, world_size, timeout),
             rank=rank,
             world_size=world_size,
             device_id=device if use_cuda else None,
+            timeout=timeout,
         )
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="multitoken-store-"), 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     return device

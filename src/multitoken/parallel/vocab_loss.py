@@ -30,8 +30,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from multitoken.errors import InputError
 from multitoken.loss import (
-    DEFAULT_CHUNK_ELEMENTS,
     LossStats,
+    chunk_elements_for,
     chunk_logits,
     chunk_rows,
     chunked_backward,
@@ -146,7 +146,7 @@ class VocabParallelCrossEntropy:
         weight: Tensor,
         targets: Tensor,
         ignore_index: int = -100,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int = 0,
     ) -> LossStats:
         """Summed cross-entropy of the replicated ``hidden [..., H]`` against ``targets [...]``.
 
@@ -156,7 +156,8 @@ class VocabParallelCrossEntropy:
                 sharded by rows (``Shard(0)``) over the group.
             targets: ``[...]`` global token ids, ``ignore_index`` where there is no target.
             ignore_index: the "no target" value.
-            chunk_elements: at most this many logits of the shard exist at once.
+            chunk_elements: at most this many logits of the shard exist at once; 0 = the
+                device's default (:func:`~multitoken.loss.chunk_elements_for`).
 
         Returns:
             :class:`~multitoken.loss.LossStats`, the same on every rank of the group.
@@ -175,7 +176,13 @@ class VocabParallelCrossEntropy:
         safe = torch.where(valid, flat_t, torch.zeros_like(flat_t))
         vocab_start = dist.get_rank(self.group) * weight.shape[0]
         loss_sum, correct = _VocabParallelCrossEntropy.apply(
-            flat_h, weight, safe, valid, vocab_start, self.group, chunk_elements
+            flat_h,
+            weight,
+            safe,
+            valid,
+            vocab_start,
+            self.group,
+            chunk_elements_for(flat_h.device, chunk_elements),
         )
         return LossStats(loss_sum, valid.sum(), correct)
 

@@ -205,6 +205,8 @@ class ParallelSection:
         sequence_parallel: with tp > 1, split the activations between blocks (norms,
             residual adds) by sequence over the TP ranks; data.seq_len / cp must then be a
             multiple of tp. False: replicated norms and activations.
+        timeout_s: seconds a collective waits for the slowest rank before the run fails
+            (the others wait while rank 0 prepares the data or hashes a checkpoint).
     """
 
     dp: int = 1
@@ -213,11 +215,15 @@ class ParallelSection:
     halo_fill: str = "sharding"
     tp: int = 1
     sequence_parallel: bool = True
+    timeout_s: int = 3600
 
     def __post_init__(self) -> None:
         self.dims  # the sizes are checked once, by ParallelDims  # noqa: B018
         require(
-            [(self.halo_fill in HALO_FILLS, "halo_fill", 'must be "sharding" or "exchange"')],
+            [
+                (self.halo_fill in HALO_FILLS, "halo_fill", 'must be "sharding" or "exchange"'),
+                (self.timeout_s >= 1, "timeout_s", "must be >= 1"),
+            ],
             self,
         )
 

@@ -34,6 +34,7 @@ __all__ = [
     "config_help",
     "to_toml",
     "fixed_keys",
+    "explicit_keys",
 ]
 
 
@@ -151,6 +152,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     return config_from_dict(values, overrides)
+
+
+def explicit_keys(path: str | Path | None, overrides: list[str] | None = None) -> set[str]:
+    """The ``section.key`` names a TOML file at ``path`` and ``overrides`` set (old names as
+    their new ones): what the user chose, as opposed to a default."""
+    keys = {item.partition("=")[0].strip() for item in overrides or [] if "=" in item}
+    if path and Path(path).is_file():
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            values = {}  # load_config has already refused it
+        for section, entries in values.items():
+            if isinstance(entries, dict):
+                keys.update(f"{section}.{key}" for key in entries)
+    return {RENAMED[key][0] if key in RENAMED else key for key in keys}
 
 
 # A saved run is read for what it fixes (model, MTP, data, tokenizer), never for its layout.

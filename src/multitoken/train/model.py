@@ -12,7 +12,13 @@ from multitoken.mtp_model import MTPModel
 from multitoken.parallel import ParallelDims
 from multitoken.train.config import TrainConfig
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "mixed_precision"]
+
+
+def mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype FSDP2 gathers parameters in: bf16 when the step runs under bf16 autocast
+    (``train.bf16`` on CUDA, as the trainer's autocast), else None (the parameters' fp32)."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
 
 
 def build_model(
@@ -27,8 +33,15 @@ def build_model(
         from multitoken.hf.parallelize import parallelize_hf
         from multitoken.train.hf import build_hf_model
 
-        model = build_hf_model(cfg, pad_id, device)
-        return model, parallelize_hf(model, dims, compile=cfg.train.compile, verbose=dims.is_main)
+        # Sharded over GPUs, the model stays on the host until FSDP2 shards it: fully_shard
+        # moves each unit to the GPU as it cuts it, so no GPU ever holds the whole fp32 model.
+        sharded = device.type == "cuda" and dims.token_world_size > 1
+        model = build_hf_model(cfg, pad_id, None if sharded else device)
+        cross_entropy = parallelize_hf(
+            model, dims, compile=cfg.train.compile, verbose=dims.is_main,
+            mixed_precision=mixed_precision(cfg, device), device_type=device.type,
+        )  # fmt: skip
+        return model.to(device), cross_entropy
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
     cross_entropy = parallelize_gpt(
@@ -37,5 +50,6 @@ def build_model(
         sequence_parallel=cfg.parallel.sequence_parallel,
         compile=cfg.train.compile,
         verbose=dims.is_main,
+        mixed_precision=mixed_precision(cfg, device),
     )
     return model, cross_entropy

@@ -11,21 +11,58 @@ run that passes may still need more.
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from multitoken.errors import ConfigError
+from multitoken.models.attention import resolve_backend
 from multitoken.train.config import TrainConfig
 
-__all__ = ["memory_estimate", "available_memory", "check_memory", "check_paths"]
+__all__ = [
+    "memory_estimate",
+    "attention_bytes",
+    "available_memory",
+    "check_memory",
+    "check_paths",
+    "fit_to_devices",
+    "LAYOUT_KEYS",
+]
+
+# The settings that decide how many ranks a run starts: a run that sets none of them is the
+# default layout, which may be fitted to the GPUs present.
+LAYOUT_KEYS = ("parallel.dp", "parallel.dp_replicate", "parallel.cp", "parallel.tp")
 
 _FP32 = 4
 _GIB = 1 << 30
 
 
-def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
-    """A lower bound of one rank's memory, in bytes, by what it is for."""
+def attention_bytes(cfg: TrainConfig, backend: str, device_type: str) -> int:
+    """What one layer's attention allocates beyond q, k, v and its output, per rank: the fp32
+    ``[B, H, T / cp, T]`` scores of SDPA's math kernel on the CPU; FlexAttention's fp32
+    log-sum-exp ``[B, H, T / cp]`` (the scores stay in the kernel, the block mask is a table
+    per 128 x 128 block); on CUDA, SDPA's boolean ``[B, 1, T / cp, T]`` mask (its
+    memory-efficient kernel keeps no scores)."""
+    model = cfg.model
+    rows = cfg.data.batch_size // cfg.parallel.dp
+    queries = cfg.data.seq_len // cfg.parallel.cp
+    if backend == "flex":
+        return rows * model.n_heads * queries * _FP32
+    if device_type != "cuda":
+        return rows * model.n_heads * queries * cfg.data.seq_len * _FP32
+    return rows * queries * cfg.data.seq_len  # one byte per (query, key)
+
+
+def memory_estimate(
+    cfg: TrainConfig, device_type: str = "cpu", backend: str | None = None
+) -> dict[str, int]:
+    """A lower bound of one rank's memory, in bytes, by what it is for, on ``device_type``
+    with the attention ``backend`` the model runs there (None = the one it would choose,
+    :func:`~multitoken.models.attention.resolve_backend`)."""
+    if backend is None:
+        backend = resolve_backend(cfg.model.backend, device_type, cfg.model.head_dim)
     model, world = cfg.model, cfg.parallel.world
     dim, head_dim, ffn = model.dim, model.head_dim, model.ffn_hidden
     vocab = model.vocab_size or cfg.data.vocab_size
@@ -42,7 +79,6 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
     queries = cfg.data.seq_len // cfg.parallel.cp
     layers = model.n_layers + cfg.mtp.num_depths
     tp = cfg.parallel.tp
-    scores = rows * model.n_heads * queries * cfg.data.seq_len
     return {
         # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank
         # of one replica (HSDP keeps parallel.dp_replicate copies)
@@ -50,7 +86,7 @@ def memory_estimate(cfg: TrainConfig) -> dict[str, int]:
         "rotary table": model.max_seq_len * head_dim * _FP32,
         # TP splits the heads and the feed-forward (and, with sequence parallelism, the rest):
         # dividing all of it by tp keeps this a lower bound
-        "attention scores of one layer": scores * _FP32 // tp,
+        "attention scores of one layer": attention_bytes(cfg, backend, device_type) // tp,
         "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers // tp,
     }
 
@@ -70,15 +106,16 @@ def available_memory(device: torch.device | None = None, ranks_here: int = 1) ->
     return None
 
 
-def check_memory(cfg: TrainConfig, available: int | None) -> None:
-    """Refuse a configuration whose lower-bound memory exceeds ``available`` bytes.
+def check_memory(cfg: TrainConfig, available: int | None, device_type: str = "cpu") -> None:
+    """Refuse a configuration whose lower-bound memory exceeds ``available`` bytes on
+    ``device_type``.
 
     Raises:
         ConfigError: naming the estimate, its largest part and the settings that drive it.
     """
     if available is None:
         return
-    parts = memory_estimate(cfg)
+    parts = memory_estimate(cfg, device_type)
     need = sum(parts.values())
     if need <= available:
         return
@@ -113,3 +150,49 @@ def check_paths(cfg: TrainConfig) -> None:
                 if key == "run.dir" and not os.access(parent, os.W_OK | os.X_OK):
                     raise ConfigError(f"{key}={value!r}: {parent} is not writable")
                 break
+
+
+def fit_to_devices(
+    cfg: TrainConfig, ranks_here: int, *, explicit: set[str], launcher: bool = True
+) -> TrainConfig:
+    """The run's config, checked against the CUDA devices of this machine before any rank
+    starts: NCCL needs one GPU per local rank (rank i uses ``cuda:i``).
+
+    Without CUDA nothing changes (gloo ranks on the CPU, any number). With fewer GPUs than
+    ``ranks_here`` local ranks, a run that set none of :data:`LAYOUT_KEYS` (the default run)
+    takes the largest ``parallel.cp`` the devices and the config allow (the losses do not
+    depend on the layout), with one line saying so; any other run is refused.
+
+    Args:
+        cfg: the resolved config.
+        ranks_here: local ranks the run would start on this machine.
+        explicit: the ``section.key`` names the user set (:func:`~.config_io.explicit_keys`).
+        launcher: multitoken launches the ranks (False under torchrun: the ranks exist).
+
+    Raises:
+        ConfigError: more local ranks than GPUs, in a layout the user chose.
+    """
+    if not torch.cuda.is_available():
+        return cfg
+    devices = torch.cuda.device_count()
+    if ranks_here <= devices:
+        return cfg
+    if launcher and not explicit & set(LAYOUT_KEYS):
+        for cp in range(min(cfg.parallel.cp, devices), 0, -1):
+            try:
+                fitted = replace(cfg, parallel=replace(cfg.parallel, cp=cp))
+            except ConfigError:
+                continue
+            print(
+                f"multitoken: {devices} CUDA device(s) here: training with parallel.cp={cp} "
+                f"instead of the default {cfg.parallel.cp} (the same losses; set parallel.cp "
+                "to choose)",
+                file=sys.stderr,
+            )
+            return fitted
+    raise ConfigError(
+        f"{ranks_here} local ranks (parallel.dp * parallel.cp * parallel.tp per node) but "
+        f"{devices} CUDA device(s) here, and each rank needs a GPU of its own: lower "
+        f"parallel.dp, parallel.cp or parallel.tp to at most {devices} ranks per node, or train "
+        "on the CPU with CUDA_VISIBLE_DEVICES="
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ def setup_dims(cfg: TrainConfig, device: torch.device) -> ParallelDims:
             f"{world} ranks were started but parallel.dp * parallel.cp * parallel.tp = "
             f"{dims.world_size}: launch dp * cp * tp ranks"
         )
-    init_distributed()
+    init_distributed(timeout=timedelta(seconds=cfg.parallel.timeout_s))
     return dims.build(device.type)
 
 

@@ -25,7 +25,7 @@ from multitoken.errors import set_validation
 from multitoken.mtp_model import step_loss
 from multitoken.parallel import MetricSums, ParallelDims, clip_grad_norm, grad_norm, local_device
 from multitoken.train import probes
-from multitoken.train.batching import rank_batch
+from multitoken.train.batching import BatchFeed, rank_batch
 from multitoken.train.checkpoint import resume_checkpoint
 from multitoken.train.checkpointer import Checkpointer, RunState
 from multitoken.train.config import TrainConfig
@@ -33,7 +33,7 @@ from multitoken.train.data import PreparedData, prepare_data
 from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter, Stopwatch, record
-from multitoken.train.model import build_model
+from multitoken.train.model import build_model, mixed_precision
 from multitoken.train.optim import build_optimizer, build_scheduler
 from multitoken.train.preflight import available_memory, check_memory
 from multitoken.train.progress import Progress
@@ -54,8 +54,9 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.feed = BatchFeed(data.train_loader, self.prepare)  # one batch ahead
         self.checkpointer = Checkpointer(
-            cfg.run_dir, self.model, self.optimizer, self.scheduler, data.train_loader,
+            cfg.run_dir, self.model, self.optimizer, self.scheduler, self.feed,
             dims.world_group, cfg.train.keep_checkpoints,
         )  # fmt: skip
         self.guard = NonFiniteGuard(
@@ -63,7 +64,7 @@ class Trainer:
         )
         self.state = RunState()
         self.val_start = data.val_loader.state_dict()
-        self.autocast = device.type == "cuda" and cfg.train.bf16
+        self.autocast = mixed_precision(cfg, device) is not None  # bf16 autocast on CUDA
         self.batch_tokens = cfg.data.batch_size * cfg.data.seq_len
 
     @property
@@ -91,12 +92,17 @@ class Trainer:
         self.state.skipped = self.guard.skipped
         self.checkpointer.save(self.state)
 
-    def forward(self, global_batch: dict[str, torch.Tensor], mtp_weight: float):
+    def prepare(self, global_batch: dict[str, torch.Tensor]):
+        """This rank's batch, cut on the host and copied to the device."""
         cfg = self.cfg
-        batch = rank_batch(
+        return rank_batch(
             global_batch, self.dims, cfg.mtp.num_depths, self.model.pad_id, self.device,
             cfg.parallel.halo_fill,
         )  # fmt: skip
+
+    def forward(self, batch, mtp_weight: float):
+        """The losses of a prepared batch (or of a loader's global batch)."""
+        batch = self.prepare(batch) if isinstance(batch, dict) else batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             return step_loss(self.model, batch, mtp_weight, cross_entropy=self.cross_entropy)
 
@@ -104,8 +110,8 @@ class Trainer:
         """The global gradient norm, clipped to ``train.grad_clip`` when that is set."""
         # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.train.grad_clip
-        return clip_grad_norm(params, clip) if clip > 0 else grad_norm(params)
+        clip, device = self.cfg.train.grad_clip, self.device  # the norm of no gradient too
+        return clip_grad_norm(params, clip, device) if clip > 0 else grad_norm(params, device)
 
     def train_step(self, step: int, mtp_weight: float, stop_requested: bool):
         """One update, or none when the loss or gradient norm is non-finite on any rank.
@@ -113,10 +119,14 @@ class Trainer:
         Returns:
             ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
         """
-        losses = self.forward(next(self.data.train_loader), mtp_weight)
+        losses = self.forward(self.feed.next(), mtp_weight)
         loss = losses.loss * float("nan") if probes.hit(f"nan{step}") else losses.loss
         loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
-        nonfinite, stop = self.guard.check(loss, self._grad_norm(), stop_requested)
+        norm = self._grad_norm()
+        if step < self.end:  # the host cuts the next batch while the device runs this one
+            self.feed.prefetch()
+        # The step's one host sync: whether every rank applies the update, whether to stop.
+        nonfinite, stop = self.guard.check(loss, norm, stop_requested)
         if nonfinite:
             self.guard.skip(step)
         else:
@@ -199,7 +209,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
     """
     device = local_device()
     if device.type == "cuda":  # the launcher checked host memory; a GPU is checked here
-        check_memory(cfg, available_memory(device))
+        check_memory(cfg, available_memory(device), device.type)
     dims = setup_dims(cfg, device)
     lock: RunLock | None = None
     checked_here = data is not None
