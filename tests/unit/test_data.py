@@ -1,4 +1,4 @@
-"""Packing, batches, the packed loader and its data-parallel split."""
+"""Packing, batches, the packed loader and its data-parallel rows."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,6 @@ from multitoken.data import (
     DataError,
     PackedLoader,
     Segment,
-    TokenizedCorpus,
     build_batch,
     dp_slice,
     pack_documents,
@@ -20,13 +19,39 @@ IGNORE = -100
 PAD = 0
 
 
+class ArrayCorpus:
+    """Documents in one flat array, indexed like a store split (the loader's Corpus); records
+    which documents were read."""
+
+    def __init__(self, tokens, offsets):
+        self.tokens, self.offsets, self.reads = tokens, offsets, []
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    def doc_lengths(self, indices):
+        return self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)]
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self):
+        return len(self.tokens)
+
+
 def random_corpus(num_docs, max_len, seed=0, vocab=1000):
-    """A TokenizedCorpus of random documents; ids start at 2, clear of pad and eos."""
+    """A corpus of random documents; ids start at 2, clear of pad and eos."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, max_len + 1, size=num_docs)
     tokens = rng.integers(2, vocab, size=int(lengths.sum())).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return TokenizedCorpus(tokens, offsets)
+    return ArrayCorpus(tokens, offsets)
 
 
 def naive_best_fit(lengths, seq_len):

@@ -6,17 +6,37 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multitoken.data import DataError, PackedLoader, TokenizedCorpus, dp_slice
+from multitoken.data import DataError, PackedLoader, dp_slice
 from multitoken.data.shuffle import permutation_key, permute
 
 PAD = 0
+
+
+class ArrayCorpus:
+    """Documents in one flat array, indexed like a store split (the loader's Corpus)."""
+
+    def __init__(self, tokens, offsets):
+        self.tokens, self.offsets = tokens, offsets
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    def doc_lengths(self, indices):
+        return self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)]
+
+    @property
+    def num_tokens(self):
+        return len(self.tokens)
 
 
 def random_corpus(num_docs, max_len, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, max_len + 1, size=num_docs)
     tokens = rng.integers(2, 1000, size=int(lengths.sum())).astype(np.int32)
-    return TokenizedCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return ArrayCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 
 def take(loader, n):

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from multitoken.data.corpus import DataError
 from multitoken.data.packing import Segment, build_batch, pack_documents
 from multitoken.data.shuffle import permutation_key, permute
+from multitoken.errors import DataError
 
 __all__ = ["Corpus", "PackedLoader", "dp_slice"]
 
@@ -23,8 +23,7 @@ __all__ = ["Corpus", "PackedLoader", "dp_slice"]
 class Corpus(Protocol):
     """What the loader reads: documents by index (token arrays), and the token count.
 
-    :class:`~multitoken.data.tokenized.TokenizedCorpus` (in memory) and
-    :class:`~multitoken.data.store.StoreSplit` (memory-mapped) are corpora; a
+    A :class:`~multitoken.data.store.StoreSplit` (memory-mapped) is a corpus; a
     ``doc_lengths(indices)`` method, when present, spares reading the documents to pack.
     """
 
@@ -108,8 +107,8 @@ class PackedLoader:
         """Build the loader and pack the start of its first epoch.
 
         Args:
-            corpus: The tokenized documents: a
-                :class:`~multitoken.data.tokenized.TokenizedCorpus` or a store split.
+            corpus: The tokenized documents: a store split
+                (:func:`~multitoken.data.tokenized.tokenize_corpus` gives one for a list).
             seq_len: Tokens per row.
             batch_size: Rows per global batch (over all data-parallel ranks).
             seed: Non-negative seed of the shuffles.

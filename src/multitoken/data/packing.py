@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from multitoken.data.corpus import DataError
+from multitoken.errors import DataError
 
 __all__ = [
     "PackingPlan",
@@ -177,7 +177,7 @@ def build_batch(
 
     Args:
         corpus_tokens: Token ids of every document, indexed by ``Segment.doc_index``
-            (a :class:`~multitoken.data.tokenizer.TokenizedCorpus` or a list of arrays).
+            (a store split, or a list of arrays).
         rows: Segments of each row, as in :attr:`PackingPlan.rows`.
         seq_len: Row length ``T``.
         pad_id: Input id written on padding.

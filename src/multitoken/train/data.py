@@ -22,6 +22,7 @@ from multitoken.data import (
     Document,
     PackedLoader,
     Source,
+    SplitRule,
     StoreSplit,
     Tokenizer,
     TokenStore,
@@ -32,7 +33,6 @@ from multitoken.data import (
     train_tokenizer,
 )
 from multitoken.data.build import empty_corpus_message
-from multitoken.data.corpus import _unit_hash
 from multitoken.train.config import TrainConfig, alignment
 
 __all__ = ["PreparedData", "prepare_data", "check_data_path", "data_source"]
@@ -81,8 +81,9 @@ def data_source(cfg: TrainConfig) -> Source:
 def _train_sample(source: Source, cfg: TrainConfig) -> Iterator[Document]:
     """The first ``tokenizer_sample_mb`` of training-split text: the BPE never sees validation."""
     budget = cfg.data.tokenizer_sample_mb * 1_000_000
+    rule = SplitRule(cfg.data.val_fraction, cfg.train.seed)
     for doc in source:
-        if _unit_hash(doc.name, cfg.train.seed) < cfg.data.val_fraction:
+        if rule.is_val(doc.name):
             continue
         yield doc
         budget -= len(doc.text)
