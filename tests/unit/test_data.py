@@ -336,6 +336,70 @@ def test_dp_slice_reassembles_the_global_batch(dp_size):
     assert cu == batch["cu_seqlens"].tolist()
 
 
+# ---------------------------------------------------------------------------- DP loader
+
+
+def dp_loader(corpus, seed, window, **dp):
+    return PackedLoader(corpus, 32, 8, seed=seed, pad_id=PAD, align=2, window=window, **dp)
+
+
+@pytest.mark.parametrize("window", [0, 24])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_dp_loader_yields_dp_slice_of_the_global_batch(window, seed):
+    corpus = random_corpus(150, 50, seed=seed)
+    # 30 batches: past an epoch end (about 18 batches an epoch) and across windows.
+    reference = take(dp_loader(corpus, seed, window), 30)
+    assert dp_loader(corpus, seed, window).epoch == 0 and reference
+    for dp_size in (1, 2, 4):
+        for rank in range(dp_size):
+            local = take(dp_loader(corpus, seed, window, dp_rank=rank, dp_size=dp_size), 30)
+            for want, got in zip(reference, local):
+                assert batches_equal(dp_slice(want, rank, dp_size), got), (dp_size, rank)
+                assert got["input_ids"].shape == (8 // dp_size, 32)
+
+
+def test_dp_loader_reads_only_its_own_rows():
+    corpus = random_corpus(150, 50)
+    loader = dp_loader(corpus, 0, 24)
+    corpus.reads.clear()
+    next(loader)
+    global_reads = list(corpus.reads)  # one read per document piece, in row order
+    reads = []
+    for rank in range(4):
+        loader = dp_loader(corpus, 0, 24, dp_rank=rank, dp_size=4)
+        corpus.reads.clear()
+        next(loader)
+        assert len(corpus.reads) < len(global_reads)
+        reads += corpus.reads
+    assert reads == global_reads  # the ranks' reads partition the global batch's, in order
+
+
+@pytest.mark.parametrize("saved_after", [0, 3, 19, 25])
+def test_dp_loader_resumes_exactly_on_any_layout(saved_after):
+    corpus = random_corpus(150, 50, seed=2)
+    reference = take(dp_loader(corpus, 2, 24), saved_after + 4)
+    loader = dp_loader(corpus, 2, 24, dp_rank=1, dp_size=2)
+    take(loader, saved_after)
+    state = loader.state_dict()
+    whole = dp_loader(corpus, 2, 24)
+    take(whole, saved_after)
+    assert state == whole.state_dict()  # the global position, the same on every rank
+    for dp_size in (1, 2, 4):  # a state saved under dp=2 resumes under any dp
+        rank = dp_size - 1
+        resumed = dp_loader(corpus, 2, 24, dp_rank=rank, dp_size=dp_size)
+        resumed.load_state_dict(state)
+        for want, got in zip(reference[saved_after:], take(resumed, 4)):
+            assert batches_equal(dp_slice(want, rank, dp_size), got)
+
+
+def test_dp_loader_errors():
+    corpus = random_corpus(100, 40)
+    with pytest.raises(DataError, match="batch_size=6 rows do not split over dp_size=4"):
+        PackedLoader(corpus, 16, 6, pad_id=PAD, dp_rank=0, dp_size=4)
+    with pytest.raises(DataError, match="dp_rank must be in"):
+        PackedLoader(corpus, 16, 6, pad_id=PAD, dp_rank=3, dp_size=3)
+
+
 def test_dp_slice_errors():
     batch = next(PackedLoader(random_corpus(100, 40), 16, 6, seed=0, pad_id=PAD))
     with pytest.raises(DataError, match="set batch_size to a multiple of 4"):

@@ -121,6 +121,19 @@ def test_the_stream_does_not_depend_on_the_data_parallel_layout():
         for batch in batches:
             shards = [dp_slice(batch, r, dp_size) for r in range(dp_size)]
             assert torch.equal(torch.cat([s["input_ids"] for s in shards]), batch["input_ids"])
+        # Each rank's loader serves its rows; together they are the global batches.
+        ranks = [
+            take(
+                PackedLoader(
+                    corpus, 32, 8, seed=2, pad_id=PAD, window=40, dp_rank=r, dp_size=dp_size
+                ),
+                5,
+            )
+            for r in range(dp_size)
+        ]
+        for i, batch in enumerate(batches):
+            rows = torch.cat([ranks[r][i]["input_ids"] for r in range(dp_size)])
+            assert torch.equal(rows, batch["input_ids"])
 
 
 def test_windowed_padding_is_reported_and_close_to_global():
