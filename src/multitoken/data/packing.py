@@ -91,7 +91,7 @@ def pack_documents(
         lengths: Length in tokens of each document.
         seq_len: Row length in tokens.
         align: every piece occupies a multiple of ``align`` tokens of its row (its tail is
-            padding). Context parallelism cuts every document into ``2 * cp`` equal chunks;
+            padding). Context parallelism cuts every document into ``2 * cp`` equal parts;
             packing with ``align = 2 * cp`` makes every piece already divisible, so the shards
             need no extra padding and every step has the same shape. Must divide ``seq_len``.
 
