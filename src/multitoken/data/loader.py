@@ -366,7 +366,7 @@ def dp_slice(
     ``[0, 3, 4]`` on rank 0 and ``[0, 2, 4]`` on rank 1.
 
     Args:
-        batch: A global batch from :class:`PackedLoader` or :func:`build_batch`.
+        batch: A global batch (from a ``dp_size=1`` :class:`PackedLoader`, or :func:`build_batch`).
         dp_rank: This rank's index on the data-parallel axis.
         dp_size: Size of the data-parallel axis.
 
