@@ -53,23 +53,22 @@ from _common import (
     setup_threads,
 )
 from multitoken import MTPConfig, MTPModel, next_token_labels
-from multitoken.data import load_corpus, split_corpus, stdlib_corpus
+from multitoken.data import split_documents
 from multitoken.decoding.generate import GenerationStats, generate, teacher_forced_accuracy
 from multitoken.decoding.state import DecodeState
 from multitoken.models import GPT, GPTConfig
 from multitoken.train.checkpoint import load_for_inference
 from multitoken.train.config_io import load_config
+from multitoken.train.data import data_source
 
 
 def heldout_prompts(run: str, count: int, length: int, room: int, seed: int):
     """The run's model and tokenizer, and ``count`` prompts from its held-out documents."""
     model, tokenizer = load_for_inference(run)
     cfg = load_config(f"{run}/config.toml")
-    # The trainer's split (multitoken.train.data): same corpus, same file cap, same hash seed.
-    docs = load_corpus(cfg.data.path) if cfg.data.path else stdlib_corpus()
-    if cfg.data.max_files:
-        docs = docs[: cfg.data.max_files]
-    _, heldout = split_corpus(docs, cfg.data.val_fraction, cfg.train.seed)
+    # The trainer's split (the token store's rule): same source, same file cap, same seed.
+    docs = list(data_source(cfg))
+    _, heldout = split_documents(docs, cfg.data.val_fraction, cfg.train.seed)
     encoded = [
         ids for ids in tokenizer.encode_batch([d.text for d in heldout]) if len(ids) > length
     ]

@@ -75,10 +75,10 @@ def store_files(cache: Path) -> dict[str, bytes]:
 
 BUILD = """
 import sys
-from multitoken.data import build_store, open_source, stdlib_corpus, train_tokenizer
-tokenizer = train_tokenizer(stdlib_corpus(max_files=20), 400, sys.argv[2], verbose=False)
+from multitoken.data import build_store, open_source, stdlib_source, train_tokenizer
+tokenizer = train_tokenizer(list(stdlib_source(max_files=20)), 400, sys.argv[2], verbose=False)
 build_store(open_source(sys.argv[1]), tokenizer, sys.argv[2], workers=int(sys.argv[3]),
-            part_tokens=40_000, chunk_chars=40_000, verbose=False)
+            part_tokens=40_000, work_batch_chars=40_000, verbose=False)
 """
 
 

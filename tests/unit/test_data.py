@@ -1,4 +1,4 @@
-"""Packing, batches, the packed loader and its data-parallel split."""
+"""Packing, batches, the packed loader and its data-parallel rows."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,6 @@ from multitoken.data import (
     DataError,
     PackedLoader,
     Segment,
-    TokenizedCorpus,
     build_batch,
     dp_slice,
     pack_documents,
@@ -20,13 +19,39 @@ IGNORE = -100
 PAD = 0
 
 
+class ArrayCorpus:
+    """Documents in one flat array, indexed like a store split (the loader's Corpus); records
+    which documents were read."""
+
+    def __init__(self, tokens, offsets):
+        self.tokens, self.offsets, self.reads = tokens, offsets, []
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    def doc_lengths(self, indices):
+        return self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)]
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self):
+        return len(self.tokens)
+
+
 def random_corpus(num_docs, max_len, seed=0, vocab=1000):
-    """A TokenizedCorpus of random documents; ids start at 2, clear of pad and eos."""
+    """A corpus of random documents; ids start at 2, clear of pad and eos."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, max_len + 1, size=num_docs)
     tokens = rng.integers(2, vocab, size=int(lengths.sum())).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return TokenizedCorpus(tokens, offsets)
+    return ArrayCorpus(tokens, offsets)
 
 
 def naive_best_fit(lengths, seq_len):
@@ -309,6 +334,70 @@ def test_dp_slice_reassembles_the_global_batch(dp_size):
         check_cu_seqlens(shard["cu_seqlens"], rows_per_rank, seq_len)
         cu += (shard["cu_seqlens"][1:] + rank * rows_per_rank * seq_len).tolist()
     assert cu == batch["cu_seqlens"].tolist()
+
+
+# ---------------------------------------------------------------------------- DP loader
+
+
+def dp_loader(corpus, seed, window, **dp):
+    return PackedLoader(corpus, 32, 8, seed=seed, pad_id=PAD, align=2, window=window, **dp)
+
+
+@pytest.mark.parametrize("window", [0, 24])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_dp_loader_yields_dp_slice_of_the_global_batch(window, seed):
+    corpus = random_corpus(150, 50, seed=seed)
+    # 30 batches: past an epoch end (about 18 batches an epoch) and across windows.
+    reference = take(dp_loader(corpus, seed, window), 30)
+    assert dp_loader(corpus, seed, window).epoch == 0 and reference
+    for dp_size in (1, 2, 4):
+        for rank in range(dp_size):
+            local = take(dp_loader(corpus, seed, window, dp_rank=rank, dp_size=dp_size), 30)
+            for want, got in zip(reference, local):
+                assert batches_equal(dp_slice(want, rank, dp_size), got), (dp_size, rank)
+                assert got["input_ids"].shape == (8 // dp_size, 32)
+
+
+def test_dp_loader_reads_only_its_own_rows():
+    corpus = random_corpus(150, 50)
+    loader = dp_loader(corpus, 0, 24)
+    corpus.reads.clear()
+    next(loader)
+    global_reads = list(corpus.reads)  # one read per document piece, in row order
+    reads = []
+    for rank in range(4):
+        loader = dp_loader(corpus, 0, 24, dp_rank=rank, dp_size=4)
+        corpus.reads.clear()
+        next(loader)
+        assert len(corpus.reads) < len(global_reads)
+        reads += corpus.reads
+    assert reads == global_reads  # the ranks' reads partition the global batch's, in order
+
+
+@pytest.mark.parametrize("saved_after", [0, 3, 19, 25])
+def test_dp_loader_resumes_exactly_on_any_layout(saved_after):
+    corpus = random_corpus(150, 50, seed=2)
+    reference = take(dp_loader(corpus, 2, 24), saved_after + 4)
+    loader = dp_loader(corpus, 2, 24, dp_rank=1, dp_size=2)
+    take(loader, saved_after)
+    state = loader.state_dict()
+    whole = dp_loader(corpus, 2, 24)
+    take(whole, saved_after)
+    assert state == whole.state_dict()  # the global position, the same on every rank
+    for dp_size in (1, 2, 4):  # a state saved under dp=2 resumes under any dp
+        rank = dp_size - 1
+        resumed = dp_loader(corpus, 2, 24, dp_rank=rank, dp_size=dp_size)
+        resumed.load_state_dict(state)
+        for want, got in zip(reference[saved_after:], take(resumed, 4)):
+            assert batches_equal(dp_slice(want, rank, dp_size), got)
+
+
+def test_dp_loader_errors():
+    corpus = random_corpus(100, 40)
+    with pytest.raises(DataError, match="batch_size=6 rows do not split over dp_size=4"):
+        PackedLoader(corpus, 16, 6, pad_id=PAD, dp_rank=0, dp_size=4)
+    with pytest.raises(DataError, match="dp_rank must be in"):
+        PackedLoader(corpus, 16, 6, pad_id=PAD, dp_rank=3, dp_size=3)
 
 
 def test_dp_slice_errors():

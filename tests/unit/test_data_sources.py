@@ -5,10 +5,12 @@ import gzip
 import importlib
 import json
 import os
+import sysconfig
+from pathlib import Path
 
 import pytest
 
-from multitoken.data import DataError, open_source, stdlib_corpus, stdlib_source
+from multitoken.data import DataError, Document, open_source, stdlib_source
 
 TEXTS = [
     "def f(x):\n    return x + 1\n",
@@ -105,8 +107,25 @@ def test_hf_datasets_match_the_folder(folder, tmp_path):
     assert texts_of(open_source(files, format="hf")) == expected
 
 
-def test_stdlib_source_equals_stdlib_corpus():
-    assert list(stdlib_source(max_files=30)) == stdlib_corpus(max_files=30)
+def test_stdlib_source_is_the_stdlib_py_files_in_path_order():
+    # Independent reference: walk the stdlib folder, keep readable non-empty UTF-8 .py files.
+    root = Path(sysconfig.get_paths()["stdlib"])
+    expected = []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        name = path.relative_to(root).as_posix()
+        if {"site-packages", "__pycache__"} & set(name.split("/")) or any(
+            part.startswith(".") for part in name.split("/")
+        ):
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text and "\x00" not in text:
+            expected.append(Document(name, text))
+        if len(expected) == 30:
+            break
+    assert list(stdlib_source(max_files=30)) == expected
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -1,4 +1,4 @@
-"""The memory-mapped token store: equal to the in-memory reference, cached, checked, resumable."""
+"""The memory-mapped token store: equal to an independent encoding, cached, checked, resumable."""
 
 import gzip
 import importlib
@@ -15,28 +15,27 @@ from multitoken.data import (
     build_store,
     open_source,
     open_store,
-    split_corpus,
-    stdlib_corpus,
-    tokenize_corpus,
+    split_documents,
+    stdlib_source,
     train_tokenizer,
 )
 from multitoken.data import build as build_module
 from multitoken.data.store import token_dtype
 
-SMALL = dict(part_tokens=10_000, chunk_chars=15_000, verbose=False)
+SMALL = dict(part_tokens=10_000, work_batch_chars=15_000, verbose=False)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train_tokenizer(
-        stdlib_corpus(max_files=40), 512, tmp_path_factory.mktemp("tok"), verbose=False
+        list(stdlib_source(max_files=40)), 512, tmp_path_factory.mktemp("tok"), verbose=False
     )
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    for doc in stdlib_corpus(max_files=30):
+    for doc in stdlib_source(max_files=30):
         path = root / doc.name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(doc.text, encoding="utf-8")
@@ -47,23 +46,23 @@ def store_bytes(store):
     return {p.name: p.read_bytes() for p in sorted(store.folder.iterdir())}
 
 
-def test_store_equals_the_in_memory_reference(tokenizer, corpus_dir, tmp_path):
+def test_store_equals_an_independent_encoding(tokenizer, corpus_dir, tmp_path):
     source = open_source(corpus_dir)
     store = build_store(source, tokenizer, tmp_path, val_fraction=0.1, seed=3, **SMALL)
     assert store.dtype == np.uint16 and len(store.index["splits"]["train"]["parts"]) > 2
-    # Independent reference: the in-memory path with split_corpus on the listed documents.
-    train_docs, val_docs = split_corpus(list(source), 0.1, seed=3)
+    # Independent reference: every listed document encoded alone, its end id appended.
+    train_docs, val_docs = split_documents(list(source), 0.1, seed=3)
     for name, docs in (("train", train_docs), ("val", val_docs)):
-        reference = tokenize_corpus(tokenizer, docs, tmp_path / "ref", verbose=False)
+        encoded = [tokenizer.encode(doc.text) + [tokenizer.eos_id] for doc in docs]
+        tokens = np.array([t for ids in encoded for t in ids])
+        lengths = np.array([len(ids) for ids in encoded])
         split = store.split(name)
-        assert len(split) == len(docs) and split.num_tokens == reference.num_tokens
-        assert np.array_equal(split.tokens, reference.tokens)
-        assert np.array_equal(np.asarray(split.offsets), reference.offsets)
+        assert len(split) == len(docs) and split.num_tokens == len(tokens)
+        assert np.array_equal(split.tokens, tokens)
+        assert np.array_equal(np.asarray(split.offsets), np.concatenate([[0], np.cumsum(lengths)]))
         for i in (0, len(docs) // 2, len(docs) - 1):
-            assert np.array_equal(split[i], reference[i])
-        assert np.array_equal(
-            split.doc_lengths(np.array([0, len(docs) - 1])), reference.lengths[[0, -1]]
-        )
+            assert split[i].tolist() == encoded[i]
+        assert np.array_equal(split.doc_lengths(np.array([0, len(docs) - 1])), lengths[[0, -1]])
 
 
 def test_workers_write_the_same_store(tokenizer, corpus_dir, tmp_path):
@@ -151,15 +150,15 @@ def test_interrupted_build_resumes_to_the_same_store(tokenizer, corpus_dir, tmp_
     assert store_bytes(resumed) == store_bytes(reference)
 
 
-def test_small_corpus_split_matches_split_corpus(tokenizer, tmp_path):
+def test_small_corpus_split_matches_split_documents(tokenizer, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
         (corpus / f"d{i}.txt").write_text(f"document {i}\n" * (i + 1))
     source = open_source(corpus)
     store = build_store(source, tokenizer, tmp_path / "cache", val_fraction=0.02, **SMALL)
-    train_docs, val_docs = split_corpus(list(source), 0.02)
-    assert len(val_docs) == 1  # split_corpus moved the lowest hash there; so must the store
+    train_docs, val_docs = split_documents(list(source), 0.02)
+    assert len(val_docs) == 1  # the fix-up moved the lowest hash there, in the store too
     assert store.index["splits"]["val"]["num_docs"] == 1
     val_text = tokenizer.decode(store.split("val")[0][:-1])
     assert val_text == val_docs[0].text

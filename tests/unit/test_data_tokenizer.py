@@ -1,17 +1,23 @@
-"""The byte-level BPE tokenizer, its cache, and the tokenized corpus."""
+"""The byte-level BPE tokenizer, its cache, and a tokenized list of documents."""
 
 import numpy as np
 import pytest
 
-from multitoken.data import Tokenizer, tokenize_corpus, train_tokenizer
-from multitoken.data.corpus import DataError, Document, stdlib_corpus
+from multitoken.data import (
+    DataError,
+    Document,
+    Tokenizer,
+    stdlib_source,
+    tokenize_corpus,
+    train_tokenizer,
+)
 
 VOCAB = 512  # small: trains in well under a second on 40 files
 
 
 @pytest.fixture(scope="module")
 def docs():
-    return stdlib_corpus(max_files=40)
+    return list(stdlib_source(max_files=40))
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +97,19 @@ def test_bad_settings(docs, tmp_path):
 
 def test_tokenize_corpus(tokenizer, docs, cache_dir):
     corpus = tokenize_corpus(tokenizer, docs, cache_dir, verbose=False)
-    assert corpus.tokens.dtype == np.int32 and corpus.offsets.dtype == np.int64
+    assert corpus.tokens.dtype == np.uint16 and corpus.offsets.dtype == np.int64
     assert len(corpus) == len(docs)
     assert corpus.offsets[0] == 0 and corpus.offsets[-1] == corpus.num_tokens
     for i in (0, 7, len(docs) - 1):
         assert corpus[i].tolist() == tokenizer.encode(docs[i].text) + [tokenizer.eos_id]
     assert int((corpus.tokens == tokenizer.eos_id).sum()) == len(docs)
 
-    (tokens_file,) = cache_dir.glob("tokens-*.npy")
-    mtime = tokens_file.stat().st_mtime_ns
+    # One store in the cache, reused (not rewritten) by the same call again.
+    (index_file,) = cache_dir.glob("store-*/index.json")
+    mtime = index_file.stat().st_mtime_ns
     again = tokenize_corpus(tokenizer, docs, cache_dir, verbose=False)
-    assert tokens_file.stat().st_mtime_ns == mtime
+    assert index_file.stat().st_mtime_ns == mtime
+    assert len(list(cache_dir.glob("store-*/index.json"))) == 1
     assert np.array_equal(again.tokens, corpus.tokens)
     assert np.array_equal(again.offsets, corpus.offsets)
     # An edit of the same size must not be served from the cache.

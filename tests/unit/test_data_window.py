@@ -6,17 +6,37 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multitoken.data import DataError, PackedLoader, TokenizedCorpus, dp_slice
+from multitoken.data import DataError, PackedLoader, dp_slice
 from multitoken.data.shuffle import permutation_key, permute
 
 PAD = 0
+
+
+class ArrayCorpus:
+    """Documents in one flat array, indexed like a store split (the loader's Corpus)."""
+
+    def __init__(self, tokens, offsets):
+        self.tokens, self.offsets = tokens, offsets
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+    def doc_lengths(self, indices):
+        return self.offsets[np.asarray(indices) + 1] - self.offsets[np.asarray(indices)]
+
+    @property
+    def num_tokens(self):
+        return len(self.tokens)
 
 
 def random_corpus(num_docs, max_len, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, max_len + 1, size=num_docs)
     tokens = rng.integers(2, 1000, size=int(lengths.sum())).astype(np.int32)
-    return TokenizedCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return ArrayCorpus(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
 
 def take(loader, n):
@@ -101,6 +121,19 @@ def test_the_stream_does_not_depend_on_the_data_parallel_layout():
         for batch in batches:
             shards = [dp_slice(batch, r, dp_size) for r in range(dp_size)]
             assert torch.equal(torch.cat([s["input_ids"] for s in shards]), batch["input_ids"])
+        # Each rank's loader serves its rows; together they are the global batches.
+        ranks = [
+            take(
+                PackedLoader(
+                    corpus, 32, 8, seed=2, pad_id=PAD, window=40, dp_rank=r, dp_size=dp_size
+                ),
+                5,
+            )
+            for r in range(dp_size)
+        ]
+        for i, batch in enumerate(batches):
+            rows = torch.cat([ranks[r][i]["input_ids"] for r in range(dp_size)])
+            assert torch.equal(rows, batch["input_ids"])
 
 
 def test_windowed_padding_is_reported_and_close_to_global():

@@ -1,16 +1,16 @@
 """Corpus -> token store in one streamed pass: parallel, resumable, atomic, content-addressed.
 
-:func:`build_store` reads the source once, in order, cuts it into chunks of about 4 M
-characters, encodes the chunks in worker processes (or in this process with the
-tokenizer's own threaded batch encoding), and appends the ids to the shard files of the
-``train`` or ``val`` split, chosen per document by the stable hash of its name
-(:func:`~multitoken.data.corpus.split_corpus`'s rule), so the validation split costs no
+:func:`build_store` reads the source once, in order, cuts it into work batches of
+documents of about 4 M characters, encodes the work batches in worker processes (or in
+this process with the tokenizer's own threaded batch encoding), and appends the ids to the
+shard files of the ``train`` or ``val`` split, chosen per document by the stable hash of
+its name (:class:`~multitoken.data.split.SplitRule`), so the validation split costs no
 second pass.
 
 Resumable: the shards are written in parts of about ``part_tokens`` tokens into
 ``store-<key>.partial/``; a finished part gets a manifest (written last, atomically), and a
 re-run keeps the parts whose manifests and files agree, skips the documents they hold
-(read, not tokenised) and goes on. Chunk and part boundaries depend only on the corpus, so
+(read, not tokenised) and goes on. Work batch and part boundaries depend only on the corpus, so
 an interrupted and resumed build writes byte-for-byte the store an uninterrupted one does.
 
 Atomic: the finished folder is renamed to ``store-<key>/`` after its index is written; a
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from multitoken.data.corpus import DataError, _unit_hash
 from multitoken.data.encode import encoder
 from multitoken.data.sources import Source
+from multitoken.data.split import SplitRule, check_val_fraction
 from multitoken.data.store import (
     SPLITS,
     STORE_FORMAT,
@@ -46,10 +46,11 @@ from multitoken.data.store import (
     token_dtype,
 )
 from multitoken.data.tokenizer import Tokenizer
+from multitoken.errors import DataError
 
 __all__ = ["build_store", "empty_corpus_message", "store_key"]
 
-CHUNK_CHARS = 1 << 22
+WORK_BATCH_CHARS = 1 << 22
 PART_TOKENS = 1 << 26  # 64 M tokens: 128 MB of uint16 per part, the work an interruption loses
 
 
@@ -72,39 +73,15 @@ def store_key(
     val_fraction: float,
     seed: int,
     part_tokens: int = PART_TOKENS,
-    chunk_chars: int = CHUNK_CHARS,
+    work_batch_chars: int = WORK_BATCH_CHARS,
 ) -> str:
     """The store's content address: what it is built from, and nothing else (not workers)."""
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(source.fingerprint().encode())
     hasher.update(tokenizer.backend.to_str().encode())
-    settings = [tokenizer.eos_id, val_fraction, seed, part_tokens, chunk_chars, STORE_FORMAT]
+    settings = [tokenizer.eos_id, val_fraction, seed, part_tokens, work_batch_chars, STORE_FORMAT]
     hasher.update(json.dumps(settings).encode())
     return hasher.hexdigest()
-
-
-class _SplitRule:
-    """Train or validation per document name, and the extremes for the small-corpus fix-up."""
-
-    def __init__(self, val_fraction: float, seed: int, force_val: str, force_train: str) -> None:
-        self.val_fraction, self.seed = val_fraction, seed
-        self.force_val, self.force_train = force_val, force_train
-        self.lowest: tuple[float, int, str] | None = None
-        self.highest: tuple[float, int, str] | None = None
-        self.count = 0
-
-    def is_val(self, name: str) -> bool:
-        score = _unit_hash(name, self.seed)
-        key = (score, self.count, name)
-        self.lowest = key if self.lowest is None or key < self.lowest else self.lowest
-        # Ties go to the later document for "highest", as split_corpus's sort does.
-        self.highest = key if self.highest is None or key[0] >= self.highest[0] else self.highest
-        self.count += 1
-        if name == self.force_val:
-            return True
-        if name == self.force_train:
-            return False
-        return score < self.val_fraction
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -199,10 +176,11 @@ def _resume(folder: Path, settings: dict) -> list[dict]:
     return parts
 
 
-def _chunks(
-    docs: Iterator, rule: _SplitRule, skip: int, chunk_chars: int
+def _work_batches(
+    docs: Iterator, rule: SplitRule, skip: int, work_batch_chars: int
 ) -> Iterator[tuple[list[str], tuple[np.ndarray, int]]]:
-    """(texts, (is_val per text, documents read so far)) chunks of about ``chunk_chars``."""
+    """(texts, (is_val per text, documents read so far)) work batches of about
+    ``work_batch_chars`` characters."""
     texts: list[str] = []
     is_val: list[bool] = []
     chars = 0
@@ -213,7 +191,7 @@ def _chunks(
         texts.append(doc.text)
         is_val.append(val)
         chars += len(doc.text)
-        if chars >= chunk_chars:
+        if chars >= work_batch_chars:
             yield texts, (np.array(is_val), count)
             texts, is_val, chars = [], [], 0
     if texts:
@@ -242,7 +220,7 @@ def _progress(source: Source, verbose: bool):
 
 
 def _write_parts(
-    folder, source, tokenizer, dtype, rule, workers, part_tokens, chunk_chars, verbose
+    folder, source, tokenizer, dtype, rule, workers, part_tokens, work_batch_chars, verbose
 ):
     settings = {"dtype": dtype.name, "force_val": rule.force_val, "force_train": rule.force_train}
     parts = _resume(folder, settings)
@@ -252,8 +230,8 @@ def _write_parts(
     writer: _PartWriter | None = None
     with _progress(source, verbose) as progress, encoder(tokenizer, dtype, workers) as encode:
         task = progress.add_task("", total=source.total_bytes, docs=0) if progress else None
-        chunks = _chunks(iter(source), rule, skip, chunk_chars)
-        for tokens, lengths, (is_val, docs_read) in encode(chunks):
+        batches = _work_batches(iter(source), rule, skip, work_batch_chars)
+        for tokens, lengths, (is_val, docs_read) in encode(batches):
             writer = writer or _PartWriter(folder, len(parts))
             doc_split = np.repeat(is_val, lengths)
             for split, mask, docs in (("train", ~doc_split, ~is_val), ("val", doc_split, is_val)):
@@ -335,7 +313,7 @@ def build_store(
     seed: int = 0,
     workers: int = 1,
     part_tokens: int = PART_TOKENS,
-    chunk_chars: int = CHUNK_CHARS,
+    work_batch_chars: int = WORK_BATCH_CHARS,
     verify: str = "full",
     verbose: bool = True,
 ) -> TokenStore:
@@ -349,11 +327,11 @@ def build_store(
         tokenizer: Encodes the documents; each document is followed by its ``eos_id``.
         cache_dir: Folder of ``store-<key>/``.
         val_fraction: Share of documents (by name hash) in the ``val`` split; with two or
-            more documents both splits are non-empty, as in ``split_corpus``.
+            more documents both splits are non-empty (:mod:`multitoken.data.split`).
         seed: Changes which documents land in validation.
         workers: Tokenisation processes; 1 = this process, with the tokenizer's threads.
         part_tokens: Tokens per resumable part (and shard file).
-        chunk_chars: Characters per encoding task.
+        work_batch_chars: Characters per encoding task.
         verify: ``"full"`` re-hashes a cached store's files, ``"size"`` checks sizes only.
         verbose: Progress bar and messages on stderr.
 
@@ -364,12 +342,11 @@ def build_store(
         DataError: If the source yields no document, or on bad input (see
             :mod:`multitoken.data.sources`).
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if workers < 1 or part_tokens < 1 or chunk_chars < 1:
-        raise DataError("workers, part_tokens and chunk_chars must be >= 1")
+    check_val_fraction(val_fraction)
+    if workers < 1 or part_tokens < 1 or work_batch_chars < 1:
+        raise DataError("workers, part_tokens and work_batch_chars must be >= 1")
     cache_dir = Path(cache_dir)
-    key = store_key(source, tokenizer, val_fraction, seed, part_tokens, chunk_chars)
+    key = store_key(source, tokenizer, val_fraction, seed, part_tokens, work_batch_chars)
     final = cache_dir / f"store-{key}"
     with _locked(cache_dir / f"store-{key}.lock"):
         if final.exists():
@@ -380,23 +357,17 @@ def build_store(
                 shutil.rmtree(final)
         dtype = token_dtype(tokenizer.vocab_size)
         partial = cache_dir / f"store-{key}.partial"
-        force_val = force_train = ""
-        while True:
-            rule = _SplitRule(val_fraction, seed, force_val, force_train)
-            args = (source, tokenizer, dtype, rule, workers, part_tokens, chunk_chars, verbose)
+        rule: SplitRule | None = SplitRule(val_fraction, seed)
+        while rule is not None:
+            args = (source, tokenizer, dtype, rule, workers, part_tokens, work_batch_chars, verbose)
             parts = _write_parts(partial, *args)
             docs = {s: sum(p["splits"][s]["num_docs"] for p in parts) for s in SPLITS}
             if rule.count == 0:
                 shutil.rmtree(partial)
                 raise DataError(empty_corpus_message(source))
-            # A small corpus may hash no document to one side; move the extreme one there,
-            # as split_corpus does (a second pass, only ever on corpora of a few documents).
-            if rule.count >= 2 and val_fraction > 0 and docs["val"] == 0 and not force_val:
-                force_val = rule.lowest[2]
-            elif rule.count >= 2 and docs["train"] == 0 and not force_train:
-                force_train = rule.highest[2]
-            else:
-                break
+            # A small corpus may hash no document to one side: a second pass moves the
+            # extreme one there (only ever on corpora of a few documents).
+            rule = rule.fixed_up(docs["train"], docs["val"])
         _finish(partial, parts, source, tokenizer, dtype)
         os.replace(partial, final)
         for path in final.iterdir():  # resume bookkeeping, not part of the store

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from multitoken.data.corpus import Document
+from multitoken.data.documents import Document
 from multitoken.errors import DataError
 
 # The functions take the Source they read for (``source``), typed loosely: this module sits
@@ -30,8 +30,8 @@ def import_optional(name: str, what: str):
 
 def iter_parquet(source: Source) -> Iterator[Document]:
     parquet = import_optional("pyarrow.parquet", "Parquet files")
-    for name, path, size in source._regular_files(unreadable_is_bad=True):
-        opened = source._open(name, path, unreadable_is_bad=True)
+    for name, path, size in source.regular_files(unreadable_is_bad=True):
+        opened = source.open_file(name, path, unreadable_is_bad=True)
         if opened is None:
             continue
         with opened:
@@ -59,7 +59,7 @@ def _parquet_documents(source: Source, file, name: str) -> Iterator[Document]:
             row += 1
             if text is None:
                 source.skipped.add(f"{name}:{row}", f"null '{source.text_field}'")
-            elif text and not source._too_big(f"{name}:{row}", len(text)):
+            elif text and not source.too_big(f"{name}:{row}", len(text)):
                 yield Document(f"{name}:{row}", text)
 
 
@@ -84,7 +84,7 @@ def iter_hf_disk(source: Source) -> Iterator[Document]:
         for batch in dataset.select_columns([source.text_field]).iter(batch_size=1024)
         for text in batch[source.text_field]
     )
-    yield from source._iter_records(rows, source.root.name)
+    yield from source.iter_records(rows, source.root.name)
     source.bytes_read = source.total_bytes
 
 
@@ -97,5 +97,5 @@ def iter_hf(source: Source) -> Iterator[Document]:
             f"datasets.load_dataset('{source.root}') failed ({type(err).__name__}: {err}): "
             "point data.path at a local folder of csv/json/parquet/text files"
         ) from None
-    yield from source._iter_records(iter(dataset), source.root.name)
+    yield from source.iter_records(iter(dataset), source.root.name)
     source.bytes_read = source.total_bytes

@@ -1,8 +1,8 @@
-"""Encoding chunks of documents in order, in this process or in a pool of worker processes.
+"""Encoding work batches of documents in order, in this process or in a pool of workers.
 
 One worker (``workers=1``) encodes in this process with the tokenizer's own threaded batch
-encoding; more start that many processes, one thread each, and keep at most two chunks per
-worker in flight, so memory stays bounded whatever the corpus size.
+encoding; more start that many processes, one thread each, and keep at most two work batches
+per worker in flight, so memory stays bounded whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def _encode_in_worker(texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np
 def encoder(tokenizer: Tokenizer, dtype: np.dtype, workers: int):
     """A function mapping an iterator of (texts, meta) to (tokens, lengths, meta), in order.
 
-    Worker processes get at most ``2 * workers`` chunks ahead of the writer, which bounds
-    memory (``Pool.imap`` would read the whole corpus into its task queue).
+    Worker processes get at most ``2 * workers`` work batches ahead of the writer, which
+    bounds memory (``Pool.imap`` would read the whole corpus into its task queue).
     """
     if workers <= 1:
-        yield lambda chunks: (
-            (*tokenizer.encode_documents(texts, dtype), meta) for texts, meta in chunks
+        yield lambda batches: (
+            (*tokenizer.encode_documents(texts, dtype), meta) for texts, meta in batches
         )
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -56,9 +56,9 @@ def encoder(tokenizer: Tokenizer, dtype: np.dtype, workers: int):
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
-    def run(chunks):
+    def run(batches):
         pending: deque = deque()
-        for texts, meta in chunks:
+        for texts, meta in batches:
             pending.append((pool.apply_async(_encode_in_worker, (texts, dtype)), meta))
             if len(pending) >= 2 * workers:
                 result, meta = pending.popleft()

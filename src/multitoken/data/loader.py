@@ -1,8 +1,8 @@
-"""A deterministic, resumable loader of packed global batches, and its data-parallel split.
+"""A deterministic, resumable loader of packed batches, each rank reading only its own rows.
 
-Every rank builds the same :class:`PackedLoader` from the same corpus and seed, so every
-rank sees the same global batch; :func:`dp_slice` then picks the rows of one data-parallel
-rank. Nothing here communicates: determinism replaces a broadcast.
+Every rank plans the same global batches from the same corpus and seed (packing needs only
+document lengths) and materialises only its data-parallel rows. Nothing here communicates:
+determinism replaces a broadcast.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from multitoken.data.corpus import DataError
 from multitoken.data.packing import Segment, build_batch, pack_documents
 from multitoken.data.shuffle import permutation_key, permute
+from multitoken.errors import DataError
 
 __all__ = ["Corpus", "PackedLoader", "dp_slice"]
 
@@ -23,8 +23,7 @@ __all__ = ["Corpus", "PackedLoader", "dp_slice"]
 class Corpus(Protocol):
     """What the loader reads: documents by index (token arrays), and the token count.
 
-    :class:`~multitoken.data.tokenized.TokenizedCorpus` (in memory) and
-    :class:`~multitoken.data.store.StoreSplit` (memory-mapped) are corpora; a
+    A :class:`~multitoken.data.store.StoreSplit` (memory-mapped) is a corpus; a
     ``doc_lengths(indices)`` method, when present, spares reading the documents to pack.
     """
 
@@ -60,7 +59,8 @@ class _Window:
 
 
 class PackedLoader:
-    """Infinite iterator over packed global batches of ``batch_size`` rows.
+    """Infinite iterator over packed batches: this data-parallel rank's rows of each global
+    batch of ``batch_size`` rows.
 
     Each epoch, the documents are shuffled with a key derived from ``(seed, epoch)`` and cut
     into windows of ``window`` documents; each window is packed best-fit into rows of
@@ -68,17 +68,20 @@ class PackedLoader:
     is ordered by piece length, which would put all long documents first). The rows of
     the epoch's windows, in order, are served ``batch_size`` at a time (a batch may span
     two windows); the ragged tail of the epoch that cannot fill a batch is dropped, and the
-    next epoch starts. Batches are dicts from :func:`build_batch` on the CPU.
+    next epoch starts. Batches are dicts from :func:`build_batch` on the CPU, holding rows
+    ``[dp_rank * B / dp_size, (dp_rank + 1) * B / dp_size)`` of the global batch: exactly
+    ``dp_slice(global_batch, dp_rank, dp_size)``, with only those rows' tokens read.
 
     Memory is bounded by the window, not the corpus: the shuffle is a keyed permutation
     computed a window at a time (:mod:`multitoken.data.shuffle`), and only the window's
     lengths and rows are held. ``window=0`` packs the whole epoch at once (global best-fit,
     the least padding; memory grows with the corpus).
 
-    The batch sequence depends only on the corpus, ``seq_len``, ``batch_size``, ``align``,
-    ``window`` and ``seed``: any two loaders built alike yield the same batches, on every
-    rank of every parallel layout, and :meth:`load_state_dict` resumes one exactly where
-    another stopped, mid-epoch and mid-window, without replaying what came before.
+    The global batch sequence depends only on the corpus, ``seq_len``, ``batch_size``,
+    ``align``, ``window`` and ``seed``: any two loaders built alike plan the same batches, on
+    every rank of every parallel layout, and :meth:`load_state_dict` resumes one exactly
+    where another stopped, mid-epoch and mid-window, without replaying what came before
+    (the state is the global position, the same on every rank whatever ``dp_size``).
 
     Attributes:
         padding_fraction: Pad tokens over all row tokens of the windows packed so far in
@@ -88,9 +91,8 @@ class PackedLoader:
 
     Example::
 
-        loader = PackedLoader(corpus, seq_len=512, batch_size=8, seed=0, pad_id=tok.pad_id)
-        batch = next(loader)            # input_ids, labels: (8, 512); cu_seqlens
-        local = dp_slice(batch, dp_rank, dp_size)
+        loader = PackedLoader(corpus, 512, 8, pad_id=tok.pad_id, dp_rank=1, dp_size=2)
+        batch = next(loader)  # rows 4..7 of the global batch: input_ids (4, 512), ...
     """
 
     def __init__(
@@ -104,14 +106,17 @@ class PackedLoader:
         ignore_index: int = -100,
         align: int = 1,
         window: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
     ) -> None:
         """Build the loader and pack the start of its first epoch.
 
         Args:
-            corpus: The tokenized documents: a
-                :class:`~multitoken.data.tokenized.TokenizedCorpus` or a store split.
+            corpus: The tokenized documents: a store split
+                (:func:`~multitoken.data.tokenized.tokenize_corpus` gives one for a list).
             seq_len: Tokens per row.
-            batch_size: Rows per global batch (over all data-parallel ranks).
+            batch_size: Rows per global batch (over all data-parallel ranks); each rank's
+                batches have ``batch_size / dp_size`` rows.
             seed: Non-negative seed of the shuffles.
             pad_id: Input id of padding.
             shuffle: Shuffle documents and rows each epoch; when False every epoch has
@@ -121,24 +126,15 @@ class PackedLoader:
                 :func:`~multitoken.data.packing.pack_documents`); ``2 * cp`` for context
                 parallelism.
             window: Documents packed together; 0 = the whole epoch.
+            dp_rank: This rank's index on the data-parallel axis.
+            dp_size: Data-parallel ranks; must divide ``batch_size``.
 
         Raises:
             DataError: On a bad setting, or if one epoch packs into fewer than
                 ``batch_size`` rows.
         """
-        if seq_len < 1:
-            raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise DataError(f"seed must be >= 0, got {seed}")
-        if window < 0:
-            raise DataError(f"window must be >= 0 (0 = the whole epoch), got {window}")
-        if len(corpus) == 0:
-            raise DataError(
-                "the tokenized corpus has no documents: pass --data a folder of text "
-                "files or a .jsonl file with a 'text' field"
-            )
+        _check_settings(len(corpus), seq_len, batch_size, seed, window)
+        _check_dp(batch_size, dp_rank, dp_size)
         self.corpus = corpus
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -147,6 +143,8 @@ class PackedLoader:
         self.shuffle = shuffle
         self.ignore_index = ignore_index
         self.align = align
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.local_batch_size = batch_size // dp_size
         self.num_docs = len(corpus)
         self.window = window if 0 < window < self.num_docs else self.num_docs
         self.num_windows = -(-self.num_docs // self.window)
@@ -256,6 +254,9 @@ class PackedLoader:
         if taken is None:
             raise DataError(f"epoch {self._epoch} packs into fewer than batch_size rows")
         self._batch_in_epoch += 1
+        # The whole global batch is planned; only this rank's rows are read and built.
+        first = self.dp_rank * self.local_batch_size
+        taken = taken[first : first + self.local_batch_size]
         # Rows may come from two windows, each with its own document order: renumber the
         # batch's documents into one list.
         docs: list[np.ndarray] = []
@@ -324,6 +325,34 @@ def _lengths(corpus: Corpus, doc_ids: np.ndarray) -> np.ndarray:
     return np.asarray([len(corpus[int(i)]) for i in doc_ids], dtype=np.int64)
 
 
+def _check_settings(num_docs: int, seq_len: int, batch_size: int, seed: int, window: int):
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
+    if window < 0:
+        raise DataError(f"window must be >= 0 (0 = the whole epoch), got {window}")
+    if num_docs == 0:
+        raise DataError(
+            "the tokenized corpus has no documents: pass --data a folder of text "
+            "files or a .jsonl file with a 'text' field"
+        )
+
+
+def _check_dp(batch_size: int, dp_rank: int, dp_size: int) -> None:
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise DataError(
+            f"dp_rank must be in [0, dp_size), got dp_rank={dp_rank}, dp_size={dp_size}"
+        )
+    if batch_size % dp_size:
+        raise DataError(
+            f"batch_size={batch_size} rows do not split over dp_size={dp_size} ranks: set "
+            f"batch_size to a multiple of {dp_size}"
+        )
+
+
 def dp_slice(
     batch: Mapping[str, torch.Tensor], dp_rank: int, dp_size: int
 ) -> dict[str, torch.Tensor]:
@@ -337,7 +366,7 @@ def dp_slice(
     ``[0, 3, 4]`` on rank 0 and ``[0, 2, 4]`` on rank 1.
 
     Args:
-        batch: A global batch from :class:`PackedLoader` or :func:`build_batch`.
+        batch: A global batch (from a ``dp_size=1`` :class:`PackedLoader`, or :func:`build_batch`).
         dp_rank: This rank's index on the data-parallel axis.
         dp_size: Size of the data-parallel axis.
 
@@ -347,17 +376,9 @@ def dp_slice(
     Raises:
         DataError: If ``dp_rank`` is out of range or the batch does not split evenly.
     """
-    if dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise DataError(
-            f"dp_rank must be in [0, dp_size), got dp_rank={dp_rank}, dp_size={dp_size}"
-        )
     input_ids = batch["input_ids"]
     num_rows, seq_len = input_ids.shape
-    if num_rows % dp_size:
-        raise DataError(
-            f"batch_size={num_rows} rows do not split over dp_size={dp_size} ranks: set "
-            f"batch_size to a multiple of {dp_size}"
-        )
+    _check_dp(num_rows, dp_rank, dp_size)
     rows_per_rank = num_rows // dp_size
     lo, hi = dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank
     local: dict[str, torch.Tensor] = {}

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from multitoken.data.corpus import DataError
+from multitoken.errors import DataError
 
 __all__ = [
     "PackingPlan",
@@ -91,7 +91,7 @@ def pack_documents(
         lengths: Length in tokens of each document.
         seq_len: Row length in tokens.
         align: every piece occupies a multiple of ``align`` tokens of its row (its tail is
-            padding). Context parallelism cuts every document into ``2 * cp`` equal chunks;
+            padding). Context parallelism cuts every document into ``2 * cp`` equal parts;
             packing with ``align = 2 * cp`` makes every piece already divisible, so the shards
             need no extra padding and every step has the same shape. Must divide ``seq_len``.
 
@@ -177,7 +177,7 @@ def build_batch(
 
     Args:
         corpus_tokens: Token ids of every document, indexed by ``Segment.doc_index``
-            (a :class:`~multitoken.data.tokenizer.TokenizedCorpus` or a list of arrays).
+            (a store split, or a list of arrays).
         rows: Segments of each row, as in :attr:`PackingPlan.rows`.
         seq_len: Row length ``T``.
         pad_id: Input id written on padding.

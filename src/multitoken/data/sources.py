@@ -1,6 +1,6 @@
 """Where documents come from, streamed: folders, JSONL (plain, .gz, .zst), Parquet, HF datasets.
 
-A :class:`Source` is a re-iterable stream of :class:`~multitoken.data.corpus.Document`: it
+A :class:`Source` is a re-iterable stream of :class:`~multitoken.data.documents.Document`: it
 never holds the corpus in memory, so a 100 GB corpus costs what one document (or one Parquet
 record batch) costs. Every source also has a cheap :meth:`Source.fingerprint` (file names,
 sizes and modification times, no content read) that keys the token store's cache.
@@ -20,7 +20,7 @@ files is read as that format):
   csv / json / parquet / text files, ...).
 
 Bad records (invalid JSON, a missing or non-string text field, non-UTF-8 bytes) raise
-:class:`~multitoken.data.corpus.DataError` naming the file and line, or, with
+:class:`~multitoken.errors.DataError` naming the file and line, or, with
 ``on_bad_record="skip"``, are skipped, counted and reported. The reading happens here, in the
 main process, so a bad record is never a crash deep in a tokenisation worker.
 
@@ -35,9 +35,7 @@ line is read past in pieces; a text file is never opened).
 from __future__ import annotations
 
 import fnmatch
-import gzip
 import hashlib
-import io
 import json
 import os
 import sysconfig
@@ -45,22 +43,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from multitoken.data.columnar import import_optional, iter_hf, iter_hf_disk, iter_parquet
-from multitoken.data.corpus import (
-    DataError,
+from multitoken.data.columnar import iter_hf, iter_hf_disk, iter_parquet
+from multitoken.data.documents import (
     Document,
     NotRegularFileError,
-    _decode_text,
-    _file_kind,
-    _open_regular,
-    _walk_files,
+    decode_text,
+    file_kind,
+    open_regular,
+    walk_files,
 )
+from multitoken.data.jsonl import JSONL_SUFFIXES, iter_jsonl
 from multitoken.data.skips import SkipReport
+from multitoken.errors import DataError
 
 __all__ = ["DEFAULT_MAX_DOC_MB", "FORMATS", "SkipReport", "Source", "open_source", "stdlib_source"]
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf_disk", "hf")
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 # Files named in the skip report; the rest are only counted.
 DEFAULT_MAX_DOC_MB = 64
 _MB = 1_000_000
@@ -73,15 +71,15 @@ def _detect_format(root: Path) -> str:
     if root.is_dir():
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             return "hf_disk"
-        names = [name.lower() for name, _ in _walk_files(root, frozenset({"__pycache__"}))]
+        names = [name.lower() for name, _ in walk_files(root, frozenset({"__pycache__"}))]
         # A folder of shards is a dataset, not a folder of text documents.
-        if names and all(name.endswith(_JSONL_SUFFIXES) for name in names):
+        if names and all(name.endswith(JSONL_SUFFIXES) for name in names):
             return "jsonl"
         if names and all(name.endswith(".parquet") for name in names):
             return "parquet"
         return "text"
     name = root.name.lower()
-    if name.endswith(_JSONL_SUFFIXES):
+    if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
@@ -93,25 +91,6 @@ def _detect_format(root: Path) -> str:
 
 def _is_stat(status: os.stat_result | str) -> bool:
     return not isinstance(status, str)
-
-
-class _CountingReader(io.RawIOBase):
-    """A binary file that counts the bytes read from disk, for progress on compressed input."""
-
-    def __init__(self, raw: IO[bytes], source: Source) -> None:
-        self.raw, self.source = raw, source
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        count = self.raw.readinto(buffer)
-        self.source.bytes_read += count or 0
-        return count
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
 
 
 class Source:
@@ -176,9 +155,9 @@ class Source:
         elif not self.root.is_dir():
             paths = [(str(self.root), self.root)]
         else:
-            found = _walk_files(self.root, self.skip_dirs)
+            found = walk_files(self.root, self.skip_dirs)
             if self.format == "jsonl":
-                found = [f for f in found if f[0].lower().endswith(_JSONL_SUFFIXES)]
+                found = [f for f in found if f[0].lower().endswith(JSONL_SUFFIXES)]
             elif self.format == "parquet":
                 found = [f for f in found if f[0].lower().endswith(".parquet")]
             paths = [(name, path) for name, path in found if fnmatch.fnmatchcase(name, self.glob)]
@@ -189,7 +168,7 @@ class Source:
             except OSError as err:  # a broken link, a loop, a folder we may not enter
                 status = f"{UNREADABLE}: {err.strerror or err}"
             else:
-                kind = _file_kind(status.st_mode)
+                kind = file_kind(status.st_mode)
                 status = status if kind is None else kind
             if isinstance(status, str) and path == self.root:
                 raise DataError(
@@ -203,7 +182,7 @@ class Source:
         """The readable regular input files as (name, path), in reading order."""
         return [(name, path) for name, path, status in self._entries() if _is_stat(status)]
 
-    def _regular_files(self, unreadable_is_bad: bool) -> Iterator[tuple[str, Path, int]]:
+    def regular_files(self, unreadable_is_bad: bool) -> Iterator[tuple[str, Path, int]]:
         """(name, path, size) of the regular files; the others skipped into the report."""
         for name, path, status in self._entries():
             if _is_stat(status):
@@ -215,14 +194,14 @@ class Source:
 
     def _unreadable(self, name: str, detail: str, is_bad: bool) -> None:
         if is_bad:  # a data shard: losing one silently would change the corpus a lot
-            self._bad(name, detail, "fix its permissions or remove it")
+            self.bad_record(name, detail, "fix its permissions or remove it")
         else:
             self.skipped.add(name, UNREADABLE, detail)
 
-    def _open(self, name: str, path: Path, unreadable_is_bad: bool) -> IO[bytes] | None:
+    def open_file(self, name: str, path: Path, unreadable_is_bad: bool) -> IO[bytes] | None:
         """``path`` opened if it is still a readable regular file, else None (reported)."""
         try:
-            return _open_regular(path)
+            return open_regular(path)
         except NotRegularFileError as err:
             self.skipped.add(name, NOT_REGULAR, err.kind)
         except OSError as err:
@@ -230,12 +209,12 @@ class Source:
         return None
 
     @property
-    def _max_doc_size(self) -> int:
+    def max_doc_size(self) -> int:
         return int(self.max_doc_mb * _MB)
 
-    def _too_big(self, where: str, size: int) -> bool:
+    def too_big(self, where: str, size: int) -> bool:
         """True (and counted) when a document of ``size`` bytes or characters is over the limit."""
-        if not self.max_doc_mb or size <= self._max_doc_size:
+        if not self.max_doc_mb or size <= self.max_doc_size:
             return False
         detail = (
             f"{size / _MB:.1f} MB, over data.max_doc_mb={self.max_doc_mb:g}: split the document "
@@ -276,7 +255,7 @@ class Source:
         self.bytes_read = 0
         readers = {
             "text": self._iter_text,
-            "jsonl": self._iter_jsonl,
+            "jsonl": lambda: iter_jsonl(self),
             "parquet": self._iter_parquet,
             "hf_disk": self._iter_hf_disk,
             "hf": self._iter_hf,
@@ -286,25 +265,25 @@ class Source:
             if self.max_docs and count >= self.max_docs:
                 return
 
-    def _bad(self, where: str, reason: str, fix: str) -> None:
+    def bad_record(self, where: str, reason: str, fix: str) -> None:
         if self.on_bad_record == "error":
             raise DataError(f"{where}: {reason}: {fix} (or set data.on_bad_record=skip)")
         self.skipped.add(where, reason)
 
     def _iter_text(self) -> Iterator[Document]:
-        for name, path, size in self._regular_files(unreadable_is_bad=False):
+        for name, path, size in self.regular_files(unreadable_is_bad=False):
             self.bytes_read += size
-            if self._too_big(name, size):
+            if self.too_big(name, size):
                 continue  # never opened: a huge file costs nothing
-            file = self._open(name, path, unreadable_is_bad=False)
+            file = self.open_file(name, path, unreadable_is_bad=False)
             if file is None:
                 continue
             with file:
                 # Bounded even if the file grew since its stat.
-                data = file.read(self._max_doc_size + 1 if self.max_doc_mb else -1)
-            if self._too_big(name, len(data)):
+                data = file.read(self.max_doc_size + 1 if self.max_doc_mb else -1)
+            if self.too_big(name, len(data)):
                 continue
-            text = _decode_text(data)
+            text = decode_text(data)
             if text is None:
                 self.skipped.add(name, "binary or not UTF-8")
             elif not text:
@@ -312,63 +291,10 @@ class Source:
             else:
                 yield Document(name, text)
 
-    def _lines(self, binary: IO[bytes], name: str) -> Iterator[tuple[int, bytes]]:
-        """(line number, line) of a JSONL stream; a line over the limit is read past in
-        pieces (never held whole), counted and not yielded."""
-        reader = io.BufferedReader(binary)
-        limit = self._max_doc_size if self.max_doc_mb else -1
-        lineno = 0
-        while line := reader.readline(limit + 1 if limit > 0 else -1):
-            lineno += 1
-            if limit < 0 or len(line) <= limit or line.endswith(b"\n"):
-                yield lineno, line
-                continue
-            size = len(line)
-            while piece := reader.readline(1 << 20):
-                size += len(piece)
-                if piece.endswith(b"\n"):
-                    break
-            self._too_big(f"{name}:{lineno}", size)
-
-    def _open_jsonl(self, name: str, path: Path) -> IO[bytes] | None:
-        file = self._open(name, path, unreadable_is_bad=True)
-        if file is None:
-            return None
-        raw = _CountingReader(file, self)
-        name = path.name.lower()
-        if name.endswith(".gz"):
-            return gzip.GzipFile(fileobj=io.BufferedReader(raw))
-        if name.endswith(".zst"):
-            zstandard = import_optional("zstandard", ".jsonl.zst files")
-            return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw))
-        return io.BufferedReader(raw)
-
-    def _iter_jsonl(self) -> Iterator[Document]:
-        for name, path, _ in self._regular_files(unreadable_is_bad=True):
-            binary = self._open_jsonl(name, path)
-            if binary is None:
-                continue
-            with binary:
-                for lineno, line in self._lines(binary, name):
-                    if not line.strip():
-                        continue
-                    where = f"{name}:{lineno}"
-                    try:
-                        record = json.loads(line.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        self._bad(where, "not UTF-8", "re-encode the file as UTF-8")
-                        continue
-                    except json.JSONDecodeError as err:
-                        self._bad(where, f"not valid JSON ({err.msg})", "write one object a line")
-                        continue
-                    text = self._field(record, where)
-                    if text:
-                        yield Document(where, text)
-
-    def _field(self, record, where: str) -> str | None:
+    def text_field_of(self, record, where: str) -> str | None:
         field_name = self.text_field
         if not isinstance(record, dict) or field_name not in record:
-            self._bad(
+            self.bad_record(
                 where,
                 f"no '{field_name}' field",
                 f"put each document's text in '{field_name}' or set data.text_field",
@@ -379,7 +305,7 @@ class Source:
             self.skipped.add(where, f"null '{field_name}'")
             return None
         if not isinstance(text, str):
-            self._bad(
+            self.bad_record(
                 where,
                 f"'{field_name}' is a {type(text).__name__}, not a string",
                 "store each document's text as a string",
@@ -387,11 +313,11 @@ class Source:
             return None
         return text
 
-    def _iter_records(self, records: Iterator[dict], name: str) -> Iterator[Document]:
+    def iter_records(self, records: Iterator[dict], name: str) -> Iterator[Document]:
         for row, record in enumerate(records, start=1):
             where = f"{name}:{row}"
-            text = self._field(record, where)
-            if text and not self._too_big(where, len(text)):
+            text = self.text_field_of(record, where)
+            if text and not self.too_big(where, len(text)):
                 yield Document(where, text)
 
     def _iter_parquet(self) -> Iterator[Document]:
@@ -424,7 +350,8 @@ def open_source(
 
 def stdlib_source(max_files: int = 0) -> Source:
     """The running interpreter's standard-library ``.py`` files as a source (the default
-    corpus, ~30 MB; see :func:`~multitoken.data.corpus.stdlib_corpus`).
+    corpus, ~30 MB: about 1,800 files on 3.11, sorted by path; ``site-packages``,
+    ``__pycache__``, empty and non-UTF-8 files are skipped). ``max_files=0`` keeps all.
 
     Raises:
         DataError: If this Python ships without its standard-library sources.

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multitoken.data.corpus import DataError
+from multitoken.errors import DataError
 
 __all__ = [
     "STORE_FORMAT",

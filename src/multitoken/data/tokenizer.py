@@ -23,7 +23,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from multitoken.data.corpus import DataError, Document
+from multitoken.data.documents import Document, documents_fingerprint, documents_summary
+from multitoken.errors import DataError
 
 __all__ = [
     "documents_with_eos",
@@ -223,29 +224,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _corpus_fingerprint(docs: Sequence[Document]) -> hashlib.blake2b:
-    """A hash of every document's name, size and content.
-
-    Hashing the content (not only names and sizes) costs ~50 ms for 30 MB and means
-    an edited file can never be served from a stale cache.
-    """
-    hasher = hashlib.blake2b(digest_size=16)
-    for doc in docs:
-        data = doc.text.encode("utf-8", errors="surrogatepass")
-        name = doc.name.encode("utf-8", errors="surrogatepass")
-        hasher.update(f"{len(name)}:{len(data)}:".encode())
-        hasher.update(name)
-        hasher.update(data)
-    return hasher
-
-
 def _resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-
-
-def _corpus_summary(docs: Sequence[Document]) -> str:
-    megabytes = sum(len(doc.text) for doc in docs) / 1e6
-    return f"{len(docs):,} documents ({megabytes:.1f} M characters)"
 
 
 def train_tokenizer(
@@ -290,7 +270,7 @@ def train_tokenizer(
             f"{_MIN_VOCAB_SIZE} (256 bytes + 2 special tokens)"
         )
     if cache_key is None:
-        hasher = _corpus_fingerprint(docs)
+        hasher = documents_fingerprint(docs)
     else:
         hasher = hashlib.blake2b(cache_key.encode(), digest_size=16)
     hasher.update(f"|vocab={vocab_size}|v{_CACHE_FORMAT}|{tokenizers.__version__}".encode())
@@ -304,7 +284,7 @@ def train_tokenizer(
             tokenizer.from_cache = True
             return tokenizer
 
-    summary = _corpus_summary(docs) if cache_key is None else "a streamed sample"
+    summary = documents_summary(docs) if cache_key is None else "a streamed sample"
     _log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {summary}", verbose)
     backend = tokenizers.Tokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(text)) == text exactly.

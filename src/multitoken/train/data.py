@@ -22,6 +22,7 @@ from multitoken.data import (
     Document,
     PackedLoader,
     Source,
+    SplitRule,
     StoreSplit,
     Tokenizer,
     TokenStore,
@@ -32,7 +33,6 @@ from multitoken.data import (
     train_tokenizer,
 )
 from multitoken.data.build import empty_corpus_message
-from multitoken.data.corpus import _unit_hash
 from multitoken.train.config import TrainConfig, alignment
 
 __all__ = ["PreparedData", "prepare_data", "check_data_path", "data_source"]
@@ -81,8 +81,9 @@ def data_source(cfg: TrainConfig) -> Source:
 def _train_sample(source: Source, cfg: TrainConfig) -> Iterator[Document]:
     """The first ``tokenizer_sample_mb`` of training-split text: the BPE never sees validation."""
     budget = cfg.data.tokenizer_sample_mb * 1_000_000
+    rule = SplitRule(cfg.data.val_fraction, cfg.train.seed)
     for doc in source:
-        if _unit_hash(doc.name, cfg.train.seed) < cfg.data.val_fraction:
+        if rule.is_val(doc.name):
             continue
         yield doc
         budget -= len(doc.text)
@@ -145,7 +146,9 @@ def _store(cfg: TrainConfig, source: Source, tokenizer: Tokenizer, rank: int, ve
     )
 
 
-def _loaders(cfg: TrainConfig, store: TokenStore, pad_id: int) -> tuple[PackedLoader, ...]:
+def _loaders(
+    cfg: TrainConfig, store: TokenStore, pad_id: int, dp_rank: int, dp_size: int
+) -> tuple[PackedLoader, ...]:
     train, val = store.split("train"), store.split("val")
     if len(train) + len(val) < 2:
         raise DataError(
@@ -161,6 +164,8 @@ def _loaders(cfg: TrainConfig, store: TokenStore, pad_id: int) -> tuple[PackedLo
         pad_id=pad_id,
         align=align,
         window=window,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
     )
     # The held-out split may be small: use as many rows as it fills, a multiple of dp.
     dp = cfg.parallel.dp
@@ -180,15 +185,20 @@ def _loaders(cfg: TrainConfig, store: TokenStore, pad_id: int) -> tuple[PackedLo
         shuffle=False,
         align=align,
         window=window,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
     )
     return train_loader, val_loader
 
 
-def prepare_data(cfg: TrainConfig, verbose: bool = True, group=None) -> PreparedData:
+def prepare_data(
+    cfg: TrainConfig, verbose: bool = True, group=None, dp_rank: int = 0, dp_size: int = 1
+) -> PreparedData:
     """Tokenizer and loaders for ``cfg`` (collective over ``group`` when it is given).
 
-    Every rank builds the same loaders: the data parallel split happens per batch
-    (:func:`multitoken.data.dp_slice`), the context parallel one in the trainer.
+    Every rank plans the same global batches; its loaders yield the rows of data-parallel
+    rank ``dp_rank`` of ``dp_size`` (the defaults, 0 of 1, give whole global batches). The
+    context parallel split happens in the trainer.
     """
     rank = dist.get_rank(group) if group is not None else 0
     if group is not None and rank != 0:
@@ -198,7 +208,7 @@ def prepare_data(cfg: TrainConfig, verbose: bool = True, group=None) -> Prepared
     store = _store(cfg, source, tokenizer, rank, verbose)
     if group is not None and rank == 0:
         dist.barrier(group=group)
-    train_loader, val_loader = _loaders(cfg, store, tokenizer.pad_id)
+    train_loader, val_loader = _loaders(cfg, store, tokenizer.pad_id, dp_rank, dp_size)
     if verbose:
         splits = store.index["splits"]
         skipped = store.index.get("skipped", {}).get("counts", {})
