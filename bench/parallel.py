@@ -63,6 +63,7 @@ from _common import (  # noqa: E402
     setup_threads,
 )
 from multitoken import MTPConfig, SequenceLayout, next_token_labels, step_loss  # noqa: E402
+from multitoken.data import dp_slice  # noqa: E402
 from multitoken.models import GPTConfig  # noqa: E402
 from multitoken.parallel import clip_grad_norm  # noqa: E402
 from multitoken.testing.comms import count_comms  # noqa: E402
@@ -185,8 +186,9 @@ def run_rank(rank: int, world: int, store_path: str, out_dir: str, layout, args)
 
     def train_step(after_update=None):
         """The trainer's step (``Trainer.train_step``) on a fixed global batch."""
+        rows = dp_slice(batch, ranks.dp_rank, ranks.dp)  # what this rank's loader yields
         step_batch = rank_batch(
-            batch, ranks, cfg.mtp.num_depths, PAD, device, cfg.parallel.halo_fill
+            rows, ranks, cfg.mtp.num_depths, PAD, device, cfg.parallel.halo_fill
         )
         losses = step_loss(model, step_batch, cfg.mtp.loss_weight, cross_entropy=cross_entropy)
         losses.loss.backward()

@@ -17,6 +17,7 @@ from cp_cases import IGNORE, PAD, cp_step, groups, make_batch, step_record
 from test_cp_model import DP_ROWS, assert_matches
 
 from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
+from multitoken.data import dp_slice
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
 from multitoken.parallel import apply_cp, shard_batch
 from multitoken.testing.tiny_hf import save_tiny, tiny_model
@@ -90,7 +91,8 @@ def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
     cfg = _config(folder, dp=2, cp=2, freeze_base=freeze_base)
     cpu = torch.device("cpu")
     model, cross_entropy = build_model(cfg, 97, PAD, g, cpu)
-    batch = rank_batch(_global_batch(), g, cfg.mtp.num_depths, PAD, cpu)
+    rows = dp_slice(_global_batch(), g.dp_rank, g.dp)  # what this rank's loader yields
+    batch = rank_batch(rows, g, cfg.mtp.num_depths, PAD, cpu)
     out = step_loss(model, batch, cfg.mtp.loss_weight, cross_entropy=cross_entropy)
     out.loss.backward()  # FSDP2 sums the gradients over DP x CP
     return step_record(model, out)

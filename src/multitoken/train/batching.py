@@ -15,7 +15,6 @@ from dataclasses import replace
 import torch
 
 from multitoken.batch import StepBatch
-from multitoken.data import dp_slice
 from multitoken.layout import SequenceLayout
 from multitoken.parallel import ParallelDims, exchange_halo, global_normalizer, shard_batch
 
@@ -48,26 +47,27 @@ def to_device(batch: StepBatch, device: torch.device) -> StepBatch:
 
 
 def rank_batch(
-    global_batch: dict[str, torch.Tensor],
+    rows: dict[str, torch.Tensor],
     dims: ParallelDims,
     num_depths: int,
     pad_id: int,
     device: torch.device,
     halo_fill: str = "sharding",
 ) -> StepBatch:
-    """This rank's :class:`StepBatch` of a global batch (``input_ids``, ``labels``,
-    ``cu_seqlens`` as the loader yields it).
+    """This rank's :class:`StepBatch` of its data-parallel rows (``input_ids``, ``labels``,
+    ``cu_seqlens`` as a loader built with this rank's ``dp_rank`` and ``dp_size`` yields them:
+    the CP peers of a DP rank get the same rows).
 
     Args:
-        global_batch: the same dict on every rank.
+        rows: this DP rank's rows of the global batch.
         dims: the run's layout (this rank's coordinates and groups).
         num_depths: D.
         pad_id: input fill where a lookahead leaves its document.
         device: where the batch goes.
-        halo_fill: ``"sharding"`` (halos read from the global batch, no message) or
+        halo_fill: ``"sharding"`` (halos read from the rows, no message) or
             ``"exchange"`` (one all_to_all over the CP group, as when only local shards exist).
     """
-    local = dp_slice(global_batch, dims.dp_rank, dims.dp)
+    local = rows
     exchange = halo_fill == "exchange" and dims.cp > 1
     # The halo exchange reads its routing from the shard's device: it is cut there.
     host = device if exchange else HOST

@@ -1,6 +1,7 @@
 """The training loop of ``multitoken train``: one function run by every rank.
 
-Per step, on every rank: the same global batch from the deterministic loader, this rank's
+Per step, on every rank: this DP rank's rows of the global batch from the deterministic loader
+(only those rows are read), this rank's
 :class:`~multitoken.batch.StepBatch` (:func:`~multitoken.train.batching.rank_batch`: its rows,
 its CP shard with the MTP halos, the global valid-target counts), the loss
 (:func:`~multitoken.mtp_model.step_loss` with the step's lambda and the layout's
@@ -92,16 +93,16 @@ class Trainer:
         self.state.skipped = self.guard.skipped
         self.checkpointer.save(self.state)
 
-    def prepare(self, global_batch: dict[str, torch.Tensor]):
+    def prepare(self, rows: dict[str, torch.Tensor]):
         """This rank's batch, cut on the host and copied to the device."""
         cfg = self.cfg
         return rank_batch(
-            global_batch, self.dims, cfg.mtp.num_depths, self.model.pad_id, self.device,
+            rows, self.dims, cfg.mtp.num_depths, self.model.pad_id, self.device,
             cfg.parallel.halo_fill,
         )  # fmt: skip
 
     def forward(self, batch, mtp_weight: float):
-        """The losses of a prepared batch (or of a loader's global batch)."""
+        """The losses of a prepared batch (or of a loader's rows)."""
         batch = self.prepare(batch) if isinstance(batch, dict) else batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             return step_loss(self.model, batch, mtp_weight, cross_entropy=self.cross_entropy)
@@ -229,7 +230,10 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
         with StopSignals() as signals:
             start = on_rank0(dims, device, decide_start)
             if data is None:
-                data = prepare_data(cfg, verbose=False, group=dims.world_group)
+                data = prepare_data(
+                    cfg, verbose=False, group=dims.world_group, dp_rank=dims.dp_rank,
+                    dp_size=dims.dp,
+                )  # fmt: skip
                 if not cfg.model.hf:  # the vocabulary fits the model and tp, before any write
                     cfg.model_config(data.tokenizer.vocab_size)
             write = lambda: write_run_files(cfg, data.tokenizer, start >= 0) or 0  # noqa: E731
