@@ -9,6 +9,8 @@ from multitoken.models import GPTConfig
 
 # A tiny GPT: two layers, grouped-query attention (4 query, 2 key/value heads).
 TINY_GPT = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+# Smaller still (one layer of width 16), where only the saved state matters: checkpoints.
+SMALL_GPT = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
 
 
 def tiny_model(depth: int = 1, *, seed: int = 0, pad_id: int = 0, mtp: dict | None = None,

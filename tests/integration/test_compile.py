@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from test_train_cli import assert_same_records, run_cli, train_records
+from tests.helpers.models import tiny_model
 
 # Inductor reorders fp32 sums: the compiled step is not bitwise eager (measured: 8e-8 relative
 # over 10 steps), so the tolerance is that of the layout tests.
@@ -25,15 +26,13 @@ def test_compiled_training_matches_eager(tmp_path):
 def test_compile_falls_back_with_a_message(monkeypatch, capsys):
     import torch
 
-    from multitoken import MTPConfig, MTPModel
-    from multitoken.models import GPTConfig
     from multitoken.train import step
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", broken)
-    model = MTPModel.from_config(GPTConfig(vocab_size=50, dim=16, n_heads=2), MTPConfig(depth=1))
+    model = tiny_model(1, vocab_size=50, dim=16, n_heads=2)
     assert step.compile_layers(model) is False
     out = capsys.readouterr().out
     assert "torch.compile cannot run here (RuntimeError: no C++ compiler found)" in out
