@@ -13,7 +13,7 @@ Three questions, one table each:
 3. **Padding** of one epoch of the default run's corpus (stdlib, seq_len 512): windowed
    best-fit for several windows next to the global best-fit.
 
-Every measurement of (2) runs in its own process (``tests/integration/data_probe.py``), so
+Every measurement of (2) runs in its own process (``tests/helpers/data_probe.py``), so
 each peak RSS is that process's own. The machine is shared: wall-clock rates vary with the
 neighbours' load; the RSS figures do not.
 
@@ -37,7 +37,7 @@ from multitoken.train.config import alignment
 from multitoken.train.config_io import load_config
 from multitoken.train.data import prepare_data
 
-PROBE = Path(__file__).resolve().parents[1] / "tests" / "integration" / "data_probe.py"
+PROBE = Path(__file__).resolve().parents[1] / "tests" / "helpers" / "data_probe.py"
 
 
 def probe(mode: str, corpus: Path, cache: Path, extra: int) -> dict:

@@ -1,8 +1,8 @@
-"""Session-wide pools of gloo ranks (see ``rank_pool.py``): ``pool2``, ``pool4``, or
+"""Session-wide pools of gloo ranks (see ``tests/helpers/rank_pool.py``): ``pool2``, ``pool4``, or
 ``rank_pool(world)`` for any size. One spawn per world size per session."""
 
 import pytest
-from rank_pool import RankPool
+from tests.helpers.rank_pool import RankPool
 
 _POOLS: dict[int, RankPool] = {}
 

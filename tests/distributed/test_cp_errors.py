@@ -4,8 +4,8 @@ turns a hang into a fast failure."""
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import IGNORE, PAD, groups, make_batch
-from rank_pool import RankError
+from tests.helpers.distributed import IGNORE, PAD, groups, make_batch
+from tests.helpers.rank_pool import RankError
 
 from multitoken import ConfigError, LayoutError, next_token_labels
 from multitoken.parallel import (

@@ -1,29 +1,15 @@
 """The MTP lookahead under CP on real ranks: exact in both ways, and what it costs in messages."""
 
-import random
-
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import IGNORE, PAD, cp_step, groups, make_batch, make_model
+from tests.helpers.batches import random_rows
+from tests.helpers.distributed import IGNORE, PAD, cp_step, groups, make_batch, make_model
 
 from multitoken import mtp_inputs
 from multitoken.parallel import apply_cp, exchange_halo, shard_batch
 from multitoken.parallel.halo import exchange_values
 from multitoken.testing.comms import count_comms
-
-
-def random_rows(seed: int, seqlen: int = 48, rows: int = 2) -> list[list[int]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(rows):
-        lengths, left = [], seqlen
-        while left:
-            length = min(left, rng.choice([1, 1, 2, 3, 5, 8, 13, 21]))
-            lengths.append(length)
-            left -= length
-        out.append(lengths)
-    return out
 
 
 def shards_both_ways(rows, depth):

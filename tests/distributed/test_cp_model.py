@@ -3,36 +3,23 @@
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import (
+from tests.helpers.distributed import (
+    DP_ROWS,
     IGNORE,
     PAD,
+    RTOL,
+    assert_matches,
     cp_step,
     groups,
     make_batch,
     make_model,
     reference,
+    reference_step,
     run_cp,
-    step_record,
 )
 
 from multitoken import SequenceLayout
 from multitoken.parallel import MetricSums, apply_cp, shard_batch
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def assert_matches(results: list[dict], ref: dict, what: str) -> None:
-    torch.testing.assert_close(sum(r["loss"] for r in results), ref["loss"], rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(
-        sum(r["depth_loss"] for r in results), ref["depth_loss"], rtol=RTOL, atol=ATOL
-    )
-    assert torch.equal(sum(r["depth_tokens"] for r in results), ref["depth_tokens"]), what
-    for rank, r in enumerate(results):
-        assert r["grads"].keys() == ref["grads"].keys()
-        for name, grad in ref["grads"].items():
-            torch.testing.assert_close(
-                r["grads"][name], grad, rtol=RTOL, atol=ATOL, msg=f"{what} rank {rank} {name}"
-            )
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
@@ -89,17 +76,10 @@ def run_dp_cp(depth: int, way: str) -> dict:
     return result
 
 
-DP_ROWS = [[1, 9, 2, 12], [24], [3, 3, 3, 3, 3, 9], [5, 1, 17, 1]]
-
-
 @pytest.mark.parametrize("way", ["halo", "exchange"])
 def test_dp_cp_equals_single_process(pool4, way):
     depth = 2
-    model = make_model(depth)
-    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
-    out = model.loss(ids, labels, layout)
-    out.loss.backward()
-    ref = step_record(model, out)
+    ref = reference_step(make_model(depth), *make_batch(packed=True, rows=DP_ROWS))
     results = pool4.run(run_dp_cp, depth, way)
     assert [r["ranks"] for r in results] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
     assert_matches(results, ref, f"dp x cp = 2 x 2 {way}")

@@ -3,10 +3,18 @@
 from dataclasses import replace
 
 import pytest
-import torch
 import torch.distributed as dist
-from cp_cases import PAD, groups, make_batch, make_model, step_record
-from test_cp_model import DP_ROWS, assert_matches
+from tests.helpers.distributed import (
+    DP_ROWS,
+    PAD,
+    assert_matches,
+    fsdp_step_footprint,
+    groups,
+    make_batch,
+    make_model,
+    reference_step,
+    step_record,
+)
 
 from multitoken import SequenceLayout, StepBatch, step_loss
 from multitoken.parallel import apply_cp, apply_fsdp, global_normalizer, shard_batch
@@ -41,59 +49,13 @@ def run_fsdp(dp: int, cp: int, depth: int) -> dict:
 def test_fsdp_equals_single_process(rank_pool, dp, cp):
     depth = 2
     model = make_model(depth)
-    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
-    out = model.loss(ids, labels, layout)
-    out.loss.backward()
-    ref = step_record(model, out)
+    ref = reference_step(model, *make_batch(packed=True, rows=DP_ROWS))
     results = rank_pool(dp * cp).run(run_fsdp, dp, cp, depth)
     assert_matches(results, ref, f"fsdp dp={dp} cp={cp}")
     # Every rank holds about 1 / world of the parameters (dim-0 shards, rounded up).
     total = sum(p.numel() for p in model.parameters())
     for r in results:
         assert r["local_numel"] <= total / (dp * cp) + 64 * len(ref["grads"]), r["local_numel"]
-
-
-def fsdp_step_footprint(dp: int, dp_replicate: int = 1) -> dict:
-    """One optimiser step on ``dp`` FSDP2 ranks (HSDP over ``dp_replicate`` replicas): this
-    rank's parameter + gradient + AdamW bytes, and the collectives of the step by name and
-    group."""
-    from multitoken.testing.comms import count_comms
-
-    g = groups(dp, 1, dp_replicate)
-    depth = 2
-    ids, labels, layout = make_batch(packed=True, rows=DP_ROWS)
-    rows_per_rank = len(DP_ROWS) // dp
-    rows = slice(rows_per_rank * g.dp_rank, rows_per_rank * (g.dp_rank + 1))
-    model = apply_fsdp(make_model(depth), g.fsdp_mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = StepBatch.build(
-        ids[rows], labels[rows], SequenceLayout.from_lengths(DP_ROWS[rows]), depth, PAD
-    )
-    with count_comms() as log:
-        normalizer = global_normalizer(batch.depth_labels, g.token_group)
-        batch = replace(batch, normalizer=normalizer)
-        step_loss(model, batch, 0.3).loss.backward()
-    optimizer.step()
-
-    def local_bytes(t) -> int:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-
-    state = [v for s in optimizer.state.values() for v in s.values() if v.dim() > 0]
-    footprint = sum(local_bytes(p) + local_bytes(p.grad) for p in model.parameters())
-    footprint += sum(local_bytes(v) for v in state)
-    # By group name: the groups FSDP2 resolves from the mesh are ours, by name.
-    named = {"dp_cp": g.token_group}
-    if dp_replicate > 1:
-        named.update(
-            dp_replicate=g.mesh.get_group("dp_replicate"), dp_shard=g.mesh.get_group("dp_shard")
-        )
-    names = {group.group_name: role for role, group in named.items()}
-    calls = {}
-    for r in log.records:
-        key = (r.name, names.get(getattr(r.group, "group_name", r.group), "other"))
-        calls[key] = calls.get(key, 0) + 1
-    return dict(bytes=footprint, calls=calls)
 
 
 def test_fsdp_memory_and_collectives(pool4):

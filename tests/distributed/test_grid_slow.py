@@ -9,9 +9,13 @@ exact collectives of the step on their groups.
 import logging
 
 import pytest
-from cp_cases import PACKED_ROWS
-from test_tp_model import assert_matches, expected_calls
-from tp_cases import run_tp, tp_reference
+from tests.helpers.distributed import (
+    PACKED_ROWS,
+    assert_tp_matches,
+    expected_calls,
+    run_tp,
+    tp_reference,
+)
 
 TP, CP = 4, 2
 
@@ -27,7 +31,7 @@ def test_tp4_cp2_equals_single_process(rank_pool, depth):
     # tp innermost: world rank = cp_rank * tp + tp_rank.
     assert [r["coords"] for r in results] == [(0, c, t) for c in range(CP) for t in range(TP)]
     what = f"tp={TP} cp={CP} D={depth}"
-    assert_matches(results, ref, what)
+    assert_tp_matches(results, ref, what)
     expected = expected_calls(1, CP, TP, depth)
     for r in results:
         assert r["calls"] == expected, (what, r["coords"], r["calls"], expected)

@@ -8,13 +8,21 @@ equal the plain model's on the global batch. The last test runs the trainer's ow
 loader-style global batch.
 """
 
-from itertools import accumulate
-
 import pytest
 import torch
 import torch.distributed as dist
-from cp_cases import IGNORE, PAD, cp_step, groups, make_batch, step_record
-from test_cp_model import DP_ROWS, assert_matches
+from tests.helpers.batches import cu_seqlens
+from tests.helpers.distributed import (
+    DP_ROWS,
+    IGNORE,
+    PAD,
+    assert_matches,
+    cp_step,
+    groups,
+    make_batch,
+    reference_step,
+    step_record,
+)
 
 from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
 from multitoken.data import dp_slice
@@ -25,8 +33,6 @@ from multitoken.train.batching import rank_batch
 from multitoken.train.config_io import load_config
 from multitoken.train.hf import build_hf_model, hf_tokenizer
 from multitoken.train.model import build_model
-
-RTOL, ATOL = 1e-5, 1e-6
 
 
 def hf_model(model_type: str, depth: int) -> MTPModel:
@@ -40,11 +46,7 @@ def hf_model(model_type: str, depth: int) -> MTPModel:
 
 def reference(model_type: str, depth: int) -> dict:
     """CP = 1: the plain model on the global packed batch, in the pytest process."""
-    model = hf_model(model_type, depth)
-    ids, labels, layout = make_batch(packed=True)
-    out = model.loss(ids, labels, layout)
-    out.loss.backward()
-    return step_record(model, out)
+    return reference_step(hf_model(model_type, depth), *make_batch(packed=True))
 
 
 def run_hf_cp(model_type: str, depth: int) -> dict:
@@ -81,8 +83,7 @@ def _config(folder, dp: int = 1, cp: int = 1, tp: int = 1, freeze_base: bool = F
 def _global_batch() -> dict[str, torch.Tensor]:
     """DP_ROWS as the loader yields them: ids, labels and the flat cu_seqlens."""
     ids, labels, _ = make_batch(packed=True, rows=DP_ROWS)
-    lengths = [length for row in DP_ROWS for length in row]
-    return dict(input_ids=ids, labels=labels, cu_seqlens=torch.tensor([0, *accumulate(lengths)]))
+    return dict(input_ids=ids, labels=labels, cu_seqlens=cu_seqlens(DP_ROWS))
 
 
 def run_hf_training_path(folder: str, freeze_base: bool) -> dict:
@@ -103,10 +104,7 @@ def test_hf_training_path_dp_cp_equals_single_process(pool4, tmp_path, freeze_ba
     folder = save_tiny("qwen3", tmp_path / "qwen3")
     cfg = _config(folder, freeze_base=freeze_base)
     model = build_hf_model(cfg, PAD)
-    batch = _global_batch()
-    out = model.loss(batch["input_ids"], batch["labels"], make_batch(True, rows=DP_ROWS)[2])
-    out.loss.backward()
-    ref = step_record(model, out)
+    ref = reference_step(model, *make_batch(True, rows=DP_ROWS))
     if freeze_base:
         assert all(name.startswith("mtp.") for name in ref["grads"])
     results = pool4.run(run_hf_training_path, str(folder), freeze_base)

@@ -12,11 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from cp_cases import PAD, groups, make_batch, make_model
-from test_cp_model import DP_ROWS
-from test_fsdp import fsdp_step_footprint
-from test_tp_model import assert_matches, expected_calls
-from tp_cases import run_tp, tp_reference
+from tests.helpers.distributed import (
+    DP_ROWS,
+    PAD,
+    assert_tp_matches,
+    expected_calls,
+    fsdp_step_footprint,
+    groups,
+    make_batch,
+    make_model,
+    run_tp,
+    tp_reference,
+)
 
 from multitoken import SequenceLayout, StepBatch, step_loss
 from multitoken.parallel import apply_fsdp, global_normalizer
@@ -38,7 +45,7 @@ def check_layout(pool, dp: int, cp: int, tp: int, dp_replicate: int, timeout: fl
     coords = [(d, c, t) for d in range(dp) for c in range(cp) for t in range(tp)]
     assert [r["coords"] for r in results] == coords
     what = f"hsdp dp_replicate={dp_replicate} dp={dp} cp={cp} tp={tp}"
-    assert_matches(results, ref, what)
+    assert_tp_matches(results, ref, what)
     expected = expected_calls(dp, cp, tp, DEPTH, fsdp=True, dp_replicate=dp_replicate)
     for r in results:
         assert r["calls"] == expected, (what, r["coords"], r["calls"], expected)
@@ -126,7 +133,8 @@ def _full_state(model, optimizer) -> list[torch.Tensor]:
 def checkpoint_across(run_dir: str, saved_replicate: int, loaded_replicate: int) -> dict:
     """A step at dp = 4 with ``saved_replicate`` replicas, saved; loaded into a model built with
     other weights at ``loaded_replicate``; then one more step on both."""
-    saved_g, loaded_g = groups(4, 1, saved_replicate), groups(4, 1, loaded_replicate)
+    saved_g = groups(4, 1, dp_replicate=saved_replicate)
+    loaded_g = groups(4, 1, dp_replicate=loaded_replicate)
     model = apply_fsdp(make_model(DEPTH), saved_g.fsdp_mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train_step(model, optimizer, saved_g)

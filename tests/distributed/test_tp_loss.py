@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tests.helpers.distributed import groups
 from torch.utils._python_dispatch import TorchDispatchMode
-from tp_cases import tp_groups
 
 from multitoken.parallel import VocabParallelCrossEntropy
 from multitoken.testing.comms import count_comms
@@ -47,7 +47,7 @@ class _LargestAllocation(TorchDispatchMode):
 
 def run_vocab_loss(chunk_elements: int) -> dict:
     tp = dist.get_world_size()
-    g = tp_groups(1, 1, tp)
+    g = groups(1, 1, tp)
     hidden, weight, targets = make_case()
     hidden.requires_grad_()
     shard = weight.chunk(tp)[g.tp_rank].clone().requires_grad_()  # (V / tp, H)

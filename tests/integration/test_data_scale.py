@@ -20,7 +20,7 @@ import pytest
 from multitoken.data import open_store
 from multitoken.testing.synthetic import write_synthetic_jsonl
 
-PROBE = Path(__file__).with_name("data_probe.py")
+PROBE = Path(__file__).parents[1] / "helpers" / "data_probe.py"
 # Stated bounds (README "Data"): preparation's peak RSS, main process and each worker.
 PREP_PEAK_MB = 1536
 # Loader RSS for a large and a small corpus: private (anonymous) memory within this margin,

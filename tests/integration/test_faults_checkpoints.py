@@ -8,12 +8,17 @@ and ``multitoken generate``, seconds each.
 from __future__ import annotations
 
 import pickle
-import shutil
 
 import pytest
 import torch
-from fault_tools import assert_one_error, cli, train_cli
-from test_train_cli import assert_same_records, train_records
+from tests.helpers.cli import (
+    assert_one_error,
+    assert_same_records,
+    cli,
+    copy_run,
+    train_cli,
+    train_records,
+)
 
 from multitoken.train.checkpoint import checkpoint_folders, load_for_inference
 from multitoken.train.manifest import read_manifest, write_manifest
@@ -29,13 +34,6 @@ class Payload:
 
     def __reduce__(self):
         return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def copy_run(reference, root, name):
-    target = root / name
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(reference, target)
-    return target
 
 
 def plant(run, relative, marker):
@@ -61,11 +59,11 @@ PLANTED = [
 
 
 @pytest.mark.parametrize("relative", PLANTED)
-def test_a_payload_in_any_file_never_runs(reference, fault_root, relative):
-    run = copy_run(reference, fault_root, "planted")
-    marker = fault_root / "pwned"
+def test_a_payload_in_any_file_never_runs(reference, run_root, relative):
+    run = copy_run(reference, run_root, "planted")
+    marker = run_root / "pwned"
     plant(run, relative, marker)
-    resumed = train_cli(fault_root, "run.name=planted", "train.resume=true")
+    resumed = train_cli(run_root, "run.name=planted", "train.resume=true")
     generated = cli("generate", "--run", str(run), "--max-new-tokens", "3")
     assert not marker.exists(), f"the payload in {relative} ran"
     for code, _, err in (resumed, generated):
@@ -74,15 +72,15 @@ def test_a_payload_in_any_file_never_runs(reference, fault_root, relative):
             assert len([x for x in err.splitlines() if x.startswith("error:")]) == 1, err
 
 
-def test_a_payload_in_every_file_never_runs(reference, fault_root):
-    run = copy_run(reference, fault_root, "all_planted")
-    marker = fault_root / "pwned_all"
+def test_a_payload_in_every_file_never_runs(reference, run_root):
+    run = copy_run(reference, run_root, "all_planted")
+    marker = run_root / "pwned_all"
     files = sorted(p for p in run.rglob("*") if p.is_file() and p.name != "manifest.json")
     for path in files:
         plant(run, path.relative_to(run), marker)
     for _, folder in checkpoint_folders(run):
         write_manifest(folder, read_manifest(folder).step, read_manifest(folder).world)
-    code, _, err = train_cli(fault_root, "run.name=all_planted", "train.resume=true")
+    code, _, err = train_cli(run_root, "run.name=all_planted", "train.resume=true")
     assert_one_error(code, err, "not a multitoken run folder")
     code, _, err = cli("generate", "--run", str(run))
     assert code == 2 and "Traceback" not in err, err
@@ -119,18 +117,18 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_newest_resumes_from_the_previous_identically(reference, fault_root, damage):
-    run = copy_run(reference, fault_root, "damaged")
+def test_damaged_newest_resumes_from_the_previous_identically(reference, run_root, damage):
+    run = copy_run(reference, run_root, "damaged")
     DAMAGE[damage](run / "checkpoints" / "step_000006")
-    code, out, err = train_cli(fault_root, "run.name=damaged", "train.resume=true")
+    code, out, err = train_cli(run_root, "run.name=damaged", "train.resume=true")
     assert code == 0 and "Traceback" not in err, err
     assert "warning: skipping damaged checkpoint" in err and "step_000006" in err, err
     assert "from step 3" in out, out
     assert_same_records(train_records(run), train_records(reference), rtol=1e-6)
 
 
-def test_generate_falls_back_to_the_newest_intact_checkpoint(reference, fault_root):
-    run = copy_run(reference, fault_root, "damaged_generate")
+def test_generate_falls_back_to_the_newest_intact_checkpoint(reference, run_root):
+    run = copy_run(reference, run_root, "damaged_generate")
     _flip_40_bytes(_shard(run / "checkpoints" / "step_000006"))
     code, _, err = cli("generate", "--run", str(run), "--max-new-tokens", "2")
     assert code == 0 and "skipping damaged checkpoint" in err and "SHA-256" in err, err
@@ -141,12 +139,12 @@ def _weights(run, step):
     return model.state_dict()
 
 
-def test_non_finite_updates_are_skipped_counted_and_never_saved(fault_root, monkeypatch):
+def test_non_finite_updates_are_skipped_counted_and_never_saved(run_root, monkeypatch):
     monkeypatch.setenv("MULTITOKEN_FAULT", "nan2:0,nan3:0")
     args = ("run.name=nan", "train.steps=4", "train.save_every=1", "train.keep_checkpoints=0")
-    code, _, err = train_cli(fault_root, *args)
+    code, _, err = train_cli(run_root, *args)
     assert code == 0, err
-    run = fault_root / "nan"
+    run = run_root / "nan"
     assert [r["skipped"] for r in train_records(run)] == [0, 1, 2, 2]
     # Steps 2 and 3 changed nothing; step 4 updated again; every checkpoint is finite.
     after_1, after_3, after_4 = (_weights(run, s) for s in (1, 3, 4))
@@ -155,12 +153,12 @@ def test_non_finite_updates_are_skipped_counted_and_never_saved(fault_root, monk
     assert all(torch.isfinite(v).all() for v in after_4.values())
 
 
-def test_too_many_non_finite_steps_stop_the_run_naming_them(fault_root, monkeypatch):
+def test_too_many_non_finite_steps_stop_the_run_naming_them(run_root, monkeypatch):
     monkeypatch.setenv("MULTITOKEN_FAULT", "nan2:0,nan3:0,nan4:0")
     args = ("run.name=nan_stop", "train.save_every=1", "train.keep_checkpoints=0")
-    code, _, err = train_cli(fault_root, *args, "train.max_skipped_steps=2")
+    code, _, err = train_cli(run_root, *args, "train.max_skipped_steps=2")
     assert_one_error(code, err, "non-finite loss or gradient norm at step 2 through 4")
-    run = fault_root / "nan_stop"
+    run = run_root / "nan_stop"
     assert [n for n, _ in checkpoint_folders(run)] == [3, 2, 1]
     for number in (1, 2, 3):
         assert all(torch.isfinite(v).all() for v in _weights(run, number).values())

@@ -8,8 +8,15 @@ import json
 import shutil
 
 import pytest
-from fault_tools import TINY, assert_one_error, cli, train_cli, tree
-from test_train_cli import train_records
+from tests.helpers.cli import (
+    TINY,
+    assert_one_error,
+    cli,
+    copy_run,
+    train_cli,
+    train_records,
+    tree,
+)
 
 
 @pytest.mark.parametrize(
@@ -40,19 +47,17 @@ def test_run_name_outside_its_folder_is_refused_with_nothing_written(tmp_path, n
     ],
 )
 def test_overwrite_destroys_nothing_before_everything_is_checked(
-    reference, fault_root, args, message
+    reference, run_root, args, message
 ):
-    run = fault_root / "keep"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(reference, run)
+    run = copy_run(reference, run_root, "keep")
     before = tree(run)
-    code, _, err = train_cli(fault_root, "run.name=keep", "run.overwrite=true", *args)
+    code, _, err = train_cli(run_root, "run.name=keep", "run.overwrite=true", *args)
     assert_one_error(code, err, message)
     assert tree(run) == before
 
 
-def test_a_foreign_folder_is_never_written_nor_cleared(fault_root):
-    parent = fault_root / "home"
+def test_a_foreign_folder_is_never_written_nor_cleared(run_root):
+    parent = run_root / "home"
     foreign = parent / "project"
     foreign.mkdir(parents=True, exist_ok=True)
     (foreign / "metrics.jsonl").write_text("not a run\n")
@@ -60,18 +65,16 @@ def test_a_foreign_folder_is_never_written_nor_cleared(fault_root):
     before = tree(parent)
     code, _, err = cli(
         "train", *TINY, "parallel.cp=1", f"run.dir={parent}", "run.name=project",
-        "run.overwrite=true", f"data.cache_dir={fault_root}/cache",
+        "run.overwrite=true", f"data.cache_dir={run_root}/cache",
     )  # fmt: skip
     assert_one_error(code, err, "is not a multitoken run folder")
     assert tree(parent) == before
 
 
-def test_resume_with_another_seed_keeps_the_tokenizer(reference, fault_root):
-    run = fault_root / "seeded"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(reference, run)
+def test_resume_with_another_seed_keeps_the_tokenizer(reference, run_root):
+    run = copy_run(reference, run_root, "seeded")
     before = tree(run)
-    code, _, err = train_cli(fault_root, "run.name=seeded", "train.resume=true", "train.seed=1")
+    code, _, err = train_cli(run_root, "run.name=seeded", "train.resume=true", "train.seed=1")
     assert_one_error(code, err, "these data settings give another tokenizer")
     assert tree(run) == before
 
@@ -90,8 +93,8 @@ def test_resume_with_another_seed_keeps_the_tokenizer(reference, fault_root):
         (["train.resume=true", "run.name=never_trained"], "has no checkpoint"),
     ],
 )
-def test_bad_values_are_one_error_line(fault_root, args, message):
-    code, _, err = train_cli(fault_root, *args)
+def test_bad_values_are_one_error_line(run_root, args, message):
+    code, _, err = train_cli(run_root, *args)
     assert_one_error(code, err, message)
 
 
@@ -102,20 +105,18 @@ def test_binary_config_file_is_one_error_line(tmp_path):
     assert_one_error(code, err, "is not valid TOML")
 
 
-def test_garbage_in_metrics_is_skipped_with_a_warning(reference, fault_root):
-    run = fault_root / "garbage"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(reference, run)
+def test_garbage_in_metrics_is_skipped_with_a_warning(reference, run_root):
+    run = copy_run(reference, run_root, "garbage")
     with (run / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": \n\x00\xff garbage\n[1, 2]\n')
     code, out, err = cli("plot", str(run))
     assert code == 0 and "skipped 3 unreadable line(s)" in err, err
     # Resuming keeps the good records up to the checkpoint and continues after it.
     shutil.rmtree(run / "checkpoints" / "step_000006")
-    code, _, err = train_cli(fault_root, "run.name=garbage", "train.resume=true")
+    code, _, err = train_cli(run_root, "run.name=garbage", "train.resume=true")
     assert code == 0 and "Traceback" not in err, err
     assert [r["step"] for r in train_records(run)] == [1, 2, 3, 4, 5, 6]
-    code, _, err = cli("plot", str(fault_root / "no_such_run"))
+    code, _, err = cli("plot", str(run_root / "no_such_run"))
     assert_one_error(code, err, "does not exist")
 
 

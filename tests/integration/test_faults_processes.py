@@ -15,8 +15,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fault_tools import TINY, assert_one_error, run_subprocess, train_cli, tree
-from test_train_cli import assert_same_records, train_records
+from tests.helpers.cli import (
+    assert_one_error,
+    assert_same_records,
+    run_subprocess,
+    tiny_args,
+    train_cli,
+    train_records,
+    tree,
+)
 
 from multitoken.train.checkpoint import latest_checkpoint
 from multitoken.train.run_dir import RunLock
@@ -32,8 +39,7 @@ def _wait_for(condition, timeout=120.0, what="condition"):
 
 
 def _start(root: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "multitoken", "train", *TINY, f"run.dir={root}"]
-    cmd += [f"data.cache_dir={root}/cache", *args]
+    cmd = [sys.executable, "-m", "multitoken", *tiny_args(root, *args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -45,17 +51,17 @@ def _logged(run: Path) -> bool:
     return metrics.is_file() and '"step"' in metrics.read_text()
 
 
-def test_a_second_trainer_on_the_same_run_fails_at_once(fault_root, reference):
-    first = _start(fault_root, "parallel.cp=1", "run.name=owned", "train.steps=30")
-    run = fault_root / "owned"
+def test_a_second_trainer_on_the_same_run_fails_at_once(run_root, reference):
+    first = _start(run_root, "parallel.cp=1", "run.name=owned", "train.steps=30")
+    run = run_root / "owned"
     try:
         _wait_for(lambda: (run / ".lock").is_file() and (run / ".lock").read_text(), what="lock")
         first.send_signal(signal.SIGSTOP)  # hold the owner still while the second one tries
         before = tree(run)
-        second = run_subprocess(fault_root, "parallel.cp=1", "run.name=owned", check=False)
+        second = run_subprocess(run_root, "parallel.cp=1", "run.name=owned", check=False)
         assert_one_error(second.returncode, second.stderr, "is in use by another")
         resume = run_subprocess(
-            fault_root, "parallel.cp=1", "run.name=owned", "train.resume=auto", check=False
+            run_root, "parallel.cp=1", "run.name=owned", "train.resume=auto", check=False
         )
         assert_one_error(resume.returncode, resume.stderr, "is in use by another")
         assert tree(run) == before
@@ -83,11 +89,11 @@ def _tagged_processes(tag: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_launcher_sigkill_leaves_no_rank_running(fault_root, reference):
+def test_launcher_sigkill_leaves_no_rank_running(run_root, reference):
     tag = uuid.uuid4().hex
-    run = fault_root / "orphans"
+    run = run_root / "orphans"
     launcher = _start(
-        fault_root, "parallel.cp=2", "run.name=orphans", "train.steps=100000",
+        run_root, "parallel.cp=2", "run.name=orphans", "train.steps=100000",
         env={"MULTITOKEN_TEST_TAG": tag},
     )  # fmt: skip
     try:
@@ -104,16 +110,14 @@ def test_launcher_sigkill_leaves_no_rank_running(fault_root, reference):
 
 
 @pytest.fixture(scope="module")
-def preempted(fault_root, reference):
+def preempted(run_root, reference):
     """A two-rank run stopped by a SIGTERM to its launcher during step 3, then resumed."""
     env = {"MULTITOKEN_FAULT": "sigterm3:0"}
-    stopped = run_subprocess(
-        fault_root, "parallel.cp=2", "run.name=preempted", env=env, check=False
-    )
-    run = fault_root / "preempted"
+    stopped = run_subprocess(run_root, "parallel.cp=2", "run.name=preempted", env=env, check=False)
+    run = run_root / "preempted"
     newest = latest_checkpoint(run)
     records = train_records(run)
-    resumed = run_subprocess(fault_root, "parallel.cp=2", "run.name=preempted", "train.resume=auto")
+    resumed = run_subprocess(run_root, "parallel.cp=2", "run.name=preempted", "train.resume=auto")
     return stopped, newest, records, resumed, run
 
 
@@ -128,58 +132,57 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(preempted, referenc
     assert_same_records(train_records(run), train_records(reference))
 
 
-def test_a_sigterm_to_the_whole_process_group_also_stops_with_a_checkpoint(fault_root, reference):
+def test_a_sigterm_to_the_whole_process_group_also_stops_with_a_checkpoint(run_root, reference):
     """What `timeout` or `kill -TERM -<pgid>` send: the launcher, its forkserver and every rank
     get the SIGTERM at once. The forkserver used to die of it, the launcher then lost its ranks
     and they were killed before saving (the newest checkpoint was the one before the signal)."""
     env = {"MULTITOKEN_FAULT": "groupterm3:0"}
     stopped = run_subprocess(
-        fault_root, "parallel.cp=2", "run.name=group_stopped", env=env, check=False,
+        run_root, "parallel.cp=2", "run.name=group_stopped", env=env, check=False,
         start_new_session=True,  # the process group is the run's own
     )  # fmt: skip
-    run = fault_root / "group_stopped"
+    run = run_root / "group_stopped"
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "stopped by SIGTERM: newest checkpoint" in stopped.stderr
     assert latest_checkpoint(run).name == "step_000003"
-    run_subprocess(fault_root, "parallel.cp=2", "run.name=group_stopped", "train.resume=auto")
+    run_subprocess(run_root, "parallel.cp=2", "run.name=group_stopped", "train.resume=auto")
     assert_same_records(train_records(run), train_records(reference))
 
 
-def test_a_rank_error_is_the_launchers_one_error_line(preempted, fault_root):
+def test_a_rank_error_is_the_launchers_one_error_line(preempted, run_root):
     # Another seed gives another tokenizer: rank 0 refuses before writing anything, the other
     # rank stops with it, and the launcher prints rank 0's message (not a traceback).
     run = preempted[4]
     before = tree(run)
     proc = run_subprocess(
-        fault_root, "parallel.cp=2", "run.name=preempted", "train.resume=true", "train.seed=1",
+        run_root, "parallel.cp=2", "run.name=preempted", "train.resume=true", "train.seed=1",
         check=False,
     )  # fmt: skip
     assert_one_error(proc.returncode, proc.stderr, "these data settings give another tokenizer")
     assert tree(run) == before
 
 
-def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(fault_root, monkeypatch):
+def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(run_root, monkeypatch):
     monkeypatch.setenv("MULTITOKEN_FAULT", "nan2:0")
-    code, _, err = train_cli(fault_root, "run.name=nan_one")
+    code, _, err = train_cli(run_root, "run.name=nan_one")
     assert code == 0, err
     two = run_subprocess(
-        fault_root, "parallel.cp=2", "run.name=nan_two", env={"MULTITOKEN_FAULT": "nan2:1"}
+        run_root, "parallel.cp=2", "run.name=nan_two", env={"MULTITOKEN_FAULT": "nan2:1"}
     )
     assert "step 2: non-finite" in two.stdout
-    records = train_records(fault_root / "nan_two")
+    records = train_records(run_root / "nan_two")
     assert records[-1]["skipped"] == 1
-    assert_same_records(records, train_records(fault_root / "nan_one"))
+    assert_same_records(records, train_records(run_root / "nan_one"))
 
 
 @pytest.mark.slow
-def test_resume_auto_under_torchrun_max_restarts(fault_root, reference):
+def test_resume_auto_under_torchrun_max_restarts(run_root, reference):
     """Rank 1 is killed at step 5 (first attempt only); torchrun restarts both ranks, which
     resume from step 3 with the same command line and finish with the uninterrupted losses."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "--max-restarts=1", "-m", "multitoken", "train", *TINY, "parallel.cp=2",
-        f"run.dir={fault_root}", f"data.cache_dir={fault_root}/cache", "run.name=restarted",
-        "train.resume=auto",
+        "--max-restarts=1", "-m", "multitoken",
+        *tiny_args(run_root, "parallel.cp=2", "run.name=restarted", "train.resume=auto"),
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -190,4 +193,4 @@ def test_resume_auto_under_torchrun_max_restarts(fault_root, reference):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resuming" in proc.stdout and "from step 3" in proc.stdout, proc.stdout
-    assert_same_records(train_records(fault_root / "restarted"), train_records(reference))
+    assert_same_records(train_records(run_root / "restarted"), train_records(reference))

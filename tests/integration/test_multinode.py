@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 
-from test_train_cli import TINY, assert_same_records, run_cli, train_records
+from tests.helpers.cli import assert_same_records, tiny_args, train_records
 
 
 def _free_port() -> int:
@@ -20,11 +20,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_torchrun_nodes_match_one_process(tmp_path):
-    os.chdir(tmp_path)
-    run_cli(tmp_path, "parallel.cp=1", "run.name=single")
-    # Prepare the data once (as a login node would); both nodes then read the cache.
-    run_cli(tmp_path, "parallel.cp=1", "run.name=warm", "train.steps=1")
+def test_two_torchrun_nodes_match_one_process(run_root, reference):
+    # The data is prepared once (as a login node would: the session's one-process reference
+    # run did it in run_root/cache); both nodes then read the cache.
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     nodes = []
@@ -34,11 +32,10 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
             "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
             "--rdzv-id", "multinode-test",
-            "-m", "multitoken", "train", *TINY, f"run.dir={tmp_path}", "run.name=nodes",
-            "parallel.cp=2",
+            "-m", "multitoken", *tiny_args(run_root, "run.name=nodes", "parallel.cp=2"),
         ]  # fmt: skip
         nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for proc in nodes:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-3000:]
-    assert_same_records(train_records(tmp_path / "nodes"), train_records(tmp_path / "single"))
+    assert_same_records(train_records(run_root / "nodes"), train_records(reference))

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from tests.helpers.models import tiny_model
 
 from multitoken import SequenceLayout
 from multitoken.models.attention import AttentionMask
@@ -54,12 +55,7 @@ def test_mode_and_backend_errors():
 
 @pytest.mark.parametrize("mode", ["document", "causal"])
 def test_one_document_per_row_takes_the_causal_fast_path_with_the_same_result(mode):
-    from multitoken import MTPConfig, MTPModel
-    from multitoken.models import GPTConfig
-
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=64, attention=mode)
-    model = MTPModel.from_config(cfg, MTPConfig(num_depths=1))
+    model = tiny_model(1, vocab_size=50, attention=mode)
     ids = torch.randint(1, 50, (3, 20))
     rows = SequenceLayout.rows(3, 20)
     explicit = SequenceLayout.from_lengths([[20]] * 3)  # the same documents, a dense mask

@@ -12,11 +12,9 @@ import shutil
 
 import pytest
 import torch
+from tests.helpers.models import SMALL_GPT, tiny_model
 
 from multitoken.errors import CheckpointError
-from multitoken.models import GPTConfig
-from multitoken.mtp import MTPConfig
-from multitoken.mtp_model import MTPModel
 from multitoken.train.checkpoint import (
     checkpoint_folders,
     latest_checkpoint,
@@ -29,10 +27,8 @@ from multitoken.train.manifest import MANIFEST, hash_files, verify_checkpoint, w
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
-    return MTPModel.from_config(config, MTPConfig(num_depths=1), pad_id=0)
+def small_model(seed=0):
+    return tiny_model(1, seed=seed, **SMALL_GPT)
 
 
 def step(model, optimizer):
@@ -44,7 +40,7 @@ def step(model, optimizer):
 @pytest.fixture
 def run(tmp_path):
     """A run folder with checkpoints of steps 1 and 2 (and the model of each)."""
-    model = tiny_model()
+    model = small_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     weights = {}
     for number in (1, 2):
@@ -95,7 +91,7 @@ def test_damaged_newest_is_skipped_with_a_warning_naming_it(run, damage):
     assert found.name == "step_000001"
     assert len(warnings) == 1 and "step_000002" in warnings[0] and reason in warnings[0]
     # And the older one loads exactly what was saved at step 1.
-    model = tiny_model(seed=1)
+    model = small_model(seed=1)
     extra = load_checkpoint(found, model, torch.optim.AdamW(model.parameters(), lr=1e-2))
     assert extra == {"step": 1}
     for key, value in weights[1].items():
@@ -136,7 +132,7 @@ def test_resume_modes(run, tmp_path_factory):
 
 
 def test_retention_keeps_the_newest(tmp_path):
-    model = tiny_model()
+    model = small_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for number in range(1, 6):
         save_checkpoint(tmp_path, number, model, optimizer, {"step": number}, keep=2)

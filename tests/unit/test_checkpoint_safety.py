@@ -13,14 +13,12 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from tests.helpers.models import SMALL_GPT, tiny_model
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from multitoken.errors import CheckpointError
-from multitoken.models import GPTConfig
-from multitoken.mtp import MTPConfig
-from multitoken.mtp_model import MTPModel
 from multitoken.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from multitoken.train.manifest import write_manifest
 from multitoken.train.safe_load import (
@@ -45,10 +43,8 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
-    return MTPModel.from_config(config, MTPConfig(num_depths=1), pad_id=0)
+def small_model():
+    return tiny_model(1, **SMALL_GPT)
 
 
 def trained(model):
@@ -61,7 +57,7 @@ def trained(model):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    model = tiny_model()
+    model = small_model()
     optimizer = trained(model)
     extra = {"step": 1, "rng": torch.get_rng_state()}
     return save_checkpoint(tmp_path / "run", 1, model, optimizer, extra), model
@@ -109,7 +105,7 @@ def test_restricted_unpickler_refuses_callables(tmp_path, payload):
 
 def _evil_optimizer_checkpoint(path, marker):
     """A DCP checkpoint whose optimiser param_groups hold a payload (stored as a byte entry)."""
-    model = tiny_model()
+    model = small_model()
     optimizer = trained(model)
     state = optimizer.state_dict()
     state["param_groups"][0]["lr"] = Payload(marker)

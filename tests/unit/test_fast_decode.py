@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_generate import make_model, naive_greedy, trained  # noqa: F401  (fixture)
+from tests.helpers.models import decoding_model, naive_greedy
 
 from multitoken import InputError
 from multitoken.decoding.generate import generate
@@ -11,7 +11,7 @@ from multitoken.decoding.static import StaticDecodeState
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_compiled_speculative_equals_eager_and_greedy(trained, depth):  # noqa: F811
+def test_compiled_speculative_equals_eager_and_greedy(trained, depth):
     model, stream = trained
     prompts = [stream[i : i + 7].tolist() for i in (0, 50, 333)]
     accepted = 0
@@ -25,7 +25,7 @@ def test_compiled_speculative_equals_eager_and_greedy(trained, depth):  # noqa: 
     assert accepted > 0  # the drafts were really used
 
 
-def test_compiled_rollback_leaves_no_trace(trained, monkeypatch):  # noqa: F811
+def test_compiled_rollback_leaves_no_trace(trained, monkeypatch):
     """After every step, the compiled state's caches and hidden states equal those of an eager
     state fed only the committed tokens (rejected drafts leave nothing behind)."""
     model, stream = trained
@@ -56,6 +56,6 @@ def test_compiled_rollback_leaves_no_trace(trained, monkeypatch):  # noqa: F811
 
 
 def test_compiled_decoding_refuses_what_it_cannot_do():
-    model = make_model(1, max_seq_len=16)
+    model = decoding_model(1, max_seq_len=16)
     with pytest.raises(InputError, match="max_seq_len is 16"):
         StaticDecodeState(model, 40, 1)

@@ -1,68 +1,23 @@
 """KV-cached decoding and greedy self-speculative decoding with the MTP heads.
 
 Random models almost never accept a draft, so the exactness tests also run on a tiny model
-trained in the fixture (about 2 s) on a stream of short phrases whose successor is one of three
-phrases at random: inside a phrase every depth agrees with the main model, at a phrase boundary
-the heads break the tie differently, so full, partial and zero acceptance all occur.
+trained once per session (``trained`` in conftest.py, about 2 s) on a stream of short phrases
+whose successor is one of three phrases at random: inside a phrase every depth agrees with the
+main model, at a phrase boundary the heads break the tie differently, so full, partial and zero
+acceptance all occur.
 """
 
 import json
 
 import pytest
 import torch
+from tests.helpers.models import decoding_model, naive_greedy
 
 import multitoken.cli
-from multitoken import InputError, MTPConfig, MTPModel, lookahead, next_token_labels
+from multitoken import InputError, lookahead
 from multitoken.decoding.generate import fit_prompt, generate, teacher_forced_accuracy
 from multitoken.decoding.state import DecodeState, decode_layer_kwargs
-from multitoken.models import GPTConfig, LayerKVCache
-
-
-def make_model(depth, seed=0, vocab=24, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)
-    cfg.update(overrides)
-    return MTPModel.from_config(
-        GPTConfig(**cfg), MTPConfig(num_depths=depth, loss_weight=1.0)
-    ).eval()
-
-
-def phrase_stream(seed=0, vocab=24, phrases=8, length=20000):
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 6, (phrases,), generator=gen)
-    words = [torch.randint(2, vocab, (int(n),), generator=gen).tolist() for n in lengths]
-    successors = torch.randint(0, phrases, (phrases, 3), generator=gen)
-    stream, current = [], 0
-    while len(stream) < length:
-        stream += words[current]
-        current = int(successors[current, int(torch.randint(0, 3, (1,), generator=gen))])
-    return torch.tensor(stream)
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """(model with D = 3 whose heads often agree with it, the stream it learned)."""
-    stream = phrase_stream()
-    model = make_model(3).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(100):
-        starts = torch.randint(0, len(stream) - 32, (8,), generator=gen)
-        ids = stream[starts[:, None] + torch.arange(32)]  # (8, 32)
-        loss = model.loss(ids, next_token_labels(ids)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), stream
-
-
-def naive_greedy(model, prompt, n):
-    """Greedy decoding with a full uncached forward per token: the reference."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model.logits(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt) :]
+from multitoken.models import LayerKVCache
 
 
 # ---------------------------------------------------------------- cached == uncached
@@ -70,7 +25,7 @@ def naive_greedy(model, prompt, n):
 def test_cached_forward_in_chunks_equals_full_forward(attention):
     """Through the Decoder interface: the main layers and every MTP depth, fed in chunks with
     their caches, give the hidden states of one uncached forward."""
-    model = make_model(3, attention=attention)
+    model = decoding_model(3, attention=attention)
     decoder = model.decoder
     batch, seqlen, chunks = 2, 17, [5, 1, 3, 1, 7]
     ids = torch.randint(0, 24, (batch, seqlen), generator=torch.Generator().manual_seed(0))
@@ -121,7 +76,7 @@ def test_layer_cache_update_truncate_and_capacity():
 
 @pytest.mark.parametrize("depth", [0, 2])
 def test_plain_cached_greedy_equals_uncached(depth):
-    model = make_model(depth, vocab=50, init_std=0.5)
+    model = decoding_model(depth, vocab=50, init_std=0.5)
     prompt = [3, 9, 4, 1, 7]
     assert generate(model, prompt, 20).tokens == naive_greedy(model, prompt, 20)
 
@@ -130,7 +85,7 @@ def test_plain_cached_greedy_equals_uncached(depth):
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_speculative_equals_greedy_random_models(depth):
     for seed in range(3):
-        model = make_model(depth, seed=seed, vocab=8, init_std=0.3)
+        model = decoding_model(depth, seed=seed, vocab=8, init_std=0.3)
         prompt = torch.randint(0, 8, (6,), generator=torch.Generator().manual_seed(seed))
         plain = generate(model, prompt, 30)
         spec = generate(model, prompt, 30, speculative=True)
@@ -180,10 +135,10 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
     calls = []
     forward_depth = DecodeState.forward_depth
 
-    def recording(self, k, tokens, end):
-        hidden = forward_depth(self, k, tokens, end)
+    def recording(self, depth, tokens, end):
+        hidden = forward_depth(self, depth, tokens, end)
         draft = int((hidden[-1] @ model.head_weight.t()).argmax())
-        calls.append((k, end, list(tokens[: end + k]), draft))
+        calls.append((depth, end, list(tokens[: end + depth]), draft))
         return hidden
 
     monkeypatch.setattr(DecodeState, "forward_depth", recording)
@@ -194,9 +149,9 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
         seq = out.prompt_ids + out.tokens
         with torch.no_grad():
             hidden = model(torch.tensor([seq]))
-        for k, end, read, draft in calls:
-            if read == seq[: end + k]:
-                teacher = int((hidden[k][0, end - 1] @ model.head_weight.t()).argmax())
+        for depth, end, read, draft in calls:
+            if read == seq[: end + depth]:
+                teacher = int((hidden[depth][0, end - 1] @ model.head_weight.t()).argmax())
                 assert draft == teacher
                 checked += 1
     assert checked > 50 and {call[0] for call in calls} == {1, 2, 3}
@@ -289,10 +244,10 @@ def test_fit_prompt_rules():
 
 
 def test_errors_are_clear():
-    plain = make_model(0)
+    plain = decoding_model(0)
     with pytest.raises(InputError, match="MTP heads"):
         generate(plain, [1, 2, 3], 4, speculative=True)
-    model = make_model(2)
+    model = decoding_model(2)
     with pytest.raises(InputError, match="draft_depths must be in 1..2"):
         generate(model, [1, 2, 3], 4, speculative=True, draft_depths=3)
     with pytest.warns(DeprecationWarning, match=r"generate\(draft_depth=...\) is deprecated"):
@@ -332,7 +287,7 @@ class CharTokenizer:
 def fake_runs(monkeypatch, trained):
     """``multitoken generate --run mtp`` loads the trained D = 3 model, ``--run plain`` a D = 0
     one; both with a character tokenizer."""
-    models = {"mtp": trained[0], "plain": make_model(0)}
+    models = {"mtp": trained[0], "plain": decoding_model(0)}
     monkeypatch.setattr(
         multitoken.cli, "load_for_inference", lambda run_dir: (models[run_dir], CharTokenizer())
     )

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from tests.helpers.models import tiny_model
 
-from multitoken import MTPConfig, MTPModel
 from multitoken.decoding.generate import accept_drafts, generate
-from multitoken.models import GPTConfig
 
 
 def test_acceptance_rule_reproduces_the_target_distribution():
@@ -53,9 +52,8 @@ def exact_two_token_law(model, prompt, temperature):
 
 @pytest.mark.parametrize("draft_depths", [1, 2])
 def test_speculative_sampling_matches_plain_sampling_law(draft_depths):
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=4, dim=16, n_layers=1, n_heads=2, max_seq_len=16, init_std=1.0)
-    model = MTPModel.from_config(cfg, MTPConfig(num_depths=2)).eval()
+    small = dict(dim=16, n_layers=1, n_heads=2, max_seq_len=16, init_std=1.0)
+    model = tiny_model(2, vocab_size=4, **small).eval()
     prompt, temperature = [1, 3, 0, 2], 1.3
     exact = exact_two_token_law(model, prompt, temperature)
     gen = torch.Generator().manual_seed(1)
@@ -77,9 +75,7 @@ def test_speculative_sampling_matches_plain_sampling_law(draft_depths):
 
 
 def test_plain_sampling_is_seeded():
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=32)
-    model = MTPModel.from_config(cfg, MTPConfig(num_depths=0)).eval()
+    model = tiny_model(0, vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=32).eval()
 
     def run(seed):
         gen = torch.Generator().manual_seed(seed)

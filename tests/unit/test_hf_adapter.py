@@ -6,13 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from tests.helpers import batches
+from tests.helpers.batches import DOC_LENGTHS, documents
 
 from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
 from multitoken.hf.weights import read_tensors
 from multitoken.testing.tiny_hf import ARCHITECTURES, save_tiny, tiny_model
-
-DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
 
 
 def hf_mtp_model(model_type, depth, implementation="sdpa", seed=0):
@@ -24,19 +24,9 @@ def hf_mtp_model(model_type, depth, implementation="sdpa", seed=0):
 
 
 def packed_batch(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 97, (2, 24), generator=gen)
-    return ids, SequenceLayout.from_lengths(DOC_LENGTHS)
-
-
-def documents(ids):
-    docs = []
-    for row, lengths in enumerate(DOC_LENGTHS):
-        start = 0
-        for length in lengths:
-            docs.append(ids[row : row + 1, start : start + length])
-            start += length
-    return docs
+    """Two rows of 24 tokens (``DOC_LENGTHS``) over the tiny HF vocabulary: ``(ids, layout)``."""
+    ids, _, layout = batches.packed_batch(DOC_LENGTHS, seed=seed, vocab=97, low=2)
+    return ids, layout
 
 
 def grads(model):

@@ -4,14 +4,14 @@ tokenizer round-trips, the MTP weights come back through the adapter."""
 import pytest
 import torch
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from tests.helpers.models import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from multitoken import MTPConfig, MTPModel
+from multitoken import MTPConfig
 from multitoken.data import Document, train_tokenizer
 from multitoken.errors import CheckpointError
 from multitoken.hf.export import export_model
 from multitoken.hf.weights import load_hf_mtp_model
-from multitoken.models import GPTConfig
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -27,12 +27,10 @@ def tokenizer(tmp_path_factory):
 
 
 def reference(tokenizer, depth=2, tie=True, hidden_first=False):
-    torch.manual_seed(0)
-    cfg = GPTConfig(
-        vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        max_seq_len=64, tie_embeddings=tie, rope_theta=500.0, norm_eps=1e-6,
+    model = tiny_model(
+        depth, vocab_size=tokenizer.vocab_size, tie_embeddings=tie, rope_theta=500.0,
+        norm_eps=1e-6, mtp=dict(hidden_first=hidden_first),
     )  # fmt: skip
-    model = MTPModel.from_config(cfg, MTPConfig(num_depths=depth, hidden_first=hidden_first))
     with torch.no_grad():  # norms away from 1, so a dropped or misnamed one would show
         for p in model.parameters():
             if p.dim() == 1:

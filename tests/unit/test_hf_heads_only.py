@@ -4,14 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from tests.helpers.batches import DOC_LENGTHS, packed_batch
 
-from multitoken import ConfigError, MTPConfig, MTPModel, SequenceLayout, next_token_labels
+from multitoken import ConfigError, MTPConfig, MTPModel
 from multitoken.batch import StepBatch
 from multitoken.hf import HFDecoder, init_mtp_weights
 from multitoken.mtp_model import step_loss
 from multitoken.testing.tiny_hf import tiny_model
-
-LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]
 
 
 def build(freeze_base, depth=2, targets="data", model_type="llama"):
@@ -24,9 +23,8 @@ def build(freeze_base, depth=2, targets="data", model_type="llama"):
 
 
 def batch(depth=2, seed=0):
-    ids = torch.randint(2, 97, (2, 24), generator=torch.Generator().manual_seed(seed))
-    layout = SequenceLayout.from_lengths(LENGTHS)
-    return StepBatch.build(ids, next_token_labels(ids, layout), layout, depth)
+    ids, labels, layout = packed_batch(DOC_LENGTHS, seed=seed, vocab=97, low=2)
+    return StepBatch.build(ids, labels, layout, depth)
 
 
 def trainable(model):
@@ -105,7 +103,7 @@ def test_base_targets_are_the_backbones_greedy_tokens(depth):
     hidden = model(b.input_ids, b.layout, mtp_input_ids=b.mtp_input_ids)
     for k in range(1, depth + 1):
         losses, count = [], 0
-        for row, lengths in enumerate(LENGTHS):
+        for row, lengths in enumerate(DOC_LENGTHS):
             start = 0
             for length in lengths:
                 with torch.no_grad():

@@ -3,6 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import batches
+from tests.helpers.batches import DOC_LENGTHS
+from tests.helpers.models import tiny_model
 
 from multitoken import (
     ConfigError,
@@ -17,26 +20,23 @@ from multitoken import (
 )
 from multitoken.models import GPT, GPTConfig
 
+VOCAB = 97
+
 
 def make_model(depth, seed=0, recompute=False, recompute_main=False, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    cfg.update(overrides, recompute=recompute_main)
-    mtp = MTPConfig(num_depths=depth, loss_weight=0.3, recompute=recompute)
-    return MTPModel.from_config(GPTConfig(**cfg), mtp)
+    mtp = dict(recompute=recompute)
+    return tiny_model(depth, seed=seed, vocab_size=VOCAB, recompute=recompute_main, mtp=mtp,
+                      **overrides)  # fmt: skip
 
 
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-DOC_LENGTHS = [[5, 1, 9, 2, 7], [3, 13, 1, 1, 6]]  # two rows of 24 tokens
-
-
 def packed_batch(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 97, (2, 24), generator=gen)
-    return ids, SequenceLayout.from_lengths(DOC_LENGTHS)
+    """Two rows of 24 tokens (``DOC_LENGTHS``): ``(ids, layout)``."""
+    ids, _, layout = batches.packed_batch(DOC_LENGTHS, seed=seed, vocab=VOCAB)
+    return ids, layout
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
@@ -50,12 +50,7 @@ def test_packed_equals_documents_run_one_by_one(depth):
     model.zero_grad()
 
     # The same documents, each alone in a batch of one row (no layout needed).
-    docs = []
-    for row, lengths in enumerate(DOC_LENGTHS):
-        start = 0
-        for length in lengths:
-            docs.append(ids[row : row + 1, start : start + length])
-            start += length
+    docs = batches.documents(ids, DOC_LENGTHS)
     per_doc = []
     for doc in docs:
         per_doc.append(model.loss(doc, next_token_labels(doc)))
@@ -175,26 +170,6 @@ def test_bad_input_errors():
         MTPModel(torch.nn.Linear(2, 2), MTPConfig(num_depths=1))
 
 
-def test_mtp_config_depth_is_a_deprecated_alias_of_num_depths():
-    with pytest.warns(DeprecationWarning, match="use num_depths="):
-        config = MTPConfig(depth=3)
-    assert config.num_depths == 3 and config == MTPConfig(num_depths=3)
-    with pytest.warns(DeprecationWarning, match="MTPConfig.depth is deprecated"):
-        assert config.depth == 3
-    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="num_depths must"):
-        MTPConfig(depth=-1)
-    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="pass one"):
-        MTPConfig(num_depths=1, depth=1)
-    model = make_model(2)
-    with pytest.warns(DeprecationWarning, match="MTPModel.depth is deprecated"):
-        assert model.depth == model.num_depths == 2
-    ids = torch.randint(1, 97, (1, 8))
-    with pytest.warns(DeprecationWarning, match=r"build\(depth=...\) is deprecated"):
-        batch = StepBatch.build(ids, next_token_labels(ids), None, depth=2)
-    with pytest.warns(DeprecationWarning, match="StepBatch.depth is deprecated"):
-        assert batch.depth == batch.num_depths == 2
-
-
 def test_value_checks_can_be_turned_off():
     # validation(False) drops the host syncs of the value checks (ids in the vocabulary):
     # shape and dtype checks stay.
@@ -254,9 +229,9 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32():
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_dropping_padding_rows_keeps_the_logits_of_the_real_tokens(tie):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=12, dim=16, n_layers=1, n_heads=2, tie_embeddings=tie)
-    model = MTPModel.from_config(config, MTPConfig(num_depths=1))
+    model = tiny_model(
+        1, vocab_size=12, dim=16, n_layers=1, n_heads=2, max_seq_len=1024, tie_embeddings=tie
+    )
     ids = torch.randint(0, 10, (1, 6))
     before = [h @ model.head_weight.t() for h in model(ids)]  # the main head and every depth
     model.decoder.drop_padding_rows(10)
@@ -283,3 +258,23 @@ def test_base_targets_in_chunks_are_the_greedy_tokens():
         for k in (1, 2):
             want = torch.where(labels[k] != -100, torch.roll(greedy, -k, 1), labels[k])
             assert torch.equal(out[k], want), (chunk_elements, k)
+
+
+def test_mtp_config_depth_is_a_deprecated_alias_of_num_depths():
+    with pytest.warns(DeprecationWarning, match="use num_depths="):
+        config = MTPConfig(depth=3)
+    assert config.num_depths == 3 and config == MTPConfig(num_depths=3)
+    with pytest.warns(DeprecationWarning, match="MTPConfig.depth is deprecated"):
+        assert config.depth == 3
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="num_depths must"):
+        MTPConfig(depth=-1)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="pass one"):
+        MTPConfig(num_depths=1, depth=1)
+    model = make_model(2)
+    with pytest.warns(DeprecationWarning, match="MTPModel.depth is deprecated"):
+        assert model.depth == model.num_depths == 2
+    ids = torch.randint(1, 97, (1, 8))
+    with pytest.warns(DeprecationWarning, match=r"build\(depth=...\) is deprecated"):
+        batch = StepBatch.build(ids, next_token_labels(ids), None, depth=2)
+    with pytest.warns(DeprecationWarning, match="StepBatch.depth is deprecated"):
+        assert batch.depth == batch.num_depths == 2

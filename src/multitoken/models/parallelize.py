@@ -226,11 +226,11 @@ def _layer_plan(sequence_parallel: bool) -> dict:
 
 def apply_tp(
     model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True
-) -> VocabParallelCrossEntropy:
+) -> Callable:
     """Apply tensor parallelism to ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on the
     reference GPT) in place over ``tp_mesh``; returns the vocabulary-parallel cross-entropy
     its loss must use. Every rank must hold the same weights (the same seed): each keeps its
-    own shard of them.
+    own shard of them; on a mesh of one rank it changes nothing.
 
     Args:
         model: the model, on its device.
@@ -246,6 +246,8 @@ def apply_tp(
             by the TP size (before any collective, the same on every rank).
     """
     tp_size = tp_mesh.size()
+    if tp_size == 1:
+        return linear_cross_entropy  # nothing to split
     check_tp(model, tp_size)
     # SequenceParallel re-registers a norm's weight as a new Parameter, which requires grad:
     # a frozen base (mtp.freeze_base) must stay frozen.

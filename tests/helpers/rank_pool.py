@@ -11,7 +11,8 @@ Inside ``fn``, ``torch.distributed`` is initialised (gloo, one thread per rank) 
 its timeout all fail the test with every rank's traceback, and the pool is killed and
 respawned on next use, so one hang costs one timeout and never poisons the tests after it.
 
-Functions must be importable by name from the test modules (module-level, no lambdas).
+Functions must be importable by name (module-level in a test module or in ``tests.helpers``,
+no lambdas): the ranks' forkserver starts with the pytest process's ``sys.path``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _context():
     """A forkserver that imported torch once: each rank is then a fork (~0.1 s) rather than a
     fresh interpreter importing torch (seconds each, on a 2-core machine)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "multitoken", "rank_pool"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "multitoken", __name__])
     return ctx
 
 

@@ -1,5 +1,6 @@
-"""Run in a fresh process by test_data_scale.py and bench/data.py: prepare a store, or read it
-through a loader, and print one JSON line with the memory this process (and its workers) used.
+"""Run in a fresh process by tests/integration/test_data_scale.py and bench/data.py: prepare a
+store, or read it through a loader, and print one JSON line with the memory this process (and
+its workers) used.
 
     python data_probe.py prepare CORPUS CACHE [WORKERS]
     python data_probe.py load CORPUS CACHE [BATCHES]
