@@ -224,9 +224,7 @@ def _layer_plan(sequence_parallel: bool) -> dict:
     return plan
 
 
-def apply_tp(
-    model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True
-) -> Callable:
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True) -> Callable:
     """Apply tensor parallelism to ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on the
     reference GPT) in place over ``tp_mesh``; returns the vocabulary-parallel cross-entropy
     its loss must use. Every rank must hold the same weights (the same seed): each keeps its
