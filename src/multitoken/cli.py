@@ -77,6 +77,10 @@ def _report_stop(cfg, signum: int) -> int:
 def _preflight(cfg, ranks_here: int) -> None:
     """Checks before anything is started or written (the configuration checked itself)."""
     check_paths(cfg)
+    if cfg.model.hf:  # the folder's gate: code, files, paths, config, weights' headers
+        from multitoken.train.hf import check_hf_folder  # optional extra: only when used
+
+        check_hf_folder(cfg)
     if not torch.cuda.is_available():  # a GPU rank checks its own device before it allocates
         check_memory(cfg, available_memory(None, ranks_here))
 
