@@ -201,7 +201,11 @@ def _check_fields(path: Path, config: dict[str, Any]) -> None:
 def _build_config(path: Path, config: dict[str, Any]) -> None:
     """What transformers itself refuses in the config, as one line (no remote code)."""
     from transformers import CONFIG_MAPPING  # transformers' own classes, never a folder's
+    from transformers.activations import ACT2FN
 
+    act = config.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise ConfigError(f"{path}: hidden_act={act!r} is not an activation transformers knows")
     try:
         CONFIG_MAPPING[config["model_type"]](**config)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as err:
