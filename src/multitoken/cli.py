@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from multitoken.decoding.generate import generate, teacher_forced_accuracy
-from multitoken.errors import ConfigError, InputError, UserError
+from multitoken.errors import CheckpointError, ConfigError, InputError, UserError
 from multitoken.train.checkpoint import (
     check_resume_possible,
     checkpoint_folders,
@@ -33,7 +33,7 @@ from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
 from multitoken.train.lifecycle import die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
 from multitoken.train.preflight import available_memory, check_memory, check_paths
-from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir
+from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir, is_run_folder
 from multitoken.train.trainer import train
 
 __all__ = ["main"]
@@ -243,10 +243,23 @@ def _generation_record(model, result, text: str) -> dict:
     }
 
 
+def _refuse_run_folders(out: Path) -> None:
+    """An export inside a run folder is refused: rotation and ``run.overwrite`` delete files
+    there (an export into a run's checkpoints/ vanished at the next rotation)."""
+    for folder in (out.resolve(), *out.resolve().parents):  # links followed, ".." undone
+        if is_run_folder(folder):
+            raise CheckpointError(
+                f"{out} is inside the run folder {folder}, where checkpoint rotation and "
+                "run.overwrite delete files: export to a folder outside any run"
+            )
+
+
 def cmd_export(args) -> int:
     """``multitoken export``: a run as a Hugging Face folder (MTP weights in a released format)."""
-    from multitoken.hf.export import export_model  # the optional [hf] extra, only when used
+    from multitoken.hf.export import check_target, export_model  # the optional [hf] extra
 
+    _refuse_run_folders(Path(args.out))
+    check_target(args.out)  # before the (slow) load: a refusal is at once
     model, tokenizer = load_for_inference(args.run)
     export_model(model, tokenizer, args.out, args.format)
     depths = f"{model.depth} MTP depth(s) in the {args.format} format" if model.depth else "no MTP"
