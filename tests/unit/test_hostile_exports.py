@@ -134,7 +134,8 @@ def test_two_exports_into_one_folder_cannot_both_succeed(run, out_root, monkeypa
 
     def save_and_race(self, *args, **kwargs):
         if not second:  # the first export is about to write: a second one starts now
-            second.append(cli("export", str(out), "--run", str(run)))
+            second.append(None)
+            second[0] = cli("export", str(out), "--run", str(run))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_and_race)
