@@ -169,6 +169,14 @@ def test_bad_config_is_one_line_before_anything_is_written(root, folder, changes
     assert_refused(code, err, message, root / "runs" / name)
 
 
+def test_a_tokenizer_larger_than_the_model_is_one_line(root, tmp_path):
+    """(test_hf_round_trip's case now fails the folder's shape check first: kept here.)"""
+    folder = make_folder(tmp_path / "small")
+    save_tiny("llama", folder, vocab_size=200, max_position_embeddings=128)
+    code, _, err = train(root, folder, "small_vocab")
+    assert_refused(code, err, "tokens but the model's vocabulary", root / "runs" / "small_vocab")
+
+
 def _header(path: Path) -> tuple[int, dict]:
     raw = path.read_bytes()
     length = struct.unpack("<Q", raw[:8])[0]
