@@ -156,6 +156,16 @@ def test_an_export_inside_a_run_folder_is_refused(run, inside):
     assert listing(run) == before
 
 
+def test_an_export_under_a_file_or_onto_a_link_is_one_line(run, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = cli("export", str(tmp_path / "afile" / "hf"), "--run", str(run))
+    one_error(code, err, "is not a writable folder")
+    (tmp_path / "link").symlink_to(tmp_path)
+    code, _, err = cli("export", str(tmp_path / "link"), "--run", str(run))
+    one_error(code, err, "is a link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link"]
+
+
 @pytest.fixture
 def racing_run(run, tmp_path):
     """A copy of the run whose step 4 the "trainer" has not written yet (hidden)."""

@@ -158,9 +158,10 @@ def test_custom_config_code_is_refused(root, folder, answer_yes):
         ({"hidden_act": "no_such_activation"}, "hidden_act='no_such_activation' is not an"),
         ({"intermediate_size": 96}, "has shape [64, 32] but config.json gives [96, 32]"),
         ({"num_hidden_layers": 3}, "lacks the tensor 'model.layers.2.self_attn.q_proj.weight'"),
+        ({"rope_parameters": {"rope_type": "nonsense"}}, "names rope_type 'nonsense'"),
     ],
     ids=["vocab", "width", "layers", "layers_str", "no_width", "heads", "tie", "eps", "act",
-         "ffn_shape", "missing_layer"],
+         "ffn_shape", "missing_layer", "rope"],
 )  # fmt: skip
 def test_bad_config_is_one_line_before_anything_is_written(root, folder, changes, message):
     _edit_json(folder / "config.json", **changes)

@@ -135,6 +135,9 @@ def check_target(out: str | Path) -> Path:
         raise CheckpointError(f"{out} is a link: export into a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty: export into a new folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise CheckpointError(f"{out} cannot be created: {parent} is not a writable folder")
     return out
 
 
@@ -180,9 +183,12 @@ def _claim(partial: Path, out: Path) -> None:
 def staging(out: Path):
     """A temporary folder beside ``out``, renamed to ``out`` when the block completes (removed
     if it fails), and held by one export at a time."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.export-partial"
-    _claim(partial, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _claim(partial, out)
+    except OSError as err:
+        raise CheckpointError(f"cannot write beside {out}: {err.strerror or err}") from None
     try:
         check_target(out)  # again, now that this export holds the lock
         yield partial

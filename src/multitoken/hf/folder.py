@@ -206,11 +206,30 @@ def _build_config(path: Path, config: dict[str, Any]) -> None:
     act = config.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in ACT2FN:
         raise ConfigError(f"{path}: hidden_act={act!r} is not an activation transformers knows")
+    _check_rope(path, config)
     try:
         CONFIG_MAPPING[config["model_type"]](**config)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{path} is not a config transformers can build ({reason})") from None
+
+
+def _check_rope(path: Path, config: dict[str, Any]) -> None:
+    """A rotary embedding transformers implements (an unknown kind was a KeyError mid-build)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{path}: {key} is not a JSON object")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+            raise ConfigError(f"{path}: {key} names rope_type {kind!r}, which transformers lacks")
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or not theta > 0:
+            raise ConfigError(f"{path}: rope_theta={theta!r} is not a positive number")
 
 
 def _shape(config: dict[str, Any]) -> ModelShape:
