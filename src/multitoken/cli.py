@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from multitoken.decoding.generate import generate, teacher_forced_accuracy
-from multitoken.errors import ConfigError, InputError, UserError
+from multitoken.errors import CheckpointError, ConfigError, InputError, UserError
 from multitoken.train.checkpoint import (
     check_resume_possible,
     checkpoint_folders,
@@ -38,7 +38,7 @@ from multitoken.train.preflight import (
     check_paths,
     fit_to_devices,
 )
-from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir
+from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir, is_run_folder
 from multitoken.train.trainer import train
 
 __all__ = ["main"]
@@ -82,6 +82,10 @@ def _report_stop(cfg, signum: int) -> int:
 def _preflight(cfg, ranks_here: int) -> None:
     """Checks before anything is started or written (the configuration checked itself)."""
     check_paths(cfg)
+    if cfg.model.hf:  # the folder's gate: code, files, paths, config, weights' headers
+        from multitoken.train.hf import check_hf_folder  # optional extra: only when used
+
+        check_hf_folder(cfg)
     if not torch.cuda.is_available():  # a GPU rank checks its own device before it allocates
         check_memory(cfg, available_memory(None, ranks_here))
 
@@ -259,10 +263,23 @@ def _generation_record(model, result, text: str) -> dict:
     }
 
 
+def _refuse_run_folders(out: Path) -> None:
+    """An export inside a run folder is refused: rotation and ``run.overwrite`` delete files
+    there (an export into a run's checkpoints/ vanished at the next rotation)."""
+    for folder in (out.resolve(), *out.resolve().parents):  # links followed, ".." undone
+        if is_run_folder(folder):
+            raise CheckpointError(
+                f"{out} is inside the run folder {folder}, where checkpoint rotation and "
+                "run.overwrite delete files: export to a folder outside any run"
+            )
+
+
 def cmd_export(args) -> int:
     """``multitoken export``: a run as a Hugging Face folder (MTP weights in a released format)."""
-    from multitoken.hf.export import export_model  # the optional [hf] extra, only when used
+    from multitoken.hf.export import check_target, export_model  # the optional [hf] extra
 
+    _refuse_run_folders(Path(args.out))
+    check_target(args.out)  # before the (slow) load: a refusal is at once
     model, tokenizer = load_for_inference(args.run)
     export_model(model, tokenizer, args.out, args.format)
     depths = (

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +30,17 @@ from transformers.utils import logging as hf_logging
 
 from multitoken.errors import ConfigError, InputError, check_in_range
 from multitoken.hf.attention import ATTENTION_NAME, IMPLEMENTATIONS, HFAttentionMask, register
+from multitoken.hf.folder import SUPPORTED_MODEL_TYPES, check_model_folder
 from multitoken.layout import SequenceLayout
 from multitoken.models.kv_cache import LayerKVCache
 
 __all__ = ["HFDecoder", "HFLayerCache", "SUPPORTED_MODEL_TYPES", "init_mtp_weights", "read_config"]
 
-# Architectures whose decoder layers this adapter drives exactly, each checked by the tests
-# against the model's own forward (tests/unit/test_hf_adapter.py). Others may need an embedding
-# scale, logit softcapping, attention sinks or non-attention layers the adapter does not apply.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a local HF model folder, refusing anything else with the fix."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"{folder} is not a Hugging Face model folder (no config.json): point model.hf at a "
-            "folder written by save_pretrained (config.json, *.safetensors, tokenizer files)"
-        )
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(config.get("architectures") or ["?"])
-        raise ConfigError(
-            f"{folder} holds a {arch} (model_type {model_type!r}), which the multitoken HF "
-            f"adapter does not support: supported model types are "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if not list(folder.glob("*.safetensors")):
-        raise ConfigError(
-            f"{folder} has no *.safetensors weights: save the model with "
-            "save_pretrained(..., safe_serialization=True)"
-        )
-    return config
+    """``config.json`` of a local HF model folder, after the whole folder passed
+    :func:`~multitoken.hf.folder.check_model_folder` (refusing anything else with the fix)."""
+    return check_model_folder(path).config
 
 
 class HFLayerCache(LayerKVCache):
@@ -125,9 +98,9 @@ class HFDecoder(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> HFDecoder:
         """Load a local HF model folder (no hub access), refusing unsupported ones first."""
-        read_config(path)
+        read_config(path)  # the folder's gate: no code, regular files, sizes, dtypes
         # AutoConfig first: an unknown model_type fails here with transformers' own message.
-        AutoConfig.from_pretrained(str(path), local_files_only=True)
+        AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         # No progress bar per load, and no "UNEXPECTED keys" report: the MTP keys it would list
         # are loaded (or refused, listed) by multitoken.hf.weights, never dropped.
         verbosity = hf_logging.get_verbosity()

@@ -18,6 +18,10 @@ Example::
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
@@ -31,7 +35,15 @@ from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
 from multitoken.models.gpt import GPT
 from multitoken.mtp_model import MTPModel
 
-__all__ = ["export_model", "llama_config", "llama_model", "llama_state_dict", "DEFAULT_FORMAT"]
+__all__ = [
+    "export_model",
+    "check_target",
+    "staging",
+    "llama_config",
+    "llama_model",
+    "llama_state_dict",
+    "DEFAULT_FORMAT",
+]
 
 DEFAULT_FORMAT = "mimo"
 # Reference layer parameter -> transformers Llama decoder-layer parameter.
@@ -109,16 +121,120 @@ def llama_model(gpt: GPT, eos_id: int, pad_id: int) -> LlamaForCausalLM:
     return hf_model
 
 
-def _check_out(out: Path) -> None:
+_OWNER = ".export-owner"
+
+
+def check_target(out: str | Path) -> Path:
+    """Refuse an export target that is not new: an existing file, a link, a folder with files.
+
+    Raises:
+        CheckpointError: naming ``out`` and the fix.
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise CheckpointError(f"{out} is a link: export into a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty: export into a new folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise CheckpointError(f"{out} cannot be created: {parent} is not a writable folder")
+    return out
+
+
+def _owner_gone(partial: Path) -> bool:
+    """Whether the export that made ``partial`` is known to have ended (killed: its pid is
+    gone on this host); unknown owners are taken to be alive."""
+    try:
+        fields = (partial / _OWNER).read_text().split()
+        pid, host = int(fields[1]), fields[3]
+    except (OSError, ValueError, IndexError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _claim(partial: Path, out: Path) -> None:
+    """Create ``partial`` (the lock: ``mkdir`` succeeds for one export only), clearing one a
+    killed export left behind."""
+    for _ in range(2):
+        try:
+            partial.mkdir()
+        except FileExistsError:
+            if not _owner_gone(partial):
+                raise CheckpointError(
+                    f"another export into {out} is under way ({partial} exists): wait for it to "
+                    "finish, or remove that folder if no export is running"
+                ) from None
+            shutil.rmtree(partial, ignore_errors=True)  # what a killed export left
+            continue
+        (partial / _OWNER).write_text(f"pid {os.getpid()} host {socket.gethostname()}\n")
+        return
+    raise CheckpointError(f"cannot claim {partial} for the export into {out}: try again")
+
+
+@contextmanager
+def staging(out: Path):
+    """A temporary folder beside ``out``, renamed to ``out`` when the block completes (removed
+    if it fails), and held by one export at a time."""
+    partial = out.parent / f".{out.name}.export-partial"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _claim(partial, out)
+    except OSError as err:
+        raise CheckpointError(f"cannot write beside {out}: {err.strerror or err}") from None
+    try:
+        check_target(out)  # again, now that this export holds the lock
+        yield partial
+        (partial / _OWNER).unlink()
+        try:
+            os.rename(partial, out)  # atomic; fails if anything wrote into out meanwhile
+        except OSError as err:
+            raise CheckpointError(
+                f"{out} was written by something else during the export ({err.strerror}): "
+                "export into a new folder"
+            ) from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _reference_mtp(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """The MTP depths of a model on the reference GPT, in ``fmt`` (Llama block names)."""
+    if model.mtp is None:
+        return {}, {}
+    depths = []
+    for module in model.mtp.depths:
+        canonical = {}
+        for key, value in module.state_dict().items():
+            if key.startswith("layer."):
+                key = "layer." + _block_key(key.removeprefix("layer."))
+            canonical[key] = value
+        depths.append(canonical)
+    decoder = model.decoder
+    return to_format(
+        depths,
+        fmt,
+        num_layers=decoder.num_layers,
+        hidden_first=model.config.hidden_first,
+        embed=decoder.tok_embeddings.weight,
+        head=decoder.head_weight,
+    )
 
 
 def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT_FORMAT) -> Path:
     """Write ``model`` and its tokenizer as an HF folder; MTP weights in ``fmt``.
 
-    Everything is built and checked before the first file is written, so a refused export
-    writes nothing.
+    Everything is built and checked before the first file is written, and the files are
+    written into a temporary folder beside ``out`` that is renamed to ``out`` when complete: a
+    refused, failed or killed export leaves no ``out``, and of two exports into one folder
+    only one can succeed (the other is refused at once).
 
     Args:
         model: a trained :class:`MTPModel` (reference GPT or HF decoder).
@@ -129,7 +245,7 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
     out = Path(out)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown MTP weight format {fmt!r}: choose one of {FORMATS}")
-    _check_out(out)
+    check_target(out)
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer.backend,
         pad_token=tokenizer.backend.id_to_token(tokenizer.pad_id),
@@ -140,36 +256,21 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
     if isinstance(decoder, HFDecoder):
         if model.mtp is not None:
             mtp_tensors(model, fmt)  # a format that cannot hold the depths fails before writing
-        save_pretrained(model, out, fmt)
-        hf_tokenizer.save_pretrained(out)
+        with staging(out) as partial:
+            save_pretrained(model, partial, fmt)
+            hf_tokenizer.save_pretrained(partial)
         return out
     if not isinstance(decoder, GPT):
         raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
     hf_model = llama_model(decoder, tokenizer.eos_id, tokenizer.pad_id)
-    tensors, entries = {}, {}
-    if model.mtp is not None:
-        depths = []
-        for module in model.mtp.depths:
-            canonical = {}
-            for key, value in module.state_dict().items():
-                if key.startswith("layer."):
-                    key = "layer." + _block_key(key.removeprefix("layer."))
-                canonical[key] = value
-            depths.append(canonical)
-        tensors, entries = to_format(
-            depths,
-            fmt,
-            num_layers=decoder.num_layers,
-            hidden_first=model.config.hidden_first,
-            embed=decoder.tok_embeddings.weight,
-            head=decoder.head_weight,
-        )
-    hf_logging.disable_progress_bar()  # the CLI prints one line for the export
-    try:
-        hf_model.save_pretrained(out)
-    finally:
-        hf_logging.enable_progress_bar()
-    if tensors:
-        save_with_mtp(out, tensors, entries)
-    hf_tokenizer.save_pretrained(out)
+    tensors, entries = _reference_mtp(model, fmt)
+    with staging(out) as partial:
+        hf_logging.disable_progress_bar()  # the CLI prints one line for the export
+        try:
+            hf_model.save_pretrained(partial)
+        finally:
+            hf_logging.enable_progress_bar()
+        if tensors:
+            save_with_mtp(partial, tensors, entries)
+        hf_tokenizer.save_pretrained(partial)
     return out

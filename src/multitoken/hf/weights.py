@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
+from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format, from_format, to_format
 from multitoken.mtp import MTPConfig
 from multitoken.mtp_model import MTPModel
@@ -39,20 +40,14 @@ _WEIGHTS = "model.safetensors"
 
 
 def _files(folder: Path) -> list[Path]:
-    index = folder / f"{_WEIGHTS}.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))
+    """The folder's safetensors files, after the folder's gate (regular files in the folder,
+    whole headers, float dtypes)."""
+    return list(check_model_folder(folder).weight_files)
 
 
 def checkpoint_keys(folder: str | Path) -> list[str]:
-    """Every tensor name in the folder's safetensors (without reading the tensors)."""
-    keys = []
-    for file in _files(Path(folder)):
-        with safe_open(str(file), framework="pt") as handle:
-            keys += list(handle.keys())
-    return keys
+    """Every tensor name in the folder's safetensors (from their checked headers only)."""
+    return list(check_model_folder(folder).tensors)
 
 
 def read_tensors(folder: str | Path, keys: set[str] | None = None) -> dict[str, Tensor]:

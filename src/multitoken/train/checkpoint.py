@@ -77,6 +77,8 @@ def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
 
 
 _PARTIAL_DIR = re.compile(r"step_(\d+)\.partial$")
+_RETRIES = 5  # checkpoints rotated away while read, in a row, before giving up
+_REMOVING = ".removing"  # a checkpoint being deleted (renamed first, then removed)
 
 
 def _warn(message: str) -> None:
@@ -145,7 +147,7 @@ def save_checkpoint(
     if rank == 0:
         files = {name: entry for share in shares for name, entry in share.items()}
         write_manifest(partial, step, world, files)  # last: a folder with one is finished
-        shutil.rmtree(final, ignore_errors=True)
+        _remove(final)
         os.replace(partial, final)  # atomic: the checkpoint appears whole or not at all
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
@@ -159,17 +161,29 @@ def _prune(root: Path, step: int, keep: int) -> None:
     """Drop folders past ``step`` (what a resume from an older checkpoint left behind),
     unfinished saves, and all but the ``keep`` newest checkpoints."""
     for path in root.iterdir():
-        partial = _PARTIAL_DIR.match(path.name)
-        if partial and path.is_dir():
+        stale = _PARTIAL_DIR.match(path.name) or path.name.endswith(_REMOVING)
+        if stale and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
     folders = checkpoint_folders(root.parent)
     for number, path in folders:
         if number > step:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
     kept = [f for f in folders if f[0] <= step]
     if keep:
         for _, path in kept[keep:]:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that its name disappears at once (renamed first): a
+    reader then sees the whole checkpoint or none of it, never a half-deleted "damaged" one."""
+    doomed = path.with_name(path.name + _REMOVING)
+    shutil.rmtree(doomed, ignore_errors=True)  # what a killed removal left
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path  # gone already, or cannot be renamed: delete it in place
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
@@ -198,8 +212,8 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = _warn)
     for _, path in checkpoint_folders(run_dir):
         try:
             verify_checkpoint(path)  # its world need not be ours: checkpoints reshard
-        except CheckpointError as err:
-            if warn is not None:
+        except (CheckpointError, OSError) as err:
+            if warn is not None and path.is_dir():  # gone: rotated away by a trainer
                 warn(f"skipping damaged checkpoint {path}: {err}")
             continue
         return path
@@ -300,6 +314,19 @@ def _dcp_load(state: dict[str, Any], path: Path, group) -> None:
         ) from None
 
 
+def _inference_model(run_dir: Path, cfg) -> tuple[MTPModel, Tokenizer]:
+    """The run's model (untrained weights) and tokenizer."""
+    if cfg.model.hf:  # a Hugging Face model: its folder and tokenizer
+        from multitoken.train.hf import hf_model_and_tokenizer  # optional extra: only when used
+
+        return hf_model_and_tokenizer(cfg)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    model = MTPModel.from_config(
+        cfg.model_config(tokenizer.vocab_size), cfg.mtp, pad_id=tokenizer.pad_id
+    )
+    return model, tokenizer
+
+
 def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MTPModel, Tokenizer]:
     """The trained model (eval mode, CPU) and the tokenizer of a run, in one process.
 
@@ -329,19 +356,23 @@ def load_for_inference(run_dir: str | Path, step: int | None = None) -> tuple[MT
         path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}")
-    if cfg.model.hf:  # a Hugging Face model: its folder and tokenizer
-        from multitoken.train.hf import hf_model_and_tokenizer  # optional extra: only when used
-
-        model, tokenizer = hf_model_and_tokenizer(cfg)
-    else:
-        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-        model = MTPModel.from_config(
-            cfg.model_config(tokenizer.vocab_size), cfg.mtp, pad_id=tokenizer.pad_id
-        )
+    model, tokenizer = _inference_model(run_dir, cfg)
     # Only what the run trained is in its checkpoint (not a frozen backbone).
     trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     state = {"model": {k: v for k, v in model.state_dict().items() if k in trainable}}
-    _dcp_load(state, path, None)
+    for _ in range(_RETRIES):
+        try:
+            _dcp_load(state, path, None)
+            break
+        except CheckpointError:
+            if step or path.is_dir():
+                raise
+        # A trainer rotated it away while it was read: the newest intact one now.
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}")
+    else:
+        raise CheckpointError(f"the checkpoints of {run_dir} keep disappearing: try again")
     model.load_state_dict(state["model"], strict=not cfg.mtp.freeze_base)
     if not cfg.model.hf and model.decoder.vocab_size > tokenizer.vocab_size:
         model.decoder.drop_padding_rows(tokenizer.vocab_size)  # never a target: never sampled

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from multitoken.data.tokenizer import documents_with_eos
 from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
+from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
 from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
@@ -26,6 +27,7 @@ from multitoken.mtp_model import MTPModel
 
 __all__ = [
     "HFTokenizer",
+    "check_hf_folder",
     "hf_tokenizer",
     "build_hf_model",
     "hf_model_and_tokenizer",
@@ -43,10 +45,14 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | Path, model_vocab_size: int):
+        check_model_folder(path)  # no auto_map (custom code), regular files only, ...
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            # Never a prompt, never the folder's code, whatever is answered.
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False
+            )
         except (OSError, ValueError) as err:
             raise DataError(f"{path} has no tokenizer transformers can load ({err})") from None
         finally:
@@ -92,8 +98,9 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos={self.eos_id})"
 
 
-def _check_folder(cfg) -> dict:
-    """Everything about ``model.hf`` that can be refused without loading the weights."""
+def check_hf_folder(cfg) -> dict:
+    """Everything about ``model.hf`` that can be refused without loading the weights (the
+    folder's gate, :func:`~multitoken.hf.folder.check_model_folder`, first); its config."""
     path = cfg.model.hf
     check_hf_layout(cfg.parallel.tp)
     config = read_config(path)
@@ -108,8 +115,7 @@ def _check_folder(cfg) -> dict:
     own = {
         k
         for k in prefix_free
-        if k.startswith("lm_head.")
-        or (k.startswith("model.layers.") and int(k.split(".")[2]) < main)
+        if k.startswith("lm_head.") or (k.startswith("model.layers.") and _layer_index(k) < main)
     }
     fmt = detect_format(prefix_free - own, config)
     if fmt is not None and cfg.mtp.num_depths:
@@ -122,9 +128,15 @@ def _check_folder(cfg) -> dict:
     return config
 
 
+def _layer_index(key: str) -> int:
+    """``model.layers.3.mlp...`` -> 3; a key with no layer number counts as past the model."""
+    part = key.split(".")[2] if key.count(".") >= 2 else ""
+    return int(part) if part.isdigit() else 1 << 30
+
+
 def hf_tokenizer(cfg) -> HFTokenizer:
     """The tokenizer of ``model.hf``, after refusing a folder that cannot be trained."""
-    config = _check_folder(cfg)
+    config = check_hf_folder(cfg)
     return HFTokenizer(cfg.model.hf, config["vocab_size"])
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -55,35 +56,61 @@ def attention_bytes(cfg: TrainConfig, backend: str, device_type: str) -> int:
     return rows * queries * cfg.data.seq_len  # one byte per (query, key)
 
 
+def _shape(cfg: TrainConfig):
+    """The model's sizes: the reference GPT's settings, or the ``model.hf`` folder's
+    ``config.json`` (checked by the folder's gate first)."""
+    if cfg.model.hf:
+        from multitoken.hf.folder import check_model_folder  # optional extra: only when used
+
+        return check_model_folder(cfg.model.hf).shape
+    model = cfg.model
+    return SimpleNamespace(
+        vocab=model.vocab_size or cfg.data.vocab_size,
+        dim=model.dim,
+        n_layers=model.n_layers,
+        n_heads=model.n_heads,
+        kv_heads=model.kv_heads,
+        head_dim=model.head_dim,
+        ffn=model.ffn_hidden,
+        tied=model.tie_embeddings,
+    )
+
+
 def memory_estimate(
     cfg: TrainConfig, device_type: str = "cpu", backend: str | None = None
 ) -> dict[str, int]:
-    """A lower bound of one rank's memory, in bytes, by what it is for, on ``device_type``
-    with the attention ``backend`` the model runs there (None = the one it would choose,
+    """A lower bound of one rank's memory, in bytes, by what it is for (the reference GPT, or
+    the Hugging Face model of ``model.hf``), on ``device_type`` with the attention ``backend``
+    the model runs there (None = the one it would choose,
     :func:`~multitoken.models.attention.resolve_backend`)."""
+    shape, world = _shape(cfg), cfg.parallel.world
     if backend is None:
-        backend = resolve_backend(cfg.model.backend, device_type, cfg.model.head_dim)
-    model, world = cfg.model, cfg.parallel.world
-    dim, head_dim, ffn = model.dim, model.head_dim, model.ffn_hidden
-    vocab = model.vocab_size or cfg.data.vocab_size
+        backend = resolve_backend(cfg.model.backend, device_type, shape.head_dim)
+    dim, head_dim, ffn = shape.dim, shape.head_dim, shape.ffn
     layer = (
-        dim * model.n_heads * head_dim * 2  # q, o
-        + 2 * dim * model.kv_heads * head_dim  # k, v
+        dim * shape.n_heads * head_dim * 2  # q, o
+        + 2 * dim * shape.kv_heads * head_dim  # k, v
         + 3 * dim * ffn  # SwiGLU
         + 2 * dim  # norms
     )
-    mtp_layer = layer + 2 * dim * dim + 3 * dim  # + eh_proj and the three norms
-    params = vocab * dim * (1 if model.tie_embeddings else 2)
-    params += model.n_layers * layer + cfg.mtp.num_depths * mtp_layer
+    mtp_params = cfg.mtp.num_depths * (layer + 2 * dim * dim + 3 * dim)  # + eh_proj, norms
+    base = shape.vocab * dim * (1 if shape.tied else 2) + shape.n_layers * layer
     rows = cfg.data.batch_size // cfg.parallel.dp
     queries = cfg.data.seq_len // cfg.parallel.cp
-    layers = model.n_layers + cfg.mtp.num_depths
+    layers = shape.n_layers + cfg.mtp.num_depths
     tp = cfg.parallel.tp
+    # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank of
+    # one replica (HSDP keeps parallel.dp_replicate copies); a frozen backbone has weights only
+    trained = mtp_params + (0 if cfg.mtp.freeze_base else base)
+    state = (4 * trained + (base + mtp_params - trained)) * _FP32 * cfg.parallel.dp_replicate
+    if cfg.model.hf:  # every rank loads the whole folder in fp32 before sharding
+        return {
+            "model and optimiser state": max(state // world, (base + mtp_params) * _FP32),
+            "activations": rows * queries * (4 * dim + 2 * ffn) * _FP32 * layers,
+        }
     return {
-        # weights, gradients and AdamW's two moments in fp32, at best sharded over every rank
-        # of one replica (HSDP keeps parallel.dp_replicate copies)
-        "model and optimiser state": 4 * _FP32 * params * cfg.parallel.dp_replicate // world,
-        "rotary table": model.max_seq_len * head_dim * _FP32,
+        "model and optimiser state": state // world,
+        "rotary table": cfg.model.max_seq_len * head_dim * _FP32,
         # TP splits the heads and the feed-forward (and, with sequence parallelism, the rest):
         # dividing all of it by tp keeps this a lower bound
         "attention scores of one layer": attention_bytes(cfg, backend, device_type) // tp,
@@ -121,7 +148,11 @@ def check_memory(cfg: TrainConfig, available: int | None, device_type: str = "cp
         return
     largest = max(parts, key=parts.get)
     hint = {
-        "model and optimiser state": "model.dim, model.n_layers, model.ffn_dim or the vocabulary",
+        "model and optimiser state": (
+            "the model's size (config.json of model.hf), or mtp.freeze_base=true"
+            if cfg.model.hf
+            else "model.dim, model.n_layers, model.ffn_dim or the vocabulary"
+        ),
         "rotary table": "model.max_seq_len",
         "attention scores of one layer": "data.seq_len, data.batch_size or model.n_heads",
         "activations": "data.seq_len or data.batch_size",
