@@ -55,6 +55,7 @@ def _refused(tmp_path: Path, data: Path, *args: str) -> str:
     assert "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == errors[0], err[-3000:]  # one line, and the last
     assert not (tmp_path / "runs" / "r").exists()  # (run.dir itself is made before the data)
     cache = tmp_path / "cache"
     stores = (
@@ -148,12 +149,16 @@ def _zst(data: bytes) -> bytes:
 
 def test_a_truncated_zst_is_named_never_silently_empty(tmp_path):
     shard = tmp_path / "cut.jsonl.zst"
-    shard.write_bytes(_zst(_lines(GOOD))[:-20])
+    many = [{"text": f"{r['text']}# copy {i}\n"} for i in range(40) for r in GOOD]
+    data = _zst(_lines(many))
+    assert len(_lines(many)) > 2 * (128 << 10)  # several zstd blocks: the cut file still yields
+    shard.write_bytes(data[: len(data) // 2])
     line = _refused(tmp_path, shard)
-    assert "cut.jsonl.zst" in line and "truncated" in line
+    assert "cut.jsonl.zst: truncated: the zstd data ends inside a frame" in line
 
 
 def test_a_multi_frame_zst_is_read_whole(tmp_path):
+    """A guard, not a failure of today's code: the new zstd reader must read every frame."""
     shard = tmp_path / "frames.jsonl.zst"
     shard.write_bytes(_zst(_lines(GOOD[:12])) + _zst(_lines(GOOD[12:])))
     code, out, err = _train(tmp_path, shard)
@@ -175,7 +180,7 @@ def test_a_damaged_gz_is_named(tmp_path, content, what):
     shard = tmp_path / "shard.jsonl.gz"
     shard.write_bytes(content())
     line = _refused(tmp_path, shard)
-    assert "shard.jsonl.gz" in line and what in line
+    assert f"shard.jsonl.gz: {what}" in line
 
 
 def test_a_damaged_archive_with_skip_is_counted_not_silent(tmp_path):
@@ -184,7 +189,7 @@ def test_a_damaged_archive_with_skip_is_counted_not_silent(tmp_path):
     (shards / "a.jsonl").write_bytes(_lines(GOOD))
     (shards / "b.jsonl.gz").write_bytes(gzip.compress(_lines(GOOD))[:-30])
     skip = _skipped(tmp_path, shards)
-    assert "b.jsonl.gz" in skip and "truncated" in skip
+    assert "1 damaged file" in skip and "b.jsonl.gz (truncated: the gzip data ends" in skip
 
 
 def test_a_corrupt_parquet_file_is_named(tmp_path):
@@ -203,7 +208,7 @@ def test_a_corrupt_parquet_file_is_named(tmp_path):
         path = tmp_path / name
         path.write_bytes(damaged)
         line = _refused(tmp_path, path)
-        assert name in line and "Parquet" in line, line
+        assert f"{name}: not a readable Parquet file" in line, line
 
 
 def _saved_dataset(tmp_path: Path) -> Path:
@@ -230,7 +235,7 @@ def test_a_damaged_datasets_folder_is_named(tmp_path, damage):
         record["_data_files"] = [{"filename": "../outside.arrow"}]
         state.write_text(json.dumps(record))
     line = _refused(tmp_path, folder)
-    assert "saved" in line and "datasets folder" in line, line
+    assert "saved' is not a readable datasets folder" in line, line
 
 
 # ---------------------------------------------------------------- decompression bombs

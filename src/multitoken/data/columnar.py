@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from multitoken.data.documents import Document, open_regular, read_regular
+from multitoken.data.documents import Document, one_line, open_regular, read_regular
 from multitoken.errors import DataError
 
 # The functions take the Source they read for (``source``), typed loosely: this module sits
@@ -44,7 +44,7 @@ def iter_parquet(source: Source) -> Iterator[Document]:
             except DataError:
                 raise
             except (arrow.ArrowException, OSError, ValueError) as err:  # damaged: name it
-                source.bad_file(name, f"not a readable Parquet file ({str(err)[:300]})")
+                source.bad_file(name, f"not a readable Parquet file ({one_line(err)})")
         source.bytes_read += size
 
 
@@ -116,7 +116,7 @@ def _load_saved(datasets, root: Path):
     except DataError as err:
         detail = str(err)
     except Exception as err:  # noqa: BLE001 - datasets and arrow raise many types; name it
-        detail = f"{type(err).__name__}: {str(err)[:300]}"
+        detail = one_line(err)
     raise DataError(
         f"'{root}' is not a readable datasets folder ({detail}): save it again with "
         "save_to_disk, or point data.path at its files with data.format=hf"

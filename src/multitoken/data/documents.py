@@ -26,6 +26,7 @@ __all__ = [
     "documents_summary",
     "file_kind",
     "is_unicode",
+    "one_line",
     "open_regular",
     "read_regular",
     "walk_files",
@@ -155,6 +156,13 @@ def is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` of an exception raised by a library, on one line and at most
+    ``limit`` characters (some span lines: the promise is one ``error:`` line)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def walk_files(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:

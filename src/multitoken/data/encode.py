@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from multitoken.data.documents import one_line
 from multitoken.data.tokenizer import Tokenizer
 
 __all__ = ["encode_checked", "encoder"]
@@ -42,7 +43,7 @@ def encode_checked(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype):
         try:
             tokenizer.encode_batch([text])
         except Exception as err:  # noqa: BLE001 - whatever the backend raises, name the text
-            failed.append((index, f"{type(err).__name__}: {str(err)[:200]}"))
+            failed.append((index, one_line(err)))
         else:
             good.append(text)
     return (*tokenizer.encode_documents(good, dtype), failed)

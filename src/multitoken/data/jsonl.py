@@ -16,7 +16,7 @@ import io
 import json
 from collections.abc import Iterator
 
-from multitoken.data.documents import Document
+from multitoken.data.documents import Document, one_line
 from multitoken.data.streams import DamagedFile, open_checked
 
 # The functions take the Source they read for (``source``), typed loosely: this module sits
@@ -84,8 +84,7 @@ def _record(source: Source, line: bytes, where: str):
     except RecursionError:
         source.bad_record(where, "nested too deeply for the JSON parser", "flatten the record")
     except Exception as err:  # noqa: BLE001 - whatever the parser raises is this record's fault
-        detail = f"{type(err).__name__}: {str(err)[:200]}"
-        source.bad_record(where, f"not readable JSON ({detail})", "write one object a line")
+        source.bad_record(where, f"not readable JSON ({one_line(err)})", "write one object a line")
     return None
 
 

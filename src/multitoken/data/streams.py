@@ -28,6 +28,7 @@ import zlib
 from typing import IO
 
 from multitoken.data.columnar import import_optional
+from multitoken.data.documents import one_line
 from multitoken.errors import DataError
 
 __all__ = ["PROGRESS_EVERY_S", "DamagedFile", "open_checked"]
@@ -102,7 +103,7 @@ class _Zstd(io.RawIOBase):
         try:
             self.pending, self.offset = self.frame.decompress(data), 0
         except self.zstandard.ZstdError as err:
-            raise DamagedFile(f"corrupt zstd data ({err})") from None
+            raise DamagedFile(f"corrupt zstd data ({one_line(err)})") from None
         if self.frame.eof:  # the next frame, if any, starts in what is left
             self.unused, self.frame = self.frame.unused_data, None
         return True
@@ -131,9 +132,9 @@ class _Checked(io.RawIOBase):
             raise DamagedFile("truncated: the gzip data ends before its end marker") from None
         except gzip.BadGzipFile as err:
             what = "not a gzip file" if str(err).startswith("Not a gzipped") else "corrupt gzip"
-            raise DamagedFile(f"{what} ({err})") from None
+            raise DamagedFile(f"{what} ({' '.join(str(err).split())})") from None
         except zlib.error as err:
-            raise DamagedFile(f"corrupt gzip data ({err})") from None
+            raise DamagedFile(f"corrupt gzip data ({one_line(err)})") from None
         except OSError as err:
             raise DamagedFile(f"unreadable ({err.strerror or err})") from None
         self.expanded += count
