@@ -133,7 +133,7 @@ def read_regular(path: Path, limit: int, what: str) -> bytes:
     except OSError as err:
         raise DataError(f"{what} '{path}' cannot be read ({err.strerror or err})") from None
     if size > limit or len(data) > limit:
-        raise DataError(f"{what} '{path}' is over {limit / 1e6:g} MB: not a {what}")
+        raise DataError(f"{what} '{path}' is over {limit / 1e6:,.0f} MB: not a {what}")
     return data
 
 

@@ -76,6 +76,7 @@ _MB = 1_000_000
 # Reasons in the skip report (the counts' keys).
 NOT_REGULAR = "not a regular file"
 UNREADABLE = "unreadable"
+BAD_NAME = "name not UTF-8"
 
 
 def _is_stat(status: os.stat_result | str) -> bool:
@@ -167,6 +168,8 @@ class Source:
             else:
                 kind = file_kind(status.st_mode)
                 status = status if kind is None else kind
+            if not is_unicode(name):  # a name no document name, hash or report can hold
+                status = BAD_NAME
             if isinstance(status, str) and path == self.root:
                 raise DataError(
                     f"data path '{self.root}' is {status}, not a regular file: point data.path "
@@ -186,6 +189,10 @@ class Source:
                 yield name, path, status.st_size
             elif status.startswith(UNREADABLE):
                 self._unreadable(name, status, unreadable_is_bad)
+            elif status == BAD_NAME and unreadable_is_bad:
+                self.bad_record(name, BAD_NAME, "rename the file")
+            elif status == BAD_NAME:
+                self.skipped.add(name, BAD_NAME)
             else:
                 self.skipped.add(name, NOT_REGULAR, status)
 
@@ -239,7 +246,7 @@ class Source:
             # A skipped path counts by name and reason: making it readable changes the corpus.
             if _is_stat(status):
                 status = f"{status.st_size}\x00{status.st_mtime_ns}"
-            hasher.update(f"\x00{name}\x00{status}".encode())
+            hasher.update(f"\x00{name}\x00{status}".encode("utf-8", "surrogateescape"))
         return hasher.hexdigest()
 
     def describe(self) -> str:
