@@ -178,11 +178,12 @@ def _resume(folder: Path, settings: dict) -> list[dict]:
 
 def _work_batches(
     docs: Iterator, rule: SplitRule, skip: int, work_batch_chars: int
-) -> Iterator[tuple[list[str], tuple[np.ndarray, int]]]:
-    """(texts, (is_val per text, documents read so far)) work batches of about
+) -> Iterator[tuple[list[str], tuple[np.ndarray, int, list[str]]]]:
+    """(texts, (is_val per text, documents read so far, names)) work batches of about
     ``work_batch_chars`` characters."""
     texts: list[str] = []
     is_val: list[bool] = []
+    names: list[str] = []
     chars = 0
     for count, doc in enumerate(docs, start=1):
         val = rule.is_val(doc.name)
@@ -190,12 +191,21 @@ def _work_batches(
             continue  # in a finished part: read for the split rule's extremes only
         texts.append(doc.text)
         is_val.append(val)
+        names.append(doc.name)
         chars += len(doc.text)
         if chars >= work_batch_chars:
-            yield texts, (np.array(is_val), count)
-            texts, is_val, chars = [], [], 0
+            yield texts, (np.array(is_val), count, names)
+            texts, is_val, names, chars = [], [], [], 0
     if texts:
-        yield texts, (np.array(is_val), rule.count)
+        yield texts, (np.array(is_val), rule.count, names)
+
+
+def _drop_failed(source: Source, is_val: np.ndarray, names: list[str], failed) -> np.ndarray:
+    """``is_val`` without the texts the tokenizer failed on, each a bad record (raised or
+    counted)."""
+    for index, error in failed:
+        source.bad_record(names[index], f"the tokenizer failed on it ({error})", "fix the text")
+    return np.delete(is_val, [index for index, _ in failed])
 
 
 def _progress(source: Source, verbose: bool):
@@ -231,7 +241,9 @@ def _write_parts(
     with _progress(source, verbose) as progress, encoder(tokenizer, dtype, workers) as encode:
         task = progress.add_task("", total=source.total_bytes, docs=0) if progress else None
         batches = _work_batches(iter(source), rule, skip, work_batch_chars)
-        for tokens, lengths, (is_val, docs_read) in encode(batches):
+        for tokens, lengths, failed, (is_val, docs_read, names) in encode(batches):
+            if failed:
+                is_val = _drop_failed(source, is_val, names, failed)
             writer = writer or _PartWriter(folder, len(parts))
             doc_split = np.repeat(is_val, lengths)
             for split, mask, docs in (("train", ~doc_split, ~is_val), ("val", doc_split, is_val)):
@@ -360,7 +372,11 @@ def build_store(
         rule: SplitRule | None = SplitRule(val_fraction, seed)
         while rule is not None:
             args = (source, tokenizer, dtype, rule, workers, part_tokens, work_batch_chars, verbose)
-            parts = _write_parts(partial, *args)
+            try:
+                parts = _write_parts(partial, *args)
+            except DataError:  # bad data: the fix changes the key, so the parts are garbage
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
             docs = {s: sum(p["splits"][s]["num_docs"] for p in parts) for s in SPLITS}
             if rule.count == 0:
                 shutil.rmtree(partial)

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitoken.errors import DataError
+
 __all__ = [
     "Document",
     "NotRegularFileError",
@@ -23,7 +25,10 @@ __all__ = [
     "documents_fingerprint",
     "documents_summary",
     "file_kind",
+    "is_unicode",
+    "one_line",
     "open_regular",
+    "read_regular",
     "walk_files",
 ]
 
@@ -112,6 +117,26 @@ def open_regular(path: Path) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
+def read_regular(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a small file a user hands in (a tokenizer, a dataset's ``state.json``).
+
+    Raises:
+        DataError: Naming the file and ``what`` it is, when it is not (a link to) a regular
+            file, cannot be read or is over ``limit`` bytes (checked before reading it).
+    """
+    try:
+        with open_regular(path) as file:
+            size = os.fstat(file.fileno()).st_size
+            data = file.read(limit + 1) if size <= limit else b""
+    except NotRegularFileError as err:
+        raise DataError(f"{what} '{path}' is {err.kind}, not a regular file") from None
+    except OSError as err:
+        raise DataError(f"{what} '{path}' cannot be read ({err.strerror or err})") from None
+    if size > limit or len(data) > limit:
+        raise DataError(f"{what} '{path}' is over {limit / 1e6:,.0f} MB: not a {what}")
+    return data
+
+
 def decode_text(data: bytes) -> str | None:
     """The bytes as text, or None when they are not UTF-8 text (binary, other encodings)."""
     # A NUL byte is valid UTF-8 but almost never appears in text; it marks a binary file.
@@ -121,6 +146,23 @@ def decode_text(data: bytes) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def is_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (JSON's ``"\\ud800"``), which is no Unicode
+    character: UTF-8 cannot encode it, so no tokenizer can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` of an exception raised by a library, on one line and at most
+    ``limit`` characters (some span lines: the promise is one ``error:`` line)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def walk_files(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:

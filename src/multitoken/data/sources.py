@@ -49,44 +49,34 @@ from multitoken.data.documents import (
     NotRegularFileError,
     decode_text,
     file_kind,
+    is_unicode,
     open_regular,
     walk_files,
 )
+from multitoken.data.formats import FORMATS, detect_format
 from multitoken.data.jsonl import JSONL_SUFFIXES, iter_jsonl
 from multitoken.data.skips import SkipReport
 from multitoken.errors import DataError
 
-__all__ = ["DEFAULT_MAX_DOC_MB", "FORMATS", "SkipReport", "Source", "open_source", "stdlib_source"]
+__all__ = [
+    "DEFAULT_MAX_DOC_MB",
+    "DEFAULT_MAX_EXPANDED_MB",
+    "FORMATS",
+    "SkipReport",
+    "Source",
+    "open_source",
+    "stdlib_source",
+]
 
-FORMATS = ("auto", "text", "jsonl", "parquet", "hf_disk", "hf")
 # Files named in the skip report; the rest are only counted.
 DEFAULT_MAX_DOC_MB = 64
+# Decompressed MB one compressed file may expand to (a generous bound on decompression bombs).
+DEFAULT_MAX_EXPANDED_MB = 100_000
 _MB = 1_000_000
 # Reasons in the skip report (the counts' keys).
 NOT_REGULAR = "not a regular file"
 UNREADABLE = "unreadable"
-
-
-def _detect_format(root: Path) -> str:
-    if root.is_dir():
-        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
-            return "hf_disk"
-        names = [name.lower() for name, _ in walk_files(root, frozenset({"__pycache__"}))]
-        # A folder of shards is a dataset, not a folder of text documents.
-        if names and all(name.endswith(JSONL_SUFFIXES) for name in names):
-            return "jsonl"
-        if names and all(name.endswith(".parquet") for name in names):
-            return "parquet"
-        return "text"
-    name = root.name.lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    raise DataError(
-        f"cannot tell the format of '{root}' from its name: use a folder of text files, a "
-        f".jsonl/.jsonl.gz/.jsonl.zst or .parquet file, or set data.format to one of {FORMATS}"
-    )
+BAD_NAME = "name not UTF-8"
 
 
 def _is_stat(status: os.stat_result | str) -> bool:
@@ -103,6 +93,7 @@ class Source:
         glob: Which files of a folder to read (``fnmatch`` on the relative path).
         max_docs: Stop after this many documents (0 = all).
         max_doc_mb: Skip (and count) a document over this many MB (0 = no limit).
+        max_expanded_mb: Stop on a compressed file that expands to more MB (0 = no limit).
         on_bad_record: ``"error"`` (raise, naming file and line) or ``"skip"`` (count).
         skipped: What the latest pass skipped.
         bytes_read: Bytes of input read from disk so far in the current pass.
@@ -118,6 +109,7 @@ class Source:
         on_bad_record: str = "error",
         skip_dirs: frozenset[str] = frozenset({"__pycache__"}),
         max_doc_mb: float = DEFAULT_MAX_DOC_MB,
+        max_expanded_mb: float = DEFAULT_MAX_EXPANDED_MB,
     ) -> None:
         self.root = Path(path)
         if format not in FORMATS:
@@ -128,18 +120,24 @@ class Source:
             raise DataError(f"max_docs must be >= 0 (0 = all), got {max_docs}")
         if not max_doc_mb >= 0:
             raise DataError(f"data.max_doc_mb must be >= 0 (0 = no limit), got {max_doc_mb}")
+        if not max_expanded_mb >= 0:
+            raise DataError(
+                f"data.max_expanded_mb must be >= 0 (0 = no limit), got {max_expanded_mb}"
+            )
         if format != "hf" and not self.root.exists():
             raise DataError(
                 f"data path '{self.root}' does not exist: pass --data a folder of text files, "
                 "a .jsonl(.gz/.zst) or .parquet file, or a saved Hugging Face dataset"
             )
-        self.format = _detect_format(self.root) if format == "auto" else format
+        self.format = detect_format(self.root) if format == "auto" else format
         self.text_field = text_field
         self.glob = glob
         self.max_docs = max_docs
         self.on_bad_record = on_bad_record
         self.skip_dirs = skip_dirs
         self.max_doc_mb = max_doc_mb
+        # Not in the fingerprint: a build that completes reads the same whatever the limit.
+        self.max_expanded_mb = max_expanded_mb
         self.skipped = SkipReport()
         self.bytes_read = 0
 
@@ -170,6 +168,8 @@ class Source:
             else:
                 kind = file_kind(status.st_mode)
                 status = status if kind is None else kind
+            if not is_unicode(name):  # a name no document name, hash or report can hold
+                status = BAD_NAME
             if isinstance(status, str) and path == self.root:
                 raise DataError(
                     f"data path '{self.root}' is {status}, not a regular file: point data.path "
@@ -189,6 +189,10 @@ class Source:
                 yield name, path, status.st_size
             elif status.startswith(UNREADABLE):
                 self._unreadable(name, status, unreadable_is_bad)
+            elif status == BAD_NAME and unreadable_is_bad:
+                self.bad_record(name, BAD_NAME, "rename the file")
+            elif status == BAD_NAME:
+                self.skipped.add(name, BAD_NAME)
             else:
                 self.skipped.add(name, NOT_REGULAR, status)
 
@@ -242,7 +246,7 @@ class Source:
             # A skipped path counts by name and reason: making it readable changes the corpus.
             if _is_stat(status):
                 status = f"{status.st_size}\x00{status.st_mtime_ns}"
-            hasher.update(f"\x00{name}\x00{status}".encode())
+            hasher.update(f"\x00{name}\x00{status}".encode("utf-8", "surrogateescape"))
         return hasher.hexdigest()
 
     def describe(self) -> str:
@@ -269,6 +273,16 @@ class Source:
         if self.on_bad_record == "error":
             raise DataError(f"{where}: {reason}: {fix} (or set data.on_bad_record=skip)")
         self.skipped.add(where, reason)
+
+    def bad_file(self, name: str, detail: str) -> None:
+        """A file that cannot be read to its end (truncated, corrupt): an error naming it, or
+        with ``on_bad_record="skip"`` one counted skip (what was read before it is kept)."""
+        if self.on_bad_record == "error":
+            raise DataError(
+                f"{name}: {detail}: replace the file (or set data.on_bad_record=skip to keep "
+                "what is readable)"
+            )
+        self.skipped.add(name, "damaged file", detail)
 
     def _iter_text(self) -> Iterator[Document]:
         for name, path, size in self.regular_files(unreadable_is_bad=False):
@@ -311,6 +325,13 @@ class Source:
                 "store each document's text as a string",
             )
             return None
+        if not text.isascii() and not is_unicode(text):
+            self.bad_record(
+                where,
+                "a lone surrogate in the text (not valid Unicode, e.g. '\\ud800' in JSON)",
+                "fix the text's encoding",
+            )
+            return None
         return text
 
     def iter_records(self, records: Iterator[dict], name: str) -> Iterator[Document]:
@@ -338,6 +359,7 @@ def open_source(
     max_docs: int = 0,
     on_bad_record: str = "error",
     max_doc_mb: float = DEFAULT_MAX_DOC_MB,
+    max_expanded_mb: float = DEFAULT_MAX_EXPANDED_MB,
 ) -> Source:
     """A :class:`Source` over ``path``; see the module docstring for the formats.
 
@@ -345,7 +367,16 @@ def open_source(
         DataError: If the path does not exist, is not a regular file or a folder, or the
             format is unknown.
     """
-    return Source(path, format, text_field, glob, max_docs, on_bad_record, max_doc_mb=max_doc_mb)
+    return Source(
+        path,
+        format,
+        text_field,
+        glob,
+        max_docs,
+        on_bad_record,
+        max_doc_mb=max_doc_mb,
+        max_expanded_mb=max_expanded_mb,
+    )
 
 
 def stdlib_source(max_files: int = 0) -> Source:

@@ -23,7 +23,13 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from multitoken.data.documents import Document, documents_fingerprint, documents_summary
+from multitoken.data.documents import (
+    Document,
+    documents_fingerprint,
+    documents_summary,
+    one_line,
+    read_regular,
+)
 from multitoken.errors import DataError
 
 __all__ = [
@@ -47,6 +53,9 @@ _MIN_VOCAB_SIZE = 258
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")
 _PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
 _HF_CONFIG = "tokenizer_config.json"
+# Largest tokenizer files read (read whole; real ones are under 50 MB).
+_MAX_TOKENIZER_BYTES = 1 << 30
+_MAX_CONFIG_BYTES = 16 << 20
 # Longest text handed to the BPE trainer at once. Its pre-tokenisation costs ~90 bytes per
 # character of one text (a 50 MB single-line document took 8.7 GB); 64 K characters cost ~6 MB.
 _TRAIN_PIECE_CHARS = 1 << 16
@@ -173,16 +182,17 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise DataError(
                 f"tokenizer file '{path}' does not exist: train one with train_tokenizer "
                 "or pass a tokenizer.json or a Hugging Face model folder that holds one"
             )
+        text = read_regular(path, _MAX_TOKENIZER_BYTES, "tokenizer file")
         try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
+            backend = tokenizers.Tokenizer.from_str(text.decode("utf-8"))
         except Exception as err:  # the backend raises a bare Exception on bad JSON
             raise DataError(
-                f"'{path}' is not a tokenizers JSON file ({err}): delete it and retrain"
+                f"'{path}' is not a tokenizers JSON file ({one_line(err)}): delete it and retrain"
             ) from None
         config = _read_hf_config(path.parent / _HF_CONFIG)
         return cls(backend, eos_token=config.get("eos_token"), pad_token=config.get("pad_token"))
@@ -199,12 +209,16 @@ def _first_present(backend: tokenizers.Tokenizer, names: Sequence[str]) -> str |
 
 def _read_hf_config(path: Path) -> dict[str, str]:
     """``eos_token`` / ``pad_token`` of a Hugging Face ``tokenizer_config.json`` (or {})."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise DataError(f"'{path}' is not valid JSON ({err}): fix or delete it") from None
+        config = json.loads(read_regular(path, _MAX_CONFIG_BYTES, "tokenizer config"))
+    except DataError as err:
+        raise DataError(f"{err}: fix or delete it") from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"'{path}' is not valid JSON ({one_line(err)}): fix or delete it") from None
+    if not isinstance(config, dict):
+        raise DataError(f"'{path}' is not a JSON object: fix or delete it")
     found = {}
     for key in ("eos_token", "pad_token"):
         value = config.get(key)

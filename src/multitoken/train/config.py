@@ -60,6 +60,8 @@ class DataSection:
         glob: which files of a data folder to read (fnmatch on the relative path, * crosses /).
         on_bad_record: "error" (stop, naming file and line) or "skip" (count and report).
         max_doc_mb: skip (count and report) a document over this many MB; 0 = no limit.
+        max_expanded_mb: stop (one error naming the file) when one compressed input file
+            (.gz, .zst) expands to more than this many MB; 0 = no limit.
         tokenizer: a tokenizer.json or Hugging Face model folder to use; "" = train a BPE.
         tokenizer_sample_mb: MB of training text the BPE is trained on (the first ones).
         workers: tokenisation processes; 0 = 1 below 100 MB of input, else min(cores, 16).
@@ -80,6 +82,7 @@ class DataSection:
     glob: str = "*"
     on_bad_record: str = "error"
     max_doc_mb: int = 64
+    max_expanded_mb: int = 100_000
     tokenizer: str = ""
     tokenizer_sample_mb: int = 256
     workers: int = 0
@@ -95,6 +98,7 @@ class DataSection:
                 (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
                 (self.align >= 0, "align", "must be >= 0 (0 = 8)"),
                 (self.max_doc_mb >= 0, "max_doc_mb", "must be >= 0 (0 = no limit)"),
+                (self.max_expanded_mb >= 0, "max_expanded_mb", "must be >= 0 (0 = no limit)"),
                 (self.tokenizer_sample_mb >= 1, "tokenizer_sample_mb", "must be >= 1"),
                 (self.workers >= 0, "workers", "must be >= 0 (0 = automatic)"),
                 (self.verify in ("size", "full"), "verify", 'must be "size" or "full"'),

@@ -75,6 +75,7 @@ def data_source(cfg: TrainConfig) -> Source:
         data.max_files,
         data.on_bad_record,
         max_doc_mb=data.max_doc_mb,
+        max_expanded_mb=data.max_expanded_mb,
     )
 
 
