@@ -45,21 +45,14 @@ def test_tp_that_does_not_divide_the_heads_is_one_line(run_root):
     assert "tp" in err, err
 
 
-def test_checkpoints_reshard_to_any_layout(run_root, reference_heads2):
-    """Saved by FSDP2 at dp = 2, resumed at tp = 2, at cp = 2 and on one rank; saved by a
-    sequence-parallel TP run (tp 2, and tp 2 x cp 2 with FSDP2 over cp), resumed on one rank
-    and at tp 2: each run continues with the losses of the uninterrupted run (DCP reshards
-    the DTensor state). The dp = 2 checkpoint is saved once and copied for each resume;
-    one-rank resumes run in this process, the others as the launcher."""
+def _reshard(run_root, reference_heads2, cases) -> None:
+    """Each case: steps 1-3 saved in one layout, resumed in another; the records equal the
+    uninterrupted run's (DCP reshards the DTensor state). A layout's checkpoint is saved once
+    and copied for each resume; one-rank resumes run in this process, the others as the
+    launcher."""
     whole = train_records(reference_heads2)
     saved_by = {}
-    for name, saved, resumed in (
-        ("dp2_to_tp2", DP2, TP2),
-        ("dp2_to_cp2", DP2, ["parallel.cp=2"]),
-        ("dp2_to_one", DP2, ["parallel.cp=1"]),
-        ("tp2_to_one", TP2, ["parallel.cp=1"]),
-        ("tp2cp2_to_tp2", ["parallel.cp=2", "parallel.tp=2"], TP2),
-    ):
+    for name, saved, resumed in cases:
         key = tuple(saved)
         if key in saved_by:
             copy_run(saved_by[key], run_root, name)
@@ -73,6 +66,26 @@ def test_checkpoints_reshard_to_any_layout(run_root, reference_heads2):
         else:
             run_subprocess(run_root, *resumed, *resume)
         assert_same_records(train_records(run_root / name), whole)
+
+
+def test_checkpoints_reshard_to_one_rank(run_root, reference_heads2):
+    """Saved by FSDP2 at dp = 2 and by a sequence-parallel TP run at tp = 2, resumed on one
+    rank with the losses of the uninterrupted run."""
+    cases = [("dp2_to_one", DP2, ["parallel.cp=1"]), ("tp2_to_one", TP2, ["parallel.cp=1"])]
+    _reshard(run_root, reference_heads2, cases)
+
+
+@pytest.mark.slow
+def test_checkpoints_reshard_between_multi_rank_layouts(run_root, reference_heads2):
+    """Saved at dp = 2, resumed at tp = 2 and at cp = 2; saved at tp 2 x cp 2 (FSDP2 over
+    cp), resumed at tp 2 (the in-pool checks of tests/distributed/test_hsdp.py reshard
+    without the command line in make test)."""
+    cases = [
+        ("dp2_to_tp2", DP2, TP2),
+        ("dp2_to_cp2", DP2, ["parallel.cp=2"]),
+        ("tp2cp2_to_tp2", ["parallel.cp=2", "parallel.tp=2"], TP2),
+    ]
+    _reshard(run_root, reference_heads2, cases)
 
 
 def resume_elsewhere(root, reference, name: str, saved: list[str], resumed: list[str]) -> None:
