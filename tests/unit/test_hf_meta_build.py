@@ -5,7 +5,7 @@ weight read), shards it, then each rank reads its own rows (multitoken.hf.meta).
 give is exactly ``load_hf_mtp_model``'s model: every parameter, buffer and MTP depth (the same
 seed's initialisation, or the folder's MTP weights), tied embeddings still tied, the generator
 left in the same state. Here on a 1-rank gloo group with FSDP2; the 2-rank shards, the rows
-each rank reads and the bit-identical step are in tests/distributed/test_hf_meta_build.py.
+each rank reads and the bit-identical step are in tests/distributed/test_hf_meta_shards.py.
 """
 
 import tempfile

@@ -1,8 +1,11 @@
-"""Issue 22, item 9, on 2 ranks: each rank reads only its shard's rows of the folder, and the
+"""Issue 22, item 9, on 2 ranks (and HSDP on 4): each rank reads only its shard's rows of the folder, and the
 meta-built, materialised model is the eager-built one sharded: every local shard equal, and one
 training step gives bit-identical losses and gradients (tests/unit/test_hf_meta_build.py has
 the 1-rank cases)."""
 
+import math
+
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -68,9 +71,11 @@ def _step(model, ids):
     return out.loss.detach(), grads
 
 
-def run_meta_build(folder: str, depths: int) -> dict:
+def run_meta_build(folder: str, depths: int, shape: tuple[int, ...]) -> dict:
     """On every rank: the eager model sharded, the meta-built one materialised, compared."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    assert dist.get_world_size() == math.prod(shape)
+    names = ("replicate", "shard")[-len(shape) :]
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     mtp = MTPConfig(num_depths=depths)
     eager = apply_fsdp(load_hf_mtp_model(folder, mtp, seed=5), mesh)
     reads: list = []
@@ -102,10 +107,13 @@ def run_meta_build(folder: str, depths: int) -> dict:
     )
 
 
-def test_each_rank_reads_its_rows_and_equals_the_eager_build(pool2, tmp_path):
+@pytest.mark.parametrize("shape", [(2,), (2, 2)], ids=["fsdp2", "hsdp2x2"])
+def test_each_rank_reads_its_rows_and_equals_the_eager_build(rank_pool, tmp_path, shape):
+    """FSDP2 over 2 ranks, and HSDP (2 replicas of 2 shards: the placements are (Replicate,
+    Shard(0)))."""
     # vocab 97: FSDP2's shards of the embedding are 49 and 48 rows (the second padded).
     folder = str(save_tiny("qwen3", tmp_path / "qwen3", tie_word_embeddings=True))
-    results = pool2.run(run_meta_build, folder, 2)
+    results = rank_pool(math.prod(shape)).run(run_meta_build, folder, 2, shape)
     for rank, r in enumerate(results):
         assert r["unequal"] == [] and r["grads_equal"] == [], rank
         assert r["loss_equal"] and r["tied"], rank
@@ -117,7 +125,7 @@ def test_each_rank_reads_its_rows_and_equals_the_eager_build(pool2, tmp_path):
         # Exactly this rank's rows of every backbone tensor, once each, nothing else.
         assert sorted(r["reads"]) == sorted((k, a, b) for k, (a, b) in backbone.items()), rank
     embed = "decoder.model.model.embed_tokens.weight"
-    assert [r["shards"][embed] for r in results] == [(0, 49, 97), (49, 97, 97)]
-    for name, (_, _, rows) in results[0]["shards"].items():  # the ranks' rows tile each tensor
-        spans = sorted(r["shards"][name][:2] for r in results)
+    assert sorted({r["shards"][embed] for r in results}) == [(0, 49, 97), (49, 97, 97)]
+    for name, (_, _, rows) in results[0]["shards"].items():  # the shards tile each tensor
+        spans = sorted({r["shards"][name][:2] for r in results})
         assert spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == rows, name
