@@ -1,7 +1,7 @@
-"""Issue 22, item 9, on 2 ranks (and HSDP on 4): each rank reads only its shard's rows of the folder, and the
-meta-built, materialised model is the eager-built one sharded: every local shard equal, and one
-training step gives bit-identical losses and gradients (tests/unit/test_hf_meta_build.py has
-the 1-rank cases)."""
+"""Issue 22, item 9, on 2 ranks (and HSDP on 4): each rank reads only its shard's rows of the
+folder, and the meta-built, materialised model is the eager-built one sharded: every local shard
+equal, and one training step gives bit-identical losses and gradients
+(tests/unit/test_hf_meta_build.py has the 1-rank cases)."""
 
 import math
 
