@@ -565,36 +565,47 @@ def test_loss_chunks_are_sized_for_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "device, token_world, built_on",
-    [("cuda", 2, None), ("cuda", 1, "cuda"), ("cpu", 2, "cpu")],
+    "device, token_world, meta",
+    [("cuda", 2, True), ("cuda", 1, False), ("cpu", 2, True), ("cpu", 1, False)],
 )
-def test_a_sharded_hf_model_reaches_the_gpu_one_fsdp_unit_at_a_time(
-    monkeypatch, device, token_world, built_on
+def test_a_sharded_hf_model_is_built_on_meta_and_materialised_after_fsdp2(
+    monkeypatch, device, token_world, meta
 ):
-    """Sharded over GPUs, the HF model is built on the host (None) and parallelize_hf's FSDP2
-    moves each unit to the GPU as it shards it; unsharded, it is built where it trains."""
+    """Sharded by FSDP2 (on any device), the HF model is built on the meta device, made
+    parallel, then materialised shard by shard where it trains; unsharded, it is built there
+    (tests/unit/test_hf_meta_build.py checks what the meta build gives)."""
     import multitoken.hf.parallelize as hf_parallelize
     import multitoken.train.hf as train_hf
     from multitoken.train.model import build_model
 
     cfg = load_config(None, [])
     cfg.model.hf = "some/folder"
-    built, parallel = [], []
+    calls, precision = [], []
+    model = object()
 
-    class Stub:
-        def to(self, where):
-            return self
+    def build(c, p, d, *, meta=False):
+        calls.append(("build", d, meta))
+        return model
 
-    monkeypatch.setattr(train_hf, "build_hf_model", lambda c, p, d: built.append(d) or Stub())
+    monkeypatch.setattr(train_hf, "build_hf_model", build)
     monkeypatch.setattr(
-        hf_parallelize, "parallelize_hf", lambda m, dims, **kw: parallel.append(kw) or "ce"
+        train_hf, "materialize_hf_model", lambda m, c, d: calls.append(("materialize", m, d))
+    )
+    monkeypatch.setattr(
+        hf_parallelize,
+        "parallelize_hf",
+        lambda m, dims, **kw: (
+            calls.append(("parallelize", m, kw["device_type"]))
+            or precision.append(kw["mixed_precision"])
+            or "ce"
+        ),
     )
     dims = SimpleNamespace(token_world_size=token_world, is_main=True)
-    build_model(cfg, 64, 0, dims, torch.device(device))
-    assert built == [None if built_on is None else torch.device(built_on)]
-    assert parallel[0]["device_type"] == device
-    expected = torch.bfloat16 if device == "cuda" else None
-    assert parallel[0]["mixed_precision"] is expected
+    where = torch.device(device)
+    assert build_model(cfg, 64, 0, dims, where) == (model, "ce")
+    expected = [("build", where, meta), ("parallelize", model, device)]
+    assert calls == expected + ([("materialize", model, where)] if meta else [])
+    assert precision == [torch.bfloat16 if device == "cuda" else None]
 
 
 # ---------------------------------------------------------------- 10: decoding on a GPU

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,14 @@ from multitoken.hf.folder import SUPPORTED_MODEL_TYPES, check_model_folder
 from multitoken.layout import SequenceLayout
 from multitoken.models.kv_cache import LayerKVCache
 
-__all__ = ["HFDecoder", "HFLayerCache", "SUPPORTED_MODEL_TYPES", "init_mtp_weights", "read_config"]
+__all__ = [
+    "HFDecoder",
+    "HFLayerCache",
+    "SUPPORTED_MODEL_TYPES",
+    "init_mtp_weights",
+    "init_depth_weights",
+    "read_config",
+]
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -98,28 +106,41 @@ class HFDecoder(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> HFDecoder:
         """Load a local HF model folder (no hub access), refusing unsupported ones first."""
-        read_config(path)  # the folder's gate: no code, regular files, sizes, dtypes
-        # AutoConfig first: an unknown model_type fails here with transformers' own message.
-        AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        # No progress bar per load, and no "UNEXPECTED keys" report: the MTP keys it would list
-        # are loaded (or refused, listed) by multitoken.hf.weights, never dropped.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        try:
-            # Safetensors only: a folder someone hands over must not reach torch.load's
-            # unpickler (pytorch_model.bin); no remote code either (transformers' default).
-            model = AutoModelForCausalLM.from_pretrained(
+        # Safetensors only: a folder someone hands over must not reach torch.load's unpickler
+        # (pytorch_model.bin); no remote code either (transformers' default).
+        model = _quietly(
+            path,
+            lambda: AutoModelForCausalLM.from_pretrained(
                 str(path),
                 dtype=dtype,
                 local_files_only=True,
                 attn_implementation="sdpa",
                 use_safetensors=True,
                 trust_remote_code=False,
+            ),
+        )
+        return cls(model.eval(), implementation, attention)
+
+    @classmethod
+    def on_meta(
+        cls,
+        path: str | Path,
+        implementation: str = "sdpa",
+        attention: str = "document",
+        dtype: torch.dtype = torch.float32,
+    ) -> HFDecoder:
+        """The folder's model built on the meta device from its config alone: no storage, no
+        weight read (:mod:`multitoken.hf.meta` materialises it after sharding)."""
+        config = _quietly(
+            path,
+            lambda: AutoConfig.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False
+            ),
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
             )
-        finally:
-            hf_logging.enable_progress_bar()
-            hf_logging.set_verbosity(verbosity)
         return cls(model.eval(), implementation, attention)
 
     # ------------------------------------------------------------------ parts of the model
@@ -199,10 +220,15 @@ class HFDecoder(nn.Module):
         return layer.to(self.head_weight.dtype)
 
     def make_norm(self) -> nn.Module:
-        norm = copy.deepcopy(self.base.norm)
+        norm = self.base.norm
         with torch.no_grad():
             # A fresh norm: the constructor's weight (ones, or zeros for zero-centred norms).
             fresh = type(norm)(self.hidden_size, eps=_norm_eps(norm))
+            if any(t.is_meta for t in norm.parameters()):
+                # A decoder built on the meta device (hf/meta.py), perhaps sharded since: no
+                # storage to copy, so the fresh norm itself (built where the caller builds).
+                return fresh.to(self.head_weight.dtype)
+            norm = copy.deepcopy(norm)
             norm.load_state_dict(fresh.state_dict())
         return norm
 
@@ -211,6 +237,23 @@ class HFDecoder(nn.Module):
         weight = self.head_weight
         kv_heads = self.model.config.num_key_value_heads
         return HFLayerCache(batch, kv_heads, attn.head_dim, capacity, weight.device, weight.dtype)
+
+
+def _quietly(path: str | Path, load: Callable[[], Any]) -> Any:
+    """``load()`` of the folder at ``path``, after its gate and transformers' ``AutoConfig``
+    (an unknown model_type fails there with transformers' own message), with no progress bar
+    and no "UNEXPECTED keys" report: the MTP keys it would list are loaded (or refused, listed)
+    by :mod:`multitoken.hf.weights`, never dropped."""
+    read_config(path)  # the folder's gate: no code, regular files, sizes, dtypes
+    AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        return load()
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
 
 
 def _output(result) -> Tensor:
@@ -261,12 +304,17 @@ def init_mtp_weights(model: nn.Module, std: float | None = None) -> None:
     Matrices ~ Normal(0, std) (default: the model's ``initializer_range``, as transformers
     initialises its own layers), biases 0, norms as constructed. The backbone is untouched.
     """
-    if model.mtp is None:
-        return
+    if model.mtp is not None:
+        init_depth_weights(model.mtp, model.decoder, std)
+
+
+def init_depth_weights(predictor: nn.Module, decoder: HFDecoder, std: float | None = None) -> None:
+    """:func:`init_mtp_weights` on the depths alone (a ``MultiTokenPredictor`` for
+    ``decoder``), in the same order: the same generator state gives the same values."""
     if std is None:
-        std = getattr(model.decoder.model.config, "initializer_range", 0.02)
+        std = getattr(decoder.model.config, "initializer_range", 0.02)
     with torch.no_grad():
-        for module in model.mtp.modules():
+        for module in predictor.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:

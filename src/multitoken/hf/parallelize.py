@@ -46,7 +46,8 @@ def parallelize_hf(
     (gathering the parameters in ``mixed_precision``, as
     :func:`~multitoken.models.parallelize.parallelize_gpt`). Returns the cross-entropy to pass
     to :func:`~multitoken.mtp_model.step_loss`. ``device_type`` is where it trains (None = where
-    its weights are): a model left on the host for FSDP2 to move unit by unit says "cuda"."""
+    its weights are): a model on the meta device, materialised after FSDP2 shards it
+    (:mod:`multitoken.hf.meta`), says where it will train."""
     check_hf_layout(dims.tp)
     if dims.cp > 1:
         apply_cp(model, dims.cp_group)

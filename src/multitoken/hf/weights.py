@@ -10,6 +10,7 @@ fails listing them: never a silent drop.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
 from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format, from_format, to_format
-from multitoken.mtp import MTPConfig
+from multitoken.mtp import MTPConfig, MultiTokenPredictor
 from multitoken.mtp_model import MTPModel
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "checkpoint_keys",
     "depth_states",
     "load_mtp_weights",
+    "load_depth_weights",
     "mtp_tensors",
     "save_with_mtp",
     "save_pretrained",
@@ -77,29 +79,44 @@ def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
         CheckpointError: keys of no format or of several, a config.json that does not describe
             them, a depth count other than ``model.num_depths``, missing or unexpected keys.
     """
+    backbone = set(model.decoder.model.state_dict())
+    return load_depth_weights(
+        model.mtp, folder, backbone, model.decoder.num_layers, lambda: _shared(model)
+    )
+
+
+def load_depth_weights(
+    predictor: MultiTokenPredictor | None,
+    folder: str | Path,
+    backbone: set[str],
+    num_layers: int,
+    shared: Callable[[], dict[str, Tensor]],
+) -> str | None:
+    """:func:`load_mtp_weights` into the depths alone: ``backbone`` names the model's own keys,
+    ``shared()`` gives its embedding and head (read only for the DeepSeek format's copies)."""
     folder = Path(folder)
     config = read_config(folder)
-    backbone = set(model.decoder.model.state_dict())
     extra = set(checkpoint_keys(folder)) - backbone
     fmt = detect_format(extra, config)
     if fmt is None:
         return None
     stored = int(config[CONFIG_KEYS[fmt]]) if fmt != "qwen3_next" else 1
-    if stored != model.num_depths:
+    num_depths = 0 if predictor is None else len(predictor.depths)
+    if stored != num_depths:
         raise CheckpointError(
             f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths = "
-            f"{model.num_depths}: set mtp.num_depths={stored}"
+            f"{num_depths}: set mtp.num_depths={stored}"
         )
     depths = from_format(
         read_tensors(folder, extra),
         fmt,
-        template=depth_states(model),
-        num_layers=model.decoder.num_layers,
-        hidden_first=model.config.hidden_first,
-        **_shared(model),
+        template=[dict(module.state_dict()) for module in predictor.depths],
+        num_layers=num_layers,
+        hidden_first=predictor.config.hidden_first,
+        **(shared() if fmt == "deepseek" else {}),
     )
     with torch.no_grad():
-        for module, state in zip(model.mtp.depths, depths):
+        for module, state in zip(predictor.depths, depths):
             module.load_state_dict(state, strict=True)
     return fmt
 

@@ -21,6 +21,7 @@ from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
 from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
+from multitoken.hf.meta import materialize_hf_mtp_model, meta_hf_mtp_model
 from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
 from multitoken.mtp_model import MTPModel
@@ -30,6 +31,7 @@ __all__ = [
     "check_hf_folder",
     "hf_tokenizer",
     "build_hf_model",
+    "materialize_hf_model",
     "hf_model_and_tokenizer",
 ]
 
@@ -140,16 +142,29 @@ def hf_tokenizer(cfg) -> HFTokenizer:
     return HFTokenizer(cfg.model.hf, config["vocab_size"])
 
 
-def build_hf_model(cfg, pad_id: int, device: torch.device | None = None) -> MTPModel:
+def build_hf_model(
+    cfg, pad_id: int, device: torch.device | None = None, *, meta: bool = False
+) -> MTPModel:
     """The folder's model with ``mtp.num_depths`` depths (its MTP weights when it has them), on
     ``device``. Parallelism is applied from outside, by the same code as for the reference GPT
     (:func:`multitoken.train.model.build_model`: context parallelism through the attention
     modules' ``kv_gather`` hooks, then FSDP2); tensor parallelism is refused (see
-    :func:`hf_tokenizer`, which runs first)."""
+    :func:`hf_tokenizer`, which runs first). ``meta``: on the meta device, no weight read, for
+    FSDP2 to shard before :func:`materialize_hf_model` (``device`` is then ignored)."""
+    if meta:
+        return meta_hf_mtp_model(
+            cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention
+        )
     model = load_hf_mtp_model(
         cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
     )
     return model if device is None else model.to(device)
+
+
+def materialize_hf_model(model: MTPModel, cfg, device: torch.device) -> MTPModel:
+    """A ``build_hf_model(meta=True)`` model, sharded or not, given storage on ``device`` and
+    the values the eager build gives it, each rank reading only its shard's rows."""
+    return materialize_hf_mtp_model(model, cfg.model.hf, device=device, seed=cfg.train.seed)
 
 
 def hf_model_and_tokenizer(cfg) -> tuple[MTPModel, HFTokenizer]:

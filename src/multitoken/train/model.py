@@ -31,17 +31,20 @@ def build_model(
     if cfg.model.hf:
         # The optional [hf] extra: imported only by runs that use it.
         from multitoken.hf.parallelize import parallelize_hf
-        from multitoken.train.hf import build_hf_model
+        from multitoken.train.hf import build_hf_model, materialize_hf_model
 
-        # Sharded over GPUs, the model stays on the host until FSDP2 shards it: fully_shard
-        # moves each unit to the GPU as it cuts it, so no GPU ever holds the whole fp32 model.
-        sharded = device.type == "cuda" and dims.token_world_size > 1
-        model = build_hf_model(cfg, pad_id, None if sharded else device)
+        # Sharded by FSDP2, the model is built on the meta device (no storage, no weight read)
+        # and each rank materialises its shard only, once fully_shard has cut it: no rank,
+        # host or GPU, ever holds the whole fp32 model (hf/meta.py).
+        sharded = dims.token_world_size > 1
+        model = build_hf_model(cfg, pad_id, device, meta=sharded)
         cross_entropy = parallelize_hf(
             model, dims, compile=cfg.train.compile, verbose=dims.is_main,
             mixed_precision=mixed_precision(cfg, device), device_type=device.type,
         )  # fmt: skip
-        return model.to(device), cross_entropy
+        if sharded:
+            materialize_hf_model(model, cfg, device)
+        return model, cross_entropy
     model = MTPModel.from_config(cfg.model_config(vocab_size), cfg.mtp, pad_id=pad_id)
     model.to(device)
     cross_entropy = parallelize_gpt(
