@@ -217,3 +217,18 @@ def test_the_library_refuses_another_head_loss():
     ids, _, layout = batches.packed_batch(DOC_LENGTHS, seed=0, vocab=VOCAB)
     with pytest.raises(InputError, match="whole vocabulary on one rank"):
         model.loss(ids, next_token_labels(ids, layout), layout, cross_entropy=sharded)
+
+
+def test_a_tiny_run_trains_with_each_loss_and_cp_is_one_line(tmp_path):
+    from tests.helpers.cli import cli, tiny_args, train_cli
+
+    for loss in KINDS:
+        code, out, err = train_cli(tmp_path, f"mtp.loss={loss}", "mtp.detach_heads=true",
+                                   "train.steps=2", "train.eval_every=0", "train.save_every=0",
+                                   f"run.name={loss}")  # fmt: skip
+        assert code == 0, err
+        assert "final: train" in out
+        assert len((tmp_path / loss / "metrics.jsonl").read_text().splitlines()) >= 2
+    code, out, err = cli(*tiny_args(tmp_path, "mtp.loss=tv", "parallel.cp=2"))
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "mtp.loss=tv needs the teacher row" in err
