@@ -21,12 +21,14 @@ from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
 from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
+from multitoken.hf.gguf import model_folder
 from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
 from multitoken.mtp_model import MTPModel
 
 __all__ = [
     "HFTokenizer",
+    "hf_folder",
     "check_hf_folder",
     "hf_tokenizer",
     "build_hf_model",
@@ -98,10 +100,16 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos={self.eos_id})"
 
 
+def hf_folder(cfg) -> Path:
+    """``model.hf`` as a model folder: the folder itself, or a GGUF file's dequantised copy
+    under ``data.cache_dir`` (built on first use: :func:`~multitoken.hf.gguf.gguf_folder`)."""
+    return model_folder(cfg.model.hf, cfg.data.cache_dir)
+
+
 def check_hf_folder(cfg) -> dict:
     """Everything about ``model.hf`` that can be refused without loading the weights (the
     folder's gate, :func:`~multitoken.hf.folder.check_model_folder`, first); its config."""
-    path = cfg.model.hf
+    path = hf_folder(cfg)
     check_hf_layout(cfg.parallel.tp)
     config = read_config(path)
     if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
@@ -137,7 +145,7 @@ def _layer_index(key: str) -> int:
 def hf_tokenizer(cfg) -> HFTokenizer:
     """The tokenizer of ``model.hf``, after refusing a folder that cannot be trained."""
     config = check_hf_folder(cfg)
-    return HFTokenizer(cfg.model.hf, config["vocab_size"])
+    return HFTokenizer(hf_folder(cfg), config["vocab_size"])
 
 
 def build_hf_model(cfg, pad_id: int, device: torch.device | None = None) -> MTPModel:
@@ -147,7 +155,7 @@ def build_hf_model(cfg, pad_id: int, device: torch.device | None = None) -> MTPM
     modules' ``kv_gather`` hooks, then FSDP2); tensor parallelism is refused (see
     :func:`hf_tokenizer`, which runs first)."""
     model = load_hf_mtp_model(
-        cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
+        hf_folder(cfg), cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
     )
     return model if device is None else model.to(device)
 
