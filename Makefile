@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy
-	$(PY) -m pip install -q -e ".[dev,hf,data]"
+	$(PY) -m pip install -q -e ".[dev,hf,gguf,data]"
 	touch $(STAMP)
 
 setup: $(STAMP)

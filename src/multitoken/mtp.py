@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from multitoken.distill import DISTILL_LOSSES
 from multitoken.errors import FIXED, ConfigError, InputError, warn_renamed
 from multitoken.loss import LossStats, linear_cross_entropy
 
@@ -31,6 +32,8 @@ __all__ = ["MTPConfig", "MTPDepth", "MultiTokenPredictor", "DepthLosses", "depth
 
 # What the MTP depths predict: the data's tokens, or the decoder's own greedy next tokens.
 TARGETS = ("data", "base")
+# The depths' loss: cross-entropy on TARGETS, or one of the distillation losses (distill.py).
+MTP_LOSSES = ("ce", *DISTILL_LOSSES)
 
 
 @dataclass
@@ -52,7 +55,16 @@ class MTPConfig:
             gets working draft heads back).
         targets: what the MTP depths learn to predict: "data" (the corpus' tokens) or "base"
             (the decoder's own greedy next tokens: self-distillation, which maximises
-            speculative acceptance).
+            speculative acceptance). With a distillation ``loss`` it only chooses what a
+            depth's accuracy counts (data tokens, or agreement with the greedy decoder).
+        loss: the MTP depths' loss: "ce" (cross-entropy on ``targets``), or against the
+            decoder's own next-token distribution at i + k (detached): "kl" (forward KL),
+            "tv" (total variation: speculative sampling accepts with probability 1 - TV) or
+            "lk" (lk_alpha * KL + (1 - lk_alpha) * TV); docs/design.md#acceptance-aware-losses.
+        lk_alpha: the KL weight of loss = "lk", in [0, 1].
+        teacher_temperature: tau dividing the student's and the teacher's logits (loss != ce).
+        detach_heads: no MTP gradient reaches the decoder when training jointly: the depths
+            read h^0, the embeddings and the head weight detached (Megatron's option).
 
     ``depth`` is the deprecated name of ``num_depths``: ``MTPConfig(depth=2)`` and
     ``config.depth`` still work for one version, with a :class:`DeprecationWarning`.
@@ -67,6 +79,10 @@ class MTPConfig:
     loss_chunk_elements: int = 0
     freeze_base: bool = field(default=False, metadata=FIXED)
     targets: str = "data"
+    loss: str = "ce"
+    lk_alpha: float = 0.5
+    teacher_temperature: float = 1.0
+    detach_heads: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,10 +109,38 @@ class MTPConfig:
             )
         if self.targets not in TARGETS:
             raise ConfigError(f"must be one of {TARGETS}, got {self.targets!r}", "targets")
+        if self.loss not in MTP_LOSSES:
+            raise ConfigError(f"must be one of {MTP_LOSSES}, got {self.loss!r}", "loss")
+        if not 0 <= self.lk_alpha <= 1:
+            raise ConfigError(f"must be in [0, 1], got {self.lk_alpha}", "lk_alpha")
+        tau = self.teacher_temperature
+        if not 0 < tau < float("inf"):
+            raise ConfigError(f"must be a finite number > 0, got {tau}", "teacher_temperature")
         if self.loss_chunk_elements < 0:
             raise ConfigError(
                 f"must be >= 0 (0 = by device), got {self.loss_chunk_elements}",
                 "loss_chunk_elements",
+            )
+
+    def check_layout(self, tp: int, cp: int) -> None:
+        """Raise :class:`~multitoken.errors.ConfigError` (one line, why) for the parallel
+        layouts the chosen targets and loss do not support yet."""
+        if self.targets == "base" and (tp > 1 or cp > 1):
+            raise ConfigError(
+                "mtp.targets=base takes the decoder's greedy tokens over the whole vocabulary "
+                "and the whole row: use parallel.tp=1 and parallel.cp=1 with it"
+            )
+        if self.loss != "ce" and cp > 1:
+            raise ConfigError(
+                f"mtp.loss={self.loss} needs the teacher row i + k of every position, which under "
+                "context parallelism may sit on another rank (no hidden-row halo yet): use "
+                "parallel.cp=1 or mtp.loss=ce"
+            )
+        if self.loss != "ce" and tp > 1:
+            raise ConfigError(
+                f"mtp.loss={self.loss} takes softmaxes over the whole vocabulary, and the "
+                "vocabulary-parallel reduction they need under tensor parallelism is not "
+                "written yet: use parallel.tp=1 or mtp.loss=ce"
             )
 
     @property
@@ -226,6 +270,10 @@ class MultiTokenPredictor(nn.Module):
                 f"{len(self.depths)}"
             )
         outputs = []
+        if self.config.detach_heads:
+            # No MTP gradient into the decoder through h^0 or the shared embedding.
+            hidden = hidden.detach()
+            embed = _detached(embed)
         for module, ids in zip(self.depths, mtp_input_ids):
             if self.config.recompute and torch.is_grad_enabled():
                 # The embedding lookup stays outside: only the layer's activations are dropped.
@@ -234,6 +282,10 @@ class MultiTokenPredictor(nn.Module):
                 hidden = module(hidden, embed(ids), **layer_kwargs)
             outputs.append(hidden)
         return outputs
+
+
+def _detached(embed: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda ids: embed(ids).detach()
 
 
 @dataclass
@@ -264,6 +316,8 @@ def depth_losses(
     ignore_index: int = -100,
     chunk_elements: int = 0,
     cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
+    *,
+    mtp_loss: Callable[[int, Tensor, Tensor], LossStats] | None = None,
 ) -> DepthLosses:
     """Cross-entropy of every depth through the shared head, normalised per depth.
 
@@ -279,14 +333,19 @@ def depth_losses(
         chunk_elements: logits per chunk in :func:`linear_cross_entropy` (0 = by device).
         cross_entropy: the head's loss, called as :func:`linear_cross_entropy`; tensor
             parallelism passes a vocabulary-parallel one (``MTPModel.cross_entropy``).
+        mtp_loss: depth k >= 1's loss as ``mtp_loss(k, hidden, labels)`` (summed, with counts,
+            as :func:`linear_cross_entropy`); None = ``cross_entropy`` through ``head_weight``.
     """
     if len(hidden_states) != depth_labels.shape[0]:
         raise InputError(
             f"{len(hidden_states)} hidden states but {depth_labels.shape[0]} label depths"
         )
     sums, tokens, correct = [], [], []
-    for hidden, labels in zip(hidden_states, depth_labels):
-        stats = cross_entropy(hidden, head_weight, labels, ignore_index, chunk_elements)
+    for k, (hidden, labels) in enumerate(zip(hidden_states, depth_labels)):
+        if k and mtp_loss is not None:
+            stats = mtp_loss(k, hidden, labels)
+        else:
+            stats = cross_entropy(hidden, head_weight, labels, ignore_index, chunk_elements)
         sums.append(stats.loss_sum)
         tokens.append(stats.num_valid)
         correct.append(stats.num_correct)

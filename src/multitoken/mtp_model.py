@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from multitoken.batch import StepBatch
 from multitoken.decoder import Decoder
+from multitoken.distill import linear_distillation, teacher_hidden
 from multitoken.errors import InputError, warn_renamed
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
@@ -35,7 +36,7 @@ from multitoken.loss import LossStats, chunk_elements_for, chunk_rows, linear_cr
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
-__all__ = ["MTPModel", "step_loss", "base_targets"]
+__all__ = ["MTPModel", "step_loss", "base_targets", "depth_loss_fn"]
 
 
 class MTPModel(nn.Module):
@@ -214,7 +215,48 @@ def step_loss(
         ignore_index,
         model.config.loss_chunk_elements,
         cross_entropy,
+        mtp_loss=depth_loss_fn(model, hidden_states, batch, ignore_index, cross_entropy),
     )
+
+
+def depth_loss_fn(
+    model: nn.Module,
+    hidden_states: list[Tensor],
+    batch: StepBatch,
+    ignore_index: int,
+    cross_entropy: Callable[..., LossStats],
+) -> Callable[[int, Tensor, Tensor], LossStats] | None:
+    """The depths' loss ``f(k, h^k, labels)`` for ``model.config`` (``mtp.loss``,
+    ``mtp.detach_heads``); None = the cross-entropy through the head, as for the main loss.
+
+    Raises:
+        InputError: a distillation loss on a sharded batch (context parallelism: the teacher
+            row i + k may sit on another rank) or with a vocabulary-parallel head (the softmax
+            over a sharded vocabulary needs a reduction not written yet).
+    """
+    config = model.config
+    if len(hidden_states) == 1 or (config.loss == "ce" and not config.detach_heads):
+        return None
+    weight = model.head_weight.detach() if config.detach_heads else model.head_weight
+    chunk = config.loss_chunk_elements
+    if config.loss == "ce":
+        return lambda k, h, labels: cross_entropy(h, weight, labels, ignore_index, chunk)
+    if batch.kv_layout is not None or cross_entropy is not linear_cross_entropy:
+        raise InputError(
+            f"mtp.loss={config.loss} needs the whole rows and the whole vocabulary on one rank "
+            "(the teacher row i + k may sit on another CP rank; a vocabulary-parallel softmax "
+            "is not written yet): use parallel.cp=1 and parallel.tp=1, or mtp.loss=ce"
+        )
+    h0 = hidden_states[0]
+
+    def distill(k: int, hidden: Tensor, labels: Tensor) -> LossStats:
+        return linear_distillation(
+            hidden, teacher_hidden(h0, k), weight, labels, config.loss,
+            alpha=config.lk_alpha, temperature=config.teacher_temperature,
+            ignore_index=ignore_index, chunk_elements=chunk,
+        )  # fmt: skip
+
+    return distill
 
 
 def base_targets(

@@ -52,6 +52,9 @@ def test_toml_round_trip(tmp_path):
         (["data.batch_size=3", "parallel.dp=2"], "cannot be split over parallel.dp=2"),
         (["data.align=6", "parallel.cp=2"], "which data.align=6 does not divide: set data.align=4"),
         (["mtp.targets=base", "parallel.tp=2"], "mtp.targets=base takes the decoder's greedy"),
+        (["mtp.loss=kl", "parallel.cp=2"], "mtp.loss=kl needs the teacher row i \\+ k"),
+        (["mtp.loss=lk", "parallel.tp=2", "parallel.cp=1"], "mtp.loss=lk takes softmaxes"),
+        (["mtp.loss=js"], "mtp.loss must be one of"),
         (
             ["data.seq_len=24", "parallel.cp=4", "parallel.tp=4", "model.n_kv_heads=4"],
             "splits the 6 positions .* parallel.tp=4 .* multiple of cp \\* tp = 16",

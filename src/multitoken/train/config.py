@@ -363,11 +363,7 @@ class TrainConfig:
     def _check_model_layout(self) -> None:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
-        if self.mtp.targets == "base" and (tp > 1 or parallel.cp > 1):
-            raise ConfigError(
-                "mtp.targets=base takes the decoder's greedy tokens over the whole vocabulary "
-                "and the whole row: use parallel.tp=1 and parallel.cp=1 with it"
-            )
+        self.mtp.check_layout(tp, parallel.cp)
         check_tp_split(model.n_heads, model.kv_heads, model.ffn_hidden, tp)
         rows = model.vocab_size or (0 if data.tokenizer else data.vocab_size)  # a BPE's size
         self._check_rows_split(rows, "model.vocab_size" if model.vocab_size else "data.vocab_size")

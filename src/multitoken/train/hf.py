@@ -21,6 +21,7 @@ from multitoken.errors import ConfigError, DataError
 from multitoken.hf.adapter import read_config
 from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format
+from multitoken.hf.gguf import model_folder
 from multitoken.hf.meta import materialize_hf_mtp_model, meta_hf_mtp_model
 from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
@@ -28,6 +29,7 @@ from multitoken.mtp_model import MTPModel
 
 __all__ = [
     "HFTokenizer",
+    "hf_folder",
     "check_hf_folder",
     "hf_tokenizer",
     "build_hf_model",
@@ -100,10 +102,16 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos={self.eos_id})"
 
 
+def hf_folder(cfg) -> Path:
+    """``model.hf`` as a model folder: the folder itself, or a GGUF file's dequantised copy
+    under ``data.cache_dir`` (built on first use: :func:`~multitoken.hf.gguf.gguf_folder`)."""
+    return model_folder(cfg.model.hf, cfg.data.cache_dir)
+
+
 def check_hf_folder(cfg) -> dict:
     """Everything about ``model.hf`` that can be refused without loading the weights (the
     folder's gate, :func:`~multitoken.hf.folder.check_model_folder`, first); its config."""
-    path = cfg.model.hf
+    path = hf_folder(cfg)
     check_hf_layout(cfg.parallel.tp)
     config = read_config(path)
     if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
@@ -139,7 +147,7 @@ def _layer_index(key: str) -> int:
 def hf_tokenizer(cfg) -> HFTokenizer:
     """The tokenizer of ``model.hf``, after refusing a folder that cannot be trained."""
     config = check_hf_folder(cfg)
-    return HFTokenizer(cfg.model.hf, config["vocab_size"])
+    return HFTokenizer(hf_folder(cfg), config["vocab_size"])
 
 
 def build_hf_model(
@@ -153,10 +161,10 @@ def build_hf_model(
     FSDP2 to shard before :func:`materialize_hf_model` (``device`` is then ignored)."""
     if meta:
         return meta_hf_mtp_model(
-            cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention
+            hf_folder(cfg), cfg.mtp, pad_id=pad_id, attention=cfg.model.attention
         )
     model = load_hf_mtp_model(
-        cfg.model.hf, cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
+        hf_folder(cfg), cfg.mtp, pad_id=pad_id, attention=cfg.model.attention, seed=cfg.train.seed
     )
     return model if device is None else model.to(device)
 
@@ -164,7 +172,7 @@ def build_hf_model(
 def materialize_hf_model(model: MTPModel, cfg, device: torch.device) -> MTPModel:
     """A ``build_hf_model(meta=True)`` model, sharded or not, given storage on ``device`` and
     the values the eager build gives it, each rank reading only its shard's rows."""
-    return materialize_hf_mtp_model(model, cfg.model.hf, device=device, seed=cfg.train.seed)
+    return materialize_hf_mtp_model(model, hf_folder(cfg), device=device, seed=cfg.train.seed)
 
 
 def hf_model_and_tokenizer(cfg) -> tuple[MTPModel, HFTokenizer]:

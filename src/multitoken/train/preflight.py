@@ -61,8 +61,9 @@ def _shape(cfg: TrainConfig):
     ``config.json`` (checked by the folder's gate first)."""
     if cfg.model.hf:
         from multitoken.hf.folder import check_model_folder  # optional extra: only when used
+        from multitoken.hf.gguf import model_folder  # a GGUF file: its (cached) folder
 
-        return check_model_folder(cfg.model.hf).shape
+        return check_model_folder(model_folder(cfg.model.hf, cfg.data.cache_dir)).shape
     model = cfg.model
     return SimpleNamespace(
         vocab=model.vocab_size or cfg.data.vocab_size,

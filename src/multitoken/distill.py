@@ -1,0 +1,196 @@
+"""Acceptance-aware MTP losses: a depth's distribution against the backbone's, chunked.
+
+Depth k at position i is the *student* ``q = softmax(h^k_i W^T / tau)``; its *teacher* is the
+backbone's next-token distribution at position i + k, ``p = softmax(h^0_{i+k} W^T / tau)``,
+detached (docs/design.md#acceptance-aware-losses). Per valid row the losses are
+
+- ``"kl"``: forward ``KL(p || q) = sum_v p_v (log p_v - log q_v)``;
+- ``"tv"``: total variation ``TV(p, q) = 1/2 sum_v |p_v - q_v|`` (speculative sampling accepts
+  a draft from q with probability ``sum_v min(p_v, q_v) = 1 - TV``);
+- ``"lk"``: ``alpha * KL + (1 - alpha) * TV``.
+
+As :func:`~multitoken.loss.linear_cross_entropy`, :func:`linear_distillation` walks the
+tokens in chunks, keeps two floats per token (the student's and the teacher's log-sum-exp)
+for the backward and recomputes both chunks of logits there: no ``[tokens, V]`` tensor exists,
+the largest single allocation is bounded as the cross-entropy's (a chunk holds a student, a
+teacher and one scratch ``[rows, V]`` buffer at once). It returns a *sum* over valid rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from multitoken.errors import InputError
+from multitoken.loss import (
+    LossStats,
+    chunk_elements_for,
+    chunk_logits,
+    chunk_rows,
+    compute_dtype,
+    flat_loss_inputs,
+)
+
+__all__ = ["DISTILL_LOSSES", "linear_distillation", "teacher_hidden"]
+
+DISTILL_LOSSES = ("kl", "tv", "lk")
+
+
+def _log_softmax_(logits: Tensor, scale: float) -> Tensor:
+    """``log_softmax(logits * scale)`` in place over the last dim; returns the log-sum-exp."""
+    logits.mul_(scale)
+    row_max = logits.max(dim=-1).values
+    shift = row_max.masked_fill(row_max.abs() == float("inf"), 0.0)
+    lse = (logits - shift[:, None]).exp_().sum(dim=-1).log_().add_(shift)
+    logits.sub_(lse[:, None])
+    return lse
+
+
+def _row_losses(log_q: Tensor, log_p: Tensor, kind: str, alpha: float) -> Tensor:
+    """``[C]`` per-row loss from the student's and teacher's log-probabilities ``[C, V]``."""
+    p = log_p.exp()
+    out = torch.zeros(log_q.shape[0], dtype=torch.float32, device=log_q.device)
+    if kind in ("kl", "lk"):
+        # 0 * log 0 = 0: where p underflows to 0 its term is 0, never NaN.
+        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+        out += kl if kind == "kl" else alpha * kl
+    if kind in ("tv", "lk"):
+        tv = 0.5 * (log_q.exp() - p).abs_().sum(dim=-1)
+        out += tv if kind == "tv" else (1 - alpha) * tv
+    return out
+
+
+def _grad_logits(q: Tensor, p: Tensor, kind: str, alpha: float) -> Tensor:
+    """d(row loss) / d(student logits) ``[C, V]`` (before the 1 / tau), in place over ``p``.
+
+    KL: ``q - p``. TV: with ``s = sign(q - p) / 2``, ``q * (s - <s, q>)`` (``sign(0) = 0``,
+    autograd's subgradient of ``abs``).
+    """
+    diff = p.neg_().add_(q)  # q - p
+    if kind == "kl":
+        return diff
+    sign = diff.sign().mul_(0.5)
+    tv = sign.sub_((sign * q).sum(dim=-1, keepdim=True)).mul_(q)
+    if kind == "tv":
+        return tv
+    return tv.mul_(1 - alpha).add_(diff, alpha=alpha)
+
+
+class _LinearDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, weight, valid, targets, kind, alpha, tau, chunk_elements):
+        # student, teacher (N, H); weight (V, H); valid, targets (N,)
+        n_tokens, vocab = student.shape[0], weight.shape[0]
+        dtype = compute_dtype(student, weight)
+        w = weight.to(dtype)
+        rows = min(chunk_rows(vocab, chunk_elements), max(n_tokens, 1))
+        lse_q = torch.zeros(n_tokens, dtype=torch.float32, device=student.device)
+        lse_p = torch.zeros_like(lse_q)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        correct = torch.zeros((), dtype=torch.long, device=student.device)
+        buf_q = student.new_empty((rows, vocab), dtype=torch.float32)
+        buf_p = student.new_empty((rows, vocab), dtype=torch.float32)
+        for start in range(0, n_tokens, rows):
+            stop = min(start + rows, n_tokens)
+            log_q = chunk_logits(student[start:stop].to(dtype), w, buf_q)
+            log_p = chunk_logits(teacher[start:stop].to(dtype), w, buf_p)
+            top1 = log_q.argmax(dim=-1)
+            lse_q[start:stop] = _log_softmax_(log_q, 1.0 / tau)
+            lse_p[start:stop] = _log_softmax_(log_p, 1.0 / tau)
+            mask = valid[start:stop]
+            loss_sum += torch.where(mask, _row_losses(log_q, log_p, kind, alpha), 0.0).sum()
+            correct += ((top1 == targets[start:stop]) & mask).sum()
+        del buf_q, buf_p
+        ctx.save_for_backward(student, teacher, weight, valid, lse_q, lse_p)
+        ctx.rows, ctx.dtype, ctx.kind, ctx.alpha, ctx.tau = rows, dtype, kind, alpha, tau
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        student, teacher, weight, valid, lse_q, lse_p = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dtype, rows, tau = ctx.dtype, ctx.rows, ctx.tau
+        w = weight.to(dtype)
+        # d logits / d (h W^T) = 1 / tau, folded into the per-row factor.
+        row_scale = valid.float() * (grad_loss.float() / tau)  # (N,)
+        grad_h = torch.empty_like(student) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buf_q = student.new_empty((rows, weight.shape[0]), dtype=torch.float32)
+        buf_p = torch.empty_like(buf_q)
+        for start in range(0, student.shape[0], rows):
+            stop = min(start + rows, student.shape[0])
+            h = student[start:stop]
+            q = chunk_logits(h.to(dtype), w, buf_q)
+            q.mul_(1.0 / tau).sub_(lse_q[start:stop, None]).exp_()
+            p = chunk_logits(teacher[start:stop].to(dtype), w, buf_p)
+            p.mul_(1.0 / tau).sub_(lse_p[start:stop, None]).exp_()
+            grad_logits = _grad_logits(q, p, ctx.kind, ctx.alpha).to(dtype)
+            scale = row_scale[start:stop, None]  # (C, 1): applied to the [C, H] sides
+            if need_h:
+                grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
+            if need_w:
+                grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
+            del q, p, grad_logits
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        return grad_h, None, grad_w, None, None, None, None, None, None
+
+
+def linear_distillation(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    kind: str = "kl",
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_elements: int = 0,
+) -> LossStats:
+    """Summed distillation loss of ``student @ weight.T`` against ``teacher @ weight.T``.
+
+    Args:
+        student: ``[..., H]`` the student's hidden states (depth k's ``h^k``).
+        teacher: ``[..., H]`` the teacher's (``h^0`` shifted by k: :func:`teacher_hidden`);
+            no gradient flows into it, nor into ``weight`` through it.
+        weight: ``[V, H]`` the shared output head.
+        targets: ``[...]`` a row's token id, ``ignore_index`` where the row has no target:
+            the loss sums the rows with one; ``num_correct`` counts the student's top-1 hits.
+        kind: ``"kl"``, ``"tv"`` or ``"lk"`` (``alpha * KL + (1 - alpha) * TV``).
+        alpha: the KL weight of ``"lk"``.
+        temperature: tau, dividing both logits.
+        ignore_index: the "no target" value.
+        chunk_elements: at most this many logits per chunk buffer; 0 = the device's default.
+
+    Returns:
+        :class:`~multitoken.loss.LossStats`: the summed loss (differentiable in ``student``
+        and ``weight``), the number of valid rows and of top-1 hits.
+    """
+    if kind not in DISTILL_LOSSES:
+        raise InputError(f"kind must be one of {DISTILL_LOSSES}, got {kind!r}")
+    if teacher.shape != student.shape:
+        raise InputError(
+            f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} disagree"
+        )
+    flat_s, flat_t = flat_loss_inputs(student, weight, targets, weight.shape[0], ignore_index)
+    valid = flat_t != ignore_index
+    safe_t = torch.where(valid, flat_t, torch.zeros_like(flat_t))
+    chunk_elements = chunk_elements_for(flat_s.device, chunk_elements)
+    loss_sum, correct = _LinearDistillation.apply(
+        flat_s, teacher.detach().reshape(flat_s.shape), weight, valid, safe_t,
+        kind, float(alpha), float(temperature), chunk_elements,
+    )  # fmt: skip
+    return LossStats(loss_sum, valid.sum(), correct)
+
+
+def teacher_hidden(h0: Tensor, k: int) -> Tensor:
+    """``[B, T, H]`` detached ``h^0`` shifted k places left along each row (zeros past the end).
+
+    Depth k's teacher at i is the backbone at i + k. Where depth k has a valid target at i,
+    i + k + 1 lies in i's document, so i + k does too and the row shift is that document's.
+    """
+    h0 = h0.detach()
+    out = torch.zeros_like(h0)
+    out[:, : h0.shape[1] - k] = h0[:, k:]
+    return out
