@@ -13,6 +13,10 @@ The MTP depths are draft models for free (DESIGN.md section 6). One speculative 
    token after it (so every forward yields at least one token), and roll the caches back to
    the accepted positions (:meth:`multitoken.decoding.state.DecodeState.commit`).
 
+With ``draft_steps`` N larger than the D' depths that draft, drafting goes on recursively as the
+serving engines do: step s runs depth ``((s - 1) mod D') + 1`` on step s - 1's hidden state and
+token (each step keeps its own cache, :mod:`multitoken.decoding.state`).
+
 With ``temperature == 0`` the output is token for token plain greedy decoding. With
 ``temperature > 0`` drafts are sampled from the depths' distributions and accepted with the
 speculative-sampling rule (accept ``d`` with probability ``min(1, p(d) / q(d))``, else sample
@@ -35,7 +39,8 @@ from torch import Tensor
 
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.static import StaticDecodeState
-from multitoken.errors import InputError, renamed_kwarg, warn_renamed
+from multitoken.decoding.stats import GenerationStats
+from multitoken.errors import InputError, renamed_kwarg
 from multitoken.mtp_model import MTPModel
 
 __all__ = [
@@ -46,67 +51,6 @@ __all__ = [
     "generate",
     "teacher_forced_accuracy",
 ]
-
-
-@dataclass
-class GenerationStats:
-    """Counters of one generation (or, summed with :meth:`merge`, of many).
-
-    Attributes:
-        new_tokens: tokens generated.
-        forwards: main-model forwards after the prompt's prefill; each yields >= 1 token.
-        draft_depths: MTP depths used to draft (0 = plain decoding).
-        reached: per depth k, drafts the verifier judged: the step drafted depth k and
-            accepted every shallower draft.
-        accepted: per depth k, of those, the accepted ones.
-        accepted_histogram: index a counts the steps that accepted exactly a drafts.
-        seconds: wall-clock time of the prefill and the decoding loop.
-    """
-
-    new_tokens: int = 0
-    forwards: int = 0
-    draft_depths: int = 0
-    reached: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    accepted_histogram: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def draft_depth(self) -> int:
-        """Deprecated: :attr:`draft_depths`."""
-        warn_renamed("GenerationStats.draft_depth", "GenerationStats.draft_depths")
-        return self.draft_depths
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.new_tokens / max(self.forwards, 1)
-
-    @property
-    def acceptance(self) -> list[float | None]:
-        """Per depth: P(depth k accepted | depths 1..k-1 accepted); None where never reached."""
-        return [a / r if r else None for a, r in zip(self.accepted, self.reached)]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def merge(self, other: GenerationStats) -> GenerationStats:
-        """The sum of two runs' counters (same draft depth)."""
-        if other.draft_depths != self.draft_depths:
-            raise ValueError(f"draft depths {other.draft_depths} != {self.draft_depths}")
-
-        def add(a: list[int], b: list[int]) -> list[int]:
-            return [x + y for x, y in zip(a, b)]
-
-        return GenerationStats(
-            self.new_tokens + other.new_tokens,
-            self.forwards + other.forwards,
-            self.draft_depths,
-            add(self.reached, other.reached),
-            add(self.accepted, other.accepted),
-            add(self.accepted_histogram, other.accepted_histogram),
-            self.seconds + other.seconds,
-        )
 
 
 @dataclass
@@ -215,6 +159,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool = False,
     capacity: int | None = None,
+    draft_steps: int | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
@@ -234,28 +179,33 @@ def generate(
             call per process pays the compilation; the tokens are those of eager decoding.
         capacity: positions the caches hold (at least prompt + new tokens); a warm-up call
             with the capacity of the real one compiles the graphs the real one will use.
+        draft_steps: drafts per verification, N >= 1 (None = ``draft_depths``; ignored
+            without ``speculative``). Past the depths, step s runs depth
+            ``((s - 1) mod draft_depths) + 1`` on the previous step's hidden state and token.
 
     Returns:
-        A :class:`Generation`; ``stats.acceptance`` per depth when speculative.
+        A :class:`Generation`; ``stats.acceptance`` per draft step when speculative.
 
     Raises:
         InputError: speculative decoding of a model without MTP heads (D = 0), a draft depth
-            outside 1..D, a negative temperature, prompt ids outside the vocabulary, or
-            ``max_new_tokens`` that does not fit the context.
+            outside 1..D, draft steps below 1, a negative temperature, prompt ids outside the
+            vocabulary, or ``max_new_tokens`` that does not fit the context.
     """
     draft_depths = _draft_depths(model, speculative, draft_depths)
+    steps = _draft_steps(draft_depths, draft_steps)
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
     prompt = _checked_prompt(model, prompt_ids, max_new_tokens, start_id)
     stats = GenerationStats(
         draft_depths=draft_depths,
-        reached=[0] * draft_depths,
-        accepted=[0] * draft_depths,
-        accepted_histogram=[0] * (draft_depths + 1),
+        reached=[0] * steps,
+        accepted=[0] * steps,
+        accepted_histogram=[0] * (steps + 1),
+        draft_steps=steps,
     )
     capacity = max(capacity or 0, len(prompt) + max_new_tokens)
     state_cls = StaticDecodeState if compile else DecodeState
-    state = state_cls(model, capacity, draft_depths)
+    state = state_cls(model, capacity, draft_depths, draft_steps=steps)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
@@ -265,7 +215,7 @@ def generate(
         while len(new) < max_new_tokens:
             seq = state.tokens
             # Drafting needs h^0 of the second-to-last token, and no more drafts than tokens wanted.
-            n_draft = min(draft_depths, max_new_tokens - len(new) - 1) if len(seq) > 1 else 0
+            n_draft = min(steps, max_new_tokens - len(new) - 1) if len(seq) > 1 else 0
             out, n_acc = _speculative_step(model, state, n_draft, temperature, generator, stats)
             if eos_id is not None and eos_id in out:
                 out = out[: out.index(eos_id) + 1]
@@ -296,6 +246,15 @@ def _draft_depths(model: MTPModel, speculative: bool, draft_depths: int | None) 
             f"draft_depths must be in 1..{num_depths} (the model's MTP depths), got {draft_depths}"
         )
     return draft_depths
+
+
+def _draft_steps(draft_depths: int, draft_steps: int | None) -> int:
+    """Drafts per verification: 0 without speculation, else N >= 1 (None = the depths)."""
+    if draft_depths == 0 or draft_steps is None:
+        return draft_depths
+    if isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1:
+        raise InputError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
+    return draft_steps
 
 
 def _checked_prompt(

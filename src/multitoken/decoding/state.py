@@ -7,6 +7,15 @@ MTP recurrence read position by position: depth k at position j needs ``h^{k-1}_
 token ``t_{j+k}``, so with ``L`` committed tokens the main model can be cached up to position
 ``L - 2`` (the last token is its next input) and depth k up to position ``L - 1 - k``.
 
+**Recursive drafting** (``draft_steps`` N > ``draft_depths`` D'): draft step s runs depth
+``((s - 1) mod D') + 1`` on the hidden state and the token of step s - 1, so the recurrence
+simply continues past D'. The state keeps **one cache per draft step**, not per depth module:
+step s at position j reads ``h^{s-1}_j`` and ``t_{j+s}``, exactly as a depth s would, so a
+reused module's cache at step s holds only entries computed from its step's inputs, and the
+rollback rule of :meth:`DecodeState.commit` (position j of step s read tokens up to ``j + s``)
+keeps every cache exact. All steps use the rotary position j (attention depends only on
+relative positions within one cache). The price is N one-layer caches instead of D'.
+
 It drives the model only through the :class:`~multitoken.decoder.Decoder` interface
 (``new_kv_cache``, ``layer_kwargs``, ``hidden``, ``embed``) and the MTP depths of an
 :class:`~multitoken.mtp_model.MTPModel`, so any decoder that implements it decodes the same way.
@@ -61,23 +70,36 @@ class DecodeState:
     Args:
         model: the :class:`~multitoken.mtp_model.MTPModel`.
         capacity: the longest sequence (prompt plus new tokens) this state will hold.
-        draft_depths: how many MTP depths keep caches (0 for plain decoding).
+        draft_depths: how many MTP depths draft (0 for plain decoding).
+        draft_steps: how many draft steps keep caches (None = ``draft_depths``); step s runs
+            depth ``((s - 1) mod draft_depths) + 1``.
     """
 
-    def __init__(self, model: MTPModel, capacity: int, draft_depths: int = 0):
+    def __init__(
+        self, model: MTPModel, capacity: int, draft_depths: int = 0, draft_steps: int | None = None
+    ):
         if not 0 <= draft_depths <= model.num_depths:
             raise InputError(f"{draft_depths} MTP depths asked, the model has {model.num_depths}")
+        steps = draft_depths if draft_steps is None else draft_steps
+        if steps < 0 or (steps > 0) != (draft_depths > 0):
+            raise InputError(f"{steps} draft steps asked with {draft_depths} draft depths")
         decoder = model.decoder
         head = model.head_weight
         self.model, self.decoder = model, decoder
+        self.draft_depths = draft_depths
         self.tokens: list[int] = []
         self.main = [decoder.new_kv_cache(1, capacity) for _ in range(decoder.num_layers)]
-        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(draft_depths)]
-        # hidden[k][:, j] = h^k_j, the hidden input of depth k + 1 at position j.
+        # One cache per draft step (mtp[s - 1]); step s runs depth_of(s).
+        self.mtp = [decoder.new_kv_cache(1, capacity) for _ in range(steps)]
+        # hidden[s][:, j] = h^s_j, the hidden input of draft step s + 1 at position j.
         self.hidden = torch.zeros(
-            draft_depths, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
+            steps, 1, capacity, decoder.hidden_size, device=head.device, dtype=head.dtype
         )
-        self._hidden_end = [0] * draft_depths  # one past the last position written, per depth
+        self._hidden_end = [0] * steps  # one past the last position written, per step
+
+    def depth_of(self, step: int) -> int:
+        """The MTP depth that draft step ``step`` (1-based) runs: ``((step - 1) mod D') + 1``."""
+        return (step - 1) % self.draft_depths + 1
 
     @property
     def device(self) -> torch.device:
@@ -96,10 +118,11 @@ class DecodeState:
         return h0[0]
 
     def forward_depth(self, k: int, tokens: list[int], end: int) -> Tensor:
-        """Bring MTP depth ``k`` up to position ``end - 1``; return ``h^k [T, H]``.
+        """Bring draft step ``k`` (MTP depth :meth:`depth_of` ``(k)``) up to position
+        ``end - 1``; return ``h^k [T, H]``.
 
         Args:
-            k: the depth, 1..D.
+            k: the draft step, 1..N (the depth itself when N <= D).
             tokens: the sequence the depth reads, committed tokens followed by the drafts of the
                 shallower depths (position j reads ``tokens[j + k]``).
             end: one past the last position to compute; ``h^{k-1}`` must be known there.
@@ -110,7 +133,7 @@ class DecodeState:
         cache = self.mtp[k - 1]
         start = cache.length
         if end <= start:
-            raise InputError(f"MTP depth {k} already holds positions up to {start - 1}")
+            raise InputError(f"MTP draft step {k} already holds positions up to {start - 1}")
         hidden = self.hidden[k - 1, :, start:end]  # (1, T, H)
         ids = self._ids(tokens[start + k : end + k])
         out = self._run_depth(k, hidden, ids, start)  # (1, T, H)
@@ -126,7 +149,7 @@ class DecodeState:
 
     def _run_depth(self, k: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
         kwargs = decode_layer_kwargs(self.decoder, 1, start, ids.shape[1], self.device)
-        module = self.model.mtp.depths[k - 1]
+        module = self.model.mtp.depths[self.depth_of(k) - 1]
         return module(hidden, self.decoder.embed(ids), **kwargs, cache=self.mtp[k - 1])
 
     def commit(self, tokens: list[int], exact_upto: int) -> None:

@@ -111,9 +111,10 @@ def _compiled(device_type: str = "cpu") -> tuple[Any, Any]:
     )
 
 
-def max_static_tokens(draft_depths: int) -> int:
-    """Steps of at most this many new tokens run compiled (plain: 1, speculative: D + 1)."""
-    return draft_depths + 1
+def max_static_tokens(draft_steps: int) -> int:
+    """Steps of at most this many new tokens run compiled (plain: 1, speculative: N + 1 for N
+    draft steps)."""
+    return draft_steps + 1
 
 
 class StaticDecodeState(DecodeState):
@@ -125,9 +126,17 @@ class StaticDecodeState(DecodeState):
             of two (at least 64, at most ``max_seq_len``).
         draft_depths: MTP depths that draft (0 for plain decoding).
         compile: compile the short steps (False: the same static-shape code, eagerly).
+        draft_steps: draft steps, each with its own static cache (None = ``draft_depths``).
     """
 
-    def __init__(self, model: MTPModel, capacity: int, draft_depths: int = 0, compile: bool = True):
+    def __init__(
+        self,
+        model: MTPModel,
+        capacity: int,
+        draft_depths: int = 0,
+        compile: bool = True,
+        draft_steps: int | None = None,
+    ):
         if not isinstance(model.decoder, GPT):
             raise InputError(
                 f"compiled decoding needs the reference GPT decoder, got "
@@ -141,9 +150,13 @@ class StaticDecodeState(DecodeState):
         # Capacity shapes every graph: round it up to a power of two (at least 64, at most
         # max_seq_len) so that generations of similar lengths share the compiled steps.
         capacity = min(max(64, 1 << (capacity - 1).bit_length()), model.decoder.max_seq_len)
-        super().__init__(model, capacity, draft_depths)
+        super().__init__(model, capacity, draft_depths, draft_steps)
         self.compile = compile
-        self.max_static = max_static_tokens(draft_depths)
+        self.max_static = max_static_tokens(len(self.mtp))
+        # At most one graph per (function, cache, step size); past dynamo's recompile limit it
+        # would silently run eagerly.
+        limit = (len(self.mtp) + 1) * (self.max_static + 1)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         self._keys = [c.k for c in self.main]
         self._values = [c.v for c in self.main]
         self._positions = torch.arange(capacity, device=self.device)
@@ -173,7 +186,7 @@ class StaticDecodeState(DecodeState):
         _, depth_step = self._functions(length)
         cache_ = self.mtp[k - 1]
         input_pos = self._positions[start : start + length]
-        module = self.model.mtp.depths[k - 1]
+        module = self.model.mtp.depths[self.depth_of(k) - 1]
         out = depth_step(self.decoder, module, hidden, ids, input_pos, cache_.k, cache_.v)
         cache_.length = start + length
         return out
