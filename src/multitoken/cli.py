@@ -194,7 +194,7 @@ def cmd_generate(args) -> int:
     )
     if speculative:
         rates = ", ".join("n/a" if a is None else f"{a:.0%}" for a in stats.acceptance)
-        summary += f"; acceptance per depth: {rates}"
+        summary += f"; acceptance per draft step: {rates}"
     print(summary, file=sys.stderr)
     return 0
 
@@ -215,12 +215,13 @@ def _decode(model, tokenizer, args):
     if args.speculative or max_new_tokens:
         # The first calls pay one-time costs (allocations, kernel choice, compilation): keep
         # them out of tokens_per_s, which should be the steady rate.
-        num_depths = model.num_depths if args.speculative else 0
-        warm = min(num_depths + 2, model.decoder.max_seq_len - 1)
+        steps = args.draft_steps or args.draft_depth or model.num_depths
+        steps = steps if args.speculative else 0
+        warm = min(steps + 2, model.decoder.max_seq_len - 1)
         generate(
             model, prompt_ids[-8:], warm, args.speculative, args.draft_depth,
             start_id=tokenizer.eos_id, compile=args.compile,
-            capacity=min(capacity, model.decoder.max_seq_len),
+            capacity=min(capacity, model.decoder.max_seq_len), draft_steps=args.draft_steps,
         )  # fmt: skip
     result = generate(
         model,
@@ -233,6 +234,7 @@ def _decode(model, tokenizer, args):
         start_id=tokenizer.eos_id,
         generator=torch.Generator(device=model.head_weight.device).manual_seed(args.seed),
         compile=args.compile,
+        draft_steps=args.draft_steps,
     )
     full = tokenizer.decode(result.prompt_ids + result.tokens)
     head = tokenizer.decode(result.prompt_ids)
@@ -333,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculative", action="store_true", help="draft with the MTP heads, verify in one pass"
     )
     gen.add_argument("--draft-depth", type=int, default=None, help="MTP depths to draft with")
+    gen.add_argument(
+        "--draft-steps", type=int, default=None,
+        help="drafts per verification (default: the draft depths); more reuse the depths in turn",
+    )  # fmt: skip
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument(
         "--compile",
