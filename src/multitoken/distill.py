@@ -14,6 +14,10 @@ tokens in chunks, keeps two floats per token (the student's and the teacher's lo
 for the backward and recomputes both chunks of logits there: no ``[tokens, V]`` tensor exists,
 the largest single allocation is bounded as the cross-entropy's (a chunk holds a student, a
 teacher and one scratch ``[rows, V]`` buffer at once). It returns a *sum* over valid rows.
+
+:func:`acceptance_sums` measures what the losses aim at, with the same chunks and no gradient:
+per depth, how often the student's argmax is the teacher's (greedy agreement) and the expected
+acceptance of speculative sampling at temperature 1, ``sum_v min(p_v, q_v)``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from multitoken.loss import (
     flat_loss_inputs,
 )
 
-__all__ = ["DISTILL_LOSSES", "linear_distillation", "teacher_hidden"]
+__all__ = ["DISTILL_LOSSES", "acceptance_sums", "linear_distillation", "teacher_hidden"]
 
 DISTILL_LOSSES = ("kl", "tv", "lk")
 
@@ -194,3 +198,55 @@ def teacher_hidden(h0: Tensor, k: int) -> Tensor:
     out = torch.zeros_like(h0)
     out[:, : h0.shape[1] - k] = h0[:, k:]
     return out
+
+
+def acceptance_sums(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    valid: Tensor,
+    chunk_elements: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Greedy agreements and summed acceptance of ``student`` against ``teacher``, no gradient.
+
+    Over the rows where ``valid`` holds: ``argmax(student W^T) == argmax(teacher W^T)`` (as
+    ``torch.argmax``: the first maximum), and ``sum_v min(p_v, q_v)`` with
+    ``q = softmax(student W^T)``, ``p = softmax(teacher W^T)`` (temperature 1: what speculative
+    sampling accepts of a draft from q for a target p). Chunked as the losses: at most two
+    ``[rows, V]`` buffers of ``chunk_elements`` logits exist at once.
+
+    Args:
+        student: ``[..., H]`` depth k's hidden states.
+        teacher: ``[..., H]`` the backbone's at i + k (:func:`teacher_hidden`).
+        weight: ``[V, H]`` the shared output head.
+        valid: ``[...]`` bool, the rows to count (depth k's valid targets).
+        chunk_elements: at most this many logits per chunk buffer; 0 = the device's default.
+
+    Returns:
+        ``(agreements, acceptance)``: an int64 count and an fp64 sum over the valid rows.
+    """
+    with torch.no_grad():
+        hidden = student.shape[-1]
+        flat_s, flat_t = student.reshape(-1, hidden), teacher.reshape(-1, hidden)
+        flat_v = valid.reshape(-1)
+        n_tokens, vocab = flat_s.shape[0], weight.shape[0]
+        dtype = compute_dtype(flat_s, weight)
+        w = weight.to(dtype)
+        rows = chunk_rows(vocab, chunk_elements_for(flat_s.device, chunk_elements))
+        rows = max(1, min(rows, n_tokens))
+        agree = torch.zeros((), dtype=torch.long, device=flat_s.device)
+        accept = torch.zeros((), dtype=torch.float64, device=flat_s.device)
+        buf_q = flat_s.new_empty((rows, vocab), dtype=torch.float32)
+        buf_p = torch.empty_like(buf_q)
+        for start in range(0, n_tokens, rows):
+            stop = min(start + rows, n_tokens)
+            log_q = chunk_logits(flat_s[start:stop].to(dtype), w, buf_q)
+            log_p = chunk_logits(flat_t[start:stop].to(dtype), w, buf_p)
+            mask = flat_v[start:stop]
+            agree += ((log_q.argmax(dim=-1) == log_p.argmax(dim=-1)) & mask).sum()
+            _log_softmax_(log_q, 1.0)
+            _log_softmax_(log_p, 1.0)
+            # min(p, q) = exp(min(log p, log q)), in place over the student's buffer.
+            both = torch.minimum(log_q, log_p, out=log_q).exp_().sum(dim=-1)
+            accept += torch.where(mask, both, 0.0).sum(dtype=torch.float64)
+        return agree, accept

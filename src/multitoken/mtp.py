@@ -298,6 +298,10 @@ class DepthLosses:
         depth_tokens: ``[D + 1]`` int64 valid targets per depth in this batch (local).
         depth_correct: ``[D + 1]`` int64 top-1 hits per depth (local).
         loss_sum: ``[D + 1]`` detached fp32 summed losses per depth (local), for metrics.
+        agree: ``[D]`` int64 greedy agreements of depth k with the backbone at i + k (local),
+            or None where not measured (``step_loss(..., acceptance=True)``).
+        accept: ``[D]`` fp64 summed speculative acceptance ``sum_v min(p_v, q_v)`` (local), or
+            None; both count the rows of ``depth_tokens[1:]``.
     """
 
     loss: Tensor
@@ -305,6 +309,8 @@ class DepthLosses:
     depth_tokens: Tensor
     depth_correct: Tensor
     loss_sum: Tensor
+    agree: Tensor | None = None
+    accept: Tensor | None = None
 
 
 def depth_losses(

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from multitoken.batch import StepBatch
 from multitoken.decoder import Decoder
-from multitoken.distill import linear_distillation, teacher_hidden
+from multitoken.distill import acceptance_sums, linear_distillation, teacher_hidden
 from multitoken.errors import InputError, warn_renamed
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, lookahead
@@ -36,7 +36,7 @@ from multitoken.loss import LossStats, chunk_elements_for, chunk_rows, linear_cr
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
-__all__ = ["MTPModel", "step_loss", "base_targets", "depth_loss_fn"]
+__all__ = ["MTPModel", "step_loss", "base_targets", "depth_loss_fn", "measure_acceptance"]
 
 
 class MTPModel(nn.Module):
@@ -175,6 +175,7 @@ def step_loss(
     ignore_index: int = IGNORE_INDEX,
     *,
     cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
+    acceptance: bool = False,
 ) -> DepthLosses:
     """The loss of one step: ``model``'s hidden states through the shared head, per depth.
 
@@ -185,6 +186,9 @@ def step_loss(
         ignore_index: the "no target" label.
         cross_entropy: the head's loss for the model's layout: the one its
             ``parallelize_<model>`` returned (vocabulary-parallel under TP).
+        acceptance: also measure each depth's agreement and acceptance against the backbone
+            (:func:`measure_acceptance`; the losses are unchanged). Skipped (None) under
+            context parallelism and with a vocabulary-parallel head.
     """
     hidden_states = model(
         batch.input_ids,
@@ -206,7 +210,7 @@ def step_loss(
             ignore_index,
             model.config.loss_chunk_elements,
         )
-    return depth_losses(
+    losses = depth_losses(
         hidden_states,
         model.head_weight,
         depth_labels,
@@ -217,6 +221,38 @@ def step_loss(
         cross_entropy,
         mtp_loss=depth_loss_fn(model, hidden_states, batch, ignore_index, cross_entropy),
     )
+    whole = batch.kv_layout is None and cross_entropy is linear_cross_entropy
+    if acceptance and whole and len(hidden_states) > 1:
+        losses.agree, losses.accept = measure_acceptance(
+            hidden_states, model.head_weight, depth_labels, ignore_index,
+            model.config.loss_chunk_elements,
+        )  # fmt: skip
+    return losses
+
+
+def measure_acceptance(
+    hidden_states: list[Tensor],
+    head_weight: Tensor,
+    depth_labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_elements: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``([D], [D])`` greedy agreements and summed acceptance of each depth vs the backbone.
+
+    Depth k at i against the backbone at i + k (:func:`~multitoken.distill.acceptance_sums`),
+    over depth k's valid targets (``depth_labels[k] != ignore_index``: i + k + 1 in i's
+    document). Whole rows and the whole vocabulary on this rank; no gradient.
+    """
+    h0 = hidden_states[0]
+    agree, accept = [], []
+    for k in range(1, len(hidden_states)):
+        a, s = acceptance_sums(
+            hidden_states[k], teacher_hidden(h0, k), head_weight,
+            depth_labels[k] != ignore_index, chunk_elements,
+        )  # fmt: skip
+        agree.append(a)
+        accept.append(s)
+    return torch.stack(agree), torch.stack(accept)
 
 
 def depth_loss_fn(

@@ -66,7 +66,11 @@ def test_cp2_fallback_exchange_logs_the_same_losses(run_root, reference):
 
 def test_dp2_equals_dp1_with_the_same_global_batch(run_root, reference):
     run_subprocess(run_root, "parallel.cp=1", "parallel.dp=2", "run.name=dp2")
-    assert_same_records(train_records(run_root / "dp2"), train_records(reference))
+    dp2, dp1 = train_records(run_root / "dp2"), train_records(reference)
+    assert_same_records(dp2, dp1)
+    for a, b in zip(dp2, dp1):  # acceptance too is summed over the DP ranks sum / sum
+        for key in ("agree_mtp", "accept_mtp"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
 
 def test_stop_and_resume_logs_the_same_steps(run_root, reference):

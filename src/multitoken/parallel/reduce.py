@@ -12,6 +12,8 @@ skips the collective (never the default world group).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ from multitoken.mtp import DepthLosses
 from multitoken.parallel.context import CPShard
 from multitoken.parallel.halo import ShardMismatchError, check_cp_group
 
-__all__ = ["global_normalizer", "sync_gradients", "MetricSums"]
+__all__ = ["global_normalizer", "sync_gradients", "MetricSums", "ReducedMetrics"]
 
 
 def _size(group: dist.ProcessGroup | None) -> int:
@@ -146,6 +148,20 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+class ReducedMetrics(NamedTuple):
+    """Per-depth metrics over ranks (:meth:`MetricSums.reduce_all`); lists are main first.
+
+    ``agree`` and ``accept`` are per MTP depth (depth 1 first), None when no step since the
+    last reduction measured them.
+    """
+
+    losses: list[float]
+    accuracies: list[float]
+    tokens: list[float]
+    agree: list[float] | None
+    accept: list[float] | None
+
+
 class MetricSums:
     """Per-depth loss sums, valid targets and top-1 hits over steps, reduced sum/sum over ranks.
 
@@ -153,6 +169,8 @@ class MetricSums:
     :meth:`reduce` sums the three vectors over the group in one all_reduce and divides once, so
     the logged loss is the unsharded loss (never a mean of per-rank ratios). The sums stay on
     the outputs' device (an NCCL group reduces only device tensors; no per-step host sync).
+    The steps that measured acceptance (:attr:`~multitoken.mtp.DepthLosses.agree`) add their
+    agreements, acceptance sums and valid targets too, divided by those steps' targets only.
 
     Example (one rank, D = 1)::
 
@@ -163,22 +181,46 @@ class MetricSums:
 
     @renamed_kwarg("depth", "num_depths")
     def __init__(self, num_depths: int, device: torch.device | str = "cpu"):
-        self.sums = torch.zeros(3, num_depths + 1, dtype=torch.float64, device=device)
+        # Rows: loss sums, targets, top-1 hits; agreements, acceptance, targets of the steps
+        # that measured them (column 0, the main head, stays 0 in those three).
+        self.sums = torch.zeros(6, num_depths + 1, dtype=torch.float64, device=device)
+        self.measured = False
 
     def add(self, losses: DepthLosses) -> None:
-        """Add one step's local loss sums, valid targets and top-1 hits per depth."""
+        """Add one step's local loss sums, valid targets and top-1 hits per depth (and its
+        agreements and acceptance, when it measured them)."""
         self.sums[0] += losses.loss_sum.double()
         self.sums[1] += losses.depth_tokens.double()
         self.sums[2] += losses.depth_correct.double()
+        if losses.agree is not None and losses.accept is not None:
+            self.sums[3, 1:] += losses.agree.double()
+            self.sums[4, 1:] += losses.accept.double()
+            self.sums[5, 1:] += losses.depth_tokens[1:].double()
+            self.measured = True
 
     def reduce(
         self, group: dist.ProcessGroup | None
     ) -> tuple[list[float], list[float], list[float]]:
         """``(losses, accuracies, tokens)`` per depth (main first) over the group; resets."""
+        return self.reduce_all(group)[:3]
+
+    def reduce_all(self, group: dist.ProcessGroup | None) -> ReducedMetrics:
+        """Every metric over the group, in one all_reduce; resets.
+
+        Every rank must call it having measured acceptance on the same steps (the trainer
+        measures on logging steps, the same on every rank).
+        """
         sums = self.sums.clone()
         if _size(group) > 1:
             dist.all_reduce(sums, group=group)  # one message for every metric
         sums = sums.cpu()
         tokens = sums[1].clamp(min=1)
+        agree = accept = None
+        if self.measured:
+            measured = sums[5, 1:].clamp(min=1)
+            agree = (sums[3, 1:] / measured).tolist()
+            accept = (sums[4, 1:] / measured).tolist()
         self.sums.zero_()
-        return (sums[0] / tokens).tolist(), (sums[2] / tokens).tolist(), sums[1].tolist()
+        self.measured = False
+        losses, accs = (sums[0] / tokens).tolist(), (sums[2] / tokens).tolist()
+        return ReducedMetrics(losses, accs, sums[1].tolist(), agree, accept)

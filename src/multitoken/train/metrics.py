@@ -16,7 +16,7 @@ from typing import Any
 
 from multitoken.errors import DataError
 
-__all__ = ["MetricsWriter", "read_metrics", "record", "Stopwatch"]
+__all__ = ["MetricsWriter", "acceptance_keys", "read_metrics", "record", "Stopwatch"]
 
 
 def record(step: int, losses: list, accs: list, mtp_weight: float, **extra) -> dict[str, Any]:
@@ -33,6 +33,15 @@ def record(step: int, losses: list, accs: list, mtp_weight: float, **extra) -> d
     }
     out.update(extra)
     return out
+
+
+def acceptance_keys(reduced) -> dict[str, list[float]]:
+    """``agree_mtp`` and ``accept_mtp`` (per depth) of a
+    :class:`~multitoken.parallel.reduce.ReducedMetrics`; none where they were not measured
+    (context or tensor parallelism, D = 0, a record of steps that did not log)."""
+    if reduced.agree is None or reduced.accept is None:
+        return {}
+    return {"agree_mtp": reduced.agree, "accept_mtp": reduced.accept}
 
 
 class Stopwatch:

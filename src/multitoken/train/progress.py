@@ -12,6 +12,15 @@ from rich.progress import Progress as RichProgress
 __all__ = ["Progress"]
 
 
+def _acceptance(r: dict[str, Any]) -> str:
+    """``  agree [..]  accept [..]`` per depth, or nothing where the record has none."""
+    if "agree_mtp" not in r or "accept_mtp" not in r:
+        return ""
+    agree = " ".join(f"{x:.3f}" for x in r["agree_mtp"])
+    accept = " ".join(f"{x:.3f}" for x in r["accept_mtp"])
+    return f"  agree [{agree}]  accept [{accept}]"
+
+
 class Progress:
     """A live rich progress bar on a terminal, plain log lines otherwise (CI, files)."""
 
@@ -43,7 +52,7 @@ class Progress:
         mtp = " ".join(f"{x:.3f}" for x in r["loss_mtp"])
         text = (
             f"step {r['step']:>5}  loss {r['loss']:.4f}  main {r['loss_main']:.4f}  "
-            f"mtp [{mtp}]  acc {r['acc_main']:.3f}  lr {r['lr']:.2e}  "
+            f"mtp [{mtp}]  acc {r['acc_main']:.3f}{_acceptance(r)}  lr {r['lr']:.2e}  "
             f"{r['tokens_per_s']:,.0f} tok/s"
         )
         if self.bar is not None:
@@ -56,7 +65,7 @@ class Progress:
             acc = " ".join(f"{x:.3f}" for x in r["acc_mtp"])
             self._print(
                 f"[val] step {r['step']}  loss_main {r['loss_main']:.4f}  loss_mtp [{mtp}]  "
-                f"acc_main {r['acc_main']:.3f}  acc_mtp [{acc}]"
+                f"acc_main {r['acc_main']:.3f}  acc_mtp [{acc}]{_acceptance(r)}"
             )
 
     def advance(self, step: int) -> None:

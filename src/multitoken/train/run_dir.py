@@ -44,6 +44,7 @@ RUN_FILES = (
     "tensorboard",
     "loss.png",
     "accuracy.png",
+    "acceptance.png",
 )
 _HELD: dict[Path, RunLock] = {}  # locks this process holds, by resolved run folder
 OWNER_ENV = "MULTITOKEN_RUN_LOCK_OWNER"  # "<pid>": the launcher that holds the lock for us

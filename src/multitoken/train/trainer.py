@@ -33,7 +33,7 @@ from multitoken.train.config import TrainConfig
 from multitoken.train.data import PreparedData, prepare_data
 from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
-from multitoken.train.metrics import MetricsWriter, Stopwatch, record
+from multitoken.train.metrics import MetricsWriter, Stopwatch, acceptance_keys, record
 from multitoken.train.model import build_model, mixed_precision
 from multitoken.train.optim import build_optimizer, build_scheduler
 from multitoken.train.preflight import available_memory, check_memory
@@ -101,11 +101,15 @@ class Trainer:
             cfg.parallel.halo_fill,
         )  # fmt: skip
 
-    def forward(self, batch, mtp_weight: float):
-        """The losses of a prepared batch (or of a loader's rows)."""
+    def forward(self, batch, mtp_weight: float, acceptance: bool = False):
+        """The losses of a prepared batch (or of a loader's rows); ``acceptance``: with each
+        depth's agreement and acceptance against the backbone (where the layout allows)."""
         batch = self.prepare(batch) if isinstance(batch, dict) else batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return step_loss(self.model, batch, mtp_weight, cross_entropy=self.cross_entropy)
+            return step_loss(
+                self.model, batch, mtp_weight, cross_entropy=self.cross_entropy,
+                acceptance=acceptance,
+            )  # fmt: skip
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, clipped to ``train.grad_clip`` when that is set."""
@@ -117,10 +121,13 @@ class Trainer:
     def train_step(self, step: int, mtp_weight: float, stop_requested: bool):
         """One update, or none when the loss or gradient norm is non-finite on any rank.
 
+        A logging step also measures the depths' acceptance (no gradient, same on every rank).
+
         Returns:
             ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
         """
-        losses = self.forward(self.feed.next(), mtp_weight)
+        logs = step % self.cfg.train.log_every == 0 or step == self.end
+        losses = self.forward(self.feed.next(), mtp_weight, acceptance=logs)
         loss = losses.loss * float("nan") if probes.hit(f"nan{step}") else losses.loss
         loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
         norm = self._grad_norm()
@@ -146,10 +153,14 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             for _ in range(cfg.train.eval_batches):
-                meter.add(self.forward(next(loader), cfg.mtp.weight_at(0, cfg.train.steps)))
+                batch = next(loader)
+                meter.add(self.forward(batch, cfg.mtp.weight_at(0, cfg.train.steps), True))
         self.model.train()
-        losses, accs, _ = meter.reduce(self.dims.token_group)
-        return record(step, losses, accs, mtp_weight, split="val", tokens=self.state.tokens)
+        out = meter.reduce_all(self.dims.token_group)
+        return record(
+            step, out.losses, out.accuracies, mtp_weight, split="val", tokens=self.state.tokens,
+            **acceptance_keys(out),
+        )  # fmt: skip
 
     def run(self, signals: StopSignals) -> dict[str, Any]:
         t, is_main, end = self.cfg.train, self.dims.is_main, self.end
@@ -168,10 +179,10 @@ class Trainer:
             self.state.step, self.state.tokens = step, self.state.tokens + self.batch_tokens
             clock.tokens += self.batch_tokens
             if step % t.log_every == 0 or step == end or stop:
-                mean_losses, accs, _ = meter.reduce(self.dims.token_group)
+                out = meter.reduce_all(self.dims.token_group)
                 last = record(
-                    step, mean_losses, accs, mtp_weight, tokens=self.state.tokens, lr=lr,
-                    tokens_per_s=clock.rate(), skipped=self.guard.skipped,
+                    step, out.losses, out.accuracies, mtp_weight, tokens=self.state.tokens, lr=lr,
+                    tokens_per_s=clock.rate(), skipped=self.guard.skipped, **acceptance_keys(out),
                 )  # fmt: skip
                 if writer:
                     writer.write(last)
