@@ -156,3 +156,16 @@ def test_private_import_finder_finds_one(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("from multitoken.loss import _secret, public\n")
     assert _private_imports(path) == ["multitoken.loss._secret"]
+
+
+def test_no_code_cites_a_design_file_the_project_does_not_hold():
+    """The design the code relies on is docs/design.md; a DESIGN.md lives outside the project."""
+    root = SRC.parents[1]
+    files = [*SRC.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "bench").glob("*.py")]
+    skip = {"test_docs.py", Path(__file__).name}  # these two name it to refuse it
+    citing = [
+        str(p.relative_to(root))
+        for p in files
+        if p.name not in skip and "DESIGN.md" in p.read_text()
+    ]
+    assert len(files) > 50 and not citing, citing

@@ -1,7 +1,8 @@
 """Decoding with a KV cache, and self-speculative decoding with the MTP heads.
 
-The MTP depths are draft models for free (DESIGN.md section 6). One speculative step, with
-``L`` committed tokens ``t_0 .. t_{L-1}`` and the main model cached up to position ``L - 2``:
+The MTP depths are draft models for free (docs/design.md#speculative-decoding). One speculative
+step, with ``L`` committed tokens ``t_0 .. t_{L-1}`` and the main model cached up to position
+``L - 2``:
 
 1. **Draft.** Depth 1 at position ``L - 2`` reads ``h^0_{L-2}`` and ``t_{L-1}`` and proposes
    ``t_L``; depth k reads depth k-1's hidden state and the token depth k-1 just proposed, and
