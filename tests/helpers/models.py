@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from multitoken import MTPConfig, MTPModel, next_token_labels
+from multitoken.decoding.state import DecodeState
 from multitoken.models import GPTConfig
 
 # A tiny GPT: two layers, grouped-query attention (4 query, 2 key/value heads).
@@ -67,3 +68,25 @@ def naive_greedy(model: MTPModel, prompt, n: int) -> list[int]:
         for _ in range(n):
             seq.append(int(model.logits(torch.tensor([seq]))[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def assert_state_is_fresh(model, state, draft_depths: int | None = None) -> None:
+    """``state`` (a :class:`DecodeState`, one cache per draft step) equals a fresh state fed
+    only its committed tokens, as far as each of its caches reaches: whole buffers, so nothing
+    past a kept length survives either. ``draft_depths``: the depth modules the draft steps
+    cycle through (None: one per step)."""
+    tokens, steps = state.tokens, len(state.mtp)
+    assert state.main[0].length == len(tokens) - 1
+    ref = DecodeState(model, state.main[0].capacity, draft_depths or steps, steps)
+    ref.tokens = list(tokens)
+    with torch.no_grad():
+        ref.forward_main(tokens[: state.main[0].length])
+        for k in range(1, steps + 1):
+            assert state.mtp[k - 1].length <= len(tokens) - 1 - k
+            if state.mtp[k - 1].length:
+                ref.forward_depth(k, tokens, end=state.mtp[k - 1].length)
+    for got, want in zip(state.main + state.mtp, ref.main + ref.mtp):
+        assert got.length == want.length
+        torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.hidden, ref.hidden, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from tests.helpers.models import decoding_model, naive_greedy
+from tests.helpers.models import assert_state_is_fresh, decoding_model, naive_greedy
 
 import multitoken.cli
 from multitoken import InputError, lookahead
@@ -155,26 +155,6 @@ def test_drafts_are_the_teacher_forced_predictions(trained, monkeypatch):
                 assert draft == teacher
                 checked += 1
     assert checked > 50 and {call[0] for call in calls} == {1, 2, 3}
-
-
-def assert_state_is_fresh(model, state):
-    """``state`` equals a fresh state fed only its committed tokens, as far as each of its
-    caches reaches: whole buffers, so nothing past a kept length survives either."""
-    tokens, depth = state.tokens, len(state.mtp)
-    assert state.main[0].length == len(tokens) - 1
-    ref = DecodeState(model, state.main[0].capacity, depth)
-    ref.tokens = list(tokens)
-    with torch.no_grad():
-        ref.forward_main(tokens[: state.main[0].length])
-        for k in range(1, depth + 1):
-            assert state.mtp[k - 1].length <= len(tokens) - 1 - k
-            if state.mtp[k - 1].length:
-                ref.forward_depth(k, tokens, end=state.mtp[k - 1].length)
-    for got, want in zip(state.main + state.mtp, ref.main + ref.mtp):
-        assert got.length == want.length
-        torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state.hidden, ref.hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_rejected_drafts_leave_no_trace_in_the_caches(trained, monkeypatch):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tests.helpers.models import decoding_model, naive_greedy, tiny_model
+from tests.helpers.models import assert_state_is_fresh, decoding_model, naive_greedy, tiny_model
 from tests.unit.test_generate_sampling import exact_two_token_law
 
 import multitoken.cli
@@ -96,25 +96,6 @@ def test_drafts_follow_the_step_rule_with_one_depth(monkeypatch):
     assert out.tokens == naive_greedy(model, prompt, 20)
     for step_drafts, seq in zip(drafts, [prompt, *commits[:-1]]):
         assert step_drafts == naive_drafts(model, seq, len(step_drafts), 1)
-
-
-def assert_state_is_fresh(model, state, depths):
-    """Every cache (main, and one per draft step) equals that of a fresh state fed only the
-    committed tokens: the rollback left nothing of rejected drafts."""
-    tokens, steps = state.tokens, len(state.mtp)
-    ref = DecodeState(model, state.main[0].capacity, depths, steps)
-    ref.tokens = list(tokens)
-    with torch.no_grad():
-        ref.forward_main(tokens[: state.main[0].length])
-        for k in range(1, steps + 1):
-            assert state.mtp[k - 1].length <= len(tokens) - 1 - k
-            if state.mtp[k - 1].length:
-                ref.forward_depth(k, tokens, end=state.mtp[k - 1].length)
-    for got, want in zip(state.main + state.mtp, ref.main + ref.mtp):
-        assert got.length == want.length
-        torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state.hidden, ref.hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_caches_stay_exact_after_rollback(trained, monkeypatch):
