@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tests.helpers.allocation import LargestAllocation
 from tests.helpers.distributed import groups
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken.parallel import VocabParallelCrossEntropy
 from multitoken.testing.comms import count_comms
@@ -30,21 +30,6 @@ def make_case(seed: int = 0):
     return hidden, weight, targets
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the element count of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def run_vocab_loss(chunk_elements: int) -> dict:
     tp = dist.get_world_size()
     g = groups(1, 1, tp)
@@ -52,7 +37,7 @@ def run_vocab_loss(chunk_elements: int) -> dict:
     hidden.requires_grad_()
     shard = weight.chunk(tp)[g.tp_rank].clone().requires_grad_()  # (V / tp, H)
     loss = VocabParallelCrossEntropy(g.tp_group)
-    with count_comms() as log, _LargestAllocation() as mode:
+    with count_comms() as log, LargestAllocation() as mode:
         stats = loss(hidden, shard, targets, -100, chunk_elements)
         (stats.loss_sum * LOSS_SCALE).backward()
     return dict(

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.helpers import batches
+from tests.helpers.allocation import LargestAllocation
 from tests.helpers.batches import DOC_LENGTHS
 from tests.helpers.models import tiny_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from multitoken import (
     ConfigError,
@@ -95,21 +95,6 @@ def test_no_valid_row_gives_zero_and_errors_name_the_problem():
         linear_distillation(student, teacher[:5], weight, torch.zeros(37, dtype=torch.long))
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the element count of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("kind", ["lk"])  # lk runs both the KL and the TV code
 def test_largest_allocation_with_the_teacher_is_bounded_by_the_chunk(kind):
     # Vocab 16k, 2k tokens in 2 rows: full logits would be 2048 * 16384 = 33.5M floats.
@@ -120,7 +105,7 @@ def test_largest_allocation_with_the_teacher_is_bounded_by_the_chunk(kind):
     weight = (0.02 * torch.randn(vocab, hidden_size, generator=gen)).requires_grad_()
     targets = torch.randint(0, vocab, (rows, length), generator=gen)
     targets[:, -2:] = -100
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         stats = linear_distillation(student, teacher_hidden(h0, 2), weight, targets, kind,
                                     chunk_elements=chunk)  # fmt: skip
         stats.loss_sum.backward()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.helpers.allocation import LargestAllocation
 
 from multitoken import linear_cross_entropy
 
@@ -71,21 +71,6 @@ def test_bf16_hidden_under_autocast_with_fp32_head():
     torch.testing.assert_close(got_w, weight.grad, rtol=2e-2, atol=2e-2)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the element count of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_largest_allocation_is_bounded_by_the_chunk():
     # Vocab 32k, 4k tokens: full logits would be 4096 * 32768 = 134M floats (512 MiB).
     tokens, hidden_size, vocab, chunk = 4096, 32, 32768, 1 << 21
@@ -93,7 +78,7 @@ def test_largest_allocation_is_bounded_by_the_chunk():
     hidden = torch.randn(tokens, hidden_size, generator=gen).requires_grad_()
     weight = (0.02 * torch.randn(vocab, hidden_size, generator=gen)).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         stats = linear_cross_entropy(hidden, weight, targets, chunk_elements=chunk)
         stats.loss_sum.backward()
     # Stated bound: max(chunk_elements, vocab * hidden, tokens * hidden) elements.
