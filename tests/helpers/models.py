@@ -90,3 +90,13 @@ def assert_state_is_fresh(model, state, draft_depths: int | None = None) -> None
         torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.v, want.v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.hidden, ref.hidden, rtol=1e-5, atol=1e-5)
+
+
+def exact_two_token_law(model, prompt, temperature):
+    """P(x1, x2 | prompt) of plain sampling, ``[V, V]``."""
+    vocab = model.decoder.vocab_size
+    with torch.no_grad():
+        first = torch.softmax(model.logits(torch.tensor([prompt]))[0, -1] / temperature, -1)
+        seqs = torch.tensor([[*prompt, x] for x in range(vocab)])
+        second = torch.softmax(model.logits(seqs)[:, -1] / temperature, -1)  # (V, V)
+    return first[:, None] * second

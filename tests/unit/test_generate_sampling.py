@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.helpers.models import tiny_model
+from tests.helpers.models import exact_two_token_law, tiny_model
 
 from multitoken.decoding.generate import accept_drafts, generate
 
@@ -38,16 +38,6 @@ def test_acceptance_rule_accepts_when_draft_equals_target():
     q = torch.softmax(logits[0], -1)
     for draft in range(3):
         assert accept_drafts(logits, [draft], [q], 1.0, gen)[0] == 1
-
-
-def exact_two_token_law(model, prompt, temperature):
-    """P(x1, x2 | prompt) of plain sampling, ``[V, V]``."""
-    vocab = model.decoder.vocab_size
-    with torch.no_grad():
-        first = torch.softmax(model.logits(torch.tensor([prompt]))[0, -1] / temperature, -1)
-        seqs = torch.tensor([[*prompt, x] for x in range(vocab)])
-        second = torch.softmax(model.logits(seqs)[:, -1] / temperature, -1)  # (V, V)
-    return first[:, None] * second
 
 
 @pytest.mark.parametrize("draft_depths", [1, 2])

@@ -6,8 +6,13 @@ import json
 
 import pytest
 import torch
-from tests.helpers.models import assert_state_is_fresh, decoding_model, naive_greedy, tiny_model
-from tests.unit.test_generate_sampling import exact_two_token_law
+from tests.helpers.models import (
+    assert_state_is_fresh,
+    decoding_model,
+    exact_two_token_law,
+    naive_greedy,
+    tiny_model,
+)
 
 import multitoken.cli
 from multitoken import InputError, SequenceLayout

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from multitoken.decoding.draft_vocab import DraftVocab
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.static import StaticDecodeState
 from multitoken.decoding.stats import GenerationStats
@@ -146,6 +147,21 @@ def _pick(
     return int(torch.multinomial(probs, 1, generator=generator)), probs
 
 
+def _draft(
+    model: MTPModel,
+    hidden: Tensor,
+    vocab: DraftVocab | None,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[int, Tensor | None]:
+    """One draft token from a depth's ``[H]`` hidden state (and its ``[V]`` law when sampling),
+    over the whole vocabulary or over ``vocab``."""
+    if vocab is None:
+        return _pick(hidden @ model.head_weight.t(), temperature, generator)
+    index, probs = _pick(vocab.logits(hidden), temperature, generator)
+    return int(vocab.ids[index]), None if probs is None else vocab.full_probs(probs)
+
+
 @renamed_kwarg("draft_depth", "draft_depths")
 def generate(
     model: MTPModel,
@@ -161,6 +177,8 @@ def generate(
     compile: bool = False,
     capacity: int | None = None,
     draft_steps: int | None = None,
+    draft_vocab: Sequence[int] | Tensor | None = None,
+    verify_tokens: int = 0,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
@@ -183,6 +201,11 @@ def generate(
         draft_steps: drafts per verification, N >= 1 (None = ``draft_depths``; ignored
             without ``speculative``). Past the depths, step s runs depth
             ``((s - 1) mod draft_depths) + 1`` on the previous step's hidden state and token.
+        draft_vocab: token ids the drafts are chosen among (:mod:`.draft_vocab`; None = the
+            whole vocabulary). Verification still scores the whole vocabulary.
+        verify_tokens: pad every verification forward to at least this many tokens (the
+            extra rows are computed and dropped): on a CPU whose matrix kernels take a few
+            rows far faster than fewer (docs/decoding.md#verify-shape); 0 = no padding.
 
     Returns:
         A :class:`Generation`; ``stats.acceptance`` per draft step when speculative.
@@ -194,6 +217,9 @@ def generate(
     """
     draft_depths = _draft_depths(model, speculative, draft_depths)
     steps = _draft_steps(draft_depths, draft_steps)
+    vocab = None if draft_vocab is None or not steps else DraftVocab(draft_vocab, model.head_weight)
+    if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 0:
+        raise InputError(f"verify_tokens must be an integer >= 0, got {verify_tokens!r}")
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
     prompt = _checked_prompt(model, prompt_ids, max_new_tokens, start_id)
@@ -204,7 +230,7 @@ def generate(
         accepted_histogram=[0] * (steps + 1),
         draft_steps=steps,
     )
-    capacity = max(capacity or 0, len(prompt) + max_new_tokens)
+    capacity = max(capacity or 0, len(prompt) + max_new_tokens + verify_tokens)
     state_cls = StaticDecodeState if compile else DecodeState
     state = state_cls(model, capacity, draft_depths, draft_steps=steps)
     state.tokens = list(prompt)
@@ -217,7 +243,9 @@ def generate(
             seq = state.tokens
             # Drafting needs h^0 of the second-to-last token, and no more drafts than tokens wanted.
             n_draft = min(steps, max_new_tokens - len(new) - 1) if len(seq) > 1 else 0
-            out, n_acc = _speculative_step(model, state, n_draft, temperature, generator, stats)
+            out, n_acc = _speculative_step(
+                model, state, n_draft, temperature, generator, stats, vocab, verify_tokens
+            )
             if eos_id is not None and eos_id in out:
                 out = out[: out.index(eos_id) + 1]
             new += out
@@ -281,6 +309,8 @@ def _speculative_step(
     temperature: float,
     generator: torch.Generator | None,
     stats: GenerationStats,
+    vocab: DraftVocab | None = None,
+    verify_tokens: int = 0,
 ) -> tuple[list[int], int]:
     """Draft ``n_draft`` tokens with the depths, verify them with one main forward; returns the
     tokens to commit (the accepted drafts and one token of the main model) and how many drafts
@@ -290,11 +320,15 @@ def _speculative_step(
     extended, draft_probs = list(seq), []
     for k in range(1, n_draft + 1):
         h = state.forward_depth(k, extended, end=length - 1)  # (T_k, H)
-        token, probs = _pick(h[-1] @ model.head_weight.t(), temperature, generator)
+        token, probs = _draft(model, h[-1], vocab, temperature, generator)
         extended.append(token)
         draft_probs.append(probs)
     drafts = extended[length:]
-    h0 = state.forward_main([seq[-1], *drafts])  # (n_draft + 1, H)
+    verified = [seq[-1], *drafts]
+    # Filler rows (the last token again) only shape the matrix products; the cache keeps
+    # them no longer than a rejected draft (commit rolls back past the accepted prefix).
+    padded = verified + verified[-1:] * (max(0, verify_tokens - len(verified)) if drafts else 0)
+    h0 = state.forward_main(padded)[: len(verified)]  # (n_draft + 1, H)
     n_acc, token = accept_drafts(
         h0 @ model.head_weight.t(), drafts, draft_probs, temperature, generator
     )
