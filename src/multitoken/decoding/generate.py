@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from multitoken.decoding.rules import DraftRule, rule_depths
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.static import StaticDecodeState
 from multitoken.decoding.stats import GenerationStats
@@ -161,6 +162,7 @@ def generate(
     compile: bool = False,
     capacity: int | None = None,
     draft_steps: int | None = None,
+    draft_rule: DraftRule | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
@@ -183,6 +185,8 @@ def generate(
         draft_steps: drafts per verification, N >= 1 (None = ``draft_depths``; ignored
             without ``speculative``). Past the depths, step s runs depth
             ``((s - 1) mod draft_depths) + 1`` on the previous step's hidden state and token.
+        draft_rule: draft as a serving engine will (:class:`~multitoken.decoding.rules.DraftRule`:
+            the depths it loads, position-0 embedding zeroed); None = multitoken's own rule.
 
     Returns:
         A :class:`Generation`; ``stats.acceptance`` per draft step when speculative.
@@ -192,6 +196,8 @@ def generate(
             outside 1..D, draft steps below 1, a negative temperature, prompt ids outside the
             vocabulary, or ``max_new_tokens`` that does not fit the context.
     """
+    if speculative:
+        draft_depths = rule_depths(draft_rule, draft_depths, model.num_depths)
     draft_depths = _draft_depths(model, speculative, draft_depths)
     steps = _draft_steps(draft_depths, draft_steps)
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
@@ -206,7 +212,10 @@ def generate(
     )
     capacity = max(capacity or 0, len(prompt) + max_new_tokens)
     state_cls = StaticDecodeState if compile else DecodeState
-    state = state_cls(model, capacity, draft_depths, draft_steps=steps)
+    zero_first = model.config.zero_first_embedding or bool(
+        draft_rule and draft_rule.zero_first_position
+    )
+    state = state_cls(model, capacity, draft_depths, draft_steps=steps, zero_first=zero_first)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
