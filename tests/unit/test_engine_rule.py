@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.helpers.models import decoding_model, naive_greedy, tiny_model
 
 from multitoken import MTPConfig, next_token_labels
 from multitoken.decoding import generate
@@ -19,7 +20,6 @@ from multitoken.decoding.state import DecodeState
 from multitoken.errors import ConfigError, InputError
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import lookahead
-from tests.helpers.models import decoding_model, naive_greedy, tiny_model
 
 PROMPT = [3, 7, 1, 9, 4, 4, 2]
 
