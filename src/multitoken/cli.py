@@ -283,7 +283,12 @@ def cmd_export(args) -> int:
     _refuse_run_folders(Path(args.out))
     check_target(args.out)  # before the (slow) load: a refusal is at once
     model, tokenizer = load_for_inference(args.run)
-    export_model(model, tokenizer, args.out, args.format)
+    if args.format in ("mimo_mtp", "eagle"):
+        from multitoken.hf.serve_export import export_for_engine
+
+        export_for_engine(model, tokenizer, args.out, args.format)
+    else:
+        export_model(model, tokenizer, args.out, args.format)
     depths = (
         f"{model.num_depths} MTP depth(s) in the {args.format} format"
         if model.num_depths
@@ -359,8 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         default="mimo",
-        choices=["mimo", "deepseek", "qwen3_next"],
-        help="MTP weight format (default mimo: a dense Llama-family MTP block, like the GPT's)",
+        choices=["mimo", "deepseek", "qwen3_next", "mimo_mtp", "eagle"],
+        help="MTP weight format (default mimo: a dense Llama-family MTP block, like the GPT's); "
+        "mimo_mtp: a MiMoForCausalLM folder vLLM and SGLang serve as MTP; eagle: the model and "
+        "EAGLE-1 drafts for vLLM and SGLang (docs/serving.md)",
     )
     export.set_defaults(func=cmd_export)
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multitoken.distill import DISTILL_LOSSES
+from multitoken.eagle import BLOCKS, drop_input_norm
 from multitoken.errors import FIXED, ConfigError, InputError, warn_renamed
 from multitoken.loss import LossStats, linear_cross_entropy
 
@@ -65,6 +66,10 @@ class MTPConfig:
         teacher_temperature: tau dividing the student's and the teacher's logits (loss != ce).
         detach_heads: no MTP gradient reaches the decoder when training jointly: the depths
             read h^0, the embeddings and the head weight detached (Megatron's option).
+        block: "mtp" (DeepSeek-V3's depth) or "eagle" (EAGLE-1's draft block: no depth norms,
+            no input norm in the layer), what ``export --format eagle`` serves (docs/serving.md).
+        zero_first_embedding: zero the depths' token embedding at each document's first
+            position, as the engines' MTP drafts do at position 0 (docs/serving.md#position-0).
 
     ``depth`` is the deprecated name of ``num_depths``: ``MTPConfig(depth=2)`` and
     ``config.depth`` still work for one version, with a :class:`DeprecationWarning`.
@@ -83,6 +88,8 @@ class MTPConfig:
     lk_alpha: float = 0.5
     teacher_temperature: float = 1.0
     detach_heads: bool = False
+    block: str = field(default="mtp", metadata=FIXED)
+    zero_first_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +123,8 @@ class MTPConfig:
         tau = self.teacher_temperature
         if not 0 < tau < float("inf"):
             raise ConfigError(f"must be a finite number > 0, got {tau}", "teacher_temperature")
+        if self.block not in BLOCKS:
+            raise ConfigError(f"must be one of {BLOCKS}, got {self.block!r}", "block")
         if self.loss_chunk_elements < 0:
             raise ConfigError(
                 f"must be >= 0 (0 = by device), got {self.loss_chunk_elements}",
@@ -141,6 +150,11 @@ class MTPConfig:
                 f"mtp.loss={self.loss} takes softmaxes over the whole vocabulary, and the "
                 "vocabulary-parallel reduction they need under tensor parallelism is not "
                 "written yet: use parallel.tp=1 or mtp.loss=ce"
+            )
+        if self.zero_first_embedding and tp > 1:
+            raise ConfigError(
+                "mtp.zero_first_embedding masks the depths' embeddings by document position, "
+                "which is not written for tensor-parallel embeddings yet: use parallel.tp=1"
             )
 
     @property
@@ -186,6 +200,7 @@ class MTPDepth(nn.Module):
         layer: the depth's transformer layer, called as ``layer(x, **layer_kwargs)``.
         make_norm: builds a fresh norm over H (the decoder's kind).
         hidden_first: ``[hidden; embedding]`` order (MiMo) instead of ``[embedding; hidden]``.
+        block: "mtp", or "eagle" (no depth norms, the layer's input norm removed).
     """
 
     def __init__(
@@ -194,8 +209,12 @@ class MTPDepth(nn.Module):
         layer: nn.Module,
         make_norm: Callable[[], nn.Module],
         hidden_first: bool = False,
+        block: str = "mtp",
     ):
         super().__init__()
+        if block == "eagle":
+            make_norm = nn.Identity
+            drop_input_norm(layer)
         self.enorm = make_norm()
         self.hnorm = make_norm()
         self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
@@ -235,7 +254,7 @@ class MultiTokenPredictor(nn.Module):
         super().__init__()
         self.config = config
         self.depths = nn.ModuleList(
-            MTPDepth(dim, layer_factory(k), norm_factory, config.hidden_first)
+            MTPDepth(dim, layer_factory(k), norm_factory, config.hidden_first, config.block)
             for k in range(1, config.num_depths + 1)
         )
 
@@ -249,6 +268,7 @@ class MultiTokenPredictor(nn.Module):
         hidden: Tensor,
         mtp_input_ids: Tensor,
         embed: Callable[[Tensor], Tensor],
+        zero_embedding: Tensor | None = None,
         **layer_kwargs,
     ) -> list[Tensor]:
         """Hidden states of every depth.
@@ -259,6 +279,7 @@ class MultiTokenPredictor(nn.Module):
                 :func:`multitoken.lookahead.mtp_inputs` or, under context parallelism, from
                 the halo).
             embed: the shared token embedding.
+            zero_embedding: ``[B, T]`` bool: where the depths' embedding is zeroed (None = none).
             **layer_kwargs: passed to every depth's layer (rotary tables, attention mask).
 
         Returns:
@@ -274,6 +295,8 @@ class MultiTokenPredictor(nn.Module):
             # No MTP gradient into the decoder through h^0 or the shared embedding.
             hidden = hidden.detach()
             embed = _detached(embed)
+        if zero_embedding is not None:
+            embed = _zeroed(embed, zero_embedding)
         for module, ids in zip(self.depths, mtp_input_ids):
             if self.config.recompute and torch.is_grad_enabled():
                 # The embedding lookup stays outside: only the layer's activations are dropped.
@@ -286,6 +309,10 @@ class MultiTokenPredictor(nn.Module):
 
 def _detached(embed: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda ids: embed(ids).detach()
+
+
+def _zeroed(embed: Callable[[Tensor], Tensor], where: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda ids: embed(ids).masked_fill(where.unsqueeze(-1), 0.0)  # where: (B, T)
 
 
 @dataclass

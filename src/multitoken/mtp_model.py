@@ -127,7 +127,11 @@ class MTPModel(nn.Module):
         kwargs = decoder.layer_kwargs(layout, kv_layout)
         hidden_states = [decoder.hidden(input_ids, kwargs)]
         if self.mtp is not None:
-            hidden_states += self.mtp(hidden_states[0], mtp_input_ids, decoder.embed, **kwargs)
+            # The engines' position-0 rule: no token embedding where a document starts.
+            zero = layout.positions == 0 if self.config.zero_first_embedding else None
+            hidden_states += self.mtp(
+                hidden_states[0], mtp_input_ids, decoder.embed, zero, **kwargs
+            )
         return hidden_states
 
     def logits(self, input_ids: Tensor, layout: SequenceLayout | None = None) -> Tensor:

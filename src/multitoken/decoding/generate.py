@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.draft_vocab import DraftVocab
+from multitoken.decoding.rules import DraftRule, rule_depths
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.static import StaticDecodeState
 from multitoken.decoding.stats import GenerationStats
@@ -179,6 +180,7 @@ def generate(
     draft_steps: int | None = None,
     draft_vocab: Sequence[int] | Tensor | None = None,
     verify_tokens: int = 0,
+    draft_rule: DraftRule | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` after a prompt, one row, with KV caches.
 
@@ -206,6 +208,8 @@ def generate(
         verify_tokens: pad every verification forward to at least this many tokens (the
             extra rows are computed and dropped): on a CPU whose matrix kernels take a few
             rows far faster than fewer (docs/decoding.md#verify-shape); 0 = no padding.
+        draft_rule: draft as a serving engine will (:class:`~multitoken.decoding.rules.DraftRule`:
+            the depths it loads, position-0 embedding zeroed); None = multitoken's own rule.
 
     Returns:
         A :class:`Generation`; ``stats.acceptance`` per draft step when speculative.
@@ -215,11 +219,11 @@ def generate(
             outside 1..D, draft steps below 1, a negative temperature, prompt ids outside the
             vocabulary, or ``max_new_tokens`` that does not fit the context.
     """
+    if speculative:
+        draft_depths = rule_depths(draft_rule, draft_depths, model.num_depths)
     draft_depths = _draft_depths(model, speculative, draft_depths)
     steps = _draft_steps(draft_depths, draft_steps)
-    vocab = None if draft_vocab is None or not steps else DraftVocab(draft_vocab, model.head_weight)
-    if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 0:
-        raise InputError(f"verify_tokens must be an integer >= 0, got {verify_tokens!r}")
+    vocab = _draft_vocab(model, steps, draft_vocab, verify_tokens)
     if not temperature >= 0 or temperature == float("inf"):  # also refuses NaN
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
     prompt = _checked_prompt(model, prompt_ids, max_new_tokens, start_id)
@@ -232,7 +236,10 @@ def generate(
     )
     capacity = max(capacity or 0, len(prompt) + max_new_tokens + verify_tokens)
     state_cls = StaticDecodeState if compile else DecodeState
-    state = state_cls(model, capacity, draft_depths, draft_steps=steps)
+    zero_first = model.config.zero_first_embedding or bool(
+        draft_rule and draft_rule.zero_first_position
+    )
+    state = state_cls(model, capacity, draft_depths, draft_steps=steps, zero_first=zero_first)
     state.tokens = list(prompt)
     new: list[int] = []
     began = time.perf_counter()
@@ -255,6 +262,16 @@ def generate(
     stats.seconds = time.perf_counter() - began
     stats.new_tokens = len(new)
     return Generation(prompt, new, stats, state)
+
+
+def _draft_vocab(
+    model: MTPModel, steps: int, draft_vocab: Sequence[int] | Tensor | None, verify_tokens: int
+) -> DraftVocab | None:
+    """The checked draft vocabulary (None: the whole one, or nothing drafts); checks
+    ``verify_tokens`` too."""
+    if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 0:
+        raise InputError(f"verify_tokens must be an integer >= 0, got {verify_tokens!r}")
+    return None if draft_vocab is None or not steps else DraftVocab(draft_vocab, model.head_weight)
 
 
 def _draft_depths(model: MTPModel, speculative: bool, draft_depths: int | None) -> int:

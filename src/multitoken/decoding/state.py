@@ -73,10 +73,16 @@ class DecodeState:
         draft_depths: how many MTP depths draft (0 for plain decoding).
         draft_steps: how many draft steps keep caches (None = ``draft_depths``); step s runs
             depth ``((s - 1) mod draft_depths) + 1``.
+        zero_first: zero the depths' token embedding at position 0 (the engines' rule).
     """
 
     def __init__(
-        self, model: MTPModel, capacity: int, draft_depths: int = 0, draft_steps: int | None = None
+        self,
+        model: MTPModel,
+        capacity: int,
+        draft_depths: int = 0,
+        draft_steps: int | None = None,
+        zero_first: bool = False,
     ):
         if not 0 <= draft_depths <= model.num_depths:
             raise InputError(f"{draft_depths} MTP depths asked, the model has {model.num_depths}")
@@ -87,6 +93,7 @@ class DecodeState:
         head = model.head_weight
         self.model, self.decoder = model, decoder
         self.draft_depths = draft_depths
+        self.zero_first = zero_first
         self.tokens: list[int] = []
         self.main = [decoder.new_kv_cache(1, capacity) for _ in range(decoder.num_layers)]
         # One cache per draft step (mtp[s - 1]); step s runs depth_of(s).
@@ -150,7 +157,10 @@ class DecodeState:
     def _run_depth(self, k: int, hidden: Tensor, ids: Tensor, start: int) -> Tensor:
         kwargs = decode_layer_kwargs(self.decoder, 1, start, ids.shape[1], self.device)
         module = self.model.mtp.depths[self.depth_of(k) - 1]
-        return module(hidden, self.decoder.embed(ids), **kwargs, cache=self.mtp[k - 1])
+        embedded = self.decoder.embed(ids)  # (1, T, H)
+        if self.zero_first and start == 0:
+            embedded[:, 0] = 0  # position 0: the engines' MTP drafts read no token there
+        return module(hidden, embedded, **kwargs, cache=self.mtp[k - 1])
 
     def commit(self, tokens: list[int], exact_upto: int) -> None:
         """Make ``tokens`` the committed sequence and roll back what no longer holds.

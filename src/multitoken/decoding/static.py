@@ -84,10 +84,15 @@ def _depth_step(
     input_pos: Tensor,
     k: Tensor,
     v: Tensor,
+    zero_first: bool = False,
 ) -> Tensor:
-    """``h^k [1, T, H]`` of MTP depth ``module`` at positions ``input_pos``."""
+    """``h^k [1, T, H]`` of MTP depth ``module`` at positions ``input_pos`` (``zero_first``: no
+    token embedding at position 0, the engines' rule)."""
     kwargs = _layer_kwargs(decoder, input_pos, k.shape[2])
-    return module(hidden, decoder.embed(ids), **kwargs, cache=_StaticCache(k, v, input_pos))
+    embedded = decoder.embed(ids)  # (1, T, H)
+    if zero_first:
+        embedded = embedded * (input_pos != 0).to(embedded.dtype)[None, :, None]
+    return module(hidden, embedded, **kwargs, cache=_StaticCache(k, v, input_pos))
 
 
 def compile_mode(device_type: str) -> str | None:
@@ -127,6 +132,7 @@ class StaticDecodeState(DecodeState):
         draft_depths: MTP depths that draft (0 for plain decoding).
         compile: compile the short steps (False: the same static-shape code, eagerly).
         draft_steps: draft steps, each with its own static cache (None = ``draft_depths``).
+        zero_first: zero the depths' token embedding at position 0 (the engines' rule).
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class StaticDecodeState(DecodeState):
         draft_depths: int = 0,
         compile: bool = True,
         draft_steps: int | None = None,
+        zero_first: bool = False,
     ):
         if not isinstance(model.decoder, GPT):
             raise InputError(
@@ -150,7 +157,7 @@ class StaticDecodeState(DecodeState):
         # Capacity shapes every graph: round it up to a power of two (at least 64, at most
         # max_seq_len) so that generations of similar lengths share the compiled steps.
         capacity = min(max(64, 1 << (capacity - 1).bit_length()), model.decoder.max_seq_len)
-        super().__init__(model, capacity, draft_depths, draft_steps)
+        super().__init__(model, capacity, draft_depths, draft_steps, zero_first)
         self.compile = compile
         self.max_static = max_static_tokens(len(self.mtp))
         # At most one graph per (function, cache, step size); past dynamo's recompile limit it
@@ -187,6 +194,8 @@ class StaticDecodeState(DecodeState):
         cache_ = self.mtp[k - 1]
         input_pos = self._positions[start : start + length]
         module = self.model.mtp.depths[self.depth_of(k) - 1]
-        out = depth_step(self.decoder, module, hidden, ids, input_pos, cache_.k, cache_.v)
+        out = depth_step(
+            self.decoder, module, hidden, ids, input_pos, cache_.k, cache_.v, self.zero_first
+        )
         cache_.length = start + length
         return out

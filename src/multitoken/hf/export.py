@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder
 from multitoken.hf.formats import FORMATS, to_format
+from multitoken.hf.serve_formats import SERVE_FORMATS
 from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
 from multitoken.models.gpt import GPT
 from multitoken.mtp_model import MTPModel
@@ -43,6 +44,11 @@ __all__ = [
     "llama_model",
     "llama_state_dict",
     "DEFAULT_FORMAT",
+    "SERVE_FORMATS",
+    "reference_depths",
+    "tokenizer_folder",
+    "reference_mtp",
+    "write_hf_model",
 ]
 
 DEFAULT_FORMAT = "mimo"
@@ -205,26 +211,56 @@ def staging(out: Path):
         raise
 
 
-def _reference_mtp(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """The MTP depths of a model on the reference GPT, in ``fmt`` (Llama block names)."""
-    if model.mtp is None:
-        return {}, {}
+def reference_depths(model: MTPModel) -> list[dict[str, Tensor]]:
+    """The canonical depth dicts of a model on the reference GPT (Llama block names)."""
     depths = []
-    for module in model.mtp.depths:
+    for module in model.mtp.depths if model.mtp is not None else []:
         canonical = {}
         for key, value in module.state_dict().items():
             if key.startswith("layer."):
                 key = "layer." + _block_key(key.removeprefix("layer."))
             canonical[key] = value
         depths.append(canonical)
+    return depths
+
+
+def reference_mtp(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """The MTP depths of a model on the reference GPT, in ``fmt`` (Llama block names)."""
+    if model.mtp is None:
+        return {}, {}
     decoder = model.decoder
     return to_format(
-        depths,
+        reference_depths(model),
         fmt,
         num_layers=decoder.num_layers,
         hidden_first=model.config.hidden_first,
         embed=decoder.tok_embeddings.weight,
         head=decoder.head_weight,
+    )
+
+
+def write_hf_model(hf_model, folder: Path, tensors: dict[str, Tensor], entries: dict) -> None:
+    """``hf_model.save_pretrained(folder)`` (no progress bar, sdpa attention in its config) and
+    the MTP ``tensors`` and config ``entries`` added."""
+    saved = hf_model.config._attn_implementation
+    hf_model.config._attn_implementation = "sdpa"  # what a reader of the folder should get
+    hf_logging.disable_progress_bar()  # the CLI prints one line for the export
+    try:
+        hf_model.save_pretrained(folder)
+    finally:
+        hf_model.config._attn_implementation = saved
+        hf_logging.enable_progress_bar()
+    if tensors:
+        save_with_mtp(folder, tensors, entries)
+
+
+def tokenizer_folder(tokenizer) -> PreTrainedTokenizerFast:
+    """The run's tokenizer as transformers saves it (its pad and end-of-document tokens)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend,
+        pad_token=tokenizer.backend.id_to_token(tokenizer.pad_id),
+        eos_token=tokenizer.backend.id_to_token(tokenizer.eos_id),
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -240,19 +276,20 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
         model: a trained :class:`MTPModel` (reference GPT or HF decoder).
         tokenizer: the run's tokenizer (a ``tokenizers`` backend under ``.backend``).
         out: a new (or empty) folder.
-        fmt: the MTP weight format, one of :data:`~multitoken.hf.formats.FORMATS`.
+        fmt: the MTP weight format, one of :data:`~multitoken.hf.formats.FORMATS` (the
+            serving exports are :func:`multitoken.hf.serve_export.export_for_engine`).
     """
     out = Path(out)
     if fmt not in FORMATS:
-        raise CheckpointError(f"unknown MTP weight format {fmt!r}: choose one of {FORMATS}")
+        raise CheckpointError(
+            f"unknown MTP weight format {fmt!r}: choose one of {FORMATS} (the serving exports "
+            f"{SERVE_FORMATS} are multitoken.hf.serve_export.export_for_engine)"
+        )
     check_target(out)
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.backend,
-        pad_token=tokenizer.backend.id_to_token(tokenizer.pad_id),
-        eos_token=tokenizer.backend.id_to_token(tokenizer.eos_id),
-        clean_up_tokenization_spaces=False,
-    )
+    hf_tokenizer = tokenizer_folder(tokenizer)
     decoder = model.decoder
+    if not isinstance(decoder, HFDecoder | GPT):
+        raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
     if isinstance(decoder, HFDecoder):
         if model.mtp is not None:
             mtp_tensors(model, fmt)  # a format that cannot hold the depths fails before writing
@@ -260,17 +297,9 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
             save_pretrained(model, partial, fmt)
             hf_tokenizer.save_pretrained(partial)
         return out
-    if not isinstance(decoder, GPT):
-        raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
     hf_model = llama_model(decoder, tokenizer.eos_id, tokenizer.pad_id)
-    tensors, entries = _reference_mtp(model, fmt)
+    tensors, entries = reference_mtp(model, fmt)
     with staging(out) as partial:
-        hf_logging.disable_progress_bar()  # the CLI prints one line for the export
-        try:
-            hf_model.save_pretrained(partial)
-        finally:
-            hf_logging.enable_progress_bar()
-        if tensors:
-            save_with_mtp(partial, tensors, entries)
+        write_hf_model(hf_model, partial, tensors, entries)
         hf_tokenizer.save_pretrained(partial)
     return out
