@@ -235,12 +235,23 @@ def _decode(model, tokenizer, args):
         generator=torch.Generator(device=model.head_weight.device).manual_seed(args.seed),
         compile=args.compile,
         draft_steps=args.draft_steps,
+        draft_vocab=_draft_vocab(args),
+        verify_tokens=args.verify_tokens,
     )
     full = tokenizer.decode(result.prompt_ids + result.tokens)
     head = tokenizer.decode(result.prompt_ids)
     # Decoding the whole sequence keeps multi-byte characters split across the seam intact.
     text = full[len(head) :] if full.startswith(head) else tokenizer.decode(result.tokens)
     return result, text
+
+
+def _draft_vocab(args):
+    """``--draft-vocab N``: the run's N most frequent training tokens (None: all of them)."""
+    if not args.draft_vocab or not args.speculative:
+        return None
+    from multitoken.train.draft_vocab import run_draft_vocab
+
+    return run_draft_vocab(args.run, args.draft_vocab)
 
 
 def _generation_record(model, result, text: str) -> dict:
@@ -343,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--draft-steps", type=int, default=None,
         help="drafts per verification (default: the draft depths); more reuse the depths in turn",
+    )  # fmt: skip
+    gen.add_argument(
+        "--draft-vocab", type=int, default=0,
+        help="draft among the N most frequent tokens of the run's training data (0 = all)",
+    )  # fmt: skip
+    gen.add_argument(
+        "--verify-tokens", type=int, default=0,
+        help="pad each verification forward to at least M tokens (fast CPU shapes; 0 = off)",
     )  # fmt: skip
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument(
