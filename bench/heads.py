@@ -136,11 +136,13 @@ def step_costs(model, prompt: list[int], vocab: DraftVocab, repeats: int) -> dic
             samples.append(clock() - start)
         return 1e3 * median(samples)
 
+    base = len(prompt) - 8
+
     def forward(n: int):
         def run():
-            (state.forward_main(prompt[-n:]) @ head).argmax(-1).tolist()
+            (state.forward_main(prompt[base : base + n]) @ head).argmax(-1).tolist()
             for cache in state.main:
-                cache.truncate(len(prompt) - n)
+                cache.truncate(base)
 
         return run
 
@@ -153,10 +155,10 @@ def step_costs(model, prompt: list[int], vocab: DraftVocab, repeats: int) -> dic
 
     costs = {}
     with torch.inference_mode():
-        state.forward_main(prompt[:-8])
+        state.forward_main(prompt[:base])
         for n in (1, 2, 3, 4, 5, 6, 8):
             costs[f"forward {n}"] = timed(forward(n))
-        state.forward_main(prompt[-8:-1])
+        state.forward_main(prompt[base:-1])
         state.forward_depth(1, prompt, end=len(prompt) - 1)
         costs["draft"] = timed(draft(lambda h: h @ head))
         costs["draft, draft vocabulary"] = timed(draft(vocab.logits))
