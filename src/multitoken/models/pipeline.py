@@ -1,11 +1,11 @@
 """Pipeline stages of an :class:`~multitoken.mtp_model.MTPModel` over the reference GPT.
 
-A pipeline of ``S`` stages cuts the main layers into ``S`` consecutive runs (:func:`split_layers`,
-an even split by default). Stage 0 also holds the token embedding; the last stage holds the
-final norm, the MTP depths and the output head, and, because depth ``k`` embeds the tokens
-``i + k``, a copy of the embedding (Megatron's layout: the two copies start equal and their
-gradients are summed, so they stay equal; with tied embeddings the copy is the head too).
-docs/parallelism.md#pipeline-parallelism.
+A pipeline of ``S`` stages cuts the main layers into ``S`` consecutive runs (counts from
+:func:`~multitoken.parallel.pipeline.split_layers`, an even split by default). Stage 0 also
+holds the token embedding; the last stage holds the final norm, the MTP depths and the output
+head, and, because depth ``k`` embeds the tokens ``i + k``, a copy of the embedding
+(Megatron's layout: the two copies start equal and their gradients are summed, so they stay
+equal; with tied embeddings the copy is the head too). docs/parallelism.md#pipeline-parallelism.
 
 A rank keeps one :class:`~multitoken.mtp_model.MTPModel` holding only its stages' modules
 (:func:`prune_model`): every parameter keeps its name, so a checkpoint saved under any
@@ -21,48 +21,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from multitoken.errors import ConfigError, InputError
+from multitoken.errors import InputError
 from multitoken.layout import SequenceLayout
 from multitoken.models.gpt import GPT
 
 __all__ = [
-    "split_layers",
     "stage_layers",
     "prune_model",
     "needs_embedding_on_last",
     "GPTStage",
 ]
-
-
-def split_layers(n_layers: int, n_stages: int, layers: Sequence[int] = ()) -> list[int]:
-    """Main layers per stage: ``layers`` when given (each >= 0, summing to ``n_layers``),
-    else an even split.
-
-    Raises:
-        ConfigError: (``parallel.pp_layers``) a list of the wrong length or sum, or layers
-            that ``n_stages`` does not divide evenly.
-    """
-    if layers:
-        layers = list(layers)
-        if len(layers) != n_stages or min(layers) < 0 or sum(layers) != n_layers:
-            raise ConfigError(
-                f"must give {n_stages} layer counts >= 0 (one per pipeline stage) summing to "
-                f"model.n_layers={n_layers}, got {layers}",
-                "pp_layers",
-            )
-        return layers
-    if n_layers % n_stages:
-        raise ConfigError(
-            f"model.n_layers={n_layers} does not split evenly over {n_stages} pipeline stages: "
-            f"set parallel.pp_layers to {n_stages} counts summing to {n_layers} (e.g. "
-            f"{_uneven(n_layers, n_stages)}) or choose n_layers a multiple of {n_stages}"
-        )
-    return [n_layers // n_stages] * n_stages
-
-
-def _uneven(n_layers: int, n_stages: int) -> list[int]:
-    base, extra = divmod(n_layers, n_stages)
-    return [base + (i < extra) for i in range(n_stages)]
 
 
 def stage_layers(counts: Sequence[int], stage: int) -> list[int]:
@@ -112,7 +80,7 @@ class GPTStage(nn.Module):
     Args:
         model: the rank's pruned model (:func:`prune_model`).
         stage: this stage's index; num_stages: how many there are.
-        counts: main layers per stage (:func:`split_layers`).
+        counts: main layers per stage.
     """
 
     def __init__(self, model, stage: int, num_stages: int, counts: Sequence[int]):

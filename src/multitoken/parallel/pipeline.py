@@ -26,6 +26,7 @@ hand-written one). What MTP adds:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -46,6 +47,8 @@ __all__ = [
     "stages_per_rank",
     "rank_stages",
     "stage_rank",
+    "split_layers",
+    "parse_layers",
     "check_pipeline",
     "Pipeline",
 ]
@@ -87,15 +90,62 @@ def stage_rank(schedule: str, pp: int, stage: int) -> int:
     return next(r for r in range(pp) if stage in rank_stages(schedule, pp, r))
 
 
-def check_pipeline(pp: int, schedule: str, microbatches: int, rows: int) -> None:
-    """Refuse, before any rank starts, microbatches the batch or the schedule cannot take.
+def split_layers(n_layers: int, n_stages: int, layers: Sequence[int] = ()) -> list[int]:
+    """Main layers per stage: ``layers`` when given (each >= 0, summing to ``n_layers``),
+    else an even split.
+
+    Raises:
+        ConfigError: (``parallel.pp_layers``) a list of the wrong length or sum, or layers
+            that ``n_stages`` does not divide evenly.
+    """
+    if layers:
+        layers = list(layers)
+        if len(layers) != n_stages or min(layers) < 0 or sum(layers) != n_layers:
+            raise ConfigError(
+                f"must give {n_stages} layer counts >= 0 (one per pipeline stage) summing to "
+                f"model.n_layers={n_layers}, got {layers}",
+                "pp_layers",
+            )
+        return layers
+    if n_layers % n_stages:
+        raise ConfigError(
+            f"model.n_layers={n_layers} does not split evenly over {n_stages} pipeline stages: "
+            f'set parallel.pp_layers to {n_stages} counts summing to {n_layers} (e.g. "'
+            f'{_uneven(n_layers, n_stages)}") or choose n_layers a multiple of {n_stages}'
+        )
+    return [n_layers // n_stages] * n_stages
+
+
+def _uneven(n_layers: int, n_stages: int) -> str:
+    base, extra = divmod(n_layers, n_stages)
+    return ",".join(str(base + (i < extra)) for i in range(n_stages))
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``parallel.pp_layers`` ("3,3,2") as numbers; "" = an even split (empty)."""
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(
+            f'must be comma-separated layer counts such as "3,3,2", got {text!r}', "pp_layers"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def check_pipeline(
+    pp: int, schedule: str, microbatches: int, rows: int, n_layers: int, layers: str = ""
+) -> None:
+    """Refuse, before any rank starts, a pipeline the batch, the model or the schedule cannot
+    take (each error one line, naming the ``parallel.*`` key to change).
 
     Args:
         pp: pipeline ranks; schedule: a name of :data:`PP_SCHEDULES`.
-        microbatches: ``parallel.pp_microbatches``; rows: the rows each DP rank's batch holds.
+        microbatches: ``parallel.pp_microbatches`` (0 = one per stage); rows: the rows each
+            DP rank's batch holds; n_layers: the model's main layers; layers: ``pp_layers``.
     """
     n_stages = pp * stages_per_rank(schedule)
-    if microbatches < 1 or rows % microbatches:
+    microbatches = microbatches or n_stages
+    split_layers(n_layers, n_stages, parse_layers(layers))
+    if rows % microbatches:
         raise ConfigError(
             f"parallel.pp_microbatches={microbatches} does not divide the {rows} rows each "
             "data-parallel rank's batch holds (data.batch_size / parallel.dp): choose a divisor "
@@ -107,13 +157,11 @@ def check_pipeline(pp: int, schedule: str, microbatches: int, rows: int) -> None
             f"parallel.pp_schedule={schedule} needs at least one microbatch per stage "
             f"({n_stages}), got parallel.pp_microbatches={microbatches}"
         )
-    if schedule not in _V_SHAPED and n_stages > pp:
-        rounds = max(1, microbatches // pp)
-        if microbatches % rounds:
-            raise ConfigError(
-                f"parallel.pp_schedule={schedule} runs rounds of parallel.pp={pp} microbatches: "
-                f"make parallel.pp_microbatches={microbatches} a multiple of {pp}"
-            )
+    if schedule not in _V_SHAPED and n_stages > pp and microbatches % max(1, microbatches // pp):
+        raise ConfigError(
+            f"parallel.pp_schedule={schedule} runs rounds of parallel.pp={pp} microbatches: "
+            f"make parallel.pp_microbatches={microbatches} a multiple of {pp}"
+        )
 
 
 def _whole(stage: int, n_stages: int):
@@ -183,8 +231,9 @@ class Pipeline:
 
     def _loss(self, output, target: Tensor) -> Tensor:
         batch = replace(self._batch, depth_labels=target.transpose(0, 1))
+        hidden = list(output) if isinstance(output, (tuple, list)) else [output]  # D = 0: h^0
         losses = hidden_loss(
-            self.last, list(output), batch, self._mtp_weight, self.ignore_index,
+            self.last, hidden, batch, self._mtp_weight, self.ignore_index,
             cross_entropy=self.cross_entropy, acceptance=self._acceptance,
         )  # fmt: skip
         self._records.append(losses)
@@ -216,7 +265,11 @@ class Pipeline:
         run(*args, target=target, return_outputs=False, **kwargs)
         # The first step's metadata inference may run the loss on placeholder inputs first.
         self._records = self._records[-self.microbatches :]
-        out = self._broadcast(batch.num_depths, acceptance and bool(self._records), batch)
+        # Measured where hidden_loss measures it (whole rows and vocabulary, D >= 1): the
+        # same answer on every rank, so every rank expects the same broadcast.
+        whole = batch.kv_layout is None and self.cross_entropy is linear_cross_entropy
+        measured = acceptance and whole and batch.num_depths > 0
+        out = self._broadcast(batch.num_depths, measured, batch)
         if train:
             self._sum_embedding_grads()
         self._records, self._batch = [], None
