@@ -91,8 +91,8 @@ def stage_rank(schedule: str, pp: int, stage: int) -> int:
 
 
 def split_layers(n_layers: int, n_stages: int, layers: Sequence[int] = ()) -> list[int]:
-    """Main layers per stage: ``layers`` when given (each >= 0, summing to ``n_layers``),
-    else an even split.
+    """Main layers per stage: ``layers`` when given (summing to ``n_layers``, each >= 1 but
+    the last: a stage without parameters would only relay), else an even split.
 
     Raises:
         ConfigError: (``parallel.pp_layers``) a list of the wrong length or sum, or layers
@@ -100,10 +100,11 @@ def split_layers(n_layers: int, n_stages: int, layers: Sequence[int] = ()) -> li
     """
     if layers:
         layers = list(layers)
-        if len(layers) != n_stages or min(layers) < 0 or sum(layers) != n_layers:
+        if len(layers) != n_stages or min(layers[:-1]) < 1 or sum(layers) != n_layers:
             raise ConfigError(
-                f"must give {n_stages} layer counts >= 0 (one per pipeline stage) summing to "
-                f"model.n_layers={n_layers}, got {layers}",
+                f"must give {n_stages} layer counts (one per pipeline stage) summing to "
+                f"model.n_layers={n_layers}, each >= 1 but the last (0: the MTP depths and the "
+                f"head on a stage of their own), got {','.join(map(str, layers))}",
                 "pp_layers",
             )
         return layers

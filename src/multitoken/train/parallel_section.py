@@ -42,8 +42,9 @@ class ParallelSection:
             five run two stages per rank).
         pp_microbatches: microbatches per step (they divide each DP rank's rows); 0 = one
             per stage.
-        pp_layers: main layers per stage, comma-separated (e.g. "3,3,2"; a 0 on the last
-            stage gives the MTP depths a stage of their own); "" = an even split.
+        pp_layers: main layers per stage, comma-separated (e.g. "3,3,2"), each >= 1 but the
+            last (a 0 gives the MTP depths and the head a stage of their own); "" = an even
+            split.
     """
 
     dp: int = 1
