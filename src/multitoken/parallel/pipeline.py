@@ -160,8 +160,9 @@ def check_pipeline(
         )
     if schedule not in _V_SHAPED and n_stages > pp and microbatches % max(1, microbatches // pp):
         raise ConfigError(
-            f"parallel.pp_schedule={schedule} runs rounds of parallel.pp={pp} microbatches: "
-            f"make parallel.pp_microbatches={microbatches} a multiple of {pp}"
+            f"parallel.pp_schedule={schedule} runs the microbatches in rounds that "
+            f"parallel.pp_microbatches={microbatches} does not fill: make it a multiple of "
+            f"parallel.pp={pp}, or at most {pp}"
         )
 
 
