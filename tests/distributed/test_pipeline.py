@@ -3,8 +3,9 @@ rows of tiny documents, two AdamW steps; the point-to-point messages of a step c
 
 import pytest
 import torch
+from tests.helpers.batches import packed_batch
 from tests.helpers.distributed import ATOL, RTOL
-from tests.helpers.pipeline import PP_GPT, PP_ROWS, pp_reference, run_pp
+from tests.helpers.pipeline import PP_GPT, PP_ROWS, pp_model, pp_reference, run_pp, run_pp_layout
 
 from multitoken.parallel.pipeline import rank_stages, stage_rank
 
@@ -78,3 +79,29 @@ def test_untied_head(pool2, schedule):
         assert_pipeline_matches(results, pp_reference(depth, tie=False), f"{schedule} D={depth}")
         holders = [r for r in results if r["embedding"] is not None]
         assert len(holders) == (1 if depth == 0 or schedule == "ZBVZeroBubble" else 2)
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
+def test_pipeline_with_fsdp(pool4, schedule):
+    """pp 2 x dp 2, FSDP2 over each stage's two DP ranks: the DP ranks' shares add up to the
+    one-process loss, every gradient (gathered) and the gradient norm are the one-process
+    ones."""
+    depth = 2
+    results = pool4.run(run_pp_layout, 2, 2, schedule, depth, 2, timeout=120)
+    ref = pp_reference(depth)[0]
+    whole = pp_model(depth)
+    whole.loss(*packed_batch(PP_ROWS, vocab=61)).loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(whole.parameters(), float("inf"))
+    assert sorted(r["coords"] for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for pp_rank in (0, 1):
+        shares = [r for r in results if r["coords"][0] == pp_rank]
+        torch.testing.assert_close(
+            sum(r["loss"] for r in shares), ref["loss"], rtol=RTOL, atol=ATOL
+        )
+        torch.testing.assert_close(
+            sum(r["depth_loss"] for r in shares), ref["depth_loss"], rtol=RTOL, atol=ATOL
+        )
+    for r in results:
+        torch.testing.assert_close(r["norm"], ref_norm, rtol=RTOL, atol=ATOL)
+        for name, grad in r["grads"].items():
+            torch.testing.assert_close(grad, ref["grads"][name], rtol=RTOL, atol=ATOL, msg=name)

@@ -98,3 +98,16 @@ def run_pp(pp: int, schedule: str, depth: int, microbatches: int, tie: bool = Tr
         embedding=None if embed is None else embed.weight.detach().clone(),
         rank=dist.get_rank(),
     )
+
+
+def run_pp_layout(pp: int, dp: int, schedule: str, depth: int, microbatches: int) -> dict:
+    """One step of pp x dp (FSDP2 over each stage's DP ranks): this rank's share of the loss
+    (its DP rank's rows over the global counts) and its stages' whole gradients."""
+    dims = pp_dims(pp, dp)
+    model = pp_model(depth)
+    pipe = pipeline_gpt(model, dims, schedule, microbatches)
+    batch = local_batch(depth, dp, dims.dp_rank, dims.token_group)
+    out = pipe.step(batch, model.config.loss_weight)
+    norm = pipe.grad_norm()
+    return dict(loss=out.loss, depth_loss=out.depth_loss, depth_tokens=out.depth_tokens,
+                grads=grads(model), norm=norm, coords=(dims.pp_rank, dims.dp_rank))  # fmt: skip
