@@ -313,6 +313,11 @@ class TrainConfig:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
+        if parallel.pp > 1 and (model.hf or tp > 1 or parallel.cp > 1):
+            raise ConfigError(
+                "parallel.pp > 1 cuts the reference GPT and runs with data parallelism (FSDP2) "
+                "only so far: set parallel.tp=1 and parallel.cp=1, and leave model.hf unset"
+            )
         if parallel.pp > 1:
             try:  # the rows split into microbatches, the layers into stages
                 rows = data.batch_size // parallel.dp
