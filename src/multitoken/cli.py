@@ -114,8 +114,8 @@ def cmd_train(args) -> int:
     nproc = world if args.nproc is None else args.nproc
     if nproc != world:
         raise ConfigError(
-            f"--nproc {nproc} but parallel.dp * parallel.cp * parallel.tp = {world}: set "
-            f"parallel.dp, parallel.cp and parallel.tp so that their product is {nproc}"
+            f"--nproc {nproc} but parallel.pp * parallel.dp * parallel.cp * parallel.tp = "
+            f"{world}: set them so that their product is {nproc}"
         )
     _preflight(cfg, world)
     with RunLock(cfg.run_dir):  # held by this launcher for the whole run

@@ -36,7 +36,14 @@ from multitoken.loss import LossStats, chunk_elements_for, chunk_rows, linear_cr
 from multitoken.models.gpt import GPT, GPTConfig, check_batch, init_weights
 from multitoken.mtp import DepthLosses, MTPConfig, MultiTokenPredictor, depth_losses
 
-__all__ = ["MTPModel", "step_loss", "base_targets", "depth_loss_fn", "measure_acceptance"]
+__all__ = [
+    "MTPModel",
+    "step_loss",
+    "hidden_loss",
+    "base_targets",
+    "depth_loss_fn",
+    "measure_acceptance",
+]
 
 
 class MTPModel(nn.Module):
@@ -200,6 +207,26 @@ def step_loss(
         kv_layout=batch.kv_layout,
         mtp_input_ids=batch.mtp_input_ids,
     )
+    return hidden_loss(
+        model, hidden_states, batch, mtp_weight, ignore_index,
+        cross_entropy=cross_entropy, acceptance=acceptance,
+    )  # fmt: skip
+
+
+def hidden_loss(
+    model: nn.Module,
+    hidden_states: list[Tensor],
+    batch: StepBatch,
+    mtp_weight: float,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
+    acceptance: bool = False,
+) -> DepthLosses:
+    """:func:`step_loss` from the hidden states ``h^0 .. h^D`` already computed: what a
+    pipeline's last stage runs on each microbatch (``model``: anything with the MTP
+    ``config`` and the ``head_weight``; ``batch``: the microbatch's targets, the step's
+    normaliser and, under CP, a ``kv_layout``)."""
     depth_labels = batch.depth_labels
     if model.config.targets == "base" and len(hidden_states) > 1:
         if batch.kv_layout is not None:

@@ -74,10 +74,18 @@ from torch.distributed.tensor.parallel import (
 from multitoken.errors import ConfigError, InputError
 from multitoken.loss import linear_cross_entropy
 from multitoken.models.attention import Attention
+from multitoken.models.pipeline import GPTStage, needs_embedding_on_last, prune_model
 from multitoken.parallel.compile import compile_modules
 from multitoken.parallel.dims import ParallelDims
-from multitoken.parallel.fsdp import apply_fsdp, decoder_layers
+from multitoken.parallel.fsdp import apply_fsdp, apply_fsdp_stages, decoder_layers
 from multitoken.parallel.kv_gather import apply_cp
+from multitoken.parallel.pipeline import (
+    Pipeline,
+    rank_stages,
+    split_layers,
+    stage_rank,
+    stages_per_rank,
+)
 from multitoken.parallel.tensor import SEQ, check_sequence, gathered_norm, sum_weight_gradients
 from multitoken.parallel.vocab_loss import VocabParallelCrossEntropy
 
@@ -89,6 +97,7 @@ __all__ = [
     "check_tp_split",
     "check_vocab_split",
     "tp_layers",
+    "pipeline_gpt",
 ]
 
 
@@ -124,9 +133,48 @@ def parallelize_gpt(
         apply_cp(model, dims.cp_group)
     if compile:
         compile_gpt(model, verbose)
-    if dims.token_world_size > 1:
+    if dims.token_world_size > 1 and dims.pp == 1:  # under pp: per stage (pipeline_gpt)
         apply_fsdp(model, dims.fsdp_mesh, param_dtype=mixed_precision)
     return cross_entropy
+
+
+def pipeline_gpt(
+    model: nn.Module,
+    dims: ParallelDims,
+    schedule: str,
+    microbatches: int,
+    *,
+    layers: tuple[int, ...] = (),
+    device: torch.device | str = "cpu",
+    cross_entropy: Callable = linear_cross_entropy,
+    mixed_precision: torch.dtype | None = None,
+) -> Pipeline:
+    """Cut ``model`` (the whole model, the same weights on every rank, after TP and CP) into
+    this rank's pipeline stages: the model is pruned in place to them
+    (:func:`~multitoken.models.pipeline.prune_model`, parameter names unchanged) and the
+    returned :class:`~multitoken.parallel.pipeline.Pipeline` runs them.
+
+    Args:
+        dims: the built layout (``dims.pp > 1``).
+        schedule, microbatches: ``parallel.pp_schedule``, ``parallel.pp_microbatches``.
+        layers: main layers per stage (``parallel.pp_layers``); empty = an even split.
+        device: where the stages run; cross_entropy: the head's loss (``apply_tp``'s).
+        mixed_precision: FSDP2's parameter dtype, when the stages are sharded over the
+            ranks holding other tokens (``dims.token_world_size > 1``).
+    """
+    pp, n_stages = dims.pp, dims.pp * stages_per_rank(schedule)
+    counts = split_layers(model.decoder.config.n_layers, n_stages, layers)
+    stages = rank_stages(schedule, pp, dims.pp_rank)
+    apart = stage_rank(schedule, pp, 0) != stage_rank(schedule, pp, n_stages - 1)
+    shared = apart and needs_embedding_on_last(model)
+    prune_model(model, stages, counts)
+    modules = [GPTStage(model, s, n_stages, counts) for s in stages]
+    if dims.token_world_size > 1:
+        apply_fsdp_stages(modules, dims.fsdp_mesh, param_dtype=mixed_precision)
+    return Pipeline(
+        modules, stages, n_stages, schedule, microbatches, dims.pp_group,
+        dims.embed_group if shared else None, device, cross_entropy,
+    )  # fmt: skip
 
 
 def compile_gpt(model: nn.Module, verbose: bool = True) -> bool:

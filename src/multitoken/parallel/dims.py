@@ -1,13 +1,14 @@
 """``ParallelDims``: the one description of how ranks are laid out (torchtitan's shape).
 
-It holds the sizes (``dp_replicate x dp_shard = dp``, ``cp``, ``tp``), checked once with the
+It holds the sizes (``pp``, ``dp_replicate x dp_shard = dp``, ``cp``, ``tp``), checked once with the
 errors a user sees; after :meth:`ParallelDims.build`, the device mesh, its named sub-meshes and
 process groups, and this rank's coordinates. Nothing else in multitoken computes a coordinate:
 the rank order is written once, in :meth:`ParallelDims.coordinates`.
 
-Ranks are laid out data-parallel-major, tensor-parallel innermost (as torchtitan does):
-world rank ``= (dp_rank * cp + cp_rank) * tp + tp_rank``, so the ranks of one TP group, whose
-collectives run on every layer, are neighbours, then those of a CP group. The data-parallel
+Ranks are laid out pipeline-major, tensor-parallel innermost (as torchtitan does):
+world rank ``= ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``, so the ranks of one
+TP group, whose collectives run on every layer, are neighbours, then those of a CP group; the
+pipeline stages, which exchange one activation per microbatch, are farthest apart. The data-parallel
 axis is two mesh dims, ``dp_replicate`` outside ``dp_shard`` (``dp_rank = replicate_rank *
 dp_shard + shard_rank``), so the rows a rank reads do not depend on the split.
 
@@ -20,6 +21,10 @@ library collective could interleave with a user's own):
 * ``token_group``: the flattened DP x CP ranks, every rank with other tokens and the same
   tensor shard: the loss normaliser, the gradient sum (FSDP2's, on ``fsdp_mesh``) and the
   metrics reduce over it (TP peers hold the same tokens, so they are never in it);
+* ``pp_group``: this rank's pipeline stages (the point-to-point activations and gradients,
+  the step's losses broadcast from the last stage, the gradient norm);
+* ``embed_group``: the first and the last pipeline rank of this rank's (dp, cp, tp) place,
+  which hold the two copies of the embedding the MTP depths read (their gradients summed);
 * ``world_group``: every rank (checkpoints, data preparation, the step's stop flags).
 
 ``fsdp_mesh`` is the mesh FSDP2 takes: the 1-D token mesh with ``dp_replicate = 1`` (parameters
@@ -42,7 +47,7 @@ from multitoken.errors import ConfigError
 __all__ = ["MESH_DIMS", "ParallelDims"]
 
 # The root mesh's dims, outermost first.
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 def _check_size(key: str, value) -> None:
@@ -68,11 +73,13 @@ class _Groups:
     world_group: dist.ProcessGroup
     token_mesh: DeviceMesh
     fsdp_mesh: DeviceMesh
+    pp_group: dist.ProcessGroup
+    embed_group: dist.ProcessGroup | None
 
 
 @dataclass
 class ParallelDims:
-    """Sizes of the ``(dp_replicate, dp_shard, cp, tp)`` layout; after :meth:`build`, its
+    """Sizes of the ``(pp, dp_replicate, dp_shard, cp, tp)`` layout; after :meth:`build`, its
     mesh, groups and this rank's coordinates.
 
     Attributes:
@@ -80,6 +87,7 @@ class ParallelDims:
         cp: context-parallel ranks (each row is sharded over them).
         tp: tensor-parallel ranks.
         dp_replicate: HSDP replicas of the FSDP2 shards; must divide ``dp``.
+        pp: pipeline-parallel ranks (the outermost dim; each holds its stages' layers).
 
     Raises:
         ConfigError: a size that is not an int >= 1, or ``dp_replicate`` not dividing ``dp``,
@@ -96,11 +104,12 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     dp_replicate: int = 1
+    pp: int = 1
     _groups: _Groups | None = field(default=None, init=False, repr=False, compare=False)
     _rank: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for key in ("dp", "cp", "tp", "dp_replicate"):
+        for key in ("dp", "cp", "tp", "dp_replicate", "pp"):
             _check_size(key, getattr(self, key))
         if self.dp % self.dp_replicate:
             raise ConfigError(
@@ -112,15 +121,23 @@ class ParallelDims:
 
     @classmethod
     def for_world(
-        cls, world_size: int, cp: int = 1, tp: int = 1, dp_replicate: int = 1
+        cls, world_size: int, cp: int = 1, tp: int = 1, dp_replicate: int = 1, pp: int = 1
     ) -> ParallelDims:
-        """The layout of ``world_size`` ranks with data parallelism over what cp and tp leave.
+        """The layout of ``world_size`` ranks with data parallelism over what pp, cp and tp
+        leave.
 
         Raises:
-            ConfigError: when ``cp`` or ``cp * tp`` does not divide the world size.
+            ConfigError: when ``pp``, ``cp`` or ``cp * tp`` does not divide the world size.
         """
         _check_size("cp", cp)
         _check_size("tp", tp)
+        _check_size("pp", pp)
+        if world_size % pp:
+            raise ConfigError(
+                f"pp={pp} does not divide the world size {world_size}: choose pp among "
+                f"{_divisors(world_size)}"
+            )
+        world_size //= pp
         if world_size % cp:
             raise ConfigError(
                 f"cp={cp} does not divide the world size {world_size}: choose cp among "
@@ -131,7 +148,7 @@ class ParallelDims:
                 f"cp * tp = {cp} * {tp} does not divide the world size {world_size}: choose tp "
                 f"among {_divisors(world_size // cp)}"
             )
-        return cls(dp=world_size // (cp * tp), cp=cp, tp=tp, dp_replicate=dp_replicate)
+        return cls(dp=world_size // (cp * tp), cp=cp, tp=tp, dp_replicate=dp_replicate, pp=pp)
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -142,8 +159,8 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        """Processes: ``dp * cp * tp``."""
-        return self.dp * self.cp * self.tp
+        """Processes: ``pp * dp * cp * tp``."""
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def token_world_size(self) -> int:
@@ -151,21 +168,20 @@ class ParallelDims:
         return self.dp * self.cp
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
+    def shape(self) -> tuple[int, int, int, int, int]:
         """The mesh's shape, dims :data:`MESH_DIMS`."""
-        return (self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
 
     def check_world(self, world_size: int) -> None:
         """Refuse, before any collective, a world of another size than the layout's."""
         if world_size != self.world_size:
-            product = (
-                f"dp * cp = {self.dp} * {self.cp}"
-                if self.tp == 1
-                else f"dp * cp * tp = {self.dp} * {self.cp} * {self.tp}"
-            )
+            always = ("dp", "cp")
+            names = [n for n in ("pp", "dp", "cp", "tp") if n in always or getattr(self, n) > 1]
+            product = f"{' * '.join(names)} = {' * '.join(str(getattr(self, n)) for n in names)}"
+            inner = self.pp * self.cp * self.tp
             hint = (
-                f"use dp={world_size // (self.cp * self.tp)}"
-                if world_size % (self.cp * self.tp) == 0
+                f"use dp={world_size // inner}"
+                if world_size % inner == 0
                 else f"launch {self.world_size} ranks"
             )
             raise ConfigError(
@@ -174,7 +190,10 @@ class ParallelDims:
 
     @staticmethod
     def coordinates(world_rank: int, cp: int, tp: int) -> tuple[int, int, int]:
-        """``(dp_rank, cp_rank, tp_rank)`` of a world rank: the one place the order is written."""
+        """``(dp_rank, cp_rank, tp_rank)`` of a world rank: the one place the order is written.
+
+        Under pipeline parallelism the first entry is ``pp_rank * dp + dp_rank`` (the stages
+        are the outermost dim): :attr:`dp_rank` and :attr:`pp_rank` split it."""
         return world_rank // (tp * cp), world_rank // tp % cp, world_rank % tp
 
     # ---- building ----------------------------------------------------------------------------
@@ -215,6 +234,11 @@ class ParallelDims:
     world_group = property(lambda self: self._get("world_group"), doc="Every rank.")
     token_mesh = property(lambda self: self._get("token_mesh"), doc="1-D mesh of token_group.")
     fsdp_mesh = property(lambda self: self._get("fsdp_mesh"), doc="The mesh FSDP2 shards over.")
+    pp_group = property(lambda self: self._get("pp_group"), doc="This rank's pipeline peers.")
+    embed_group = property(
+        lambda self: self._get("embed_group"),
+        doc="The first and last pipeline ranks of this place (None unless pp > 1).",
+    )
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -235,7 +259,12 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         """``replicate_rank * dp_shard + shard_rank``."""
-        return self.coordinates(self._rank, self.cp, self.tp)[0]
+        return self.coordinates(self._rank, self.cp, self.tp)[0] % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's place in its pipeline (0 = the first stages)."""
+        return self.coordinates(self._rank, self.cp, self.tp)[0] // self.dp
 
     @property
     def cp_rank(self) -> int:
@@ -283,12 +312,12 @@ def _build_groups(mesh: DeviceMesh) -> _Groups:
         dp_group = own(dist.group.WORLD)
     else:
         dp_group = root[dp_axes]._flatten("dp").get_group()
-    if size["tp"] == 1:
+    if size["tp"] == 1 and size["pp"] == 1:
         # The flattened mesh spans the world: use the dedicated world-sized group.
         token_group = own(dist.group.WORLD)
         token_mesh = DeviceMesh.from_group(token_group, mesh.device_type, mesh_dim_names=("dp_cp",))
     else:
-        # A strict subset of the world (tp > 1), so DeviceMesh makes it a new group. FSDP2
+        # A strict subset of the world (tp > 1 or pp > 1), so DeviceMesh makes it a new group. FSDP2
         # composes with DTensor parameters only when both meshes come from one root.
         token_mesh = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         token_group = token_mesh.get_group()
@@ -316,4 +345,24 @@ def _build_groups(mesh: DeviceMesh) -> _Groups:
         world_group=own(dist.group.WORLD),
         token_mesh=token_mesh,
         fsdp_mesh=fsdp_mesh,
+        pp_group=group["pp"],
+        embed_group=_embed_group(root, group["pp"]),
     )
+
+
+def _embed_group(root: DeviceMesh, pp_group: dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """The group of this rank's first and last pipeline ranks (collective over the world):
+    the pipeline group itself at pp = 2, a new two-rank group per place beyond."""
+    pp = root.size(0)
+    if pp == 1:
+        return None
+    if pp == 2:
+        return pp_group
+    ranks = root.mesh.reshape(pp, -1)  # (pp, places)
+    mine = None
+    for place in range(ranks.shape[1]):  # every rank creates every group, in the same order
+        members = [int(ranks[0, place]), int(ranks[-1, place])]
+        group = dist.new_group(members)
+        if dist.get_rank() in members:
+            mine = group
+    return mine

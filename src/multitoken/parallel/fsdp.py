@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from multitoken.errors import InputError
 
-__all__ = ["apply_fsdp", "fsdp_units", "decoder_layers"]
+__all__ = ["apply_fsdp", "apply_fsdp_stages", "fsdp_units", "decoder_layers"]
 
 
 def decoder_layers(model: nn.Module, who: str) -> list[nn.Module]:
@@ -97,11 +97,46 @@ def apply_fsdp(
     # The root keeps the shared embedding and head unsharded through forward and backward.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     assert isinstance(model, FSDPModule)
-    for module in model.modules():
+    _sum_gradients(model)
+    return model
+
+
+def _sum_gradients(root: nn.Module) -> None:
+    for module in root.modules():
         if isinstance(module, FSDPModule):
             # Sum over ranks: each rank's loss is already divided by the global target count.
             # Under HSDP the factor covers both the reduce-scatter and the replicas' all-reduce.
             module.set_gradient_divide_factor(1.0)
             # A plain SUM for both (gloo has no PREMUL_SUM, and there is nothing to scale).
             module.set_force_sum_reduction_for_comms(True)
-    return model
+
+
+def apply_fsdp_stages(
+    stages: list[nn.Module], mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None
+) -> None:
+    """FSDP2 under pipeline parallelism: each stage's main layers and MTP depths a unit, the
+    stage itself the root unit (its embedding, final norm, head), as :func:`apply_fsdp` does
+    for a whole model. The pipeline schedule reduces the gradients after the last microbatch.
+
+    Raises:
+        InputError: a parameter in two stages of this rank (the V-shaped schedules put the
+            first and the last stage, both holding the embedding, on one rank).
+    """
+    seen: set[int] = set()
+    for stage in stages:
+        own = {id(p) for p in stage.parameters()}
+        if own & seen:
+            raise InputError(
+                "FSDP2 cannot shard a parameter that two pipeline stages of one rank share "
+                "(the embedding under a V-shaped schedule): use parallel.pp_schedule=1F1B, "
+                "Interleaved1F1B or InterleavedZeroBubble with parallel.dp > 1 or parallel.cp > 1"
+            )
+        seen |= own
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for stage in stages:
+        mtp = getattr(stage, "mtp", None)
+        units = list(stage.layers.values()) + ([] if mtp is None else list(mtp.depths))
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(stage, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        _sum_gradients(stage)

@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,13 @@ from multitoken.train.manifest import (
     verify_checkpoint,
     write_manifest,
 )
-from multitoken.train.safe_load import SafeFileSystemReader, SafeLoadPlanner, dump_state, load_state
+from multitoken.train.safe_load import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    dump_state,
+    load_state,
+    read_metadata,
+)
 
 __all__ = [
     "save_checkpoint",
@@ -64,14 +71,23 @@ __all__ = [
 _STEP_DIR = re.compile(r"step_(\d+)$")
 # Frozen parameters (a pretrained backbone under mtp.freeze_base) are not part of a run's state:
 # they come from model.hf, and the checkpoint holds only what training changes.
-_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
-_TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
+# The optimiser state is saved flat, by parameter name down to its group's settings: ranks
+# holding different parameters (pipeline stages) save it, any layout loads it. Older
+# checkpoints keep their groups by index ("optim.param_groups.0.lr") and load as saved.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
+_TRAINABLE_LOAD = replace(_TRAINABLE, strict=False)
 
 
-def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+def _flat_optimizer(path: Path) -> bool:
+    keys = read_metadata(path).state_dict_metadata
+    return not any(k.startswith("optim.param_groups.0.") for k in keys)
+
+
+def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: bool = True):
     """Model and optimiser state without frozen parameters, tied aliases included (a frozen
     tied head appears under its own name too, which ``ignore_frozen_params`` misses)."""
-    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    options = _TRAINABLE if flat else replace(_TRAINABLE, flatten_optimizer_state_dict=False)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
 
@@ -280,7 +296,8 @@ def load_checkpoint(
     extra_file = Path(path) / state_file(rank if rank < saved_world else 0)
     if not extra_file.is_file():
         raise CheckpointError(f"{extra_file} is missing: the checkpoint lacks rank {rank}'s state")
-    model_state, optim_state = _run_state(model, optimizer)
+    flat = _flat_optimizer(Path(path))
+    model_state, optim_state = _run_state(model, optimizer, flat)
     state = {"model": model_state, "optim": optim_state}
     _dcp_load(state, path, group)
     set_state_dict(
@@ -288,7 +305,9 @@ def load_checkpoint(
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=_TRAINABLE_LOAD,
+        options=_TRAINABLE_LOAD
+        if flat
+        else StateDictOptions(ignore_frozen_params=True, strict=False),
     )
     return load_state(extra_file)
 

@@ -19,10 +19,8 @@ from multitoken.errors import FIXED, ConfigError, require
 from multitoken.models.gpt import GPTConfig
 from multitoken.models.parallelize import check_tp_split, check_vocab_split
 from multitoken.mtp import MTPConfig
-from multitoken.parallel.dims import ParallelDims
-
-# How CP stripes get their halos (parallel.halo_fill).
-HALO_FILLS = ("sharding", "exchange")
+from multitoken.parallel.pipeline import check_pipeline
+from multitoken.train.parallel_section import HALO_FILLS, ParallelSection
 
 __all__ = [
     "TrainConfig",
@@ -32,6 +30,7 @@ __all__ = [
     "RunSection",
     "ConfigError",
     "alignment",
+    "HALO_FILLS",
 ]
 
 
@@ -192,56 +191,6 @@ class TrainSection:
 
 
 @dataclass
-class ParallelSection:
-    """Parallelism over local or torchrun-launched ranks (world = dp * cp * tp).
-
-    Attributes:
-        dp: data-parallel ranks.
-        dp_replicate: HSDP: split the dp ranks into this many replicas of dp / dp_replicate
-            ranks each; FSDP2 shards parameters, gradients and optimiser state over the ranks
-            of one replica (times cp) and all-reduces gradients across replicas. Must divide
-            dp; 1 = shard over all dp * cp ranks. Same data and losses for every value.
-        cp: context-parallel ranks (each row is sharded over them).
-        halo_fill: how each CP stripe gets the up-to-D values that follow it in its document:
-            "sharding" (read from the global batch when it is sharded, no message) or
-            "exchange" (one all-to-all per step from local shards). Was parallel.lookahead.
-        tp: tensor-parallel ranks (heads, feed-forward and vocabulary split over them).
-        sequence_parallel: with tp > 1, split the activations between blocks (norms,
-            residual adds) by sequence over the TP ranks; data.seq_len / cp must then be a
-            multiple of tp. False: replicated norms and activations.
-        timeout_s: seconds a collective waits for the slowest rank before the run fails
-            (the others wait while rank 0 prepares the data or hashes a checkpoint).
-    """
-
-    dp: int = 1
-    dp_replicate: int = 1
-    cp: int = 2
-    halo_fill: str = "sharding"
-    tp: int = 1
-    sequence_parallel: bool = True
-    timeout_s: int = 3600
-
-    def __post_init__(self) -> None:
-        self.dims  # the sizes are checked once, by ParallelDims  # noqa: B018
-        require(
-            [
-                (self.halo_fill in HALO_FILLS, "halo_fill", 'must be "sharding" or "exchange"'),
-                (self.timeout_s >= 1, "timeout_s", "must be >= 1"),
-            ],
-            self,
-        )
-
-    @property
-    def dims(self) -> ParallelDims:
-        """The layout these sizes describe (not yet built)."""
-        return ParallelDims(dp=self.dp, cp=self.cp, tp=self.tp, dp_replicate=self.dp_replicate)
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.cp * self.tp
-
-
-@dataclass
 class RunSection:
     """Where the run writes.
 
@@ -364,6 +313,18 @@ class TrainConfig:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
+        if parallel.pp > 1 and (model.hf or tp > 1 or parallel.cp > 1):
+            raise ConfigError(
+                "parallel.pp > 1 cuts the reference GPT and runs with data parallelism (FSDP2) "
+                "only so far: set parallel.tp=1 and parallel.cp=1, and leave model.hf unset"
+            )
+        if parallel.pp > 1:
+            try:  # the rows split into microbatches, the layers into stages
+                rows = data.batch_size // parallel.dp
+                check_pipeline(parallel.pp, parallel.pp_schedule, parallel.pp_microbatches,
+                               rows, model.n_layers, parallel.pp_layers)  # fmt: skip
+            except ConfigError as err:
+                raise err.under("parallel") from None
         check_tp_split(model.n_heads, model.kv_heads, model.ffn_hidden, tp)
         rows = model.vocab_size or (0 if data.tokenizer else data.vocab_size)  # a BPE's size
         self._check_rows_split(rows, "model.vocab_size" if model.vocab_size else "data.vocab_size")

@@ -170,7 +170,13 @@ def explicit_keys(path: str | Path | None, overrides: list[str] | None = None) -
 
 
 # A saved run is read for what it fixes (model, MTP, data, tokenizer), never for its layout.
-ONE_PROCESS = ["parallel.dp=1", "parallel.dp_replicate=1", "parallel.cp=1", "parallel.tp=1"]
+ONE_PROCESS = [
+    "parallel.dp=1",
+    "parallel.dp_replicate=1",
+    "parallel.cp=1",
+    "parallel.tp=1",
+    "parallel.pp=1",
+]
 
 
 def load_saved_config(path: str | Path) -> TrainConfig:

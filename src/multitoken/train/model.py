@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 import torch
 
-from multitoken.models.parallelize import parallelize_gpt
+from multitoken.models.parallelize import parallelize_gpt, pipeline_gpt
 from multitoken.mtp_model import MTPModel
 from multitoken.parallel import ParallelDims
+from multitoken.parallel.pipeline import Pipeline, parse_layers
 from multitoken.train.config import TrainConfig
 
-__all__ = ["build_model", "mixed_precision"]
+__all__ = ["build_model", "build_pipeline", "mixed_precision"]
 
 
 def mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -56,3 +57,19 @@ def build_model(
         mixed_precision=mixed_precision(cfg, device),
     )
     return model, cross_entropy
+
+
+def build_pipeline(
+    cfg: TrainConfig, model: MTPModel, cross_entropy: Callable, dims: ParallelDims, device
+) -> Pipeline | None:
+    """Under ``parallel.pp > 1``: ``model`` (from :func:`build_model`) cut to this rank's
+    stages in place, FSDP2 over each stage when DP x CP > 1, and the pipeline that runs them;
+    None otherwise. Build the optimiser after it (it sees the rank's parameters only)."""
+    if dims.pp == 1:
+        return None
+    p = cfg.parallel
+    return pipeline_gpt(
+        model, dims, p.pp_schedule, p.microbatches, layers=parse_layers(p.pp_layers),
+        device=device, cross_entropy=cross_entropy,
+        mixed_precision=mixed_precision(cfg, device),
+    )  # fmt: skip

@@ -23,7 +23,7 @@ __all__ = ["setup_dims", "on_rank0"]
 
 
 def setup_dims(cfg: TrainConfig, device: torch.device) -> ParallelDims:
-    """The run's layout, built: the process group joined (when ``dp * cp * tp > 1``; each
+    """The run's layout, built: the process group joined (when ``pp * dp * cp * tp > 1``; each
     attempt in a store namespace of its own, see :func:`~multitoken.parallel.init_distributed`)
     and the mesh's groups made. In one process nothing is joined."""
     dims = cfg.parallel.dims
@@ -32,8 +32,8 @@ def setup_dims(cfg: TrainConfig, device: torch.device) -> ParallelDims:
         return dims
     if world != dims.world_size:  # before any collective: no rank hangs
         raise ConfigError(
-            f"{world} ranks were started but parallel.dp * parallel.cp * parallel.tp = "
-            f"{dims.world_size}: launch dp * cp * tp ranks"
+            f"{world} ranks were started but parallel.pp * parallel.dp * parallel.cp * "
+            f"parallel.tp = {dims.world_size}: launch pp * dp * cp * tp ranks"
         )
     init_distributed(timeout=timedelta(seconds=cfg.parallel.timeout_s))
     return dims.build(device.type)

@@ -34,7 +34,7 @@ from multitoken.train.data import PreparedData, prepare_data
 from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter, Stopwatch, acceptance_keys, record
-from multitoken.train.model import build_model, mixed_precision
+from multitoken.train.model import build_model, build_pipeline, mixed_precision
 from multitoken.train.optim import build_optimizer, build_scheduler
 from multitoken.train.preflight import available_memory, check_memory
 from multitoken.train.progress import Progress
@@ -53,6 +53,7 @@ class Trainer:
         self.model, self.cross_entropy = build_model(
             cfg, tokenizer.vocab_size, tokenizer.pad_id, dims, device
         )
+        self.pipeline = build_pipeline(cfg, self.model, self.cross_entropy, dims, device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.feed = BatchFeed(data.train_loader, self.prepare)  # one batch ahead
@@ -101,11 +102,14 @@ class Trainer:
             cfg.parallel.halo_fill,
         )  # fmt: skip
 
-    def forward(self, batch, mtp_weight: float, acceptance: bool = False):
+    def forward(self, batch, mtp_weight: float, acceptance: bool = False, train: bool = False):
         """The losses of a prepared batch (or of a loader's rows); ``acceptance``: with each
-        depth's agreement and acceptance against the backbone (where the layout allows)."""
+        depth's agreement and acceptance against the backbone (where the layout allows).
+        Under pipeline parallelism ``train`` runs the backward too (the schedule's)."""
         batch = self.prepare(batch) if isinstance(batch, dict) else batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            if self.pipeline is not None:
+                return self.pipeline.step(batch, mtp_weight, train=train, acceptance=acceptance)
             return step_loss(
                 self.model, batch, mtp_weight, cross_entropy=self.cross_entropy,
                 acceptance=acceptance,
@@ -116,6 +120,8 @@ class Trainer:
         # Gradients may live on several meshes (TP, FSDP2 + TP): torch's clip needs one.
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip, device = self.cfg.train.grad_clip, self.device  # the norm of no gradient too
+        if self.pipeline is not None:  # summed over the stages, the embedding once
+            return self.pipeline.grad_norm(clip)
         return clip_grad_norm(params, clip, device) if clip > 0 else grad_norm(params, device)
 
     def train_step(self, step: int, mtp_weight: float, stop_requested: bool):
@@ -127,9 +133,10 @@ class Trainer:
             ``(losses, lr, stop)``: ``stop`` is a stop signal received by any rank.
         """
         logs = step % self.cfg.train.log_every == 0 or step == self.end
-        losses = self.forward(self.feed.next(), mtp_weight, acceptance=logs)
+        losses = self.forward(self.feed.next(), mtp_weight, acceptance=logs, train=True)
         loss = losses.loss * float("nan") if probes.hit(f"nan{step}") else losses.loss
-        loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
+        if self.pipeline is None:  # a pipeline's schedule ran its backward already
+            loss.backward()  # FSDP2 sums the gradients over the ranks (reduce-scatter)
         norm = self._grad_norm()
         if step < self.end:  # the host cuts the next batch while the device runs this one
             self.feed.prefetch()
