@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from multitoken.decoding.generate import generate, teacher_forced_accuracy
+from multitoken.decoding.generate import generate
+from multitoken.decoding.record import generation_record
 from multitoken.errors import CheckpointError, ConfigError, InputError, UserError
 from multitoken.train.checkpoint import (
     check_resume_possible,
@@ -185,7 +186,7 @@ def cmd_generate(args) -> int:
     result, text = _decode(model, tokenizer, args)
     stats = result.stats
     if args.json:
-        print(json.dumps(_generation_record(model, result, text)))
+        print(json.dumps(generation_record(model, result, text)))
         return 0
     print(prompt + text)
     summary = (
@@ -254,28 +255,6 @@ def _draft_vocab(args):
     return run_draft_vocab(args.run, args.draft_vocab)
 
 
-def _generation_record(model, result, text: str) -> dict:
-    """The JSON line of ``multitoken generate --json``."""
-    stats = result.stats
-    accuracy = [
-        hits / total if total else None
-        for hits, total in teacher_forced_accuracy(
-            model, result.prompt_ids + result.tokens, len(result.prompt_ids)
-        )
-    ]
-    return {
-        "text": text,
-        "tokens": stats.new_tokens,
-        "token_ids": result.tokens,
-        "forwards": stats.forwards,
-        "tokens_per_forward": round(stats.tokens_per_forward, 4),
-        "acceptance": [None if a is None else round(a, 4) for a in stats.acceptance],
-        "teacher_forced_accuracy": [None if a is None else round(a, 4) for a in accuracy],
-        "tokens_per_s": round(stats.tokens_per_s, 2),
-        "prompt_tokens": len(result.prompt_ids),
-    }
-
-
 def _refuse_run_folders(out: Path) -> None:
     """An export inside a run folder is refused: rotation and ``run.overwrite`` delete files
     there (an export into a run's checkpoints/ vanished at the next rotation)."""
@@ -330,19 +309,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="multitoken",
-        description="Exact Multi-Token Prediction training with packing and context parallelism.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub).set_defaults(func=cmd_train)
-
-    plot = sub.add_parser("plot", help="per-depth loss and accuracy curves of one or more runs")
-    plot.add_argument("runs", nargs="+", help="run folders (runs/<name>); several are overlaid")
-    plot.add_argument("--out", default=None, help="output folder (default: the first run's)")
-    plot.set_defaults(func=cmd_plot)
-
+def _generate_parser(sub) -> argparse.ArgumentParser:
+    """The ``generate`` subcommand's options."""
     gen = sub.add_parser("generate", help="decode from a trained run (optionally speculative)")
     gen.add_argument("--run", default="runs/default", help="run folder")
     gen.add_argument("--prompt", default="", help="text to continue")
@@ -375,7 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON line of statistics")
-    gen.set_defaults(func=cmd_generate)
+    return gen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multitoken",
+        description="Exact Multi-Token Prediction training with packing and context parallelism.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub).set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="per-depth loss and accuracy curves of one or more runs")
+    plot.add_argument("runs", nargs="+", help="run folders (runs/<name>); several are overlaid")
+    plot.add_argument("--out", default=None, help="output folder (default: the first run's)")
+    plot.set_defaults(func=cmd_plot)
+
+    _generate_parser(sub).set_defaults(func=cmd_generate)
 
     export = sub.add_parser("export", help="write a run as a Hugging Face model folder")
     export.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer")
