@@ -55,8 +55,16 @@ class HFLayerCache(LayerKVCache):
     """A :class:`LayerKVCache` that a transformers attention module can append to.
 
     transformers calls ``cache.update(k, v, layer_idx, ...)`` on a cache of all layers; here each
-    layer gets its own cache, so the layer index is not needed.
+    layer gets its own cache, so the layer index is not needed. ``value_dim`` sizes the second
+    tensor when it differs from the first: DeepSeek's MLA caches its compressed latents, the
+    normed ``kv_lora_rank`` part and the rotated ``qk_rope_head_dim`` part, one head each.
     """
+
+    def __init__(self, *args, value_dim: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if value_dim is not None:
+            shape = (*self.v.shape[:-1], value_dim)
+            self.v = torch.zeros(shape, device=self.v.device, dtype=self.v.dtype)
 
     def update(self, k: Tensor, v: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         return super().update(k, v)
@@ -235,8 +243,15 @@ class HFDecoder(nn.Module):
     def new_kv_cache(self, batch: int, capacity: int) -> HFLayerCache:
         attn = self.layers[0].self_attn
         weight = self.head_weight
-        kv_heads = self.model.config.num_key_value_heads
-        return HFLayerCache(batch, kv_heads, attn.head_dim, capacity, weight.device, weight.dtype)
+        if hasattr(attn, "kv_lora_rank"):  # MLA: the latents, not the expanded keys and values
+            dims = {"n_kv_heads": 1, "head_dim": attn.kv_lora_rank}
+            dims["value_dim"] = attn.qk_rope_head_dim
+        else:
+            dims = {"n_kv_heads": self.model.config.num_key_value_heads}
+            dims["head_dim"] = attn.head_dim
+        return HFLayerCache(
+            batch, capacity=capacity, device=weight.device, dtype=weight.dtype, **dims
+        )
 
 
 def _quietly(path: str | Path, load: Callable[[], Any]) -> Any:
@@ -290,6 +305,12 @@ def _check_model(model: nn.Module) -> None:
         raise ConfigError(
             f"{type(model).__name__} lacks what the adapter needs: {', '.join(missing)}"
         )
+    if getattr(config, "output_router_logits", False):
+        raise ConfigError(
+            f"{type(model).__name__} has output_router_logits=true: transformers would add the "
+            "router's load-balancing loss, which the multitoken step does not (docs/hf.md#moe): "
+            "set output_router_logits to false in config.json"
+        )
     forward = inspect.signature(type(base.layers[0]).forward).parameters
     if "cache" not in forward:
         raise ConfigError(
@@ -319,16 +340,23 @@ def init_depth_weights(predictor: nn.Module, decoder: HFDecoder, std: float | No
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     module.bias.zero_()
+                continue
+            # MoE blocks keep matrices outside nn.Linear: the experts' stacked
+            # gate_up_proj / down_proj (built with torch.empty) and the router's weight.
+            for param in module.parameters(recurse=False):
+                if param.dim() >= 2:
+                    nn.init.normal_(param, std=std)
 
 
 def declare_kv_hooks(module: nn.Module) -> None:
     """Give every attention module under ``module`` an empty ``kv_gather`` hook.
 
-    transformers' attention modules of the supported architectures all project with
-    ``q_proj`` / ``k_proj`` and call the registered "multitoken" attention function, which
-    reads the hook; declaring it is what lets :func:`multitoken.parallel.apply_cp` find them
-    (context parallelism sets it to the K/V all-gather over the CP group).
+    transformers' attention modules of the supported architectures all end in ``o_proj`` (with
+    ``q_proj`` / ``k_proj``, or DeepSeek's MLA projections) and call the registered "multitoken"
+    attention function, which reads the hook; declaring it is what lets
+    :func:`multitoken.parallel.apply_cp` find them (context parallelism sets it to the K/V
+    all-gather over the CP group).
     """
     for sub in module.modules():
-        if hasattr(sub, "q_proj") and hasattr(sub, "k_proj") and not hasattr(sub, "kv_gather"):
+        if hasattr(sub, "o_proj") and not hasattr(sub, "kv_gather"):
             sub.kv_gather = None

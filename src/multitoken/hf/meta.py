@@ -34,7 +34,7 @@ from multitoken.errors import CheckpointError, ConfigError
 from multitoken.hf.adapter import HFDecoder, init_depth_weights
 from multitoken.hf.folder import ModelFolder, check_model_folder
 from multitoken.hf.formats import detect_format
-from multitoken.hf.weights import load_depth_weights, read_tensors
+from multitoken.hf.weights import backbone_keys, load_depth_weights, read_tensors
 from multitoken.mtp import MTPConfig, MultiTokenPredictor
 from multitoken.mtp_model import MTPModel
 
@@ -53,6 +53,13 @@ def meta_hf_mtp_model(
 ) -> MTPModel:
     """``load_hf_mtp_model``'s model on the meta device (its config read, no weight)."""
     decoder = HFDecoder.on_meta(path, implementation, attention)
+    if backbone_keys(decoder.model) != set(decoder.model.state_dict()):
+        model_type = decoder.model.config.model_type
+        raise ConfigError(
+            f"a {model_type} model stores tensors under other names than its checkpoint (its "
+            "MoE experts stacked), which the sharded meta-device build cannot read row by row "
+            "yet: train it in one process (parallel.dp=1, parallel.cp=1)"
+        )
     with torch.device("meta"):
         return MTPModel(decoder, mtp, pad_id=pad_id)
 
@@ -144,18 +151,17 @@ def _depth_values(model: MTPModel, folder: ModelFolder, seed: int) -> dict[str, 
     """The MTP depths' whole values, on the CPU, as ``load_hf_mtp_model`` makes them: built
     and initialised from ``seed`` exactly as there, then the folder's MTP weights if any."""
     decoder = model.decoder
-    backbone = set(decoder.model.state_dict())
     torch.manual_seed(seed)  # as the eager build, depths or none: the same generator after
     if not model.num_depths:
-        detect_format(set(folder.tensors) - backbone, folder.config)  # still refuse strays
+        strays = set(folder.tensors) - backbone_keys(decoder.model)
+        detect_format(strays, folder.config)  # still refuse strays
         return {}
     with torch.device("cpu"):
         twin = MultiTokenPredictor.for_decoder(model.config, decoder)
         init_depth_weights(twin, decoder)
     dtype = decoder.head_weight.dtype
-    load_depth_weights(
-        twin, folder.path, backbone, decoder.num_layers, lambda: _shared(folder, decoder, dtype)
-    )
+    shared = lambda: _shared(folder, decoder, dtype)  # noqa: E731
+    load_depth_weights(twin, folder.path, decoder.model, decoder.num_layers, shared)
     return {f"mtp.{key}": value for key, value in twin.state_dict().items()}
 
 
