@@ -308,8 +308,8 @@ def _check_model(model: nn.Module) -> None:
     if getattr(config, "output_router_logits", False):
         raise ConfigError(
             f"{type(model).__name__} has output_router_logits=true: transformers would add the "
-            "router's load-balancing loss, which the multitoken step does not (docs/hf.md#moe): "
-            "set output_router_logits to false in config.json"
+            "router's load-balancing loss, which the multitoken step does not "
+            "(docs/hf.md#moe-and-mla-models): set output_router_logits to false in config.json"
         )
     forward = inspect.signature(type(base.layers[0]).forward).parameters
     if "cache" not in forward:
