@@ -108,6 +108,18 @@ def test_heads_only_gradients_equal_full_training_gradients(model_type):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_depth_routers_stay_fp32_in_a_bf16_model(tmp_path):
+    # transformers keeps DeepSeek's router weight and routing bias in fp32 in a bf16 model
+    # (_keep_in_fp32_modules_strict); the depths' layers do the same.
+    decoder = HFDecoder.from_pretrained(save_tiny("deepseek_v3", tmp_path), dtype=torch.bfloat16)
+    main, depth = decoder.layers[1], decoder.make_mtp_layer(1)
+    for layer in (main, depth):
+        assert layer.mlp.gate.weight.dtype == layer.mlp.gate.e_score_correction_bias.dtype
+        assert layer.mlp.gate.weight.dtype == torch.float32
+        assert layer.mlp.experts.gate_up_proj.dtype == layer.self_attn.o_proj.weight.dtype
+        assert layer.self_attn.o_proj.weight.dtype == torch.bfloat16
+
+
 def test_router_auxiliary_loss_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="output_router_logits"):
         HFDecoder(tiny_model("qwen3_moe", output_router_logits=True))

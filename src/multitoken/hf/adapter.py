@@ -225,7 +225,13 @@ class HFDecoder(nn.Module):
             config.layer_types += ["full_attention"] * (index + 1 - self.num_layers)
         layer = type(self.layers[0])(config, index)
         declare_kv_hooks(layer)
-        return layer.to(self.head_weight.dtype)
+        # As from_pretrained does: the model's fp32-strict tensors (DeepSeek's and GLM's
+        # router weight and routing bias) stay fp32 whatever the model's dtype.
+        keep = getattr(self.model, "_keep_in_fp32_modules_strict", None) or ()
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            if not any(pattern in name for pattern in keep):
+                tensor.data = tensor.data.to(self.head_weight.dtype)
+        return layer
 
     def make_norm(self) -> nn.Module:
         norm = self.base.norm
