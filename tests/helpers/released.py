@@ -59,3 +59,33 @@ def save_released(
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def save_released_qwen3_next(folder: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
+    """A tiny Qwen3-Next folder with its MTP module as released: ``mtp.{fc,
+    pre_fc_norm_embedding, pre_fc_norm_hidden, norm}.weight`` (zero-centred norms, stored as
+    the model holds them) and the block under ``mtp.layers.0.`` (layer L of a transformers model
+    of L + 1 layers, a full-attention MoE layer); ``mtp_num_hidden_layers = 1``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    types = ["linear_attention", "full_attention"] * (num_layers // 2) + ["full_attention"]
+    model = tiny_model("qwen3_next", seed, num_hidden_layers=num_layers + 1, layer_types=types)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        saved = load_file(str(Path(tmp) / "model.safetensors"))
+        config = json.loads((Path(tmp) / "config.json").read_text())
+    block = f"model.layers.{num_layers}."
+    tensors = {
+        ("mtp.layers.0." + k.removeprefix(block)) if k.startswith(block) else k: v
+        for k, v in saved.items()
+    }
+    hidden = config["hidden_size"]
+    gen = torch.Generator().manual_seed(seed + 11)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        tensors[f"mtp.{norm}.weight"] = 0.1 * torch.randn(hidden, generator=gen)
+    tensors["mtp.fc.weight"] = 0.05 * torch.randn(hidden, 2 * hidden, generator=gen)
+    config.update(num_hidden_layers=num_layers, layer_types=types[:num_layers])
+    config["mtp_num_hidden_layers"] = 1
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -90,3 +90,13 @@ def test_released_heads_fine_tuned_and_exported_in_their_layout(tmp_path, tokeni
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == model_type and config["num_hidden_layers"] == 2
     assert config["num_nextn_predict_layers"] == 1
+
+
+def test_sharded_moe_run_is_one_error_before_anything_runs(tmp_path, tokenizer, capsys):
+    released = save_released("glm4_moe", tmp_path / "released", num_layers=2, vocab_size=VOCAB)
+    tokenizer.save_pretrained(released)
+    args = [*TRAIN, "parallel.dp=2", f"model.hf={released}", f"run.dir={tmp_path}"]
+    code = main(["train", *args, "run.name=sharded"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error:") and "one process" in err[-1], err
+    assert not (tmp_path / "sharded").exists()

@@ -1,30 +1,41 @@
-"""DeepSeek-V3 (MLA + MoE), GLM-4.5 and Qwen3-MoE on the adapter: initialised depths, decoding
-through MLA's latent cache, heads-only training with routers (what the routing bias and the
-auxiliary loss do), and the DeepSeek/GLM release layout in and out bit-exact.
+"""DeepSeek-V3 (MLA + MoE), GLM-4.5, Qwen3-MoE and Qwen3-Next (linear attention) on the adapter:
+initialised depths, decoding through MLA's latent cache, heads-only training with routers (what
+the routing bias and the auxiliary loss do), linear attention restarted at documents, and the
+DeepSeek/GLM and Qwen3-Next release layouts in and out bit-exact.
 
 Packing exactness and D = 0 against transformers' own loss run for these types in
 test_hf_adapter.py (parametrised over every supported type), context parallelism in
 tests/distributed/test_hf_cp.py.
 """
 
+import functools
 import json
 
 import pytest
 import torch
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
 from tests.helpers.batches import DOC_LENGTHS, packed_batch
-from tests.helpers.released import HEAD_NAMES, released_tensors, save_released
+from tests.helpers.released import (
+    HEAD_NAMES,
+    released_tensors,
+    save_released,
+    save_released_qwen3_next,
+)
 
 from multitoken import ConfigError, MTPConfig, MTPModel
 from multitoken.batch import StepBatch
 from multitoken.decoding.generate import generate
+from multitoken.errors import CheckpointError
 from multitoken.hf import HFDecoder, init_mtp_weights
+from multitoken.hf.linear_attention import is_linear_attention
 from multitoken.hf.meta import meta_hf_mtp_model
+from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import load_hf_mtp_model, mtp_tensors, read_tensors, save_pretrained
 from multitoken.mtp_model import step_loss
 from multitoken.testing.tiny_hf import save_tiny, tiny_model
 
-MOE = ["deepseek_v3", "glm4_moe", "qwen3_moe"]
+DECODED = ["deepseek_v3", "glm4_moe", "qwen3_moe"]  # qwen3_next decodes with transformers only
+MOE = [*DECODED, "qwen3_next"]
 ROUTED = ["deepseek_v3", "glm4_moe"]  # sigmoid routing with e_score_correction_bias
 
 
@@ -56,7 +67,7 @@ def test_depth_layers_are_moe_layers_and_fully_initialised(model_type):
             assert 0.01 < float(param.detach().std()) < 0.03, name
 
 
-@pytest.mark.parametrize("model_type", MOE)
+@pytest.mark.parametrize("model_type", DECODED)
 def test_speculative_equals_greedy_equals_the_hf_models_own_argmax(model_type):
     # Cached decoding (MLA caches its compressed latents) against transformers' uncached
     # forward, and speculative decoding against both.
@@ -180,3 +191,56 @@ def test_release_layout_names_are_the_released_ones():
     assert "mlp.gate.e_score_correction_bias" in layer
     assert "self_attn.kv_a_proj_with_mqa.weight" in layer
     assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 2
+
+
+# ---------------------------------------------------------------- Qwen3-Next's linear attention
+def unmasked(forward, hidden_states, cache=None, attention_mask=None, **kwargs):
+    return forward(hidden_states, cache=cache, **kwargs)
+
+
+def test_linear_attention_leaks_across_documents_unless_restarted():
+    # transformers' torch gated-DeltaNet ignores document boundaries: without the restart the
+    # packed rows differ from the documents alone (with it, test_hf_adapter.py's packed ==
+    # one-by-one passes for qwen3_next).
+    model = build("qwen3_next", depth=0)
+    b = batch(depth=0)
+    with torch.no_grad():
+        restarted = model(b.input_ids, b.layout)[0]
+        for module in model.modules():
+            if is_linear_attention(module):  # the class's forward, over the whole row
+                module.forward = functools.partial(unmasked, type(module).forward.__get__(module))
+        leaking = model(b.input_ids, b.layout)[0]
+    assert not torch.allclose(restarted, leaking, atol=1e-4)
+
+
+def test_qwen3_next_is_refused_where_its_state_cannot_follow():
+    model = build("qwen3_next", depth=1).eval()
+    with pytest.raises(ConfigError, match="recurrent state"):
+        generate(model, [5, 9, 14], 4)
+    with pytest.raises(ConfigError, match="parallel.cp=1"):
+        check_hf_layout(1, cp=2, model_type="qwen3_next")
+    with pytest.raises(ConfigError, match="one process"):
+        check_hf_layout(1, dp=2, model_type="deepseek_v3")
+    check_hf_layout(1, dp=2, model_type="llama")
+
+
+def test_qwen3_next_release_layout_loads_and_saves_back_bit_exact(tmp_path):
+    folder = save_released_qwen3_next(tmp_path / "released")
+    original = read_tensors(folder)
+    model = load_hf_mtp_model(folder, MTPConfig(num_depths=1))
+    depth = model.mtp.depths[0]
+    assert type(depth.layer) is type(model.decoder.layers[0])
+    assert depth.layer.block_type == "full_attention" and hasattr(depth.layer.mlp, "experts")
+    # Zero-centred norms stay as stored (the model's own convention), the projection is fc.
+    assert torch.equal(depth.enorm.weight, original["mtp.pre_fc_norm_embedding.weight"])
+    assert torch.equal(depth.final_norm.weight, original["mtp.norm.weight"])
+    assert torch.equal(depth.eh_proj.weight, original["mtp.fc.weight"])
+    save_pretrained(model, tmp_path / "again", "qwen3_next")
+    again = read_tensors(tmp_path / "again")
+    assert set(again) == set(original)
+    for key, value in original.items():
+        assert torch.equal(again[key], value), key
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["mtp_num_hidden_layers"] == 1
+    with pytest.raises(CheckpointError, match="zero-centred"):
+        mtp_tensors(model, "deepseek")

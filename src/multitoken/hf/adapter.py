@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from multitoken.errors import ConfigError, InputError, check_in_range
 from multitoken.hf.attention import ATTENTION_NAME, IMPLEMENTATIONS, HFAttentionMask, register
 from multitoken.hf.folder import SUPPORTED_MODEL_TYPES, check_model_folder
+from multitoken.hf.linear_attention import restart_at_documents
 from multitoken.layout import SequenceLayout
 from multitoken.models.kv_cache import LayerKVCache
 
@@ -100,6 +101,7 @@ class HFDecoder(nn.Module):
         config._attn_implementation = ATTENTION_NAME
         self.model = model
         declare_kv_hooks(model)
+        restart_at_documents(model)  # Qwen3-Next's linear attention: exact when packed
         self.implementation, self.attention = implementation, attention
         self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
         self.max_seq_len = config.max_position_embeddings
@@ -247,7 +249,8 @@ class HFDecoder(nn.Module):
         return norm
 
     def new_kv_cache(self, batch: int, capacity: int) -> HFLayerCache:
-        attn = self.layers[0].self_attn
+        # (a hybrid model's first layer may be linear attention: its cache is refused when used)
+        attn = next(layer.self_attn for layer in self.layers if hasattr(layer, "self_attn"))
         weight = self.head_weight
         if hasattr(attn, "kv_lora_rank"):  # MLA: the latents, not the expanded keys and values
             dims = {"n_kv_heads": 1, "head_dim": attn.kv_lora_rank}

@@ -52,6 +52,7 @@ SUPPORTED_MODEL_TYPES = (
     "deepseek_v3",
     "glm4_moe",
     "qwen3_moe",
+    "qwen3_next",
 )
 _JSON_LIMIT = 64 << 20  # no config or index we read is near this
 _HEADER_LIMIT = 100_000_000  # the safetensors library's own limit

@@ -78,6 +78,13 @@ def _checkpoint_depths(
     return [to_checkpoint_names(hf_model, state) for state in depths]
 
 
+def zero_centred(hf_model: nn.Module) -> bool:
+    """Whether the model's norms are zero-centred (``1 + w``: a fresh one holds zeros)."""
+    norm = hf_model.model.norm
+    fresh = type(norm)(4)
+    return not bool(fresh.weight.detach().any())
+
+
 def backbone_keys(hf_model: nn.Module) -> set[str]:
     """The checkpoint names of ``hf_model``'s own tensors (names only: converted on meta)."""
     state = {
@@ -134,6 +141,7 @@ def load_depth_weights(
         template=_checkpoint_depths(hf_model, states),
         num_layers=num_layers,
         hidden_first=predictor.config.hidden_first,
+        zero_centred=zero_centred(hf_model),
         **(shared() if fmt == "deepseek" else {}),
     )
     with torch.no_grad():
@@ -149,6 +157,7 @@ def mtp_tensors(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str,
         fmt,
         num_layers=model.decoder.num_layers,
         hidden_first=model.config.hidden_first,
+        zero_centred=zero_centred(model.decoder.model),
         **_shared(model),
     )
 

@@ -31,6 +31,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
 )
 
 __all__ = ["ARCHITECTURES", "tiny_config", "tiny_model", "save_tiny"]
@@ -45,7 +47,9 @@ _GROUPED = {**_MOE, "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense
 # sliding window (small enough to bite at T = 24), Qwen2 q/k/v biases, Qwen3 QK-norm;
 # DeepSeek-V3 MLA (low-rank q and kv, a decoupled rotary part, interleaved RoPE) and grouped
 # routing with a correction bias; GLM-4.5 partial rotary, q/k/v biases and the same routing;
-# Qwen3-MoE softmax top-k routing without shared experts.
+# Qwen3-MoE softmax top-k routing without shared experts; Qwen3-Next a gated-DeltaNet linear
+# attention layer (recurrent state, causal convolution) before a gated full-attention one,
+# zero-centred norms and a gated shared expert.
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict]] = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 6}),
@@ -76,6 +80,22 @@ ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], di
         Qwen3MoeConfig,
         Qwen3MoeForCausalLM,
         {**_MOE, "num_experts": 4, "head_dim": 8, "norm_topk_prob": True},
+    ),
+    "qwen3_next": (
+        Qwen3NextConfig,
+        Qwen3NextForCausalLM,
+        {
+            **_MOE,
+            "num_experts": 4,
+            "shared_expert_intermediate_size": 16,
+            "head_dim": 8,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_conv_kernel_dim": 4,
+        },
     ),
 }
 
