@@ -19,6 +19,7 @@ from multitoken import MTPConfig
 from multitoken.cli import main
 from multitoken.data import Document, train_tokenizer
 from multitoken.hf.weights import load_hf_mtp_model, read_tensors
+from multitoken.testing.tiny_hf import save_tiny
 
 TRAIN = [
     "mtp.num_depths=1",
@@ -92,11 +93,13 @@ def test_released_heads_fine_tuned_and_exported_in_their_layout(tmp_path, tokeni
     assert config["num_nextn_predict_layers"] == 1
 
 
-def test_sharded_moe_run_is_one_error_before_anything_runs(tmp_path, tokenizer, capsys):
-    released = save_released("glm4_moe", tmp_path / "released", num_layers=2, vocab_size=VOCAB)
-    tokenizer.save_pretrained(released)
-    args = [*TRAIN, "parallel.dp=2", f"model.hf={released}", f"run.dir={tmp_path}"]
-    code = main(["train", *args, "run.name=sharded"])
+def test_qwen3_next_with_context_parallelism_is_one_error_before_anything_runs(
+    tmp_path, tokenizer, capsys
+):
+    folder = save_tiny("qwen3_next", tmp_path / "qwen3_next", vocab_size=VOCAB)
+    tokenizer.save_pretrained(folder)
+    args = [*TRAIN, "parallel.cp=2", f"model.hf={folder}", f"run.dir={tmp_path}"]
+    code = main(["train", *args, "run.name=cp"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error:") and "one process" in err[-1], err
-    assert not (tmp_path / "sharded").exists()
+    assert code == 2 and err[-1].startswith("error:") and "recurrent state" in err[-1], err
+    assert not (tmp_path / "cp").exists()

@@ -23,12 +23,7 @@ from multitoken.parallel.kv_gather import apply_cp
 __all__ = ["parallelize_hf", "check_hf_layout"]
 
 
-# Model types whose experts transformers holds stacked (checkpoints: one tensor per expert),
-# which the sharded meta-device build cannot read row by row yet (hf/meta.py refuses them too).
-STACKED_EXPERTS = ("deepseek_v3", "glm4_moe", "qwen3_moe", "qwen3_next")
-
-
-def check_hf_layout(tp: int, *, dp: int = 1, cp: int = 1, model_type: str | None = None) -> None:
+def check_hf_layout(tp: int, *, cp: int = 1, model_type: str | None = None) -> None:
     """Refuse a layout the Hugging Face path cannot run (one line, before anything runs)."""
     if tp > 1:
         raise ConfigError(
@@ -40,12 +35,6 @@ def check_hf_layout(tp: int, *, dp: int = 1, cp: int = 1, model_type: str | None
             f"parallel.cp={cp} with a qwen3_next model: its linear-attention layers carry a "
             "recurrent state along the sequence, which context parallelism does not pass "
             "between ranks; use parallel.cp=1"
-        )
-    if model_type in STACKED_EXPERTS and dp * cp > 1:
-        raise ConfigError(
-            f"parallel.dp={dp} x parallel.cp={cp} with a {model_type} model: the sharded build "
-            "cannot read its MoE experts (stacked in the model, one tensor per expert in the "
-            "folder) yet; train it in one process (parallel.dp=1, parallel.cp=1)"
         )
 
 
