@@ -62,8 +62,13 @@ def run_hf_cp(model_type: str, depth: int) -> dict:
     return result
 
 
+# Qwen3-Next's linear attention carries state along the sequence: cp > 1 is refused for it
+# (tests/unit/test_hf_moe.py::test_qwen3_next_is_refused_where_its_state_cannot_follow).
+CP_TYPES = [t for t in SUPPORTED_MODEL_TYPES if t != "qwen3_next"]
+
+
 @pytest.mark.parametrize("depth", [1, 2])
-@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", CP_TYPES)
 def test_hf_cp_equals_single_process(pool2, model_type, depth):
     """Llama, Mistral (its window of 6 bites: documents up to 17 tokens), Qwen2, Qwen3."""
     ref = reference(model_type, depth)

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from multitoken.errors import ConfigError, InputError, check_in_range
 from multitoken.hf.attention import ATTENTION_NAME, IMPLEMENTATIONS, HFAttentionMask, register
 from multitoken.hf.folder import SUPPORTED_MODEL_TYPES, check_model_folder
+from multitoken.hf.linear_attention import restart_at_documents
 from multitoken.layout import SequenceLayout
 from multitoken.models.kv_cache import LayerKVCache
 
@@ -55,8 +56,16 @@ class HFLayerCache(LayerKVCache):
     """A :class:`LayerKVCache` that a transformers attention module can append to.
 
     transformers calls ``cache.update(k, v, layer_idx, ...)`` on a cache of all layers; here each
-    layer gets its own cache, so the layer index is not needed.
+    layer gets its own cache, so the layer index is not needed. ``value_dim`` sizes the second
+    tensor when it differs from the first: DeepSeek's MLA caches its compressed latents, the
+    normed ``kv_lora_rank`` part and the rotated ``qk_rope_head_dim`` part, one head each.
     """
+
+    def __init__(self, *args, value_dim: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if value_dim is not None:
+            shape = (*self.v.shape[:-1], value_dim)
+            self.v = torch.zeros(shape, device=self.v.device, dtype=self.v.dtype)
 
     def update(self, k: Tensor, v: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         return super().update(k, v)
@@ -92,6 +101,7 @@ class HFDecoder(nn.Module):
         config._attn_implementation = ATTENTION_NAME
         self.model = model
         declare_kv_hooks(model)
+        restart_at_documents(model)  # Qwen3-Next's linear attention: exact when packed
         self.implementation, self.attention = implementation, attention
         self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
         self.max_seq_len = config.max_position_embeddings
@@ -217,7 +227,13 @@ class HFDecoder(nn.Module):
             config.layer_types += ["full_attention"] * (index + 1 - self.num_layers)
         layer = type(self.layers[0])(config, index)
         declare_kv_hooks(layer)
-        return layer.to(self.head_weight.dtype)
+        # As from_pretrained does: the model's fp32-strict tensors (DeepSeek's and GLM's
+        # router weight and routing bias) stay fp32 whatever the model's dtype.
+        keep = getattr(self.model, "_keep_in_fp32_modules_strict", None) or ()
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            if not any(pattern in name for pattern in keep):
+                tensor.data = tensor.data.to(self.head_weight.dtype)
+        return layer
 
     def make_norm(self) -> nn.Module:
         norm = self.base.norm
@@ -233,10 +249,18 @@ class HFDecoder(nn.Module):
         return norm
 
     def new_kv_cache(self, batch: int, capacity: int) -> HFLayerCache:
-        attn = self.layers[0].self_attn
+        # (a hybrid model's first layer may be linear attention: its cache is refused when used)
+        attn = next(layer.self_attn for layer in self.layers if hasattr(layer, "self_attn"))
         weight = self.head_weight
-        kv_heads = self.model.config.num_key_value_heads
-        return HFLayerCache(batch, kv_heads, attn.head_dim, capacity, weight.device, weight.dtype)
+        if hasattr(attn, "kv_lora_rank"):  # MLA: the latents, not the expanded keys and values
+            dims = {"n_kv_heads": 1, "head_dim": attn.kv_lora_rank}
+            dims["value_dim"] = attn.qk_rope_head_dim
+        else:
+            dims = {"n_kv_heads": self.model.config.num_key_value_heads}
+            dims["head_dim"] = attn.head_dim
+        return HFLayerCache(
+            batch, capacity=capacity, device=weight.device, dtype=weight.dtype, **dims
+        )
 
 
 def _quietly(path: str | Path, load: Callable[[], Any]) -> Any:
@@ -290,6 +314,12 @@ def _check_model(model: nn.Module) -> None:
         raise ConfigError(
             f"{type(model).__name__} lacks what the adapter needs: {', '.join(missing)}"
         )
+    if getattr(config, "output_router_logits", False):
+        raise ConfigError(
+            f"{type(model).__name__} has output_router_logits=true: transformers would add the "
+            "router's load-balancing loss, which the multitoken step does not "
+            "(docs/hf.md#moe-and-mla-models): set output_router_logits to false in config.json"
+        )
     forward = inspect.signature(type(base.layers[0]).forward).parameters
     if "cache" not in forward:
         raise ConfigError(
@@ -319,16 +349,23 @@ def init_depth_weights(predictor: nn.Module, decoder: HFDecoder, std: float | No
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     module.bias.zero_()
+                continue
+            # MoE blocks keep matrices outside nn.Linear: the experts' stacked
+            # gate_up_proj / down_proj (built with torch.empty) and the router's weight.
+            for param in module.parameters(recurse=False):
+                if param.dim() >= 2:
+                    nn.init.normal_(param, std=std)
 
 
 def declare_kv_hooks(module: nn.Module) -> None:
     """Give every attention module under ``module`` an empty ``kv_gather`` hook.
 
-    transformers' attention modules of the supported architectures all project with
-    ``q_proj`` / ``k_proj`` and call the registered "multitoken" attention function, which
-    reads the hook; declaring it is what lets :func:`multitoken.parallel.apply_cp` find them
-    (context parallelism sets it to the K/V all-gather over the CP group).
+    transformers' attention modules of the supported architectures all end in ``o_proj`` (with
+    ``q_proj`` / ``k_proj``, or DeepSeek's MLA projections) and call the registered "multitoken"
+    attention function, which reads the hook; declaring it is what lets
+    :func:`multitoken.parallel.apply_cp` find them (context parallelism sets it to the K/V
+    all-gather over the CP group).
     """
     for sub in module.modules():
-        if hasattr(sub, "q_proj") and hasattr(sub, "k_proj") and not hasattr(sub, "kv_gather"):
+        if hasattr(sub, "o_proj") and not hasattr(sub, "kv_gather"):
             sub.kv_gather = None

@@ -94,6 +94,18 @@ def _eager_of(module: nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def _gather_kv(gather, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """K and V gathered together: one all-gather (one reduce-scatter back) per layer. MLA's
+    keys are wider than its values: the values travel zero-padded and are cut back after."""
+    k_dim, v_dim = key.shape[-1], value.shape[-1]
+    if k_dim == v_dim:
+        return gather(torch.stack((key, value))).unbind(0)
+    width = max(k_dim, v_dim)
+    padded = [nn.functional.pad(t, (0, width - t.shape[-1])) for t in (key, value)]
+    key, value = gather(torch.stack(padded)).unbind(0)
+    return key[..., :k_dim], value[..., :v_dim]
+
+
 def multitoken_attention(
     module: nn.Module,
     query: Tensor,
@@ -127,8 +139,7 @@ def multitoken_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     gather = getattr(module, "kv_gather", None)
     if gather is not None:
-        # K and V travel together: one all-gather (one reduce-scatter back) per layer.
-        key, value = gather(torch.stack((key, value))).unbind(0)
+        key, value = _gather_kv(gather, key, value)
     implementation = attention_mask.implementation
     if implementation == "flex_attention":
         if sliding_window is not None:

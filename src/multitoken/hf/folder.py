@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from multitoken.errors import ConfigError
+from multitoken.hf.backbone import check_backbone
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -43,7 +44,16 @@ __all__ = [
 ]
 
 # Architectures whose decoder layers the adapter drives exactly (tests/unit/test_hf_adapter.py).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "deepseek_v3",
+    "glm4_moe",
+    "qwen3_moe",
+    "qwen3_next",
+)
 _JSON_LIMIT = 64 << 20  # no config or index we read is near this
 _HEADER_LIMIT = 100_000_000  # the safetensors library's own limit
 _FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
@@ -327,42 +337,6 @@ def _check_tensors(path: Path, header: dict, data_bytes: int) -> dict:
     return tensors
 
 
-def _expected(shape: ModelShape, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The backbone tensors the config promises, with their shapes."""
-    dim, q, kv = shape.dim, shape.n_heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    out = {"model.embed_tokens.weight": (shape.vocab, dim), "model.norm.weight": (dim,)}
-    if not shape.tied:
-        out["lm_head.weight"] = (shape.vocab, dim)
-    layer = {
-        "self_attn.q_proj.weight": (q, dim),
-        "self_attn.k_proj.weight": (kv, dim),
-        "self_attn.v_proj.weight": (kv, dim),
-        "self_attn.o_proj.weight": (dim, q),
-        "mlp.gate_proj.weight": (shape.ffn, dim),
-        "mlp.up_proj.weight": (shape.ffn, dim),
-        "mlp.down_proj.weight": (dim, shape.ffn),
-        "input_layernorm.weight": (dim,),
-        "post_attention_layernorm.weight": (dim,),
-    }
-    for i in range(shape.n_layers):
-        out.update({f"model.layers.{i}.{key}": size for key, size in layer.items()})
-    return out
-
-
-def _check_backbone(folder: Path, shape: ModelShape, config: dict, tensors: dict) -> None:
-    for name, size in _expected(shape, config).items():
-        if name not in tensors:
-            raise ConfigError(
-                f"{folder} lacks the tensor {name!r} that its config.json describes (it would "
-                "be left at random values): the weights and config.json do not belong together"
-            )
-        if tensors[name][1] != size:
-            raise ConfigError(
-                f"{folder}: tensor {name!r} has shape {list(tensors[name][1])} but config.json "
-                f"gives {list(size)}: the weights and config.json do not belong together"
-            )
-
-
 def check_model_folder(path: str | Path) -> ModelFolder:
     """Refuse a model folder that is unsafe or unusable, before anything of it is loaded.
 
@@ -387,5 +361,5 @@ def check_model_folder(path: str | Path) -> ModelFolder:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
         tensors.update(_read_header(file))
-    _check_backbone(folder, shape, config, tensors)
+    check_backbone(folder, shape, config, tensors)
     return ModelFolder(folder, config, shape, tuple(files), tensors)

@@ -94,6 +94,18 @@ def _check_format(fmt: str) -> None:
         raise CheckpointError(f"unknown MTP weight format {fmt!r}: choose one of {FORMATS}")
 
 
+def _norm_shift(fmt: str, zero_centred: bool) -> bool:
+    """Whether norm weights move by 1 between the model and ``fmt``: only a model with plain
+    norms in the zero-centred qwen3_next format; a zero-centred model (Qwen3-Next) keeps its
+    own format, whose norms are its own."""
+    if zero_centred and fmt != "qwen3_next":
+        raise CheckpointError(
+            f"this model's norms are zero-centred (1 + w): its MTP weights go in the qwen3_next "
+            f"format, not {fmt}"
+        )
+    return fmt == "qwen3_next" and not zero_centred
+
+
 def _shift_norm(name: str, value: Tensor, delta: float) -> Tensor:
     """``value + delta`` for a zero-centred norm, refused where float rounding would lose bits."""
     moved = value + delta
@@ -113,6 +125,7 @@ def to_format(
     hidden_first: bool,
     embed: Tensor | None = None,
     head: Tensor | None = None,
+    zero_centred: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """The MTP tensors of a checkpoint in ``fmt``, and the config.json entries that go with them.
 
@@ -122,8 +135,10 @@ def to_format(
         num_layers: L, the main model's layers (DeepSeek numbers MTP layers after them).
         hidden_first: the concatenation order of ``depths``' ``eh_proj``.
         embed, head: the shared embedding and head (DeepSeek stores a copy per depth).
+        zero_centred: the model's norms are zero-centred already (Qwen3-Next's own).
     """
     _check_format(fmt)
+    shift = _norm_shift(fmt, zero_centred)
     if fmt == "qwen3_next" and len(depths) != 1:
         raise CheckpointError(
             f"the qwen3_next MTP format holds one depth, the model has {len(depths)}: export "
@@ -136,7 +151,7 @@ def to_format(
             if canonical == "eh_proj.weight" and hidden_first != _HIDDEN_FIRST[fmt]:
                 value = _swap_halves(value)
             name = prefix + _name(fmt, canonical)
-            if fmt == "qwen3_next" and _NORM.search(canonical):
+            if shift and _NORM.search(canonical):
                 value = _shift_norm(name, value, -1.0)
             out[name] = value.detach().clone().contiguous()
         if fmt == "deepseek":
@@ -193,6 +208,7 @@ def from_format(
     hidden_first: bool,
     embed: Tensor | None = None,
     head: Tensor | None = None,
+    zero_centred: bool = False,
 ) -> list[dict[str, Tensor]]:
     """The canonical per-depth dicts of the MTP tensors ``tensors`` (exactly ``fmt``'s keys).
 
@@ -203,11 +219,13 @@ def from_format(
         num_layers: L.
         hidden_first: the model's concatenation order.
         embed, head: the model's shared embedding and head (DeepSeek's copies must equal them).
+        zero_centred: the model's norms are zero-centred already (Qwen3-Next's own).
 
     Raises:
         CheckpointError: listing missing and unexpected keys, or a shape that does not fit.
     """
     _check_format(fmt)
+    shift = _norm_shift(fmt, zero_centred)
     if fmt == "qwen3_next" and len(template) != 1:
         raise CheckpointError(
             f"the qwen3_next MTP format holds one depth, the model has {len(template)}: "
@@ -237,7 +255,7 @@ def from_format(
                 raise CheckpointError(
                     f"{name} has shape {tuple(value.shape)}, the model needs {tuple(like.shape)}"
                 )
-            if fmt == "qwen3_next" and _NORM.search(canonical):
+            if shift and _NORM.search(canonical):
                 value = _shift_norm(name, value, 1.0)
             if canonical == "eh_proj.weight" and hidden_first != _HIDDEN_FIRST[fmt]:
                 value = _swap_halves(value)

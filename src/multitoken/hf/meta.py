@@ -11,7 +11,9 @@ backbone:
    parameters);
 3. :func:`materialize_hf_mtp_model` gives every parameter storage on the device
    (``to_empty``) and reads into each one the rows of its local shard only (safetensors'
-   ``get_slice``, the rows DTensor's placements give this rank); the MTP depths get the values
+   ``get_slice``, the rows DTensor's placements give this rank; a parameter the checkpoint holds
+   under other names, MoE experts one tensor per expert, is read whole and cut; persistent
+   buffers, a MoE router's bias, whole); the MTP depths get the values
    ``load_hf_mtp_model`` gives them (the folder's, or the same seeded initialisation, computed
    whole on the CPU: D layers, not the model), sliced the same way; the rotary buffers are
    recomputed, and tied embeddings are checked still tied.
@@ -32,9 +34,10 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from multitoken.errors import CheckpointError, ConfigError
 from multitoken.hf.adapter import HFDecoder, init_depth_weights
+from multitoken.hf.block_names import to_checkpoint_names, to_model_names
 from multitoken.hf.folder import ModelFolder, check_model_folder
 from multitoken.hf.formats import detect_format
-from multitoken.hf.weights import load_depth_weights, read_tensors
+from multitoken.hf.weights import backbone_keys, load_depth_weights, read_tensors
 from multitoken.mtp import MTPConfig, MultiTokenPredictor
 from multitoken.mtp_model import MTPModel
 
@@ -74,12 +77,16 @@ def materialize_hf_mtp_model(
     depths = _depth_values(model, folder, seed)  # before any storage: a refusal leaves none
     model.to_empty(device=device)
     with torch.no_grad():
-        _load_backbone(model, folder)
+        loaded = _load_backbone(model, folder)
         for name, param in model.named_parameters():
             if name.startswith("mtp."):
                 value = depths[name]
                 _fill(param, value.shape, name, lambda start, stop, v=value: v[start:stop])
-        _recompute_buffers(model)
+        for name, buffer in model.named_buffers():
+            if name in depths:  # a depth's persistent buffer (a MoE layer's routing bias)
+                buffer.copy_(depths[name])
+                loaded.add(name)
+        _recompute_buffers(model, loaded)
     if tied and decoder.head_weight is not decoder.base.embed_tokens.weight:
         raise CheckpointError("the embedding and the head came apart while materialised")
     return model
@@ -113,21 +120,43 @@ def _fill(param: Tensor, shape, name: str, read: Callable[[int, int], Tensor]) -
         local.copy_(read(start, start + local.shape[0]))
 
 
-def _load_backbone(model: MTPModel, folder: ModelFolder) -> None:
-    """Each backbone parameter's local rows from the file that holds it (tied ones once)."""
+def _load_backbone(model: MTPModel, folder: ModelFolder) -> set[str]:
+    """Each backbone parameter's local rows from the file that holds it (tied ones once), and
+    its persistent buffers whole; returns the buffers' names. A parameter the checkpoint holds
+    under other names (MoE experts: one tensor per expert, stacked in the model) is read whole,
+    one at a time, converted by transformers' mapping (:mod:`multitoken.hf.block_names`), and
+    its rows taken."""
+    hf_model = model.decoder.model
     params = {
         name.removeprefix(_BASE): param
         for name, param in model.named_parameters()
         if name.startswith(_BASE)
     }
+    own = hf_model.state_dict()
+    buffers = {
+        name.removeprefix(_BASE): buffer
+        for name, buffer in model.named_buffers()
+        if name.startswith(_BASE) and name.removeprefix(_BASE) in own
+    }
+    loaded = set()
     for file in folder.weight_files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if key in params:
                     read = _Rows(handle.get_slice(key))
                     _fill(params.pop(key), read.shape, key, read)
+                elif key in buffers:
+                    buffers[key].copy_(handle.get_slice(key)[:])
+                    loaded.add(_BASE + key)
+    for key in sorted(params):
+        sources = to_checkpoint_names(hf_model, {key: torch.empty(own[key].shape, device="meta")})
+        if not set(sources) <= set(folder.tensors):
+            continue  # reported below
+        value = to_model_names(hf_model, read_tensors(folder.path, set(sources)), {key})[key]
+        _fill(params.pop(key), value.shape, key, lambda start, stop, v=value: v[start:stop])
     if params:
         raise CheckpointError(f"{folder.path} lacks the model's tensors {sorted(params)[:10]}")
+    return loaded
 
 
 class _Rows:
@@ -144,18 +173,17 @@ def _depth_values(model: MTPModel, folder: ModelFolder, seed: int) -> dict[str, 
     """The MTP depths' whole values, on the CPU, as ``load_hf_mtp_model`` makes them: built
     and initialised from ``seed`` exactly as there, then the folder's MTP weights if any."""
     decoder = model.decoder
-    backbone = set(decoder.model.state_dict())
     torch.manual_seed(seed)  # as the eager build, depths or none: the same generator after
     if not model.num_depths:
-        detect_format(set(folder.tensors) - backbone, folder.config)  # still refuse strays
+        strays = set(folder.tensors) - backbone_keys(decoder.model)
+        detect_format(strays, folder.config)  # still refuse strays
         return {}
     with torch.device("cpu"):
         twin = MultiTokenPredictor.for_decoder(model.config, decoder)
         init_depth_weights(twin, decoder)
     dtype = decoder.head_weight.dtype
-    load_depth_weights(
-        twin, folder.path, backbone, decoder.num_layers, lambda: _shared(folder, decoder, dtype)
-    )
+    shared = lambda: _shared(folder, decoder, dtype)  # noqa: E731
+    load_depth_weights(twin, folder.path, decoder.model, decoder.num_layers, shared)
     return {f"mtp.{key}": value for key, value in twin.state_dict().items()}
 
 
@@ -168,11 +196,16 @@ def _shared(folder: ModelFolder, decoder: HFDecoder, dtype: torch.dtype) -> dict
     return {"embed": embed, "head": embed if tied else tensors["lm_head.weight"]}
 
 
-def _recompute_buffers(model: nn.Module) -> None:
-    """The buffers ``to_empty`` left undefined: the rotary tables, computed on the CPU by a
-    fresh module of the same class and config (as the eager build computes them)."""
-    for module in model.modules():
-        names = [name for name, _ in module.named_buffers(recurse=False)]
+def _recompute_buffers(model: nn.Module, loaded: set[str]) -> None:
+    """The buffers ``to_empty`` left undefined (all but the ``loaded`` ones): the rotary
+    tables, computed on the CPU by a fresh module of the same class and config (as the eager
+    build computes them)."""
+    for prefix, module in model.named_modules():
+        names = [
+            name
+            for name, _ in module.named_buffers(recurse=False)
+            if (f"{prefix}.{name}" if prefix else name) not in loaded
+        ]
         if not names:
             continue
         if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):

@@ -23,12 +23,18 @@ from multitoken.parallel.kv_gather import apply_cp
 __all__ = ["parallelize_hf", "check_hf_layout"]
 
 
-def check_hf_layout(tp: int) -> None:
+def check_hf_layout(tp: int, *, cp: int = 1, model_type: str | None = None) -> None:
     """Refuse a layout the Hugging Face path cannot run (one line, before anything runs)."""
     if tp > 1:
         raise ConfigError(
             f"parallel.tp={tp} with model.hf: tensor parallelism is not wired up for Hugging "
             "Face models; use parallel.tp=1 (parallel.dp and parallel.cp work)"
+        )
+    if model_type == "qwen3_next" and cp > 1:
+        raise ConfigError(
+            f"parallel.cp={cp} with a qwen3_next model: its linear-attention layers carry a "
+            "recurrent state along the sequence, which context parallelism does not pass "
+            "between ranks; use parallel.cp=1"
         )
 
 

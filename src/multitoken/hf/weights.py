@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
+from multitoken.hf.block_names import to_checkpoint_names, to_model_names
 from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format, from_format, to_format
 from multitoken.mtp import MTPConfig, MultiTokenPredictor
@@ -36,6 +37,7 @@ __all__ = [
     "save_with_mtp",
     "save_pretrained",
     "load_hf_mtp_model",
+    "backbone_keys",
 ]
 
 _WEIGHTS = "model.safetensors"
@@ -68,6 +70,30 @@ def depth_states(model: MTPModel) -> list[dict[str, Tensor]]:
     return [dict(module.state_dict()) for module in model.mtp.depths] if model.mtp else []
 
 
+def _checkpoint_depths(
+    hf_model: nn.Module, depths: list[dict[str, Tensor]]
+) -> list[dict[str, Tensor]]:
+    """Canonical depth dicts with the block (``layer.*``) under the checkpoint's names
+    (:mod:`multitoken.hf.block_names`: per-expert MoE tensors)."""
+    return [to_checkpoint_names(hf_model, state) for state in depths]
+
+
+def zero_centred(hf_model: nn.Module) -> bool:
+    """Whether the model's norms are zero-centred (``1 + w``: a fresh one holds zeros)."""
+    norm = hf_model.model.norm
+    fresh = type(norm)(4)
+    return not bool(fresh.weight.detach().any())
+
+
+def backbone_keys(hf_model: nn.Module) -> set[str]:
+    """The checkpoint names of ``hf_model``'s own tensors (names only: converted on meta)."""
+    state = {
+        key: torch.empty(value.shape, dtype=value.dtype, device="meta")
+        for key, value in hf_model.state_dict().items()
+    }
+    return set(to_checkpoint_names(hf_model, state))
+
+
 def _shared(model: MTPModel) -> dict[str, Tensor]:
     return {"embed": model.decoder.base.embed_tokens.weight, "head": model.head_weight}
 
@@ -79,24 +105,25 @@ def load_mtp_weights(model: MTPModel, folder: str | Path) -> str | None:
         CheckpointError: keys of no format or of several, a config.json that does not describe
             them, a depth count other than ``model.num_depths``, missing or unexpected keys.
     """
-    backbone = set(model.decoder.model.state_dict())
+    hf_model = model.decoder.model
     return load_depth_weights(
-        model.mtp, folder, backbone, model.decoder.num_layers, lambda: _shared(model)
+        model.mtp, folder, hf_model, model.decoder.num_layers, lambda: _shared(model)
     )
 
 
 def load_depth_weights(
     predictor: MultiTokenPredictor | None,
     folder: str | Path,
-    backbone: set[str],
+    hf_model: nn.Module,
     num_layers: int,
     shared: Callable[[], dict[str, Tensor]],
 ) -> str | None:
-    """:func:`load_mtp_weights` into the depths alone: ``backbone`` names the model's own keys,
-    ``shared()`` gives its embedding and head (read only for the DeepSeek format's copies)."""
+    """:func:`load_mtp_weights` into the depths alone: ``hf_model`` is the transformers model
+    (its keys are the backbone's; on the meta device is fine), ``shared()`` gives its embedding
+    and head (read only for the DeepSeek format's copies)."""
     folder = Path(folder)
     config = read_config(folder)
-    extra = set(checkpoint_keys(folder)) - backbone
+    extra = set(checkpoint_keys(folder)) - backbone_keys(hf_model)
     fmt = detect_format(extra, config)
     if fmt is None:
         return None
@@ -107,27 +134,30 @@ def load_depth_weights(
             f"{folder} holds {stored} MTP depth(s) ({fmt} format) but mtp.num_depths = "
             f"{num_depths}: set mtp.num_depths={stored}"
         )
+    states = [dict(module.state_dict()) for module in predictor.depths]
     depths = from_format(
         read_tensors(folder, extra),
         fmt,
-        template=[dict(module.state_dict()) for module in predictor.depths],
+        template=_checkpoint_depths(hf_model, states),
         num_layers=num_layers,
         hidden_first=predictor.config.hidden_first,
+        zero_centred=zero_centred(hf_model),
         **(shared() if fmt == "deepseek" else {}),
     )
     with torch.no_grad():
-        for module, state in zip(predictor.depths, depths):
-            module.load_state_dict(state, strict=True)
+        for module, state, own in zip(predictor.depths, depths, states):
+            module.load_state_dict(to_model_names(hf_model, state, set(own)), strict=True)
     return fmt
 
 
 def mtp_tensors(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str, int]]:
     """``model``'s MTP weights in ``fmt`` and the config.json entries that describe them."""
     return to_format(
-        depth_states(model),
+        _checkpoint_depths(model.decoder.model, depth_states(model)),
         fmt,
         num_layers=model.decoder.num_layers,
         hidden_first=model.config.hidden_first,
+        zero_centred=zero_centred(model.decoder.model),
         **_shared(model),
     )
 
@@ -194,6 +224,6 @@ def load_hf_mtp_model(
     if mtp.num_depths:
         load_mtp_weights(model, path)
     else:
-        extra = set(checkpoint_keys(path)) - set(decoder.model.state_dict())
+        extra = set(checkpoint_keys(path)) - backbone_keys(decoder.model)
         detect_format(extra, read_config(path))  # still refuse keys of no format
     return model

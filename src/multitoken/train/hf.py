@@ -112,8 +112,8 @@ def check_hf_folder(cfg) -> dict:
     """Everything about ``model.hf`` that can be refused without loading the weights (the
     folder's gate, :func:`~multitoken.hf.folder.check_model_folder`, first); its config."""
     path = hf_folder(cfg)
-    check_hf_layout(cfg.parallel.tp)
     config = read_config(path)
+    check_hf_layout(cfg.parallel.tp, cp=cfg.parallel.cp, model_type=config["model_type"])
     if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
