@@ -1,4 +1,5 @@
-"""The ``multitoken`` command: ``train``, ``plot``, ``generate``, ``export``, ``bench``.
+"""The ``multitoken`` command: ``train``, ``features``, ``plot``, ``generate``, ``export``,
+``bench``.
 
 Bad input (an unknown config key, a value of the wrong type, a missing data path, an empty
 corpus, a sequence length CP cannot split) prints one ``error:`` line and exits with code 2,
@@ -29,6 +30,7 @@ from multitoken.train.checkpoint import (
 )
 from multitoken.train.config_io import config_help, explicit_keys, load_config
 from multitoken.train.data import prepare_data
+from multitoken.train.features import add_features_command, prebuild_features
 from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
 from multitoken.train.lifecycle import die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
@@ -90,15 +92,19 @@ def _preflight(cfg, ranks_here: int) -> None:
         check_memory(cfg, available_memory(None, ranks_here))
 
 
-def cmd_train(args) -> int:
+def _config_items(args) -> tuple[str | None, list[str]]:
+    """(the config file or None, the ``key=value`` overrides) of a command line."""
     files = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     if len(files) > 1:
         raise ConfigError(f"at most one config file, got {files}")
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    cfg = load_config(files[0] if files else None, overrides)
-    explicit = explicit_keys(files[0] if files else None, overrides)
+    overrides += [] if args.data is None else [f"data.path={args.data}"]
+    return (files[0] if files else None), overrides
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(*_config_items(args))
+    explicit = explicit_keys(*_config_items(args))
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
         if "TORCHELASTIC_RUN_ID" in os.environ:
             die_with_parent()
@@ -126,6 +132,8 @@ def cmd_train(args) -> int:
         data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
         if not cfg.model.hf:  # the tokenizer's vocabulary fits the model (and tp): or one line
             cfg.model_config(data.tokenizer.vocab_size)
+        if cfg.features.offline and world > 1:  # built once here, read by every rank
+            prebuild_features(cfg, data, generate_device(None))
         try:
             last = train(cfg, data) if world == 1 else launch(cfg, nproc)
         except RankFailed as err:
@@ -143,6 +151,13 @@ def cmd_train(args) -> int:
             f"final: train loss_main {last['loss_main']:.4f} loss_mtp {last['loss_mtp']} | "
             f"val loss_main {val['loss_main']:.4f} loss_mtp {val['loss_mtp']}"
         )
+    return 0
+
+
+def cmd_features(args) -> int:
+    cfg = load_config(*_config_items(args))
+    store = prebuild_features(cfg, prepare_data(cfg, verbose=True), generate_device(None))
+    print(f"features in {store.folder}: train on them with features.mode=offline")
     return 0
 
 
@@ -321,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
+    add_features_command(sub, cmd_features)
 
     plot = sub.add_parser("plot", help="per-depth loss and accuracy curves of one or more runs")
     plot.add_argument("runs", nargs="+", help="run folders (runs/<name>); several are overlaid")

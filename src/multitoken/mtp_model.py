@@ -104,6 +104,7 @@ class MTPModel(nn.Module):
         *,
         kv_layout: SequenceLayout | None = None,
         mtp_input_ids: Tensor | None = None,
+        hidden: Tensor | None = None,
     ) -> list[Tensor]:
         """Hidden states ``h^0 .. h^D``, each ``[B, T, H]`` and through its final norm.
 
@@ -113,6 +114,8 @@ class MTPModel(nn.Module):
             kv_layout: layout of the keys gathered over the CP group (sharded input only).
             mtp_input_ids: ``[D, B, T]`` MTP inputs; None = ``lookahead`` of ``input_ids``
                 (a whole batch only: a shard's lookahead needs its halo).
+            hidden: ``[B, T, H]`` a frozen decoder's ``h^0`` computed before (offline
+                features, :mod:`multitoken.frozen`): only the MTP depths run.
         """
         decoder = self.decoder
         layout = check_batch(input_ids, layout, decoder.vocab_size)
@@ -125,7 +128,7 @@ class MTPModel(nn.Module):
             shifts = list(range(1, self.num_depths + 1))
             mtp_input_ids = lookahead(input_ids, layout, shifts, fill=self.pad_id)
         kwargs = decoder.layer_kwargs(layout, kv_layout)
-        hidden_states = [decoder.hidden(input_ids, kwargs)]
+        hidden_states = [decoder.hidden(input_ids, kwargs) if hidden is None else hidden]
         if self.mtp is not None:
             hidden_states += self.mtp(hidden_states[0], mtp_input_ids, decoder.embed, **kwargs)
         return hidden_states
@@ -190,11 +193,13 @@ def step_loss(
             (:func:`measure_acceptance`; the losses are unchanged). Skipped (None) under
             context parallelism and with a vocabulary-parallel head.
     """
+    frozen = batch.backbone  # offline features: the decoder does not run
     hidden_states = model(
         batch.input_ids,
         batch.layout,
         kv_layout=batch.kv_layout,
         mtp_input_ids=batch.mtp_input_ids,
+        hidden=None if frozen is None else frozen.hidden,
     )
     depth_labels = batch.depth_labels
     if model.config.targets == "base" and len(hidden_states) > 1:
@@ -209,6 +214,7 @@ def step_loss(
             depth_labels,
             ignore_index,
             model.config.loss_chunk_elements,
+            greedy=None if frozen is None else frozen.greedy,
         )
     losses = depth_losses(
         hidden_states,
@@ -220,6 +226,7 @@ def step_loss(
         model.config.loss_chunk_elements,
         cross_entropy,
         mtp_loss=depth_loss_fn(model, hidden_states, batch, ignore_index, cross_entropy),
+        main=None if frozen is None else frozen.main_stats(depth_labels[0], ignore_index),
     )
     whole = batch.kv_layout is None and cross_entropy is linear_cross_entropy
     if acceptance and whole and len(hidden_states) > 1:
@@ -301,6 +308,7 @@ def base_targets(
     depth_labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int = 0,
+    greedy: Tensor | None = None,
 ) -> Tensor:
     """Self-distillation targets: depth k learns the decoder's own greedy next tokens.
 
@@ -316,16 +324,25 @@ def base_targets(
         ignore_index: the "no target" label.
         chunk_elements: at most this many logits exist at once (the loss's bound); 0 = the
             device's default.
+        greedy: ``[B, T]`` the decoder's greedy tokens computed before (offline features);
+            None = computed here from ``h0``.
 
     Returns:
         ``[D + 1, B, T]`` targets.
     """
     with torch.no_grad():
+        if greedy is not None:
+            return _shift_greedy(greedy, depth_labels, ignore_index)
         # Chunks of tokens, as the loss walks them: never a row's [T, V] logits at once.
         flat = h0.reshape(-1, h0.shape[-1])
         rows = chunk_rows(head_weight.shape[0], chunk_elements_for(h0.device, chunk_elements))
         parts = [(part @ head_weight.t()).argmax(-1) for part in flat.split(rows)]
         greedy = torch.cat(parts).view(h0.shape[:-1])  # (B, T)
+    return _shift_greedy(greedy, depth_labels, ignore_index)
+
+
+def _shift_greedy(greedy: Tensor, depth_labels: Tensor, ignore_index: int) -> Tensor:
+    """Depth k's target at i: ``greedy[i + k]`` where its data target exists."""
     out = depth_labels.clone()
     for k in range(1, depth_labels.shape[0]):
         shifted = torch.full_like(greedy, ignore_index)

@@ -20,6 +20,7 @@ from multitoken.models.gpt import GPTConfig
 from multitoken.models.parallelize import check_tp_split, check_vocab_split
 from multitoken.mtp import MTPConfig
 from multitoken.parallel.dims import ParallelDims
+from multitoken.train.feature_config import FeaturesSection
 
 # How CP stripes get their halos (parallel.halo_fill).
 HALO_FILLS = ("sharding", "exchange")
@@ -287,6 +288,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     run: RunSection = field(default_factory=RunSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -364,6 +366,7 @@ class TrainConfig:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
+        self.features.check_layout(self.mtp.freeze_base, parallel.cp, tp)
         check_tp_split(model.n_heads, model.kv_heads, model.ffn_hidden, tp)
         rows = model.vocab_size or (0 if data.tokenizer else data.vocab_size)  # a BPE's size
         self._check_rows_split(rows, "model.vocab_size" if model.vocab_size else "data.vocab_size")
