@@ -136,12 +136,6 @@ class MTPConfig:
                 "context parallelism may sit on another rank (no hidden-row halo yet): use "
                 "parallel.cp=1 or mtp.loss=ce"
             )
-        if self.loss != "ce" and tp > 1:
-            raise ConfigError(
-                f"mtp.loss={self.loss} takes softmaxes over the whole vocabulary, and the "
-                "vocabulary-parallel reduction they need under tensor parallelism is not "
-                "written yet: use parallel.tp=1 or mtp.loss=ce"
-            )
 
     @property
     def depth(self) -> int:

@@ -274,8 +274,8 @@ def depth_loss_fn(
 
     Raises:
         InputError: a distillation loss on a sharded batch (context parallelism: the teacher
-            row i + k may sit on another rank) or with a vocabulary-parallel head (the softmax
-            over a sharded vocabulary needs a reduction not written yet).
+            row i + k may sit on another rank), or with a head loss that has no distillation
+            (a vocabulary-parallel head has: ``VocabParallelCrossEntropy.distillation``).
     """
     config = model.config
     if len(hidden_states) == 1 or (config.loss == "ce" and not config.detach_heads):
@@ -284,16 +284,20 @@ def depth_loss_fn(
     chunk = config.loss_chunk_elements
     if config.loss == "ce":
         return lambda k, h, labels: cross_entropy(h, weight, labels, ignore_index, chunk)
-    if batch.kv_layout is not None or cross_entropy is not linear_cross_entropy:
+    if cross_entropy is linear_cross_entropy:
+        distillation = linear_distillation
+    else:  # a vocabulary-parallel head brings its own (VocabParallelCrossEntropy.distillation)
+        distillation = getattr(cross_entropy, "distillation", None)
+    if batch.kv_layout is not None or distillation is None:
         raise InputError(
-            f"mtp.loss={config.loss} needs the whole rows and the whole vocabulary on one rank "
-            "(the teacher row i + k may sit on another CP rank; a vocabulary-parallel softmax "
-            "is not written yet): use parallel.cp=1 and parallel.tp=1, or mtp.loss=ce"
+            f"mtp.loss={config.loss} needs the whole rows on one rank (the teacher row i + k "
+            "may sit on another CP rank) and a head loss that offers it: use parallel.cp=1, "
+            "or mtp.loss=ce"
         )
     h0 = hidden_states[0]
 
     def distill(k: int, hidden: Tensor, labels: Tensor) -> LossStats:
-        return linear_distillation(
+        return distillation(
             hidden, teacher_hidden(h0, k), weight, labels, config.loss,
             alpha=config.lk_alpha, temperature=config.teacher_temperature,
             ignore_index=ignore_index, chunk_elements=chunk,

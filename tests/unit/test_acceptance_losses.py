@@ -188,19 +188,19 @@ def test_bad_settings_are_one_line():
         MTPConfig(loss="kl", teacher_temperature=0.0)
     with pytest.raises(ConfigError, match="context parallelism may sit on another rank"):
         MTPConfig(loss="kl").check_layout(tp=1, cp=2)
-    with pytest.raises(ConfigError, match="vocabulary-parallel reduction"):
-        MTPConfig(loss="tv").check_layout(tp=2, cp=1)
+    MTPConfig(loss="tv").check_layout(tp=2, cp=1)  # tests/distributed/test_tp_distill.py
     MTPConfig(loss="ce").check_layout(tp=2, cp=2)
 
 
 def test_the_library_refuses_another_head_loss():
-    # A parallelize_* that returns its own cross-entropy (vocabulary-parallel under TP).
+    # A parallelize_* that returns its own cross-entropy without a distillation (the
+    # vocabulary-parallel one has VocabParallelCrossEntropy.distillation).
     def sharded(*args):
         return linear_cross_entropy(*args)
 
     model = _model(1, "tv")
     ids, _, layout = batches.packed_batch(DOC_LENGTHS, seed=0, vocab=VOCAB)
-    with pytest.raises(InputError, match="whole vocabulary on one rank"):
+    with pytest.raises(InputError, match="a head loss that offers it"):
         model.loss(ids, next_token_labels(ids, layout), layout, cross_entropy=sharded)
 
 
