@@ -53,6 +53,13 @@ def test_a_run_on_float32_features_logs_the_online_losses(runs):
     assert offline["accept_mtp"] == pytest.approx(online["accept_mtp"], rel=1e-5)
 
 
+def test_a_run_on_features_stopped_and_resumed_logs_the_same_steps(runs):
+    root, _ = runs
+    train_ok(root, *HEADS, *OFFLINE, "run.name=resumed", "train.stop_after=3")
+    train_ok(root, *HEADS, *OFFLINE, "run.name=resumed", "train.resume=true")
+    assert_same_records(train_records(root / "offline"), train_records(root / "resumed"))
+
+
 def test_damaged_features_end_the_run_with_one_line(runs, tmp_path):
     root, folder = runs
     index = json.loads((folder / "index.json").read_text())
