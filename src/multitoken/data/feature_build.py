@@ -32,6 +32,8 @@ from multitoken.data.features import (
     FILES,
     FeatureError,
     FeatureStore,
+    file_dtype,
+    file_shape,
     open_features,
     storage_dtype,
 )
@@ -105,8 +107,8 @@ class _Part:
             kind: np.memmap(
                 self.folder / f".{name}.tmp",
                 mode="w+",
-                dtype=storage_dtype(dtype) if kind == "hidden" else np.dtype(FILES[kind][0]),
-                shape=(self.num_tokens, hidden) if kind == "hidden" else (self.num_tokens,),
+                dtype=file_dtype(kind, dtype),
+                shape=file_shape(kind, self.num_tokens, hidden),
             )  # fmt: skip
             for kind, name in files.items()
         }

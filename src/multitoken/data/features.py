@@ -44,6 +44,8 @@ __all__ = [
     "IndexCorpus",
     "FeatureLoader",
     "open_features",
+    "file_dtype",
+    "file_shape",
     "storage_dtype",
 ]
 
@@ -51,8 +53,8 @@ __all__ = [
 FEATURES_FORMAT = 1
 # features.dtype -> the torch dtype of h^0 on disk.
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# What each file of a part holds: (numpy dtype on disk, values per token: None = H).
-FILES = {"hidden": (None, None), "nll": (np.float32, 1), "greedy": (np.int32, 1)}
+# The files of a part, by what they hold, and their dtype on disk (hidden: the feature dtype's).
+FILES = {"hidden": None, "nll": np.dtype(np.float32), "greedy": np.dtype(np.int32)}
 
 
 class FeatureError(StoreError):
@@ -64,12 +66,14 @@ def storage_dtype(name: str) -> np.dtype:
     return np.dtype({"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[name])
 
 
-def _shape(kind: str, num_tokens: int, hidden: int) -> tuple[int, ...]:
+def file_shape(kind: str, num_tokens: int, hidden: int) -> tuple[int, ...]:
+    """``[tokens, H]`` for ``hidden``, ``[tokens]`` for the per-token statistics."""
     return (num_tokens, hidden) if kind == "hidden" else (num_tokens,)
 
 
-def _file_dtype(kind: str, dtype: str) -> np.dtype:
-    return storage_dtype(dtype) if kind == "hidden" else np.dtype(FILES[kind][0])
+def file_dtype(kind: str, dtype: str) -> np.dtype:
+    """The numpy dtype of file ``kind`` on disk for features of ``dtype``."""
+    return storage_dtype(dtype) if kind == "hidden" else FILES[kind]
 
 
 class FeatureSplit:
@@ -84,8 +88,8 @@ class FeatureSplit:
                 kind: np.memmap(
                     folder / part["files"][kind]["file"],
                     mode="r",
-                    dtype=_file_dtype(kind, dtype),
-                    shape=_shape(kind, part["num_tokens"], hidden),
+                    dtype=file_dtype(kind, dtype),
+                    shape=file_shape(kind, part["num_tokens"], hidden),
                 )  # fmt: skip
                 for kind in FILES
             }
