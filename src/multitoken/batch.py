@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from multitoken.errors import InputError, check_int_tensor, renamed_kwarg, warn_renamed
+from multitoken.frozen import BackboneOutputs
 from multitoken.layout import SequenceLayout
 from multitoken.lookahead import IGNORE_INDEX, mtp_inputs
 
@@ -35,6 +36,8 @@ class StepBatch:
         normalizer: ``[D + 1]`` int64 valid targets per depth over every rank sharing the
             batch (this rank's counts in a single process).
         kv_layout: layout of the keys gathered over the CP group; None = the local tokens.
+        backbone: a frozen decoder's outputs for these rows, computed before (offline
+            features): the step runs only the MTP depths; None = the decoder runs.
     """
 
     input_ids: Tensor
@@ -43,6 +46,7 @@ class StepBatch:
     depth_labels: Tensor
     normalizer: Tensor
     kv_layout: SequenceLayout | None = None
+    backbone: BackboneOutputs | None = None
 
     @property
     def num_depths(self) -> int:
@@ -101,6 +105,7 @@ class StepBatch:
     def to(self, device: torch.device | str) -> StepBatch:
         """The same batch on ``device``."""
         kv = None if self.kv_layout is None else self.kv_layout.to(device)
+        backbone = None if self.backbone is None else self.backbone.to(device)
         return StepBatch(
             self.input_ids.to(device),
             self.layout.to(device),
@@ -108,6 +113,7 @@ class StepBatch:
             self.depth_labels.to(device),
             self.normalizer.to(device),
             kv,
+            backbone,
         )
 
 

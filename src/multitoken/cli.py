@@ -1,4 +1,5 @@
-"""The ``multitoken`` command: ``train``, ``plot``, ``generate``, ``export``, ``bench``.
+"""The ``multitoken`` command: ``train``, ``features``, ``plot``, ``generate``, ``export``,
+``bench``.
 
 Bad input (an unknown config key, a value of the wrong type, a missing data path, an empty
 corpus, a sequence length CP cannot split) prints one ``error:`` line and exits with code 2,
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from multitoken.cli_export import add_export_command
 from multitoken.decoding.generate import generate
 from multitoken.decoding.record import generation_record
-from multitoken.errors import CheckpointError, ConfigError, InputError, UserError
+from multitoken.errors import ConfigError, InputError, UserError
 from multitoken.train.checkpoint import (
     check_resume_possible,
     checkpoint_folders,
@@ -30,6 +32,7 @@ from multitoken.train.checkpoint import (
 )
 from multitoken.train.config_io import config_help, explicit_keys, load_config
 from multitoken.train.data import prepare_data
+from multitoken.train.features import add_features_command, prebuild_features
 from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
 from multitoken.train.lifecycle import die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
@@ -39,7 +42,7 @@ from multitoken.train.preflight import (
     check_paths,
     fit_to_devices,
 )
-from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir, is_run_folder
+from multitoken.train.run_dir import RunLock, check_resume_config, check_run_dir
 from multitoken.train.trainer import train
 
 __all__ = ["main"]
@@ -91,15 +94,19 @@ def _preflight(cfg, ranks_here: int) -> None:
         check_memory(cfg, available_memory(None, ranks_here))
 
 
-def cmd_train(args) -> int:
+def _config_items(args) -> tuple[str | None, list[str]]:
+    """(the config file or None, the ``key=value`` overrides) of a command line."""
     files = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     if len(files) > 1:
         raise ConfigError(f"at most one config file, got {files}")
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    cfg = load_config(files[0] if files else None, overrides)
-    explicit = explicit_keys(files[0] if files else None, overrides)
+    overrides += [] if args.data is None else [f"data.path={args.data}"]
+    return (files[0] if files else None), overrides
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(*_config_items(args))
+    explicit = explicit_keys(*_config_items(args))
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:  # started by torchrun
         if "TORCHELASTIC_RUN_ID" in os.environ:
             die_with_parent()
@@ -127,6 +134,8 @@ def cmd_train(args) -> int:
         data = prepare_data(cfg, verbose=True)  # errors surface here, once; ranks hit the cache
         if not cfg.model.hf:  # the tokenizer's vocabulary fits the model (and tp): or one line
             cfg.model_config(data.tokenizer.vocab_size)
+        if cfg.features.offline and world > 1:  # built once here, read by every rank
+            prebuild_features(cfg, data, generate_device(None))
         try:
             last = train(cfg, data) if world == 1 else launch(cfg, nproc)
         except RankFailed as err:
@@ -144,6 +153,13 @@ def cmd_train(args) -> int:
             f"final: train loss_main {last['loss_main']:.4f} loss_mtp {last['loss_mtp']} | "
             f"val loss_main {val['loss_main']:.4f} loss_mtp {val['loss_mtp']}"
         )
+    return 0
+
+
+def cmd_features(args) -> int:
+    cfg = load_config(*_config_items(args))
+    store = prebuild_features(cfg, prepare_data(cfg, verbose=True), generate_device(None))
+    print(f"features in {store.folder}: train on them with features.mode=offline")
     return 0
 
 
@@ -255,42 +271,6 @@ def _draft_vocab(args):
     return run_draft_vocab(args.run, args.draft_vocab)
 
 
-def _refuse_run_folders(out: Path) -> None:
-    """An export inside a run folder is refused: rotation and ``run.overwrite`` delete files
-    there (an export into a run's checkpoints/ vanished at the next rotation)."""
-    for folder in (out.resolve(), *out.resolve().parents):  # links followed, ".." undone
-        if is_run_folder(folder):
-            raise CheckpointError(
-                f"{out} is inside the run folder {folder}, where checkpoint rotation and "
-                "run.overwrite delete files: export to a folder outside any run"
-            )
-
-
-def cmd_export(args) -> int:
-    """``multitoken export``: a run as a Hugging Face folder (MTP weights in a released format)."""
-    from multitoken.hf.export import check_target, export_model  # the optional [hf] extra
-
-    _refuse_run_folders(Path(args.out))
-    check_target(args.out)  # before the (slow) load: a refusal is at once
-    model, tokenizer = load_for_inference(args.run)
-    if args.format in ("mimo_mtp", "eagle"):
-        from multitoken.hf.serve_export import export_for_engine
-
-        export_for_engine(model, tokenizer, args.out, args.format)
-    else:
-        export_model(model, tokenizer, args.out, args.format)
-    depths = (
-        f"{model.num_depths} MTP depth(s) in the {args.format} format"
-        if model.num_depths
-        else "no MTP"
-    )
-    print(
-        f"exported {args.run} to {args.out}/ ({depths}); load it with "
-        f"AutoModelForCausalLM.from_pretrained({str(args.out)!r}) or model.hf={args.out}"
-    )
-    return 0
-
-
 def cmd_bench(args) -> int:
     bench_dir = Path(__file__).resolve().parents[2] / "bench"
     if not bench_dir.is_dir():
@@ -353,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
+    add_features_command(sub, cmd_features)
 
     plot = sub.add_parser("plot", help="per-depth loss and accuracy curves of one or more runs")
     plot.add_argument("runs", nargs="+", help="run folders (runs/<name>); several are overlaid")
@@ -361,18 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _generate_parser(sub).set_defaults(func=cmd_generate)
 
-    export = sub.add_parser("export", help="write a run as a Hugging Face model folder")
-    export.add_argument("out", help="new folder for config.json, model.safetensors, tokenizer")
-    export.add_argument("--run", default="runs/default", help="run folder")
-    export.add_argument(
-        "--format",
-        default="mimo",
-        choices=["mimo", "deepseek", "qwen3_next", "mimo_mtp", "eagle"],
-        help="MTP weight format (default mimo: a dense Llama-family MTP block, like the GPT's); "
-        "mimo_mtp: a MiMoForCausalLM folder vLLM and SGLang serve as MTP; eagle: the model and "
-        "EAGLE-1 drafts for vLLM and SGLang (docs/serving.md)",
-    )
-    export.set_defaults(func=cmd_export)
+    add_export_command(sub)
 
     bench = sub.add_parser("bench", help="run benchmarks from bench/ (default: the core ones)")
     bench.add_argument("names", nargs="*", help="benchmark names (files in bench/)")

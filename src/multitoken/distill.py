@@ -82,7 +82,8 @@ def _grad_logits(q: Tensor, p: Tensor, kind: str, alpha: float) -> Tensor:
 
 class _LinearDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, weight, valid, targets, kind, alpha, tau, chunk_elements):
+    def forward(ctx, student, teacher, weight, valid, targets, kind, alpha, tau, chunk_elements,
+                fused):  # fmt: skip
         # student, teacher (N, H); weight (V, H); valid, targets (N,)
         n_tokens, vocab = student.shape[0], weight.shape[0]
         dtype = compute_dtype(student, weight)
@@ -94,6 +95,9 @@ class _LinearDistillation(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=student.device)
         buf_q = student.new_empty((rows, vocab), dtype=torch.float32)
         buf_p = student.new_empty((rows, vocab), dtype=torch.float32)
+        # fused: a frozen head and a student gradient to come: d loss / d student is computed
+        # here from the chunks in hand, saving the backward both recomputations.
+        grad_h = torch.empty_like(student) if fused else None
         for start in range(0, n_tokens, rows):
             stop = min(start + rows, n_tokens)
             log_q = chunk_logits(student[start:stop].to(dtype), w, buf_q)
@@ -104,15 +108,22 @@ class _LinearDistillation(torch.autograd.Function):
             mask = valid[start:stop]
             loss_sum += torch.where(mask, _row_losses(log_q, log_p, kind, alpha), 0.0).sum()
             correct += ((top1 == targets[start:stop]) & mask).sum()
+            if fused:
+                grad = _grad_logits(log_q.exp_(), log_p.exp_(), kind, alpha).to(dtype)
+                scale = (mask.float() / tau)[:, None].to(dtype)
+                grad_h[start:stop] = (grad @ w).mul_(scale)
         del buf_q, buf_p
-        ctx.save_for_backward(student, teacher, weight, valid, lse_q, lse_p)
+        ctx.save_for_backward(student, teacher, weight, valid, lse_q, lse_p, grad_h)
         ctx.rows, ctx.dtype, ctx.kind, ctx.alpha, ctx.tau = rows, dtype, kind, alpha, tau
+        ctx.fused = fused
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        student, teacher, weight, valid, lse_q, lse_p = ctx.saved_tensors
+        student, teacher, weight, valid, lse_q, lse_p, fused_grad = ctx.saved_tensors
+        if ctx.fused:  # computed in the forward for a unit upstream gradient
+            return (fused_grad * grad_loss.to(fused_grad.dtype),) + (None,) * 9
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dtype, rows, tau = ctx.dtype, ctx.rows, ctx.tau
         w = weight.to(dtype)
@@ -137,7 +148,7 @@ class _LinearDistillation(torch.autograd.Function):
                 grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
             del q, p, grad_logits
         grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, None, grad_w, None, None, None, None, None, None
+        return grad_h, None, grad_w, None, None, None, None, None, None, None
 
 
 def linear_distillation(
@@ -181,9 +192,10 @@ def linear_distillation(
     valid = flat_t != ignore_index
     safe_t = torch.where(valid, flat_t, torch.zeros_like(flat_t))
     chunk_elements = chunk_elements_for(flat_s.device, chunk_elements)
+    fused = torch.is_grad_enabled() and flat_s.requires_grad and not weight.requires_grad
     loss_sum, correct = _LinearDistillation.apply(
         flat_s, teacher.detach().reshape(flat_s.shape), weight, valid, safe_t,
-        kind, float(alpha), float(temperature), chunk_elements,
+        kind, float(alpha), float(temperature), chunk_elements, fused,
     )  # fmt: skip
     return LossStats(loss_sum, valid.sum(), correct)
 

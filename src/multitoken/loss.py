@@ -100,7 +100,7 @@ def chunk_logits(h: Tensor, weight: Tensor, buffer: Tensor) -> Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_elements):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_elements, fused):
         # hidden (N, H), weight (V, H), targets (N,)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         dtype = compute_dtype(hidden, weight)
@@ -112,6 +112,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
         buffer = hidden.new_empty((rows, vocab), dtype=torch.float32)  # one chunk of logits
+        # fused: a frozen head (no weight gradient) and a hidden gradient to come: d loss /
+        # d hidden is computed here from the chunk in hand, saving the backward's recomputation.
+        grad_h = torch.empty_like(hidden) if fused else None
         for start in range(0, n_tokens, rows):
             stop = min(start + rows, n_tokens)
             logits = chunk_logits(hidden[start:stop].to(dtype), w, buffer)  # (C, V)
@@ -127,15 +130,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             mask = valid[start:stop]
             loss_sum += torch.where(mask, chunk_lse - picked, 0.0).sum()
             correct += ((top1 == tgt) & mask).sum()
+            if fused:  # softmax - onehot(t) = exp(logit - shift) * exp(shift - lse) - onehot
+                probs = logits.mul_((shift - chunk_lse).exp_()[:, None])
+                probs.scatter_add_(1, tgt[:, None], torch.full_like(picked[:, None], -1.0))
+                grad_h[start:stop] = (probs.to(dtype) @ w).mul_(mask[:, None].to(dtype))
         del buffer
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.rows, ctx.dtype = rows, dtype
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, grad_h)
+        ctx.rows, ctx.dtype, ctx.fused = rows, dtype, fused
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        hidden, weight, targets, valid, lse, grad_h = ctx.saved_tensors
+        if ctx.fused:  # computed in the forward for a unit upstream gradient
+            return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None, None
         # Per-token factor of the gradient: grad_loss where there is a target, else 0.
         row_scale = valid.float() * grad_loss.float()  # (N,)
         minus_one = torch.full_like(row_scale, -1.0)  # every row owns its target's column
@@ -143,7 +152,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, targets, minus_one, lse, row_scale, ctx.rows, ctx.dtype,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )  # fmt: skip
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def chunked_backward(
@@ -231,8 +240,9 @@ def linear_cross_entropy(
     flat_h, flat_t = flat_loss_inputs(hidden, weight, targets, weight.shape[0], ignore_index)
     valid = flat_t != ignore_index
     chunk_elements = chunk_elements_for(flat_h.device, chunk_elements)
+    fused = torch.is_grad_enabled() and flat_h.requires_grad and not weight.requires_grad
     loss_sum, correct = _LinearCrossEntropy.apply(
-        flat_h, weight, flat_t, ignore_index, chunk_elements
+        flat_h, weight, flat_t, ignore_index, chunk_elements, fused
     )
     return LossStats(loss_sum, valid.sum(), correct)
 

@@ -145,12 +145,6 @@ class MTPConfig:
                 "context parallelism may sit on another rank (no hidden-row halo yet): use "
                 "parallel.cp=1 or mtp.loss=ce"
             )
-        if self.loss != "ce" and tp > 1:
-            raise ConfigError(
-                f"mtp.loss={self.loss} takes softmaxes over the whole vocabulary, and the "
-                "vocabulary-parallel reduction they need under tensor parallelism is not "
-                "written yet: use parallel.tp=1 or mtp.loss=ce"
-            )
         if self.zero_first_embedding and tp > 1:
             raise ConfigError(
                 "mtp.zero_first_embedding masks the depths' embeddings by document position, "
@@ -351,6 +345,7 @@ def depth_losses(
     cross_entropy: Callable[..., LossStats] = linear_cross_entropy,
     *,
     mtp_loss: Callable[[int, Tensor, Tensor], LossStats] | None = None,
+    main: LossStats | None = None,
 ) -> DepthLosses:
     """Cross-entropy of every depth through the shared head, normalised per depth.
 
@@ -368,6 +363,8 @@ def depth_losses(
             parallelism passes a vocabulary-parallel one (``MTPModel.cross_entropy``).
         mtp_loss: depth k >= 1's loss as ``mtp_loss(k, hidden, labels)`` (summed, with counts,
             as :func:`linear_cross_entropy`); None = ``cross_entropy`` through ``head_weight``.
+        main: the main loss's stats computed before (a frozen decoder's offline features,
+            :class:`~multitoken.frozen.BackboneOutputs`); None = ``cross_entropy`` on ``h^0``.
     """
     if len(hidden_states) != depth_labels.shape[0]:
         raise InputError(
@@ -375,7 +372,9 @@ def depth_losses(
         )
     sums, tokens, correct = [], [], []
     for k, (hidden, labels) in enumerate(zip(hidden_states, depth_labels)):
-        if k and mtp_loss is not None:
+        if k == 0 and main is not None:
+            stats = main
+        elif k and mtp_loss is not None:
             stats = mtp_loss(k, hidden, labels)
         else:
             stats = cross_entropy(hidden, head_weight, labels, ignore_index, chunk_elements)

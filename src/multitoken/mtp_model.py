@@ -111,6 +111,7 @@ class MTPModel(nn.Module):
         *,
         kv_layout: SequenceLayout | None = None,
         mtp_input_ids: Tensor | None = None,
+        hidden: Tensor | None = None,
     ) -> list[Tensor]:
         """Hidden states ``h^0 .. h^D``, each ``[B, T, H]`` and through its final norm.
 
@@ -120,6 +121,8 @@ class MTPModel(nn.Module):
             kv_layout: layout of the keys gathered over the CP group (sharded input only).
             mtp_input_ids: ``[D, B, T]`` MTP inputs; None = ``lookahead`` of ``input_ids``
                 (a whole batch only: a shard's lookahead needs its halo).
+            hidden: ``[B, T, H]`` a frozen decoder's ``h^0`` computed before (offline
+                features, :mod:`multitoken.frozen`): only the MTP depths run.
         """
         decoder = self.decoder
         layout = check_batch(input_ids, layout, decoder.vocab_size)
@@ -132,7 +135,7 @@ class MTPModel(nn.Module):
             shifts = list(range(1, self.num_depths + 1))
             mtp_input_ids = lookahead(input_ids, layout, shifts, fill=self.pad_id)
         kwargs = decoder.layer_kwargs(layout, kv_layout)
-        hidden_states = [decoder.hidden(input_ids, kwargs)]
+        hidden_states = [decoder.hidden(input_ids, kwargs) if hidden is None else hidden]
         if self.mtp is not None:
             # The engines' position-0 rule: no token embedding where a document starts.
             zero = layout.positions == 0 if self.config.zero_first_embedding else None
@@ -201,11 +204,13 @@ def step_loss(
             (:func:`measure_acceptance`; the losses are unchanged). Skipped (None) under
             context parallelism and with a vocabulary-parallel head.
     """
+    frozen = batch.backbone  # offline features: the decoder does not run
     hidden_states = model(
         batch.input_ids,
         batch.layout,
         kv_layout=batch.kv_layout,
         mtp_input_ids=batch.mtp_input_ids,
+        hidden=None if frozen is None else frozen.hidden,
     )
     return hidden_loss(
         model, hidden_states, batch, mtp_weight, ignore_index,
@@ -227,6 +232,7 @@ def hidden_loss(
     pipeline's last stage runs on each microbatch (``model``: anything with the MTP
     ``config`` and the ``head_weight``; ``batch``: the microbatch's targets, the step's
     normaliser and, under CP, a ``kv_layout``)."""
+    frozen = batch.backbone  # offline features: the decoder's stored outputs, or None
     depth_labels = batch.depth_labels
     if model.config.targets == "base" and len(hidden_states) > 1:
         if batch.kv_layout is not None:
@@ -240,6 +246,7 @@ def hidden_loss(
             depth_labels,
             ignore_index,
             model.config.loss_chunk_elements,
+            greedy=None if frozen is None else frozen.greedy,
         )
     losses = depth_losses(
         hidden_states,
@@ -251,6 +258,7 @@ def hidden_loss(
         model.config.loss_chunk_elements,
         cross_entropy,
         mtp_loss=depth_loss_fn(model, hidden_states, batch, ignore_index, cross_entropy),
+        main=None if frozen is None else frozen.main_stats(depth_labels[0], ignore_index),
     )
     whole = batch.kv_layout is None and cross_entropy is linear_cross_entropy
     if acceptance and whole and len(hidden_states) > 1:
@@ -298,8 +306,8 @@ def depth_loss_fn(
 
     Raises:
         InputError: a distillation loss on a sharded batch (context parallelism: the teacher
-            row i + k may sit on another rank) or with a vocabulary-parallel head (the softmax
-            over a sharded vocabulary needs a reduction not written yet).
+            row i + k may sit on another rank), or with a head loss that has no distillation
+            (a vocabulary-parallel head has: ``VocabParallelCrossEntropy.distillation``).
     """
     config = model.config
     if len(hidden_states) == 1 or (config.loss == "ce" and not config.detach_heads):
@@ -308,16 +316,20 @@ def depth_loss_fn(
     chunk = config.loss_chunk_elements
     if config.loss == "ce":
         return lambda k, h, labels: cross_entropy(h, weight, labels, ignore_index, chunk)
-    if batch.kv_layout is not None or cross_entropy is not linear_cross_entropy:
+    if cross_entropy is linear_cross_entropy:
+        distillation = linear_distillation
+    else:  # a vocabulary-parallel head brings its own (VocabParallelCrossEntropy.distillation)
+        distillation = getattr(cross_entropy, "distillation", None)
+    if batch.kv_layout is not None or distillation is None:
         raise InputError(
-            f"mtp.loss={config.loss} needs the whole rows and the whole vocabulary on one rank "
-            "(the teacher row i + k may sit on another CP rank; a vocabulary-parallel softmax "
-            "is not written yet): use parallel.cp=1 and parallel.tp=1, or mtp.loss=ce"
+            f"mtp.loss={config.loss} needs the whole rows on one rank (the teacher row i + k "
+            "may sit on another CP rank) and a head loss that offers it: use parallel.cp=1, "
+            "or mtp.loss=ce"
         )
     h0 = hidden_states[0]
 
     def distill(k: int, hidden: Tensor, labels: Tensor) -> LossStats:
-        return linear_distillation(
+        return distillation(
             hidden, teacher_hidden(h0, k), weight, labels, config.loss,
             alpha=config.lk_alpha, temperature=config.teacher_temperature,
             ignore_index=ignore_index, chunk_elements=chunk,
@@ -332,6 +344,7 @@ def base_targets(
     depth_labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int = 0,
+    greedy: Tensor | None = None,
 ) -> Tensor:
     """Self-distillation targets: depth k learns the decoder's own greedy next tokens.
 
@@ -347,16 +360,25 @@ def base_targets(
         ignore_index: the "no target" label.
         chunk_elements: at most this many logits exist at once (the loss's bound); 0 = the
             device's default.
+        greedy: ``[B, T]`` the decoder's greedy tokens computed before (offline features);
+            None = computed here from ``h0``.
 
     Returns:
         ``[D + 1, B, T]`` targets.
     """
     with torch.no_grad():
+        if greedy is not None:
+            return _shift_greedy(greedy, depth_labels, ignore_index)
         # Chunks of tokens, as the loss walks them: never a row's [T, V] logits at once.
         flat = h0.reshape(-1, h0.shape[-1])
         rows = chunk_rows(head_weight.shape[0], chunk_elements_for(h0.device, chunk_elements))
         parts = [(part @ head_weight.t()).argmax(-1) for part in flat.split(rows)]
         greedy = torch.cat(parts).view(h0.shape[:-1])  # (B, T)
+    return _shift_greedy(greedy, depth_labels, ignore_index)
+
+
+def _shift_greedy(greedy: Tensor, depth_labels: Tensor, ignore_index: int) -> Tensor:
+    """Depth k's target at i: ``greedy[i + k]`` where its data target exists."""
     out = depth_labels.clone()
     for k in range(1, depth_labels.shape[0]):
         shifted = torch.full_like(greedy, ignore_index)

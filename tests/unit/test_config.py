@@ -53,7 +53,8 @@ def test_toml_round_trip(tmp_path):
         (["data.align=6", "parallel.cp=2"], "which data.align=6 does not divide: set data.align=4"),
         (["mtp.targets=base", "parallel.tp=2"], "mtp.targets=base takes the decoder's greedy"),
         (["mtp.loss=kl", "parallel.cp=2"], "mtp.loss=kl needs the teacher row i \\+ k"),
-        (["mtp.loss=lk", "parallel.tp=2", "parallel.cp=1"], "mtp.loss=lk takes softmaxes"),
+        (["features.mode=offline", "parallel.cp=1"], "features.mode=offline reads a frozen"),
+        (["features.dtype=half"], "features.dtype must be"),
         (["mtp.loss=js"], "mtp.loss must be one of"),
         (
             ["data.seq_len=24", "parallel.cp=4", "parallel.tp=4", "model.n_kv_heads=4"],

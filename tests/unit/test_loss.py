@@ -34,6 +34,26 @@ def test_matches_full_logits_cross_entropy(chunk_elements):
     assert int(stats.num_correct) == int(((logits.argmax(-1) == targets) & valid).sum())
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 50, 1 << 23])
+def test_a_frozen_head_gets_the_hidden_gradient_in_the_forward(chunk_elements):
+    """A frozen head (heads-only runs): d loss / d hidden is computed with the forward's chunk
+    and scaled by the upstream gradient in the backward; the same values as full logits, and
+    no recomputation in the backward (no head matmul runs there)."""
+    hidden, weight, targets = _inputs(37, 16, 50)
+    weight.requires_grad_(False)
+    stats = linear_cross_entropy(hidden, weight, targets, chunk_elements=chunk_elements)
+    with torch.profiler.profile() as prof:
+        (0.3 * stats.loss_sum).backward()
+    assert not [e for e in prof.events() if e.name in ("aten::mm", "aten::matmul")]
+    ref_h = hidden.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ weight.t(), targets, ignore_index=-100, reduction="sum")
+    (0.3 * ref).backward()
+    torch.testing.assert_close(stats.loss_sum, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: nothing computed for a backward that never comes
+        linear_cross_entropy(hidden, weight, targets, chunk_elements=chunk_elements)
+
+
 def test_grad_output_scaling_and_leading_dims():
     hidden, weight, targets = _inputs(24, 8, 11, seed=1)
     stats = linear_cross_entropy(hidden.view(2, 3, 4, 8), weight, targets.view(2, 3, 4))

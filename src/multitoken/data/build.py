@@ -48,7 +48,7 @@ from multitoken.data.store import (
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import DataError
 
-__all__ = ["build_store", "empty_corpus_message", "store_key"]
+__all__ = ["atomic_json", "build_lock", "build_store", "empty_corpus_message", "store_key"]
 
 WORK_BATCH_CHARS = 1 << 22
 PART_TOKENS = 1 << 26  # 64 M tokens: 128 MB of uint16 per part, the work an interruption loses
@@ -84,7 +84,7 @@ def store_key(
     return hasher.hexdigest()
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+def atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
@@ -130,7 +130,7 @@ class _PartWriter:
                 "bytes": (self.folder / name).stat().st_size,
                 "checksum": self.hashers[split].hexdigest(),
             }
-        _atomic_json(self.folder / f"part-{self.index:05d}.json", manifest)
+        atomic_json(self.folder / f"part-{self.index:05d}.json", manifest)
         return manifest
 
 
@@ -146,7 +146,7 @@ def _resume(folder: Path, settings: dict) -> list[dict]:
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not build_file.is_file():
-        _atomic_json(build_file, settings)
+        atomic_json(build_file, settings)
     parts: list[dict] = []
     while True:
         path = folder / f"part-{len(parts):05d}.json"
@@ -300,12 +300,12 @@ def _finish(folder: Path, parts: list[dict], source: Source, tokenizer, dtype) -
                 "checksum": file_checksum(folder / name),
             },
         }
-    _atomic_json(folder / "index.json", index)
+    atomic_json(folder / "index.json", index)
     return index
 
 
 @contextmanager
-def _locked(path: Path):
+def build_lock(path: Path):
     """An exclusive lock between processes building the same store (several launchers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as lock:
@@ -360,7 +360,7 @@ def build_store(
     cache_dir = Path(cache_dir)
     key = store_key(source, tokenizer, val_fraction, seed, part_tokens, work_batch_chars)
     final = cache_dir / f"store-{key}"
-    with _locked(cache_dir / f"store-{key}.lock"):
+    with build_lock(cache_dir / f"store-{key}.lock"):
         if final.exists():
             try:
                 return open_store(final, verify)

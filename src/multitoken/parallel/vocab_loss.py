@@ -39,6 +39,7 @@ from multitoken.loss import (
     flat_loss_inputs,
 )
 from multitoken.parallel.kv_gather import all_gather_into
+from multitoken.parallel.vocab_distill import vocab_parallel_distillation
 
 __all__ = ["VocabParallelCrossEntropy"]
 
@@ -120,6 +121,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
+def _local_rows(weight: Tensor) -> Tensor:
+    """This rank's ``[V / tp, H]`` rows of a head given as them or as a row-sharded DTensor."""
+    if isinstance(weight, DTensor):
+        if tuple(weight.placements) != (Shard(0),):
+            raise InputError(
+                f"the head must be sharded by vocabulary rows (Shard(0)) over the TP group, "
+                f"got placements {weight.placements}"
+            )
+        return weight.to_local()  # differentiable: the gradient comes back as Shard(0)
+    return weight
+
+
 class VocabParallelCrossEntropy:
     """:func:`~multitoken.loss.linear_cross_entropy` for a head sharded by vocabulary rows.
 
@@ -162,15 +175,8 @@ class VocabParallelCrossEntropy:
         Returns:
             :class:`~multitoken.loss.LossStats`, the same on every rank of the group.
         """
-        tp = dist.get_world_size(self.group)
-        if isinstance(weight, DTensor):
-            if tuple(weight.placements) != (Shard(0),):
-                raise InputError(
-                    f"the head must be sharded by vocabulary rows (Shard(0)) over the TP group, "
-                    f"got placements {weight.placements}"
-                )
-            weight = weight.to_local()  # differentiable: the gradient comes back as Shard(0)
-        vocab = weight.shape[0] * tp
+        weight = _local_rows(weight)
+        vocab = weight.shape[0] * dist.get_world_size(self.group)
         flat_h, flat_t = flat_loss_inputs(hidden, weight, targets, vocab, ignore_index)
         valid = flat_t != ignore_index
         safe = torch.where(valid, flat_t, torch.zeros_like(flat_t))
@@ -185,6 +191,14 @@ class VocabParallelCrossEntropy:
             chunk_elements_for(flat_h.device, chunk_elements),
         )
         return LossStats(loss_sum, valid.sum(), correct)
+
+    def distillation(self, student: Tensor, teacher: Tensor, weight: Tensor, targets: Tensor,
+                     kind: str, **kwargs) -> LossStats:  # fmt: skip
+        """:func:`~multitoken.distill.linear_distillation` through this sharded head
+        (:func:`~multitoken.parallel.vocab_distill.vocab_parallel_distillation`)."""
+        return vocab_parallel_distillation(
+            student, teacher, _local_rows(weight), targets, kind, self.group, **kwargs
+        )
 
     def __repr__(self) -> str:
         ranks = dist.get_process_group_ranks(self.group)

@@ -20,6 +20,7 @@ from multitoken.models.gpt import GPTConfig
 from multitoken.models.parallelize import check_tp_split, check_vocab_split
 from multitoken.mtp import MTPConfig
 from multitoken.parallel.pipeline import check_pipeline
+from multitoken.train.feature_config import FeaturesSection
 from multitoken.train.parallel_section import HALO_FILLS, ParallelSection
 
 __all__ = [
@@ -236,6 +237,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     run: RunSection = field(default_factory=RunSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -313,6 +315,7 @@ class TrainConfig:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
+        self.features.check_layout(self.mtp.freeze_base, parallel.cp, tp)
         if parallel.pp > 1 and (model.hf or tp > 1 or parallel.cp > 1):
             raise ConfigError(
                 "parallel.pp > 1 cuts the reference GPT and runs with data parallelism (FSDP2) "

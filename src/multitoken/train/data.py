@@ -49,6 +49,7 @@ class PreparedData:
     tokenizer: Tokenizer
     train_loader: PackedLoader
     val_loader: PackedLoader
+    store: TokenStore | None = None  # where the loaders read (offline features sit beside it)
 
 
 def check_data_path(cfg: TrainConfig) -> None:
@@ -223,4 +224,4 @@ def prepare_data(
             f"{store.folder}",
             flush=True,
         )
-    return PreparedData(tokenizer, train_loader, val_loader)
+    return PreparedData(tokenizer, train_loader, val_loader, store)

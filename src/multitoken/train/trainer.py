@@ -31,6 +31,7 @@ from multitoken.train.checkpoint import resume_checkpoint
 from multitoken.train.checkpointer import Checkpointer, RunState
 from multitoken.train.config import TrainConfig
 from multitoken.train.data import PreparedData, prepare_data
+from multitoken.train.features import attach_backbone, offline_data
 from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter, Stopwatch, acceptance_keys, record
@@ -54,6 +55,7 @@ class Trainer:
             cfg, tokenizer.vocab_size, tokenizer.pad_id, dims, device
         )
         self.pipeline = build_pipeline(cfg, self.model, self.cross_entropy, dims, device)
+        self.data = data = offline_data(cfg, data, self.model, dims, device)  # or unchanged
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.feed = BatchFeed(data.train_loader, self.prepare)  # one batch ahead
@@ -97,10 +99,11 @@ class Trainer:
     def prepare(self, rows: dict[str, torch.Tensor]):
         """This rank's batch, cut on the host and copied to the device."""
         cfg = self.cfg
-        return rank_batch(
+        batch = rank_batch(
             rows, self.dims, cfg.mtp.num_depths, self.model.pad_id, self.device,
             cfg.parallel.halo_fill,
         )  # fmt: skip
+        return attach_backbone(batch, rows, self.device)  # offline features, if any
 
     def forward(self, batch, mtp_weight: float, acceptance: bool = False, train: bool = False):
         """The losses of a prepared batch (or of a loader's rows); ``acceptance``: with each
