@@ -99,7 +99,8 @@ def train_run(args, loss: str) -> Path:
         f"train.log_every={max(1, args.steps // 20)}", "train.eval_every=0",
         f"train.eval_batches={args.eval_batches}", f"train.save_every={args.steps}",
         f"train.seed={args.seed}", f"run.dir={args.runs}", f"run.name=heads-{loss}",
-        "run.overwrite=true", *loss_args(loss),
+        f"data.max_files={args.max_files}", f"data.val_fraction={args.val_fraction}",
+        f"features.mode={args.features}", "run.overwrite=true", *loss_args(loss),
     ]  # fmt: skip
     console.print("multitoken " + " ".join(argv))
     if cli.main(argv) != 0:
@@ -324,6 +325,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--max-files", type=int, default=24, help="corpus: this many files")
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--features", choices=["offline", "online"], default="offline",
+        help="heads-only steps on stored backbone features (built once) or running the backbone",
+    )  # fmt: skip
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=48)
