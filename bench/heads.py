@@ -109,18 +109,25 @@ def train_run(args, loss: str) -> Path:
 
 
 def heldout(run: Path, tokenizer, count: int, length: int, room: int, seed: int):
-    """``count`` prompts of ``length`` tokens from the run's held-out documents (the trainer's
-    split), each at a seeded random offset leaving ``room`` tokens of the document after it."""
+    """``count`` prompts of ``length`` tokens, one per document the run never trained on (its
+    held-out split, then files of the corpus past ``data.max_files``, in a seeded order), each
+    at a seeded random offset leaving ``room`` tokens of the document after it."""
     cfg = load_config(run / "config.toml")
-    _, docs = split_documents(list(data_source(cfg)), cfg.data.val_fraction, cfg.train.seed)
-    encoded = [ids for ids in tokenizer.encode_batch([d.text for d in docs]) if len(ids) > length]
+    trained_on, _ = split_documents(list(data_source(cfg)), cfg.data.val_fraction, cfg.train.seed)
+    seen = {d.name for d in trained_on}
+    cfg.data.max_files = 0
+    docs = [d for d in data_source(cfg) if d.name not in seen]
     rng = random.Random(seed)
+    rng.shuffle(docs)
     prompts = []
-    for i in range(count):
-        ids = encoded[i % len(encoded)]
-        start = rng.randrange(0, max(1, len(ids) - length - room))
-        prompts.append(ids[start : start + length])
-    return prompts
+    for doc in docs:
+        ids = tokenizer.encode(doc.text)
+        if len(ids) > length + room:
+            start = rng.randrange(0, len(ids) - length - room)
+            prompts.append(ids[start : start + length])
+        if len(prompts) == count:
+            return prompts
+    raise SystemExit(f"only {len(prompts)} unseen documents are longer than {length + room}")
 
 
 def step_costs(model, prompt: list[int], vocab: DraftVocab, repeats: int) -> dict[str, float]:
