@@ -273,9 +273,9 @@ def depth_loss_fn(
     ``mtp.detach_heads``); None = the cross-entropy through the head, as for the main loss.
 
     Raises:
-        InputError: a distillation loss on a sharded batch (context parallelism: the teacher
-            row i + k may sit on another rank), or with a head loss that has no distillation
-            (a vocabulary-parallel head has: ``VocabParallelCrossEntropy.distillation``).
+        InputError: a distillation loss with a head loss that has none (a vocabulary-parallel
+            head has: ``VocabParallelCrossEntropy.distillation``), or on a CP shard without
+            ``batch.rows_ahead`` (the teacher row i + k may sit on another rank).
     """
     config = model.config
     if len(hidden_states) == 1 or (config.loss == "ce" and not config.detach_heads):
@@ -288,17 +288,22 @@ def depth_loss_fn(
         distillation = linear_distillation
     else:  # a vocabulary-parallel head brings its own (VocabParallelCrossEntropy.distillation)
         distillation = getattr(cross_entropy, "distillation", None)
-    if batch.kv_layout is not None or distillation is None:
+    if distillation is None:
         raise InputError(
-            f"mtp.loss={config.loss} needs the whole rows on one rank (the teacher row i + k "
-            "may sit on another CP rank) and a head loss that offers it: use parallel.cp=1, "
-            "or mtp.loss=ce"
+            f"mtp.loss={config.loss} needs a head loss that offers it (linear_cross_entropy, "
+            "or a vocabulary-parallel one): use mtp.loss=ce with this head"
+        )
+    if batch.kv_layout is not None and batch.rows_ahead is None:
+        raise InputError(
+            f"mtp.loss={config.loss} on a CP shard needs its teacher rows i + k from the peers: "
+            "give the StepBatch rows_ahead (multitoken.parallel.RowHalo)"
         )
     h0 = hidden_states[0]
+    ahead = teacher_hidden if batch.kv_layout is None else batch.rows_ahead
 
     def distill(k: int, hidden: Tensor, labels: Tensor) -> LossStats:
         return distillation(
-            hidden, teacher_hidden(h0, k), weight, labels, config.loss,
+            hidden, ahead(h0, k), weight, labels, config.loss,
             alpha=config.lk_alpha, temperature=config.teacher_temperature,
             ignore_index=ignore_index, chunk_elements=chunk,
         )  # fmt: skip
