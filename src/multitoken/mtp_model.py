@@ -228,11 +228,13 @@ def step_loss(
         mtp_loss=depth_loss_fn(model, hidden_states, batch, ignore_index, cross_entropy),
         main=None if frozen is None else frozen.main_stats(depth_labels[0], ignore_index),
     )
-    whole = batch.kv_layout is None and cross_entropy is linear_cross_entropy
-    if acceptance and whole and len(hidden_states) > 1:
+    sums = acceptance_sums if cross_entropy is linear_cross_entropy else None
+    sums = getattr(cross_entropy, "acceptance", sums)  # a vocabulary-parallel head's own
+    ahead = teacher_hidden if batch.kv_layout is None else batch.rows_ahead  # CP: the peers'
+    if acceptance and sums is not None and ahead is not None and len(hidden_states) > 1:
         losses.agree, losses.accept = measure_acceptance(
             hidden_states, model.head_weight, depth_labels, ignore_index,
-            model.config.loss_chunk_elements,
+            model.config.loss_chunk_elements, ahead=ahead, sums=sums,
         )  # fmt: skip
     return losses
 
@@ -243,18 +245,23 @@ def measure_acceptance(
     depth_labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int = 0,
+    *,
+    ahead: Callable[[Tensor, int], Tensor] = teacher_hidden,
+    sums: Callable[..., tuple[Tensor, Tensor]] = acceptance_sums,
 ) -> tuple[Tensor, Tensor]:
     """``([D], [D])`` greedy agreements and summed acceptance of each depth vs the backbone.
 
     Depth k at i against the backbone at i + k (:func:`~multitoken.distill.acceptance_sums`),
     over depth k's valid targets (``depth_labels[k] != ignore_index``: i + k + 1 in i's
-    document). Whole rows and the whole vocabulary on this rank; no gradient.
+    document); no gradient. ``ahead(h0, k)``: the rows i + k (a CP shard's come from its
+    peers, ``StepBatch.rows_ahead``); ``sums``: the head's measure (a vocabulary-parallel
+    head's own, ``VocabParallelCrossEntropy.acceptance``).
     """
     h0 = hidden_states[0]
     agree, accept = [], []
     for k in range(1, len(hidden_states)):
-        a, s = acceptance_sums(
-            hidden_states[k], teacher_hidden(h0, k), head_weight,
+        a, s = sums(
+            hidden_states[k], ahead(h0, k), head_weight,
             depth_labels[k] != ignore_index, chunk_elements,
         )  # fmt: skip
         agree.append(a)

@@ -22,7 +22,7 @@ from tests.helpers.distributed import (
 )
 from tests.helpers.models import tiny_model
 
-from multitoken import InputError
+from multitoken import InputError, StepBatch
 from multitoken.mtp_model import step_loss
 from multitoken.parallel import apply_cp, global_normalizer, shard_batch, sync_gradients
 from multitoken.parallel.row_halo import RowHalo
@@ -51,12 +51,13 @@ def run_cp_distill(kind: str) -> dict:
     batch = replace(batch, rows_ahead=RowHalo(shard.plan, g.cp_rank, DEPTH, g.cp_group))
     model.zero_grad(set_to_none=True)
     with count_comms() as log:
-        out = step_loss(model, batch, model.config.loss_weight)
+        out = step_loss(model, batch, model.config.loss_weight, acceptance=True)
     out.loss.backward()
     sync_gradients(model, g.cp_group)
     teacher_calls = [r for r in log.records if r.name == "all_to_all_single"]
     return {
-        **step_record(model, out), "refused": refused,
+        **step_record(model, out), "refused": refused, "agree": out.agree,
+        "accept": out.accept,
         "a2a": [r.group is g.cp_group for r in teacher_calls],
     }  # fmt: skip
 
@@ -64,8 +65,19 @@ def run_cp_distill(kind: str) -> dict:
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cp_with_each_loss_equals_one_process(rank_pool, cp, kind):
-    ref = reference_step(model_for(kind), *make_batch(True, rows=PACKED_ROWS))
+    model = model_for(kind)
+    ids, labels, layout = make_batch(True, rows=PACKED_ROWS)
+    with torch.no_grad():
+        whole = step_loss(
+            model, StepBatch.build(ids, labels, layout, DEPTH, PAD), 0.3, acceptance=True
+        )
+    ref = reference_step(model, ids, labels, layout)
     results = rank_pool(cp).run(run_cp_distill, kind)
+    # The logged acceptance metrics too: each rank's share sums to the whole batch's.
+    assert torch.equal(sum(r["agree"] for r in results), whole.agree)
+    torch.testing.assert_close(
+        sum(r["accept"] for r in results), whole.accept, rtol=RTOL, atol=ATOL
+    )
     torch.testing.assert_close(sum(r["loss"] for r in results), ref["loss"], rtol=RTOL, atol=ATOL)
     depth_loss = sum(r["depth_loss"] for r in results)
     torch.testing.assert_close(depth_loss, ref["depth_loss"], rtol=RTOL, atol=ATOL)

@@ -1,6 +1,6 @@
-"""A run with an acceptance-aware loss logs the same losses at cp = 2 and tp = 2 as in one
-process (the trainer's path: the CP teacher rows from the peers, the vocabulary-parallel
-distillation)."""
+"""A run with an acceptance-aware loss logs the same losses and acceptance metrics at cp = 2
+and tp = 2 as in one process (the trainer's path: the CP teacher rows from the peers, the
+vocabulary-parallel distillation and acceptance)."""
 
 from __future__ import annotations
 
@@ -16,5 +16,9 @@ def test_cp2_and_tp2_runs_log_the_one_process_losses(tmp_path):
     run_subprocess(tmp_path, *LOSS, *HEADS2, "parallel.cp=2", "run.name=cp2")
     run_subprocess(tmp_path, *LOSS, *HEADS2, "parallel.cp=1", "parallel.tp=2", "run.name=tp2")
     one = train_records(tmp_path / "one")
-    assert_same_records(one, train_records(tmp_path / "cp2"))
-    assert_same_records(one, train_records(tmp_path / "tp2"))
+    for name in ("cp2", "tp2"):
+        other = train_records(tmp_path / name)
+        assert_same_records(one, other)
+        for a, b in zip(one, other):  # the acceptance metrics are logged in every layout
+            for key in ("agree_mtp", "accept_mtp"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (name, key)
