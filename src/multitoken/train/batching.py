@@ -16,8 +16,13 @@ import torch
 
 from multitoken.batch import StepBatch
 from multitoken.layout import SequenceLayout
-from multitoken.parallel import ParallelDims, exchange_halo, global_normalizer, shard_batch
-from multitoken.parallel.row_halo import RowHalo
+from multitoken.parallel import (
+    ParallelDims,
+    RowHalo,
+    exchange_halo,
+    global_normalizer,
+    shard_batch,
+)
 
 __all__ = ["rank_batch", "to_device", "BatchFeed"]
 
