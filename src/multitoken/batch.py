@@ -11,6 +11,7 @@ has one path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ class StepBatch:
         kv_layout: layout of the keys gathered over the CP group; None = the local tokens.
         backbone: a frozen decoder's outputs for these rows, computed before (offline
             features): the step runs only the MTP depths; None = the decoder runs.
+        rows_ahead: under context parallelism, ``rows_ahead(h, k)``: the ``[B, T_local, H]``
+            rows k places ahead in each document, fetched from the CP peers past a stripe
+            (:class:`~multitoken.parallel.row_halo.RowHalo`: the acceptance-aware losses'
+            teacher rows); None on whole rows.
     """
 
     input_ids: Tensor
@@ -47,6 +52,7 @@ class StepBatch:
     normalizer: Tensor
     kv_layout: SequenceLayout | None = None
     backbone: BackboneOutputs | None = None
+    rows_ahead: Callable[[Tensor, int], Tensor] | None = None
 
     @property
     def num_depths(self) -> int:
@@ -114,6 +120,7 @@ class StepBatch:
             self.normalizer.to(device),
             kv,
             backbone,
+            self.rows_ahead,
         )
 
 

@@ -139,12 +139,6 @@ class MTPConfig:
                 "mtp.targets=base takes the decoder's greedy tokens over the whole vocabulary "
                 "and the whole row: use parallel.tp=1 and parallel.cp=1 with it"
             )
-        if self.loss != "ce" and cp > 1:
-            raise ConfigError(
-                f"mtp.loss={self.loss} needs the teacher row i + k of every position, which under "
-                "context parallelism may sit on another rank (no hidden-row halo yet): use "
-                "parallel.cp=1 or mtp.loss=ce"
-            )
         if self.zero_first_embedding and tp > 1:
             raise ConfigError(
                 "mtp.zero_first_embedding masks the depths' embeddings by document position, "

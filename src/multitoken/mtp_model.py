@@ -260,11 +260,13 @@ def hidden_loss(
         mtp_loss=depth_loss_fn(model, hidden_states, batch, ignore_index, cross_entropy),
         main=None if frozen is None else frozen.main_stats(depth_labels[0], ignore_index),
     )
-    whole = batch.kv_layout is None and cross_entropy is linear_cross_entropy
-    if acceptance and whole and len(hidden_states) > 1:
+    sums = acceptance_sums if cross_entropy is linear_cross_entropy else None
+    sums = getattr(cross_entropy, "acceptance", sums)  # a vocabulary-parallel head's own
+    ahead = teacher_hidden if batch.kv_layout is None else batch.rows_ahead  # CP: the peers'
+    if acceptance and sums is not None and ahead is not None and len(hidden_states) > 1:
         losses.agree, losses.accept = measure_acceptance(
             hidden_states, model.head_weight, depth_labels, ignore_index,
-            model.config.loss_chunk_elements,
+            model.config.loss_chunk_elements, ahead=ahead, sums=sums,
         )  # fmt: skip
     return losses
 
@@ -275,18 +277,23 @@ def measure_acceptance(
     depth_labels: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int = 0,
+    *,
+    ahead: Callable[[Tensor, int], Tensor] = teacher_hidden,
+    sums: Callable[..., tuple[Tensor, Tensor]] = acceptance_sums,
 ) -> tuple[Tensor, Tensor]:
     """``([D], [D])`` greedy agreements and summed acceptance of each depth vs the backbone.
 
     Depth k at i against the backbone at i + k (:func:`~multitoken.distill.acceptance_sums`),
     over depth k's valid targets (``depth_labels[k] != ignore_index``: i + k + 1 in i's
-    document). Whole rows and the whole vocabulary on this rank; no gradient.
+    document); no gradient. ``ahead(h0, k)``: the rows i + k (a CP shard's come from its
+    peers, ``StepBatch.rows_ahead``); ``sums``: the head's measure (a vocabulary-parallel
+    head's own, ``VocabParallelCrossEntropy.acceptance``).
     """
     h0 = hidden_states[0]
     agree, accept = [], []
     for k in range(1, len(hidden_states)):
-        a, s = acceptance_sums(
-            hidden_states[k], teacher_hidden(h0, k), head_weight,
+        a, s = sums(
+            hidden_states[k], ahead(h0, k), head_weight,
             depth_labels[k] != ignore_index, chunk_elements,
         )  # fmt: skip
         agree.append(a)
@@ -305,9 +312,9 @@ def depth_loss_fn(
     ``mtp.detach_heads``); None = the cross-entropy through the head, as for the main loss.
 
     Raises:
-        InputError: a distillation loss on a sharded batch (context parallelism: the teacher
-            row i + k may sit on another rank), or with a head loss that has no distillation
-            (a vocabulary-parallel head has: ``VocabParallelCrossEntropy.distillation``).
+        InputError: a distillation loss with a head loss that has none (a vocabulary-parallel
+            head has: ``VocabParallelCrossEntropy.distillation``), or on a CP shard without
+            ``batch.rows_ahead`` (the teacher row i + k may sit on another rank).
     """
     config = model.config
     if len(hidden_states) == 1 or (config.loss == "ce" and not config.detach_heads):
@@ -320,17 +327,22 @@ def depth_loss_fn(
         distillation = linear_distillation
     else:  # a vocabulary-parallel head brings its own (VocabParallelCrossEntropy.distillation)
         distillation = getattr(cross_entropy, "distillation", None)
-    if batch.kv_layout is not None or distillation is None:
+    if distillation is None:
         raise InputError(
-            f"mtp.loss={config.loss} needs the whole rows on one rank (the teacher row i + k "
-            "may sit on another CP rank) and a head loss that offers it: use parallel.cp=1, "
-            "or mtp.loss=ce"
+            f"mtp.loss={config.loss} needs a head loss that offers it (linear_cross_entropy, "
+            "or a vocabulary-parallel one): use mtp.loss=ce with this head"
+        )
+    if batch.kv_layout is not None and batch.rows_ahead is None:
+        raise InputError(
+            f"mtp.loss={config.loss} on a CP shard needs its teacher rows i + k from the peers: "
+            "give the StepBatch rows_ahead (multitoken.parallel.RowHalo)"
         )
     h0 = hidden_states[0]
+    ahead = teacher_hidden if batch.kv_layout is None else batch.rows_ahead
 
     def distill(k: int, hidden: Tensor, labels: Tensor) -> LossStats:
         return distillation(
-            hidden, teacher_hidden(h0, k), weight, labels, config.loss,
+            hidden, ahead(h0, k), weight, labels, config.loss,
             alpha=config.lk_alpha, temperature=config.teacher_temperature,
             ignore_index=ignore_index, chunk_elements=chunk,
         )  # fmt: skip

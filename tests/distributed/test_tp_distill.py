@@ -16,9 +16,13 @@ from tests.helpers.distributed import (
 )
 
 from multitoken import StepBatch
+from multitoken.distill import acceptance_sums
 from multitoken.models.parallelize import apply_tp
 from multitoken.mtp_model import step_loss
-from multitoken.parallel.vocab_distill import vocab_parallel_distillation
+from multitoken.parallel.vocab_distill import (
+    vocab_parallel_acceptance,
+    vocab_parallel_distillation,
+)
 from multitoken.testing.comms import count_comms
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -94,23 +98,60 @@ def test_vocab_parallel_distillation_equals_full_logits(rank_pool, tp, kind):
         assert all(r["groups"])
 
 
+def run_acceptance(chunk_elements: int) -> dict:
+    g = groups(1, 1, torch.distributed.get_world_size())
+    student, teacher, weight, targets = make_case()
+    shard = weight.chunk(g.tp)[g.tp_rank]
+    with count_comms() as log:
+        agree, accept = vocab_parallel_acceptance(
+            student, teacher, shard, targets != -100, g.tp_group, chunk_elements
+        )
+    return dict(agree=agree, accept=accept, groups=[r.group is g.tp_group for r in log.records])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_acceptance_equals_one_rank(rank_pool, tp):
+    """Greedy agreement (the first maximum, tied across shards here) and sum_v min(p, q)."""
+    student, teacher, weight, targets = make_case()
+    agree, accept = acceptance_sums(student, teacher, weight, targets != -100)
+    assert 0 < int(agree) < int((targets != -100).sum())
+    for r in rank_pool(tp).run(run_acceptance, 4 * VOCAB // tp):
+        assert torch.equal(r["agree"], agree)
+        torch.testing.assert_close(r["accept"], accept, rtol=RTOL, atol=ATOL)
+        assert r["groups"] and all(r["groups"])
+
+
 def run_tp_step(kind: str, depth: int) -> dict:
     g = groups(1, 1, torch.distributed.get_world_size())
     model = make_tp_model(depth, mtp=dict(loss=kind, lk_alpha=ALPHA, teacher_temperature=TAU))
     cross_entropy = apply_tp(model, g.tp_mesh, sequence_parallel=True)
     ids, labels, layout = make_batch(True, rows=PACKED_ROWS)
     batch = StepBatch.build(ids, labels, layout, depth, PAD)
-    out = step_loss(model, batch, model.config.loss_weight, cross_entropy=cross_entropy)
+    out = step_loss(
+        model, batch, model.config.loss_weight, cross_entropy=cross_entropy, acceptance=True
+    )
     out.loss.backward()
-    return step_record(model, out)
+    return {**step_record(model, out), "agree": out.agree, "accept": out.accept}
+
+
+def one_process_acceptance(model) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, labels, layout = make_batch(True, rows=PACKED_ROWS)
+    batch = StepBatch.build(ids, labels, layout, model.num_depths, PAD)
+    with torch.no_grad():
+        out = step_loss(model, batch, model.config.loss_weight, acceptance=True)
+    return out.agree, out.accept
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_tp2_step_with_each_loss_equals_one_process(pool2, kind):
     depth = 2
     model = make_tp_model(depth, mtp=dict(loss=kind, lk_alpha=ALPHA, teacher_temperature=TAU))
+    agree, accept = one_process_acceptance(model)
     ref = reference_step(model, *make_batch(True, rows=PACKED_ROWS))
     for r in pool2.run(run_tp_step, kind, depth):
+        # The logged acceptance metrics too, through the vocabulary-parallel head.
+        assert torch.equal(r["agree"], agree)
+        torch.testing.assert_close(r["accept"], accept, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(r["loss"], ref["loss"], rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(r["depth_loss"], ref["depth_loss"], rtol=RTOL, atol=ATOL)
         assert torch.equal(r["depth_tokens"], ref["depth_tokens"])

@@ -7,11 +7,13 @@ model-agnostic parts (each model applies them in its own ``parallelize_<model>``
 * :mod:`.plan`: the load-balanced split of a batch over the CP ranks.
 * :mod:`.halo`: the MTP halo of every stripe, and who owns it.
 * :mod:`.context`: CP shards with halos and the one-collective fallback exchange.
+* :mod:`.row_halo`: ``RowHalo``: the rows of ``h^0`` past a stripe (the distillation teacher).
 * :mod:`.reduce`: the step's collectives (global normaliser, gradient sum, metrics).
 * :mod:`.kv_gather`: ``apply_cp(model, cp_group)``: all-gather-KV attention.
 * :mod:`.tensor`: tensor-parallel building blocks (sequence-parallel norms, checks).
 * :mod:`.compile`: ``torch.compile`` per module, with a probe.
 * :mod:`.vocab_loss`: the vocabulary-parallel chunked cross-entropy.
+* :mod:`.vocab_distill`: the acceptance-aware losses and metrics over a vocabulary-parallel head.
 * :mod:`.fsdp`: ``apply_fsdp(model, mesh)``: FSDP2 (or HSDP) over the data x context-parallel
   ranks.
 * :mod:`.grad_norm`: gradient clipping over parameters sharded on different meshes.
@@ -31,6 +33,7 @@ from multitoken.parallel.grad_norm import clip_grad_norm, grad_norm
 from multitoken.parallel.kv_gather import apply_cp, gather_sequence
 from multitoken.parallel.reduce import MetricSums, global_normalizer, sync_gradients
 from multitoken.parallel.rendezvous import init_distributed, local_device
+from multitoken.parallel.row_halo import RowHalo
 from multitoken.parallel.vocab_loss import VocabParallelCrossEntropy
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "CPShard",
     "shard_batch",
     "exchange_halo",
+    "RowHalo",
     "ShardMismatchError",
     "global_normalizer",
     "sync_gradients",

@@ -40,7 +40,7 @@ from multitoken.loss import (
 )
 from multitoken.parallel.kv_gather import all_gather_into
 
-__all__ = ["vocab_parallel_distillation"]
+__all__ = ["vocab_parallel_acceptance", "vocab_parallel_distillation"]
 
 
 def _shard_stats(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,3 +187,59 @@ def vocab_parallel_distillation(
         float(alpha), float(temperature), group, chunk_elements_for(flat_s.device, chunk_elements),
     )  # fmt: skip
     return LossStats(loss_sum, valid.sum(), correct)
+
+
+def vocab_parallel_acceptance(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    valid: Tensor,
+    group: dist.ProcessGroup,
+    chunk_elements: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~multitoken.distill.acceptance_sums` with ``weight`` this rank's ``[V / tp, H]``
+    rows of the head: greedy agreements (each argmax the first global maximum) and the summed
+    ``sum_v min(p_v, q_v)``, the same on every rank of ``group``. Per chunk one all-gather of
+    ``[rows, 8]`` statistics; one all-reduce of the acceptance at the end. No gradient."""
+    with torch.no_grad():
+        width = student.shape[-1]
+        flat_s, flat_t = student.reshape(-1, width), teacher.reshape(-1, width)
+        flat_v = valid.reshape(-1)
+        n_tokens, vocab_local = flat_s.shape[0], weight.shape[0]
+        first_col = dist.get_rank(group) * vocab_local
+        dtype = compute_dtype(flat_s, weight)
+        w = weight.to(dtype)
+        rows = chunk_rows(vocab_local, chunk_elements_for(flat_s.device, chunk_elements))
+        rows = max(1, min(rows, n_tokens))
+        agree = torch.zeros((), dtype=torch.long, device=flat_s.device)
+        accept = torch.zeros((), dtype=torch.float64, device=flat_s.device)
+        buf_q = flat_s.new_empty((rows, vocab_local), dtype=torch.float32)
+        buf_p = torch.empty_like(buf_q)
+        tp = dist.get_world_size(group)
+        for start in range(0, n_tokens, rows):
+            stop = min(start + rows, n_tokens)
+            log_q = chunk_logits(flat_s[start:stop].to(dtype), w, buf_q)
+            log_p = chunk_logits(flat_t[start:stop].to(dtype), w, buf_p)
+            columns = []
+            for logits in (log_q, log_p):
+                top, index = logits.max(dim=-1)
+                shift, sumexp = _shard_stats(logits)
+                columns += [shift, sumexp, top, (index + first_col).float()]
+            stats = torch.stack(columns, dim=1).double()  # (C, 8)
+            gathered = stats.new_empty((tp * stats.shape[0], 8))
+            all_gather_into(gathered, stats, group)
+            g = gathered.view(tp, -1, 8)
+            lse, argmax = [], []
+            for base in (0, 4):
+                lse.append(_combine(g[..., base].float(), g[..., base + 1].float()))
+                top = g[..., base + 2]
+                first = (top == top.max(dim=0).values).int().argmax(dim=0)  # first rank
+                argmax.append(g[..., base + 3].gather(0, first[None]).squeeze(0))
+            mask = flat_v[start:stop]
+            agree += ((argmax[0] == argmax[1]) & mask).sum()
+            log_q.sub_(lse[0][:, None])
+            log_p.sub_(lse[1][:, None])
+            both = torch.minimum(log_q, log_p, out=log_q).exp_().sum(dim=-1)
+            accept += torch.where(mask, both, 0.0).sum(dtype=torch.float64)
+        dist.all_reduce(accept, group=group)  # every shard's columns' part
+        return agree, accept

@@ -39,7 +39,10 @@ from multitoken.loss import (
     flat_loss_inputs,
 )
 from multitoken.parallel.kv_gather import all_gather_into
-from multitoken.parallel.vocab_distill import vocab_parallel_distillation
+from multitoken.parallel.vocab_distill import (
+    vocab_parallel_acceptance,
+    vocab_parallel_distillation,
+)
 
 __all__ = ["VocabParallelCrossEntropy"]
 
@@ -198,6 +201,14 @@ class VocabParallelCrossEntropy:
         (:func:`~multitoken.parallel.vocab_distill.vocab_parallel_distillation`)."""
         return vocab_parallel_distillation(
             student, teacher, _local_rows(weight), targets, kind, self.group, **kwargs
+        )
+
+    def acceptance(self, student: Tensor, teacher: Tensor, weight: Tensor, valid: Tensor,
+                   chunk_elements: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """:func:`~multitoken.distill.acceptance_sums` through this sharded head
+        (:func:`~multitoken.parallel.vocab_distill.vocab_parallel_acceptance`)."""
+        return vocab_parallel_acceptance(
+            student, teacher, _local_rows(weight), valid, self.group, chunk_elements
         )
 
     def __repr__(self) -> str:

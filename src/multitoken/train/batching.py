@@ -16,7 +16,13 @@ import torch
 
 from multitoken.batch import StepBatch
 from multitoken.layout import SequenceLayout
-from multitoken.parallel import ParallelDims, exchange_halo, global_normalizer, shard_batch
+from multitoken.parallel import (
+    ParallelDims,
+    RowHalo,
+    exchange_halo,
+    global_normalizer,
+    shard_batch,
+)
 
 __all__ = ["rank_batch", "to_device", "BatchFeed"]
 
@@ -86,7 +92,9 @@ def rank_batch(
     normalizer = global_normalizer(shard, dims.token_group, tp_size=dims.tp, device=device)
     if exchange:  # one all_to_all, all depths
         shard = exchange_halo(shard, group=dims.cp_group, tp_size=dims.tp)
-    return to_device(shard.step_batch(normalizer), device)
+    # The acceptance-aware losses' teacher rows i + k past a stripe come from the CP peers.
+    ahead = RowHalo(shard.plan, dims.cp_rank, num_depths, dims.cp_group)
+    return replace(to_device(shard.step_batch(normalizer), device), rows_ahead=ahead)
 
 
 class BatchFeed:
