@@ -32,9 +32,9 @@ from multitoken.train.checkpoint import (
 )
 from multitoken.train.config_io import config_help, explicit_keys, load_config
 from multitoken.train.data import prepare_data
-from multitoken.train.features import add_features_command, prebuild_features
+from multitoken.train.features import BuildStopped, add_features_command, prebuild_features
 from multitoken.train.launch import USAGE_ERROR, RankFailed, launch
-from multitoken.train.lifecycle import die_with_parent, exit_code
+from multitoken.train.lifecycle import StopSignals, die_with_parent, exit_code
 from multitoken.train.plot import plot_runs
 from multitoken.train.preflight import (
     available_memory,
@@ -135,7 +135,9 @@ def cmd_train(args) -> int:
         if not cfg.model.hf:  # the tokenizer's vocabulary fits the model (and tp): or one line
             cfg.model_config(data.tokenizer.vocab_size)
         if cfg.features.offline and world > 1:  # built once here, read by every rank
-            prebuild_features(cfg, data, generate_device(None))
+            _, signum = _prebuild(cfg, data)
+            if signum is not None:
+                return exit_code(signum)
         try:
             last = train(cfg, data) if world == 1 else launch(cfg, nproc)
         except RankFailed as err:
@@ -156,9 +158,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _prebuild(cfg, data):
+    """Build the features in this process; a stop signal stops the build at its next batch
+    (the finished parts are kept). ``(store, None)``, or ``(None, signal)`` when stopped."""
+    with StopSignals(announce=False) as signals:
+        try:
+            stop = lambda: signals.received  # noqa: E731
+            return prebuild_features(cfg, data, generate_device(None), stop=stop), None
+        except BuildStopped as stopped:
+            print(
+                f"stopped by {signal.Signals(stopped.signum).name} while building features: the "
+                "finished parts are kept, and the same command goes on from them",
+                file=sys.stderr,
+            )
+            return None, stopped.signum
+
+
 def cmd_features(args) -> int:
     cfg = load_config(*_config_items(args))
-    store = prebuild_features(cfg, prepare_data(cfg, verbose=True), generate_device(None))
+    store, signum = _prebuild(cfg, prepare_data(cfg, verbose=True))
+    if signum is not None:
+        return exit_code(signum)
     print(f"features in {store.folder}: train on them with features.mode=offline")
     return 0
 

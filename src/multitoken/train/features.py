@@ -12,6 +12,9 @@ token store's content address, a hash of the decoder's weights and architecture
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from multitoken.train.config import TrainConfig
 from multitoken.train.data import PreparedData
 
 __all__ = [
+    "BuildStopped",
     "attach_backbone",
     "backbone_hash",
     "backbone_model",
@@ -38,6 +42,19 @@ __all__ = [
     "prebuild_features",
     "add_features_command",
 ]
+
+# Seconds between two progress lines of a feature build (a part takes minutes on a CPU).
+_PROGRESS_EVERY_S = 60.0
+
+
+class BuildStopped(Exception):
+    """A stop signal arrived while features were being built: the finished parts are kept
+    and the same command goes on from them."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"feature build stopped by signal {signum}")
+        self.signum = signum
+
 
 # Wrappers that parallelize/compile put into parameter names: not part of the backbone.
 _WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -113,14 +130,22 @@ def ensure_features(
     identity: dict | None = None,
     verbose: bool = True,
     part_tokens: int | None = None,
+    stop: Callable[[], int | None] | None = None,
 ) -> FeatureStore:
     """The run's feature store: opened (checked by ``data.verify``), or built with ``model``
-    (one process, unsharded: its decoder runs over every token of the store once)."""
+    (one process, unsharded: its decoder runs over every token of the store once). ``stop``:
+    the stop signal received so far, or None; a build raises :class:`BuildStopped` at its
+    next batch once there is one (finished parts are kept). A progress line every minute."""
     identity = identity or feature_identity(cfg, data, model, device)
     rows = cfg.features.batch_rows or cfg.data.batch_size
     autocast = identity["autocast"]
+    progress = {"tokens": 0, "began": time.perf_counter(), "said": time.perf_counter()}
 
     def compute(input_ids, labels, cu_seqlens) -> BackboneOutputs:
+        signum = None if stop is None else stop()
+        if signum is not None:
+            raise BuildStopped(signum)
+        _progress(progress, int(cu_seqlens[-1]), verbose)
         ids, labels = input_ids.to(device), labels.to(device)
         layout = SequenceLayout.from_cu_seqlens(cu_seqlens.to(device), ids.shape)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -135,7 +160,23 @@ def ensure_features(
     )  # fmt: skip
 
 
-def offline_data(cfg: TrainConfig, data: PreparedData, model, dims, device) -> PreparedData:
+def _progress(progress: dict, tokens: int, verbose: bool) -> None:
+    """Count a batch of the build; say how far it got once a minute."""
+    progress["tokens"] += tokens
+    now = time.perf_counter()
+    if verbose and now - progress["said"] >= _PROGRESS_EVERY_S:
+        rate = progress["tokens"] / max(now - progress["began"], 1e-9)
+        print(
+            f"multitoken: features: {progress['tokens']:,} tokens so far, {rate:,.0f} tokens/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        progress["said"] = now
+
+
+def offline_data(
+    cfg: TrainConfig, data: PreparedData, model, dims, device, stop=None
+) -> PreparedData:
     """``data`` with its loaders reading the offline features too (``features.mode=offline``;
     unchanged otherwise). One process builds missing features with ``model``; ranks of a
     larger run find them built (``multitoken train`` builds them before it starts the ranks;
@@ -145,7 +186,9 @@ def offline_data(cfg: TrainConfig, data: PreparedData, model, dims, device) -> P
     identity = feature_identity(cfg, data, model, device)
     folder = feature_folder(cfg, identity)
     if dims.world_size == 1:
-        store = ensure_features(cfg, data, model, device, identity=identity, verbose=dims.is_main)
+        store = ensure_features(
+            cfg, data, model, device, identity=identity, verbose=dims.is_main, stop=stop
+        )
     elif not folder.exists():
         raise ConfigError(
             f"features.mode=offline: no features at {folder} for this run; build them first "
@@ -169,11 +212,13 @@ def attach_backbone(batch: StepBatch, rows: dict, device: torch.device) -> StepB
     return replace(batch, backbone=stored.to(device, torch.float32))
 
 
-def prebuild_features(cfg: TrainConfig, data: PreparedData, device: torch.device) -> FeatureStore:
+def prebuild_features(
+    cfg: TrainConfig, data: PreparedData, device: torch.device, stop=None
+) -> FeatureStore:
     """Build (or check) the run's features in this process, before ranks start that read
-    them; the model built for it is dropped after."""
+    them; the model built for it is dropped after. ``stop``: as for :func:`ensure_features`."""
     model = backbone_model(cfg, data, device)
-    store = ensure_features(cfg, data, model, device)
+    store = ensure_features(cfg, data, model, device, stop=stop)
     del model
     return store
 

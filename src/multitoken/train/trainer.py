@@ -31,7 +31,7 @@ from multitoken.train.checkpoint import resume_checkpoint
 from multitoken.train.checkpointer import Checkpointer, RunState
 from multitoken.train.config import TrainConfig
 from multitoken.train.data import PreparedData, prepare_data
-from multitoken.train.features import attach_backbone, offline_data
+from multitoken.train.features import BuildStopped, attach_backbone, offline_data
 from multitoken.train.guard import NonFiniteGuard
 from multitoken.train.lifecycle import StopSignals
 from multitoken.train.metrics import MetricsWriter, Stopwatch, acceptance_keys, record
@@ -48,14 +48,15 @@ __all__ = ["train"]
 class Trainer:
     """One run on one rank: its parts, and the named pieces of its loop."""
 
-    def __init__(self, cfg: TrainConfig, data: PreparedData, dims: ParallelDims, device):
+    def __init__(self, cfg: TrainConfig, data: PreparedData, dims: ParallelDims, device, stop=None):
         self.cfg, self.data, self.dims, self.device = cfg, data, dims, device
         tokenizer = data.tokenizer
         self.model, self.cross_entropy = build_model(
             cfg, tokenizer.vocab_size, tokenizer.pad_id, dims, device
         )
         self.pipeline = build_pipeline(cfg, self.model, self.cross_entropy, dims, device)
-        self.data = data = offline_data(cfg, data, self.model, dims, device)  # or unchanged
+        # Offline features (built here when missing; ``stop`` interrupts the build), or unchanged.
+        self.data = data = offline_data(cfg, data, self.model, dims, device, stop)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.feed = BatchFeed(data.train_loader, self.prepare)  # one batch ahead
@@ -260,7 +261,10 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> dict[str, Any]:
             write = lambda: write_run_files(cfg, data.tokenizer, start >= 0) or 0  # noqa: E731
             on_rank0(dims, device, write)
             set_validation(cfg.train.check_inputs)
-            trainer = Trainer(cfg, data, dims, device)
+            try:
+                trainer = Trainer(cfg, data, dims, device, stop=lambda: signals.received)
+            except BuildStopped as stopped:  # finished feature parts are kept
+                return {"stopped_by": stopped.signum}
             if start >= 0:
                 trainer.restore(cfg.run_dir / "checkpoints" / f"step_{start:06d}")
             if signals.received is not None:
