@@ -313,10 +313,10 @@ class TrainConfig:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
-        if parallel.pp > 1 and (model.hf or tp > 1 or parallel.cp > 1):
+        if parallel.pp > 1 and model.hf:
             raise ConfigError(
-                "parallel.pp > 1 cuts the reference GPT and runs with data parallelism (FSDP2) "
-                "only so far: set parallel.tp=1 and parallel.cp=1, and leave model.hf unset"
+                "parallel.pp > 1 cuts the reference GPT only so far: leave model.hf unset "
+                "(or set parallel.pp=1)"
             )
         if parallel.pp > 1:
             try:  # the rows split into microbatches, the layers into stages
