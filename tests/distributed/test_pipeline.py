@@ -112,9 +112,19 @@ def test_pipeline_grid(pool4, dp, cp, tp, sp, schedule):
     per-depth losses (TP peers compute the same share); every gradient (gathered) and the
     gradient norm are the one-process ones; a point-to-point message carries the rank's
     tokens of the microbatch (its CP stripe, its sequence shard under sequence parallelism)."""
+    check_grid(pool4, dp, cp, tp, sp, schedule)
+
+
+@pytest.mark.slow
+def test_pipeline_tp2_cp2(rank_pool):
+    """pp 2 x cp 2 x tp 2 on eight ranks (FSDP2 over the CP ranks, TP inside each stage)."""
+    check_grid(rank_pool(8), 1, 2, 2, True, "1F1B")
+
+
+def check_grid(pool, dp: int, cp: int, tp: int, sp: bool, schedule: str) -> None:
     depth, microbatches = 2, 2
-    results = pool4.run(run_pp_grid, 2, dp, cp, tp, schedule, depth, microbatches, sp=sp,
-                        timeout=120)  # fmt: skip
+    results = pool.run(run_pp_grid, 2, dp, cp, tp, schedule, depth, microbatches, sp=sp,
+                       timeout=240)  # fmt: skip
     vocab = TP_VOCAB if tp > 1 else VOCAB
     ref = pp_reference(depth, vocab=vocab)[0]
     whole = pp_model(depth, vocab=vocab)
