@@ -32,6 +32,7 @@ layouts train the same model on the same batch.
 
     python bench/parallel.py            # dim 512, 8 layers, vocab 32k, D = 1 (43M parameters)
     python bench/parallel.py --quick    # a tiny model, ~1 min
+    python bench/parallel.py --pipeline --quick   # the pipeline schedules (bench/_pipeline.py)
 """
 
 from __future__ import annotations
@@ -301,7 +302,18 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--docs", type=int, default=4, help="documents per row")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per layout")
+    parser.add_argument("--pipeline", action="store_true", help="the pp schedules' rows instead")
+    parser.add_argument("--pp", type=int, default=2, help="pipeline ranks (--pipeline)")
+    parser.add_argument("--microbatches", type=int, default=0, help="per step; 0 = 2 pp")
     args = parser.parse_args()
+    if args.pipeline:
+        setup_threads(args.threads, "wall")
+        args.clock = "wall"
+        multiprocessing.set_forkserver_preload(["torch", "multitoken.train.step", "_common"])
+        import _pipeline
+
+        _pipeline.main(args, global_batch)
+        return
     if args.quick:
         args.dim, args.layers, args.vocab, args.seqlen, args.steps = 64, 2, 4096, 128, 2
     # Wall clock for the steps whatever --clock says (waiting for peers is part of the cost);

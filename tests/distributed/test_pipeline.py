@@ -5,7 +5,16 @@ import pytest
 import torch
 from tests.helpers.batches import packed_batch
 from tests.helpers.distributed import ATOL, RTOL
-from tests.helpers.pipeline import PP_GPT, PP_ROWS, pp_model, pp_reference, run_pp, run_pp_layout
+from tests.helpers.pipeline import (
+    PP_GPT,
+    PP_ROWS,
+    TP_VOCAB,
+    VOCAB,
+    pp_model,
+    pp_reference,
+    run_pp,
+    run_pp_grid,
+)
 
 from multitoken.parallel.pipeline import rank_stages, stage_rank
 
@@ -81,27 +90,73 @@ def test_untied_head(pool2, schedule):
         assert len(holders) == (1 if depth == 0 or schedule == "ZBVZeroBubble" else 2)
 
 
-@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
-def test_pipeline_with_fsdp(pool4, schedule):
-    """pp 2 x dp 2, FSDP2 over each stage's two DP ranks: the DP ranks' shares add up to the
-    one-process loss, every gradient (gathered) and the gradient norm are the one-process
-    ones."""
-    depth = 2
-    results = pool4.run(run_pp_layout, 2, 2, schedule, depth, 2, timeout=120)
-    ref = pp_reference(depth)[0]
-    whole = pp_model(depth)
-    whole.loss(*packed_batch(PP_ROWS, vocab=61)).loss.backward()
+# (dp, cp, tp, sequence parallel, schedule) beside pp = 2, on four ranks.
+GRID = [
+    (2, 1, 1, True, "1F1B"),
+    (2, 1, 1, True, "Interleaved1F1B"),
+    (1, 1, 2, True, "1F1B"),
+    (1, 1, 2, False, "GPipe"),
+    (1, 1, 2, True, "Interleaved1F1B"),
+    (1, 2, 1, True, "1F1B"),
+    (1, 2, 1, True, "Interleaved1F1B"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dp", "cp", "tp", "sp", "schedule"), GRID,
+    ids=[f"dp{d}-cp{c}-tp{t}{'' if sp else '-nosp'}-{s}" for d, c, t, sp, s in GRID],
+)  # fmt: skip
+def test_pipeline_grid(pool4, dp, cp, tp, sp, schedule):
+    """pp 2 x (dp 2 | cp 2 | tp 2): FSDP2 over each stage's DP x CP ranks, TP inside each
+    stage. The shares of one TP rank per (dp, cp) place add up to the one-process loss and
+    per-depth losses (TP peers compute the same share); every gradient (gathered) and the
+    gradient norm are the one-process ones; a point-to-point message carries the rank's
+    tokens of the microbatch (its CP stripe, its sequence shard under sequence parallelism)."""
+    check_grid(pool4, dp, cp, tp, sp, schedule)
+
+
+@pytest.mark.slow
+def test_pipeline_tp2_cp2(rank_pool):
+    """pp 2 x cp 2 x tp 2 on eight ranks (FSDP2 over the CP ranks, TP inside each stage)."""
+    check_grid(rank_pool(8), 1, 2, 2, True, "1F1B")
+
+
+def check_grid(pool, dp: int, cp: int, tp: int, sp: bool, schedule: str) -> None:
+    depth, microbatches = 2, 2
+    results = pool.run(run_pp_grid, 2, dp, cp, tp, schedule, depth, microbatches, sp=sp,
+                       timeout=240)  # fmt: skip
+    vocab = TP_VOCAB if tp > 1 else VOCAB
+    ref = pp_reference(depth, vocab=vocab)[0]
+    whole = pp_model(depth, vocab=vocab)
+    whole.loss(*packed_batch(PP_ROWS, vocab=VOCAB)).loss.backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(whole.parameters(), float("inf"))
-    assert sorted(r["coords"] for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    what = f"pp=2 dp={dp} cp={cp} tp={tp} sp={sp} {schedule}"
     for pp_rank in (0, 1):
-        shares = [r for r in results if r["coords"][0] == pp_rank]
+        stage = [r for r in results if r["coords"][0] == pp_rank]
+        shares = [r for r in stage if r["coords"][3] == 0]
+        for r in stage:
+            peer = next(f for f in shares if f["coords"][:3] == r["coords"][:3])
+            assert torch.equal(r["loss"], peer["loss"]), what
         torch.testing.assert_close(
-            sum(r["loss"] for r in shares), ref["loss"], rtol=RTOL, atol=ATOL
+            sum(r["loss"] for r in shares), ref["loss"], rtol=RTOL, atol=ATOL, msg=what
         )
         torch.testing.assert_close(
             sum(r["depth_loss"] for r in shares), ref["depth_loss"], rtol=RTOL, atol=ATOL
         )
+        assert torch.equal(sum(r["depth_tokens"] for r in shares), ref["depth_tokens"]), what
+    names = set()
     for r in results:
-        torch.testing.assert_close(r["norm"], ref_norm, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(r["norm"], ref_norm, rtol=RTOL, atol=ATOL, msg=what)
         for name, grad in r["grads"].items():
-            torch.testing.assert_close(grad, ref["grads"][name], rtol=RTOL, atol=ATOL, msg=name)
+            torch.testing.assert_close(
+                grad, ref["grads"][name], rtol=RTOL, atol=ATOL, msg=f"{what} {name}"
+            )
+        names |= set(r["grads"])
+    assert names == set(ref["grads"]), what
+    # Each message: one microbatch's rows of the rank's positions (its CP stripes; under
+    # sequence parallelism its sequence shard), H floats each.
+    rows = len(PP_ROWS) // dp // microbatches
+    for r in results:
+        sends = expected_p2p(schedule, 2, r["coords"][0], microbatches)
+        positions = r["seq_len"] // (tp if sp else 1)
+        assert r["sent_bytes"] == sends * rows * positions * DIM * 4, what

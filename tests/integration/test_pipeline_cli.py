@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 from tests.helpers.cli import (
+    HEADS2,
     assert_one_error,
     assert_same_records,
     run_subprocess,
@@ -50,12 +51,22 @@ def test_pp1_checkpoint_resumes_at_pp2(run_root, reference):
         ([*PP2, "parallel.pp_microbatches=3"], "parallel.pp_microbatches=3 does not divide"),
         ([*PP2, "parallel.pp_layers=0,1"], "parallel.pp_layers must give 2 layer counts"),
         (["parallel.pp_schedule=Wave"], "parallel.pp_schedule must be one of"),
-        (["parallel.pp=2", "parallel.tp=2"], "runs with data parallelism (FSDP2) only so far"),
+        ([*PP2, "model.hf=."], "parallel.pp > 1 cuts the reference GPT only so far"),
     ],
 )
 def test_bad_pipeline_settings_are_one_line(run_root, args, message):
     code, _, err = train_cli(run_root, *args, "run.name=bad_pp")
     assert_one_error(code, err, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+def test_pp2_with_tp2_or_cp2_logs_the_one_process_losses(run_root, reference_heads2, layout):
+    """Four ranks: pp 2 x tp 2 (sequence parallel) and pp 2 x cp 2 log the one-process
+    losses step by step."""
+    name = f"pp2_{layout.split('.')[1].replace('=', '')}"
+    run_subprocess(run_root, *HEADS2, *PP2, layout, f"run.name={name}")
+    assert_same_records(train_records(run_root / name), train_records(reference_heads2))
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+from torch.distributed.tensor import DTensor
 
 from multitoken.batch import StepBatch
 from multitoken.errors import ConfigError
@@ -273,6 +274,7 @@ class Pipeline:
         measured = acceptance and whole and batch.num_depths > 0
         out = self._broadcast(batch.num_depths, measured, batch)
         if train:
+            self._match_placements()
             self._sum_embedding_grads()
         self._records, self._batch = [], None
         return out
@@ -298,6 +300,20 @@ class Pipeline:
             loss[0].float(), depth_loss.float(), tokens.long(), correct.long(), loss_sum.float(),
             acc[0].long() if acc else None, acc[1] if acc else None,
         )  # fmt: skip
+
+    def _match_placements(self) -> None:
+        """Every DTensor gradient laid out as its parameter (a local slice, no message).
+
+        Under TP a vocabulary-parallel embedding that is only an embedding (the first stage's;
+        the last stage's copy when the head is untied) gets its gradient replicated over the
+        TP ranks, while the parameter, and the last stage's tied copy's gradient, are sharded
+        by rows: summing the two copies' local tensors needs the same layout (else their
+        sizes differ: gloo's "2048 vs 1024" abort), and so does the optimiser.
+        """
+        for param in self.parameters():
+            grad = param.grad
+            if isinstance(grad, DTensor) and grad.placements != param.placements:
+                param.grad = grad.redistribute(param.device_mesh, param.placements)
 
     def _embedding(self) -> nn.Parameter | None:
         module = next((m for m in self.modules if m.embed is not None), None)

@@ -316,10 +316,10 @@ class TrainConfig:
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
         self.features.check_layout(self.mtp.freeze_base, parallel.cp, tp)
-        if parallel.pp > 1 and (model.hf or tp > 1 or parallel.cp > 1):
+        if parallel.pp > 1 and model.hf:
             raise ConfigError(
-                "parallel.pp > 1 cuts the reference GPT and runs with data parallelism (FSDP2) "
-                "only so far: set parallel.tp=1 and parallel.cp=1, and leave model.hf unset"
+                "parallel.pp > 1 cuts the reference GPT only so far: leave model.hf unset "
+                "(or set parallel.pp=1)"
             )
         if parallel.pp > 1:
             try:  # the rows split into microbatches, the layers into stages
