@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from multitoken.decoding.rules import DraftRule
-from multitoken.hf.engine_blocks import block_shapes
+from multitoken.hf.engine_blocks import IMPLIED_CONFIG, block_shapes
 
 __all__ = ["EngineSpec", "SPECS", "VLLM", "SGLANG", "check_folder", "expected_weights"]
 
@@ -57,6 +57,8 @@ class EngineSpec:
         step_rule: which layer draft step s (0-based) runs.
         rule: the same, as the :class:`DraftRule` ``generate`` follows.
         command: how to serve the folder (``{folder}``, ``{n}``: speculative tokens).
+        config_values: config.json fields the engine builds the block from, with the value
+            the trained model computes with (:data:`~multitoken.hf.engine_blocks.IMPLIED_CONFIG`).
     """
 
     architecture: str
@@ -78,6 +80,7 @@ class EngineSpec:
     step_rule: str
     rule: DraftRule
     command: str
+    config_values: dict[str, Any]
 
 
 _NORMED = "h^0 after the main model's final norm (as multitoken trains)"
@@ -121,6 +124,7 @@ def _spec(architecture: str, engine: str, files: str, **fields: Any) -> EngineSp
     fields.setdefault("hidden_input", _NORMED)
     fields.setdefault("command", _VLLM_SERVE if engine == "vllm" else _SGLANG_SERVE)
     fields.setdefault("shared", {})
+    fields.setdefault("config_values", dict(IMPLIED_CONFIG.get(architecture, {})))
     return EngineSpec(architecture, engine, source, **fields)
 
 
@@ -362,6 +366,9 @@ def check_folder(spec: EngineSpec, folder: str | Path, shapes: dict[str, tuple[i
     present = spec.count_field in config or spec.count_field in text
     if spec.count_field and spec.count_default is None and not present:
         problems.append(f"config.json has no {spec.count_field}")
+    for name, value in spec.config_values.items():
+        if text.get(name) != value:
+            problems.append(f"config.json has {name}={text.get(name)!r}, the block needs {value!r}")
     expected = expected_weights(spec, config)
     if spec.architecture == "eagle":  # the folder is the draft: its loader refuses strangers
         extra = set(shapes) - set(expected) - {"embed_tokens.weight", "lm_head.weight"}

@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder
+from multitoken.hf.engine_blocks import implied_config
 from multitoken.hf.formats import FORMATS, to_format
 from multitoken.hf.serve_formats import SERVE_FORMATS
 from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
@@ -291,6 +292,7 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
     if not isinstance(decoder, HFDecoder | GPT):
         raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
     if isinstance(decoder, HFDecoder):
+        implied_config(decoder.model.config.to_dict())  # a contradicting config fails here
         if model.mtp is not None:
             mtp_tensors(model, fmt)  # a format that cannot hold the depths fails before writing
         with staging(out) as partial:
