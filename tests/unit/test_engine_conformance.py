@@ -85,6 +85,26 @@ def test_eagle_export_is_what_the_engine_loads(eagle_folder, engine):
     assert check_folder(spec, other, _shapes(other)) != []
 
 
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_eagle_export_of_an_hf_model_is_what_the_engine_loads(tmp_path, model_type, engine):
+    source = save_tiny(model_type, tmp_path / "source")
+    model = load_hf_mtp_model(source, MTPConfig(num_depths=1, block="eagle"))
+    export_served(model, tmp_path / "out", "eagle", eos_id=1, pad_id=0)
+    draft = tmp_path / "out" / f"eagle-{engine}"
+    assert check_folder(SPECS[f"{engine}:eagle"], draft, _shapes(draft)) == []
+    # Qwen2's q/k/v biases are in both drafts: vLLM's config says qkv_bias, SGLang's
+    # Qwen2ForCausalLMEagle always builds them.
+    assert ("layers.0.self_attn.q_proj.bias" in _shapes(draft)) == (model_type == "qwen2")
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_mimo_mtp_export_of_an_hf_qwen2_is_what_the_engine_loads(tmp_path, engine):
+    source = save_tiny("qwen2", tmp_path / "source")
+    export_served(load_hf_mtp_model(source, MTPConfig(num_depths=1)), tmp_path, "mimo_mtp", 1, 0)
+    assert check_folder(SPECS[f"{engine}:mimo"], tmp_path, _shapes(tmp_path)) == []
+
+
 def test_the_checker_names_what_is_wrong(eagle_folder, tmp_path):
     spec = SPECS["vllm:eagle"]
     shapes = _shapes(eagle_folder / "eagle-vllm")

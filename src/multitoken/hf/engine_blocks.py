@@ -72,7 +72,8 @@ def _norms(h: int, input_norm: bool = True) -> Shapes:
 
 def _llama(c: dict[str, Any], input_norm: bool) -> Shapes:
     bias = bool(c.get("attention_bias", False))
-    qkv_bias = bool(c.get("qkv_bias", bias))
+    # SGLang's Qwen2ForCausalLMEagle (model_type qwen2) is Qwen2's layer: q/k/v biases always.
+    qkv_bias = c.get("model_type") == "qwen2" or bool(c.get("qkv_bias", bias))
     h = c["hidden_size"]
     return (
         _gqa(c, qkv_bias, o_bias=bias)
