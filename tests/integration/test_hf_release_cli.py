@@ -100,6 +100,7 @@ def test_released_heads_fine_tuned_and_exported_in_their_layout(tmp_path, tokeni
     [
         ("qwen3_next", "qwen3_next", "mtp.fc.weight", "mtp_num_hidden_layers"),
         ("qwen3", "mimo", "model.mtp_layers.0.input_proj.weight", "num_nextn_predict_layers"),
+        ("qwen3_moe", "mimo", "model.mtp_layers.0.input_proj.weight", "num_nextn_predict_layers"),
     ],
 )
 def test_export_defaults_to_the_models_own_layout_else_mimo(
