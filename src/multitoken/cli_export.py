@@ -25,21 +25,20 @@ def _refuse_run_folders(out: Path) -> None:
 
 def cmd_export(args) -> int:
     """``multitoken export``: a run as a Hugging Face folder (MTP weights in a released format)."""
-    from multitoken.hf.export import check_target, export_model  # the optional [hf] extra
+    from multitoken.hf.export import check_target, default_format, export_model  # [hf] extra
 
     _refuse_run_folders(Path(args.out))
     check_target(args.out)  # before the (slow) load: a refusal is at once
     model, tokenizer = load_for_inference(args.run)
-    if args.format in ("mimo_mtp", "eagle"):
+    fmt = args.format or default_format(model)
+    if fmt in ("mimo_mtp", "eagle"):
         from multitoken.hf.serve_export import export_for_engine
 
-        export_for_engine(model, tokenizer, args.out, args.format)
+        export_for_engine(model, tokenizer, args.out, fmt)
     else:
-        export_model(model, tokenizer, args.out, args.format)
+        export_model(model, tokenizer, args.out, fmt)
     depths = (
-        f"{model.num_depths} MTP depth(s) in the {args.format} format"
-        if model.num_depths
-        else "no MTP"
+        f"{model.num_depths} MTP depth(s) in the {fmt} format" if model.num_depths else "no MTP"
     )
     print(
         f"exported {args.run} to {args.out}/ ({depths}); load it with "
@@ -55,9 +54,10 @@ def add_export_command(sub):
     export.add_argument("--run", default="runs/default", help="run folder")
     export.add_argument(
         "--format",
-        default="mimo",
+        default=None,
         choices=["mimo", "deepseek", "qwen3_next", "mimo_mtp", "eagle"],
-        help="MTP weight format (default mimo: a dense Llama-family MTP block, like the GPT's); "
+        help="MTP weight format (default: a DeepSeek-V3, GLM-4.5 or Qwen3-Next model's own "
+        "layout, deepseek or qwen3_next; mimo for the others, a dense MTP block like the GPT's); "
         "mimo_mtp: a MiMoForCausalLM folder vLLM and SGLang serve as MTP; eagle: the model and "
         "EAGLE-1 drafts for vLLM and SGLang (docs/serving.md)",
     )

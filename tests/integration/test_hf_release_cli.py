@@ -1,7 +1,8 @@
 """The released-heads round trip through the command line, on tiny DeepSeek-V3 and GLM-4.5
 configs: a folder with its MTP layer in the released layout (``model.layers.{L}``), a heads-only
-fine-tune (``multitoken train model.hf=... mtp.freeze_base=true``), ``multitoken export
---format deepseek``, and the export read back equal to the trained model."""
+fine-tune (``multitoken train model.hf=... mtp.freeze_base=true``), ``multitoken export`` (with
+no ``--format``: the model's own layout is the default), and the export read back equal to the
+trained model. Qwen3-Next exports by default in its own layout too, the others in MiMo's."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_released_heads_fine_tuned_and_exported_in_their_layout(tmp_path, tokeni
     tokenizer.save_pretrained(released)
     original = read_tensors(released)
     cli("train", *TRAIN, f"model.hf={released}", f"run.dir={tmp_path}", "run.name=heads")
-    cli("export", str(tmp_path / "out"), "--run", str(tmp_path / "heads"), "--format", "deepseek")
+    printed = cli("export", str(tmp_path / "out"), "--run", str(tmp_path / "heads"))
+    assert "1 MTP depth(s) in the deepseek format" in printed
 
     from multitoken.train.checkpoint import load_for_inference
 
@@ -91,6 +93,36 @@ def test_released_heads_fine_tuned_and_exported_in_their_layout(tmp_path, tokeni
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == model_type and config["num_hidden_layers"] == 2
     assert config["num_nextn_predict_layers"] == 1
+
+
+@pytest.mark.parametrize(
+    "model_type,fmt,key,count",
+    [
+        ("qwen3_next", "qwen3_next", "mtp.fc.weight", "mtp_num_hidden_layers"),
+        ("qwen3", "mimo", "model.mtp_layers.0.input_proj.weight", "num_nextn_predict_layers"),
+        ("qwen3_moe", "mimo", "model.mtp_layers.0.input_proj.weight", "num_nextn_predict_layers"),
+    ],
+)
+def test_export_defaults_to_the_models_own_layout_else_mimo(
+    tmp_path, tokenizer, model_type, fmt, key, count
+):
+    folder = save_tiny(model_type, tmp_path / model_type, vocab_size=VOCAB)
+    tokenizer.save_pretrained(folder)
+    steps = [a for a in TRAIN if not a.startswith("train.steps")] + ["train.steps=1"]
+    cli("train", *steps, f"model.hf={folder}", f"run.dir={tmp_path}", "run.name=heads")
+    printed = cli("export", str(tmp_path / "out"), "--run", str(tmp_path / "heads"))
+    assert f"1 MTP depth(s) in the {fmt} format" in printed
+    exported = read_tensors(tmp_path / "out")
+    assert key in exported
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == model_type and config[count] == 1
+
+    from multitoken.train.checkpoint import load_for_inference
+
+    trained, _ = load_for_inference(tmp_path / "heads")
+    again = load_hf_mtp_model(tmp_path / "out", MTPConfig(num_depths=1))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
 
 
 def test_qwen3_next_with_context_parallelism_is_one_error_before_anything_runs(

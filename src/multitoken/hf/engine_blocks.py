@@ -7,13 +7,19 @@ SGLang's ``DeepseekV2DecoderLayer`` (MLA, MoE), ``Glm4MoeDecoderLayer``, ``Qwen2
 (MiMo), ``Qwen3NextDecoderLayer`` / Qwen3.5's (gated full attention, MoE or dense), and the
 EAGLE-1 ``LlamaDecoderLayer`` with no input norm. Both engines read the checkpoint's per-matrix
 names (``q_proj``, ``gate_proj``, ``experts.{e}.up_proj``) and fuse them themselves.
+
+:data:`IMPLIED_CONFIG` holds the config fields an engine reads to build a block that
+transformers' class neither reads nor writes, at the value built into transformers' code (what
+multitoken trained); an export writes them (:func:`implied_config`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BLOCK_FAMILIES", "block_shapes"]
+from multitoken.errors import CheckpointError
+
+__all__ = ["BLOCK_FAMILIES", "IMPLIED_CONFIG", "block_shapes", "implied_config"]
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -66,7 +72,8 @@ def _norms(h: int, input_norm: bool = True) -> Shapes:
 
 def _llama(c: dict[str, Any], input_norm: bool) -> Shapes:
     bias = bool(c.get("attention_bias", False))
-    qkv_bias = bool(c.get("qkv_bias", bias))
+    # SGLang's Qwen2ForCausalLMEagle (model_type qwen2) is Qwen2's layer: q/k/v biases always.
+    qkv_bias = c.get("model_type") == "qwen2" or bool(c.get("qkv_bias", bias))
     h = c["hidden_size"]
     return (
         _gqa(c, qkv_bias, o_bias=bias)
@@ -154,3 +161,35 @@ BLOCK_FAMILIES = {
 def block_shapes(family: str, config: dict[str, Any]) -> Shapes:
     """The block's weight names (relative to the layer) and shapes for ``config``."""
     return BLOCK_FAMILIES[family](config)
+
+
+# transformers' DeepseekV3 routes every layer from first_k_dense_replace on (moe_layer_freq 1)
+# with sigmoid scores plus e_score_correction_bias ("noaux_tc"), whatever config.json says, and
+# DeepseekV3Config writes none of the three. vLLM 0.34.0's DeepseekV2MoE reads
+# ``getattr(config, "topk_method", None)`` (otherwise no correction-bias parameter: its loader
+# then fails on the checkpoint's) and ``getattr(config, "scoring_func", "softmax")``; SGLang
+# 0.5.23's deepseek_v2.py reads ``config.topk_method``, ``config.scoring_func`` and
+# ``config.moe_layer_freq`` as attributes (an AttributeError without them). Released DeepSeek-V3
+# folders carry all three; a folder made with transformers' config class does not.
+IMPLIED_CONFIG: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1},
+}
+
+
+def implied_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`IMPLIED_CONFIG` entries an export of ``config`` (a config.json) must add.
+
+    Raises:
+        CheckpointError: config.json sets one to another value (the engine would then build a
+            block that computes something else than the model that was trained).
+    """
+    implied = IMPLIED_CONFIG.get(config.get("model_type"), {})
+    for name, value in implied.items():
+        if name in config and config[name] != value:
+            raise CheckpointError(
+                f"config.json has {name}={config[name]!r}, but transformers' "
+                f"{config['model_type']} (the model trained) always computes with {value!r}, and "
+                f"vLLM and SGLang build their block from {name}: set it to {value!r} in the "
+                "model folder's config.json"
+            )
+    return {name: value for name, value in implied.items() if name not in config}

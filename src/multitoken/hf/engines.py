@@ -26,9 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from multitoken.decoding.rules import DraftRule
-from multitoken.hf.engine_blocks import block_shapes
+from multitoken.hf.engine_blocks import IMPLIED_CONFIG, block_shapes
 
-__all__ = ["EngineSpec", "SPECS", "VLLM", "SGLANG", "check_folder", "expected_weights"]
+__all__ = [
+    "EngineSpec",
+    "SPECS",
+    "VLLM",
+    "SGLANG",
+    "check_folder",
+    "expected_weights",
+    "folder_layers",
+]
 
 VLLM = "vllm 0.34.0 (PyPI wheel, build g62d4bc3c7)"
 SGLANG = "sglang 0.5.23 (PyPI wheel)"
@@ -57,6 +65,10 @@ class EngineSpec:
         step_rule: which layer draft step s (0-based) runs.
         rule: the same, as the :class:`DraftRule` ``generate`` follows.
         command: how to serve the folder (``{folder}``, ``{n}``: speculative tokens).
+        config_values: config.json fields the engine builds the block from, with the value
+            the trained model computes with (:data:`~multitoken.hf.engine_blocks.IMPLIED_CONFIG`).
+        too_many: what the engine does with a folder of more than ``max_layers`` MTP layers,
+            where that fails or loses a layer (None: it reads the first ``max_layers``).
     """
 
     architecture: str
@@ -78,6 +90,8 @@ class EngineSpec:
     step_rule: str
     rule: DraftRule
     command: str
+    config_values: dict[str, Any]
+    too_many: str | None
 
 
 _NORMED = "h^0 after the main model's final norm (as multitoken trains)"
@@ -111,6 +125,10 @@ _SGLANG_SERVE = (
     "--speculative-num-steps {n} --speculative-eagle-topk 1 --speculative-num-draft-tokens {n1}"
 )
 _MOD = "layer s mod n (spec_step_idx % num_mtp_layers)"
+_ONE_NEXTN = (
+    "SGLang's loader asserts num_nextn_predict_layers == 1 ('Only 1 nextn layer is supported'): "
+    "export a one-depth model for SGLang"
+)
 
 
 def _spec(architecture: str, engine: str, files: str, **fields: Any) -> EngineSpec:
@@ -121,6 +139,8 @@ def _spec(architecture: str, engine: str, files: str, **fields: Any) -> EngineSp
     fields.setdefault("hidden_input", _NORMED)
     fields.setdefault("command", _VLLM_SERVE if engine == "vllm" else _SGLANG_SERVE)
     fields.setdefault("shared", {})
+    fields.setdefault("config_values", dict(IMPLIED_CONFIG.get(architecture, {})))
+    fields.setdefault("too_many", None)
     return EngineSpec(architecture, engine, source, **fields)
 
 
@@ -144,6 +164,7 @@ def _deepseek_like(arch: str, engine: str, files: str, archs, types, draft, bloc
         zero_first_position=vllm,
         step_rule=_MOD if vllm else "the one MTP layer, every step",
         rule=DraftRule(f"{engine}:{arch}", None if vllm else 1, vllm),
+        too_many=None if vllm else _ONE_NEXTN,
     )
 
 
@@ -179,59 +200,26 @@ _Q35 = (
 )
 _Q35_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
 SPECS: dict[str, EngineSpec] = {}
+_QN = ("Qwen3NextForCausalLM",)
+# fmt: off
 for _s in (
-    _deepseek_like(
-        "deepseek_v3",
-        "vllm",
-        "deepseek_mtp.py",
-        _DS,
-        ("deepseek_v3",),
-        "DeepSeekMTP",
-        "deepseek_v2",
-    ),  # fmt: skip
-    _deepseek_like(
-        "deepseek_v3",
-        "sglang",
-        "deepseek_nextn.py, deepseek_weight_loader.py",
-        _DS,
-        (),
-        "DeepseekV3ForCausalLMNextN",
-        "deepseek_v2",
-    ),  # fmt: skip
+    _deepseek_like("deepseek_v3", "vllm", "deepseek_mtp.py", _DS, ("deepseek_v3",),
+                   "DeepSeekMTP", "deepseek_v2"),
+    _deepseek_like("deepseek_v3", "sglang", "deepseek_nextn.py, deepseek_weight_loader.py",
+                   _DS, (), "DeepseekV3ForCausalLMNextN", "deepseek_v2"),
     _deepseek_like("glm4_moe", "vllm", "glm4_moe_mtp.py", _GLM, (), "Glm4MoeMTP", "glm4_moe"),
-    _deepseek_like(
-        "glm4_moe",
-        "sglang",
-        "glm4_moe_nextn.py, glm4_moe.py",
-        _GLM,
-        (),
-        "Glm4MoeForCausalLMNextN",
-        "glm4_moe",
-    ),  # fmt: skip
-    _qwen_like(
-        "qwen3_next",
-        "vllm",
-        "qwen3_next_mtp.py",
-        ("Qwen3NextForCausalLM",),
-        ("qwen3_next",),
-        "Qwen3NextMTP",
-        "num_nextn_predict_layers",
-    ),  # fmt: skip
-    _qwen_like(
-        "qwen3_next",
-        "sglang",
-        "qwen3_next_mtp.py",
-        ("Qwen3NextForCausalLM",),
-        (),
-        "Qwen3NextForCausalLMMTP",
-        None,
-    ),  # fmt: skip
-    _qwen_like(
-        "qwen3_5", "vllm", "qwen3_5_mtp.py", _Q35, _Q35_TYPES, "Qwen3_5MTP", "mtp_num_hidden_layers"
-    ),  # fmt: skip
+    _deepseek_like("glm4_moe", "sglang", "glm4_moe_nextn.py, glm4_moe.py", _GLM, (),
+                   "Glm4MoeForCausalLMNextN", "glm4_moe"),
+    _qwen_like("qwen3_next", "vllm", "qwen3_next_mtp.py", _QN, ("qwen3_next",), "Qwen3NextMTP",
+               "num_nextn_predict_layers"),
+    _qwen_like("qwen3_next", "sglang", "qwen3_next_mtp.py", _QN, (), "Qwen3NextForCausalLMMTP",
+               None),
+    _qwen_like("qwen3_5", "vllm", "qwen3_5_mtp.py", _Q35, _Q35_TYPES, "Qwen3_5MTP",
+               "mtp_num_hidden_layers"),
     _qwen_like("qwen3_5", "sglang", "qwen3_5_mtp.py", _Q35, (), "Qwen3_5ForCausalLMMTP", None),
 ):
     SPECS[f"{_s.engine}:{_s.architecture}"] = _s
+# fmt: on
 
 SPECS["vllm:mimo"] = _spec(
     "mimo",
@@ -266,6 +254,8 @@ SPECS["sglang:mimo"] = _spec(
     zero_first_position=True,
     step_rule="one layer: every model.mtp_layers.{k} is read into it (the last read wins)",
     rule=DraftRule("sglang:mimo", 1, True),
+    too_many="SGLang's MiMoMTP reads every model.mtp_layers.{k} into its one layer (the last read "
+    "wins, silently): export a one-depth model for SGLang",
 )
 _EAGLE_VLLM = (
     "vllm serve {target} --speculative-config "
@@ -330,14 +320,26 @@ def layer_count(spec: EngineSpec, config: dict[str, Any]) -> int:
     return min(count, spec.max_layers) if spec.max_layers and count else count
 
 
+def _prefix(spec: EngineSpec, text: dict[str, Any], i: int) -> str:
+    layers = text.get("num_hidden_layers", 0)
+    return spec.prefix.replace("{L+i}", str(layers + i)).replace("{i}", str(i))
+
+
+def folder_layers(spec: EngineSpec, config: dict[str, Any], names) -> int:
+    """The MTP layers a folder holds under the spec's per-layer prefix (from its tensor names)."""
+    i = 0
+    while any(name.startswith(_prefix(spec, _text_config(config), i)) for name in names):
+        i += 1
+    return i
+
+
 def expected_weights(spec: EngineSpec, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every weight name the engine's draft loader fills, with its shape."""
     text = _text_config(config)
     out = {name: _size(code, text) for name, code in spec.shared.items()}
     block = block_shapes(spec.block, text)
-    layers = text.get("num_hidden_layers", 0)
     for i in range(layer_count(spec, config) or 0):
-        prefix = spec.prefix.replace("{L+i}", str(layers + i)).replace("{i}", str(i))
+        prefix = _prefix(spec, text, i)
         out |= {prefix + name: _size(code, text) for name, code in spec.heads.items()}
         out |= {prefix + name: shape for name, shape in block.items()}
     return out
@@ -362,6 +364,12 @@ def check_folder(spec: EngineSpec, folder: str | Path, shapes: dict[str, tuple[i
     present = spec.count_field in config or spec.count_field in text
     if spec.count_field and spec.count_default is None and not present:
         problems.append(f"config.json has no {spec.count_field}")
+    for name, value in spec.config_values.items():
+        if text.get(name) != value:
+            problems.append(f"config.json has {name}={text.get(name)!r}, the block needs {value!r}")
+    held = folder_layers(spec, config, shapes)
+    if spec.too_many and held > spec.max_layers:
+        problems.append(f"{held} MTP layers: {spec.too_many}")
     expected = expected_weights(spec, config)
     if spec.architecture == "eagle":  # the folder is the draft: its loader refuses strangers
         extra = set(shapes) - set(expected) - {"embed_tokens.weight", "lm_head.weight"}

@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder
+from multitoken.hf.engine_blocks import implied_config
 from multitoken.hf.formats import FORMATS, to_format
 from multitoken.hf.serve_formats import SERVE_FORMATS
 from multitoken.hf.weights import mtp_tensors, save_pretrained, save_with_mtp
@@ -44,6 +45,8 @@ __all__ = [
     "llama_model",
     "llama_state_dict",
     "DEFAULT_FORMAT",
+    "OWN_FORMAT",
+    "default_format",
     "SERVE_FORMATS",
     "reference_depths",
     "tokenizer_folder",
@@ -52,6 +55,9 @@ __all__ = [
 ]
 
 DEFAULT_FORMAT = "mimo"
+# The released architectures export by default in their own layout (the one their releases,
+# transformers and the serving engines read); every other model in DEFAULT_FORMAT.
+OWN_FORMAT = {"deepseek_v3": "deepseek", "glm4_moe": "deepseek", "qwen3_next": "qwen3_next"}
 # Reference layer parameter -> transformers Llama decoder-layer parameter.
 _BLOCK = {
     "attention.wq": "self_attn.q_proj",
@@ -264,7 +270,15 @@ def tokenizer_folder(tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT_FORMAT) -> Path:
+def default_format(model: MTPModel) -> str:
+    """The MTP weight format ``model`` exports in when none is asked for: a released MTP
+    architecture's own (:data:`OWN_FORMAT`), else :data:`DEFAULT_FORMAT`."""
+    decoder = model.decoder
+    model_type = decoder.model.config.model_type if isinstance(decoder, HFDecoder) else None
+    return OWN_FORMAT.get(model_type, DEFAULT_FORMAT)
+
+
+def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str | None = None) -> Path:
     """Write ``model`` and its tokenizer as an HF folder; MTP weights in ``fmt``.
 
     Everything is built and checked before the first file is written, and the files are
@@ -277,9 +291,11 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
         tokenizer: the run's tokenizer (a ``tokenizers`` backend under ``.backend``).
         out: a new (or empty) folder.
         fmt: the MTP weight format, one of :data:`~multitoken.hf.formats.FORMATS` (the
-            serving exports are :func:`multitoken.hf.serve_export.export_for_engine`).
+            serving exports are :func:`multitoken.hf.serve_export.export_for_engine`); None:
+            :func:`default_format`.
     """
     out = Path(out)
+    fmt = default_format(model) if fmt is None else fmt
     if fmt not in FORMATS:
         raise CheckpointError(
             f"unknown MTP weight format {fmt!r}: choose one of {FORMATS} (the serving exports "
@@ -291,6 +307,7 @@ def export_model(model: MTPModel, tokenizer, out: str | Path, fmt: str = DEFAULT
     if not isinstance(decoder, HFDecoder | GPT):
         raise CheckpointError(f"cannot export a {type(decoder).__name__} decoder")
     if isinstance(decoder, HFDecoder):
+        implied_config(decoder.model.config.to_dict())  # a contradicting config fails here
         if model.mtp is not None:
             mtp_tensors(model, fmt)  # a format that cannot hold the depths fails before writing
         with staging(out) as partial:

@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from multitoken.errors import CheckpointError
 from multitoken.hf.adapter import HFDecoder, init_mtp_weights, read_config
 from multitoken.hf.block_names import to_checkpoint_names, to_model_names
+from multitoken.hf.engine_blocks import implied_config
 from multitoken.hf.folder import check_model_folder
 from multitoken.hf.formats import CONFIG_KEYS, detect_format, from_format, to_format
 from multitoken.mtp import MTPConfig, MultiTokenPredictor
@@ -163,18 +164,18 @@ def mtp_tensors(model: MTPModel, fmt: str) -> tuple[dict[str, Tensor], dict[str,
 
 
 def save_with_mtp(
-    folder: str | Path, tensors: dict[str, Tensor], config_entries: dict[str, int]
+    folder: str | Path, tensors: dict[str, Tensor], config_entries: dict[str, object]
 ) -> None:
     """Add MTP ``tensors`` to a folder written by ``save_pretrained`` (one weights file or an
     index), and their ``config_entries`` to its config.json."""
     folder = Path(folder)
     index = folder / f"{_WEIGHTS}.index.json"
-    if index.is_file():
+    if tensors and index.is_file():
         save_file(tensors, str(folder / "model-mtp.safetensors"), metadata={"format": "pt"})
         data = json.loads(index.read_text())
         data["weight_map"].update({key: "model-mtp.safetensors" for key in tensors})
         index.write_text(json.dumps(data, indent=2))
-    else:
+    elif tensors:
         merged = read_tensors(folder)
         clash = sorted(set(merged) & set(tensors))
         if clash:
@@ -187,9 +188,12 @@ def save_with_mtp(
 
 
 def save_pretrained(model: MTPModel, folder: str | Path, fmt: str) -> Path:
-    """Write ``model`` (an HF decoder with MTP depths) as an HF folder, MTP weights in ``fmt``."""
+    """Write ``model`` (an HF decoder with MTP depths) as an HF folder, MTP weights in ``fmt``;
+    config.json gains the fields the serving engines need that transformers does not write
+    (:func:`~multitoken.hf.engine_blocks.implied_config`)."""
     folder = Path(folder)
     hf_model = model.decoder.model
+    implied = implied_config(hf_model.config.to_dict())
     saved = hf_model.config._attn_implementation
     hf_model.config._attn_implementation = "sdpa"  # what a reader of the folder should get
     hf_logging.disable_progress_bar()
@@ -198,8 +202,9 @@ def save_pretrained(model: MTPModel, folder: str | Path, fmt: str) -> Path:
     finally:
         hf_model.config._attn_implementation = saved
         hf_logging.enable_progress_bar()
-    if model.mtp is not None:
-        save_with_mtp(folder, *mtp_tensors(model, fmt))
+    tensors, entries = mtp_tensors(model, fmt) if model.mtp is not None else ({}, {})
+    if tensors or implied:
+        save_with_mtp(folder, tensors, entries | implied)
     return folder
 
 
