@@ -27,6 +27,7 @@ from tests.helpers.distributed import (
 from multitoken import ConfigError, MTPConfig, MTPModel, step_loss
 from multitoken.data import dp_slice
 from multitoken.hf import SUPPORTED_MODEL_TYPES, HFDecoder, init_mtp_weights
+from multitoken.hf.linear_attention import LINEAR_ATTENTION_TYPES
 from multitoken.parallel import apply_cp, shard_batch
 from multitoken.testing.tiny_hf import save_tiny, tiny_model
 from multitoken.train.batching import rank_batch
@@ -64,7 +65,7 @@ def run_hf_cp(model_type: str, depth: int) -> dict:
 
 # Qwen3-Next's linear attention carries state along the sequence: cp > 1 is refused for it
 # (tests/unit/test_hf_moe.py::test_qwen3_next_is_refused_where_its_state_cannot_follow).
-CP_TYPES = [t for t in SUPPORTED_MODEL_TYPES if t != "qwen3_next"]
+CP_TYPES = [t for t in SUPPORTED_MODEL_TYPES if t not in LINEAR_ATTENTION_TYPES]
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -61,15 +61,18 @@ def save_released(
     return folder
 
 
-def save_released_qwen3_next(folder: str | Path, num_layers: int = 2, seed: int = 0) -> Path:
-    """A tiny Qwen3-Next folder with its MTP module as released: ``mtp.{fc,
-    pre_fc_norm_embedding, pre_fc_norm_hidden, norm}.weight`` (zero-centred norms, stored as
-    the model holds them) and the block under ``mtp.layers.0.`` (layer L of a transformers model
-    of L + 1 layers, a full-attention MoE layer); ``mtp_num_hidden_layers = 1``."""
+def save_released_qwen3_next(
+    folder: str | Path, num_layers: int = 2, seed: int = 0, model_type: str = "qwen3_next"
+) -> Path:
+    """A tiny Qwen3-Next (or Qwen3.5 text: ``model_type="qwen3_5_text"``) folder with its MTP
+    module as released: ``mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm}.weight``
+    (zero-centred norms, stored as the model holds them) and the block under ``mtp.layers.0.``
+    (layer L of a transformers model of L + 1 layers: a full-attention layer, MoE for Qwen3-Next,
+    dense for Qwen3.5); ``mtp_num_hidden_layers = 1``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     types = ["linear_attention", "full_attention"] * (num_layers // 2) + ["full_attention"]
-    model = tiny_model("qwen3_next", seed, num_hidden_layers=num_layers + 1, layer_types=types)
+    model = tiny_model(model_type, seed, num_hidden_layers=num_layers + 1, layer_types=types)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         saved = load_file(str(Path(tmp) / "model.safetensors"))

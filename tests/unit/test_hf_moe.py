@@ -1,7 +1,7 @@
-"""DeepSeek-V3 (MLA + MoE), GLM-4.5, Qwen3-MoE and Qwen3-Next (linear attention) on the adapter:
-initialised depths, decoding through MLA's latent cache, heads-only training with routers (what
-the routing bias and the auxiliary loss do), linear attention restarted at documents, and the
-DeepSeek/GLM and Qwen3-Next release layouts in and out bit-exact.
+"""DeepSeek-V3 (MLA + MoE), GLM-4.5, Qwen3-MoE, Qwen3-Next and Qwen3.5 (linear attention) on the
+adapter: initialised depths, decoding through MLA's latent cache, heads-only training with routers
+(what the routing bias and the auxiliary loss do), linear attention restarted at documents, and
+the DeepSeek/GLM, Qwen3-Next and Qwen3.5 release layouts in and out bit-exact.
 
 Packing exactness and D = 0 against transformers' own loss run for these types in
 test_hf_adapter.py (parametrised over every supported type), context parallelism in
@@ -27,7 +27,7 @@ from multitoken.batch import StepBatch
 from multitoken.decoding.generate import generate
 from multitoken.errors import CheckpointError
 from multitoken.hf import HFDecoder, init_mtp_weights
-from multitoken.hf.linear_attention import is_linear_attention
+from multitoken.hf.linear_attention import LINEAR_ATTENTION_TYPES, is_linear_attention
 from multitoken.hf.parallelize import check_hf_layout
 from multitoken.hf.weights import load_hf_mtp_model, mtp_tensors, read_tensors, save_pretrained
 from multitoken.mtp_model import step_loss
@@ -35,6 +35,7 @@ from multitoken.testing.tiny_hf import save_tiny, tiny_model
 
 DECODED = ["deepseek_v3", "glm4_moe", "qwen3_moe"]  # qwen3_next decodes with transformers only
 MOE = [*DECODED, "qwen3_next"]
+HEADS_ONLY = [*MOE, "qwen3_5_text"]  # Qwen3.5 (text): the same hybrid, a dense MLP
 ROUTED = ["deepseek_v3", "glm4_moe"]  # sigmoid routing with e_score_correction_bias
 
 
@@ -81,7 +82,7 @@ def test_speculative_equals_greedy_equals_the_hf_models_own_argmax(model_type):
     assert generate(model, prompt, 12, speculative=True).tokens == plain
 
 
-@pytest.mark.parametrize("model_type", MOE)
+@pytest.mark.parametrize("model_type", HEADS_ONLY)
 def test_heads_only_moe_training_leaves_routing_biases_alone(model_type):
     model = build(model_type, freeze_base=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -108,7 +109,7 @@ def test_heads_only_moe_training_leaves_routing_biases_alone(model_type):
     assert bool(biases) == (model_type in ROUTED)
 
 
-@pytest.mark.parametrize("model_type", MOE)
+@pytest.mark.parametrize("model_type", HEADS_ONLY)
 def test_heads_only_gradients_equal_full_training_gradients(model_type):
     frozen, full = build(model_type, freeze_base=True), build(model_type)
     b = batch()
@@ -191,11 +192,12 @@ def unmasked(forward, hidden_states, cache=None, attention_mask=None, **kwargs):
     return forward(hidden_states, cache=cache, **kwargs)
 
 
-def test_linear_attention_leaks_across_documents_unless_restarted():
+@pytest.mark.parametrize("model_type", LINEAR_ATTENTION_TYPES)
+def test_linear_attention_leaks_across_documents_unless_restarted(model_type):
     # transformers' torch gated-DeltaNet ignores document boundaries: without the restart the
     # packed rows differ from the documents alone (with it, test_hf_adapter.py's packed ==
-    # one-by-one passes for qwen3_next).
-    model = build("qwen3_next", depth=0)
+    # one-by-one passes for qwen3_next and qwen3_5_text).
+    model = build(model_type, depth=0)
     b = batch(depth=0)
     with torch.no_grad():
         restarted = model(b.input_ids, b.layout)[0]
@@ -206,22 +208,26 @@ def test_linear_attention_leaks_across_documents_unless_restarted():
     assert not torch.allclose(restarted, leaking, atol=1e-4)
 
 
-def test_qwen3_next_is_refused_where_its_state_cannot_follow():
-    model = build("qwen3_next", depth=1).eval()
+@pytest.mark.parametrize("model_type", LINEAR_ATTENTION_TYPES)
+def test_linear_attention_is_refused_where_its_state_cannot_follow(model_type):
+    model = build(model_type, depth=1).eval()
     with pytest.raises(ConfigError, match="recurrent state"):
         generate(model, [5, 9, 14], 4)
     with pytest.raises(ConfigError, match="parallel.cp=1"):
-        check_hf_layout(1, cp=2, model_type="qwen3_next")
+        check_hf_layout(1, cp=2, model_type=model_type)
     check_hf_layout(1, cp=2, model_type="deepseek_v3")
 
 
-def test_qwen3_next_release_layout_loads_and_saves_back_bit_exact(tmp_path):
-    folder = save_released_qwen3_next(tmp_path / "released")
+@pytest.mark.parametrize("model_type", LINEAR_ATTENTION_TYPES)
+def test_qwen3_next_release_layout_loads_and_saves_back_bit_exact(tmp_path, model_type):
+    # Qwen3.5's released MTP module has Qwen3-Next's names (mtp.*), with a dense block.
+    folder = save_released_qwen3_next(tmp_path / "released", model_type=model_type)
     original = read_tensors(folder)
     model = load_hf_mtp_model(folder, MTPConfig(num_depths=1))
     depth = model.mtp.depths[0]
     assert type(depth.layer) is type(model.decoder.layers[0])
-    assert depth.layer.block_type == "full_attention" and hasattr(depth.layer.mlp, "experts")
+    assert depth.layer.block_type == "full_attention"
+    assert hasattr(depth.layer.mlp, "experts") == (model_type == "qwen3_next")
     # Zero-centred norms stay as stored (the model's own convention), the projection is fc.
     assert torch.equal(depth.enorm.weight, original["mtp.pre_fc_norm_embedding.weight"])
     assert torch.equal(depth.final_norm.weight, original["mtp.norm.weight"])

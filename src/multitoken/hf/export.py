@@ -57,7 +57,12 @@ __all__ = [
 DEFAULT_FORMAT = "mimo"
 # The released architectures export by default in their own layout (the one their releases,
 # transformers and the serving engines read); every other model in DEFAULT_FORMAT.
-OWN_FORMAT = {"deepseek_v3": "deepseek", "glm4_moe": "deepseek", "qwen3_next": "qwen3_next"}
+OWN_FORMAT = {
+    "deepseek_v3": "deepseek",
+    "glm4_moe": "deepseek",
+    "qwen3_next": "qwen3_next",
+    "qwen3_5_text": "qwen3_next",
+}
 # Reference layer parameter -> transformers Llama decoder-layer parameter.
 _BLOCK = {
     "attention.wq": "self_attn.q_proj",

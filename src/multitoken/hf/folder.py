@@ -53,6 +53,7 @@ SUPPORTED_MODEL_TYPES = (
     "glm4_moe",
     "qwen3_moe",
     "qwen3_next",
+    "qwen3_5_text",
 )
 _JSON_LIMIT = 64 << 20  # no config or index we read is near this
 _HEADER_LIMIT = 100_000_000  # the safetensors library's own limit

@@ -1,4 +1,5 @@
-"""Linear-attention layers restarted at every document (Qwen3-Next's gated DeltaNet).
+"""Linear-attention layers restarted at every document (Qwen3-Next's and Qwen3.5's gated
+DeltaNet).
 
 A linear-attention layer carries state along the row: a recurrent state and a short causal
 convolution window. transformers passes ``cu_seq_lens_q`` to its kernels, but its torch
@@ -22,7 +23,10 @@ from torch import Tensor, nn
 from multitoken.errors import ConfigError
 from multitoken.hf.attention import HFAttentionMask
 
-__all__ = ["restart_at_documents", "is_linear_attention"]
+__all__ = ["LINEAR_ATTENTION_TYPES", "restart_at_documents", "is_linear_attention"]
+
+# The supported model types with linear-attention layers (no multitoken cache, no CP).
+LINEAR_ATTENTION_TYPES = ("qwen3_next", "qwen3_5_text")
 
 
 def is_linear_attention(module: nn.Module) -> bool:
@@ -42,9 +46,9 @@ class _PerDocument:
         rule = attention_mask.rule
         if cache is not None or rule.kv is not rule.q:
             raise ConfigError(
-                "a linear-attention layer (Qwen3-Next) carries a recurrent state that is neither "
-                "cached nor gathered across ranks here: decode it with transformers, and train "
-                "it with parallel.cp=1"
+                "a linear-attention layer (Qwen3-Next, Qwen3.5) carries a recurrent state that "
+                "is neither cached nor gathered across ranks here: decode it with transformers, "
+                "and train it with parallel.cp=1"
             )
         if rule.mode == "causal":
             return self.forward(hidden_states, **kwargs)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from multitoken.errors import ConfigError
+from multitoken.hf.linear_attention import LINEAR_ATTENTION_TYPES
 from multitoken.loss import linear_cross_entropy
 from multitoken.parallel.compile import compile_modules
 from multitoken.parallel.dims import ParallelDims
@@ -30,9 +31,9 @@ def check_hf_layout(tp: int, *, cp: int = 1, model_type: str | None = None) -> N
             f"parallel.tp={tp} with model.hf: tensor parallelism is not wired up for Hugging "
             "Face models; use parallel.tp=1 (parallel.dp and parallel.cp work)"
         )
-    if model_type == "qwen3_next" and cp > 1:
+    if model_type in LINEAR_ATTENTION_TYPES and cp > 1:
         raise ConfigError(
-            f"parallel.cp={cp} with a qwen3_next model: its linear-attention layers carry a "
+            f"parallel.cp={cp} with a {model_type} model: its linear-attention layers carry a "
             "recurrent state along the sequence, which context parallelism does not pass "
             "between ranks; use parallel.cp=1"
         )

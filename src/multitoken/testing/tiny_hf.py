@@ -34,6 +34,7 @@ from transformers import (
     Qwen3NextConfig,
     Qwen3NextForCausalLM,
 )
+from transformers.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 __all__ = ["ARCHITECTURES", "tiny_config", "tiny_model", "save_tiny"]
 
@@ -49,7 +50,8 @@ _GROUPED = {**_MOE, "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense
 # routing with a correction bias; GLM-4.5 partial rotary, q/k/v biases and the same routing;
 # Qwen3-MoE softmax top-k routing without shared experts; Qwen3-Next a gated-DeltaNet linear
 # attention layer (recurrent state, causal convolution) before a gated full-attention one,
-# zero-centred norms and a gated shared expert.
+# zero-centred norms and a gated shared expert; Qwen3.5 (text) the same hybrid with a dense MLP,
+# separate in_proj_{qkv,z,b,a} projections and (text-only) multimodal RoPE.
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict]] = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 6}),
@@ -88,6 +90,19 @@ ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], di
             **_MOE,
             "num_experts": 4,
             "shared_expert_intermediate_size": 16,
+            "head_dim": 8,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_conv_kernel_dim": 4,
+        },
+    ),
+    "qwen3_5_text": (
+        Qwen3_5TextConfig,
+        Qwen3_5ForCausalLM,
+        {
             "head_dim": 8,
             "layer_types": ["linear_attention", "full_attention"],
             "linear_num_key_heads": 2,
