@@ -3,10 +3,9 @@
 One test per (architecture, engine) row of :data:`multitoken.hf.engines.SPECS` (read in vLLM
 0.34.0 and SGLang 0.5.23, files cited there): the folder has the config fields and the
 architecture name the engine keys on, and every weight name its loader fills, with the shape it
-builds. Every folder but Qwen3.5's comes from multitoken's real export (``export_model``, what
-``multitoken export --format`` runs) of a tiny model of the architecture with MTP depths built by
-the adapter. The adapter does not run Qwen3.5 (docs/hf.md), so its folder is built from a tiny
-transformers model (its own layer's names) plus the MTP tensors of ``formats.to_format``.
+builds. Every folder comes from multitoken's real export (``export_model``, what ``multitoken
+export --format`` runs) of a tiny model of the architecture with MTP depths built by the adapter
+(Qwen3.5 dense and MoE: the text models, ``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM``).
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tests.helpers.models import tiny_model
 
 from multitoken import MTPConfig
@@ -24,7 +21,6 @@ from multitoken.data import Document, train_tokenizer
 from multitoken.errors import CheckpointError
 from multitoken.hf.engines import SPECS, check_folder, expected_weights
 from multitoken.hf.export import export_model
-from multitoken.hf.formats import to_format
 from multitoken.hf.serve_export import export_served
 from multitoken.hf.weights import load_hf_mtp_model
 from multitoken.testing.tiny_hf import save_tiny
@@ -140,20 +136,24 @@ EXPORTED = [
     ("glm4_moe", "deepseek", 1),
     ("glm4_moe", "deepseek", 2),
     ("qwen3_next", "qwen3_next", 1),
+    ("qwen3_5_text", "qwen3_next", 1),
+    ("qwen3_5_moe_text", "qwen3_next", 1),
 ]
+# The engines' row for each model type (Qwen3.5's spec covers its text and multimodal types).
+ROW = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5"}
 
 
 @pytest.fixture(scope="module", params=EXPORTED, ids=[f"{r[0]}-D{r[2]}" for r in EXPORTED])
 def exported(request, tmp_path_factory, tokenizer):
     model_type, fmt, depths = request.param
     folder = tmp_path_factory.mktemp(model_type)
-    return model_type, depths, export_tiny(folder, tokenizer, model_type, fmt, depths)
+    return model_type, fmt, depths, export_tiny(folder, tokenizer, model_type, fmt, depths)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_released_architecture_export_is_what_the_engine_loads(exported, engine):
-    model_type, depths, folder = exported
-    spec = SPECS[f"{engine}:{model_type}"]
+    model_type, fmt, depths, folder = exported
+    spec = SPECS[f"{engine}:{ROW.get(model_type, model_type)}"]
     shapes = _shapes(folder)
     assert check_folder(spec, folder, shapes) == expected_problems(spec, depths)
     assert (depths == 2 and engine == "sglang") == bool(expected_problems(spec, depths))
@@ -161,7 +161,7 @@ def test_released_architecture_export_is_what_the_engine_loads(exported, engine)
     assert config["architectures"][0] in spec.architectures and "auto_map" not in config
     mtp_names = set(expected_weights(spec, config)) - {"model.embed_tokens.weight"}
     assert mtp_names and mtp_names <= set(shapes)
-    if model_type == "qwen3_next":
+    if fmt == "qwen3_next":
         assert all(name.startswith("mtp.") for name in mtp_names)
     else:  # model.layers.{L + k}, L = 2: vLLM reads every depth, SGLang the first
         layers = {int(name.split(".")[2]) for name in mtp_names}
@@ -193,59 +193,3 @@ def test_a_contradicting_routing_field_is_refused_before_anything_is_written(tmp
     with pytest.raises(CheckpointError, match="scoring_func='softmax'.*'sigmoid'"):
         export_model(model, tokenizer, tmp_path / "out", "deepseek")
     assert not (tmp_path / "out").exists()
-
-
-# ---------------------------------------------------------------- Qwen3.5: hand-built
-def _released(folder, model_cls, config, fmt: str, depths: int, extra: dict) -> None:
-    """A folder in a released layout: the tiny model as transformers saves it (the released
-    names), plus ``depths`` MTP layers in ``fmt`` (``formats.to_format``) whose blocks are
-    copies of the model's last layer."""
-    torch.manual_seed(0)
-    model_cls(config).save_pretrained(folder)
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    last = f"model.layers.{config.num_hidden_layers - 1}."
-    block = {k.removeprefix(last): v for k, v in state.items() if k.startswith(last)}
-    h = config.hidden_size
-    canonical = {
-        "enorm.weight": torch.ones(h),
-        "hnorm.weight": torch.ones(h),
-        "eh_proj.weight": torch.randn(h, 2 * h),
-        "final_norm.weight": torch.ones(h),
-    }
-    depth = canonical | {f"layer.{k}": v for k, v in block.items()}
-    embed = state["model.embed_tokens.weight"]
-    tensors, entries = to_format(
-        [dict(depth) for _ in range(depths)], fmt, num_layers=config.num_hidden_layers,
-        hidden_first=False, embed=embed, head=state.get("lm_head.weight", embed),
-    )  # fmt: skip
-    save_file(state | tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    data = json.loads((folder / "config.json").read_text()) | entries | extra
-    (folder / "config.json").write_text(json.dumps(data))
-
-
-_MOE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
-
-
-def _qwen3_5(folder, depths):
-    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
-
-    config = Qwen3_5MoeTextConfig(
-        **_MOE, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
-        shared_expert_intermediate_size=16, linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=8, linear_value_head_dim=8,
-    )  # fmt: skip
-    extra = {"architectures": ["Qwen3_5MoeForCausalLM"]}
-    _released(folder, Qwen3_5MoeForCausalLM, config, "qwen3_next", depths, extra)
-
-
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_qwen3_5_layout_is_what_the_engine_loads(tmp_path, engine):
-    _qwen3_5(tmp_path, 1)
-    spec = SPECS[f"{engine}:qwen3_5"]
-    shapes = _shapes(tmp_path)
-    assert check_folder(spec, tmp_path, shapes) == []
-    config = json.loads((tmp_path / "config.json").read_text())
-    mtp_names = set(expected_weights(spec, config)) - {"model.embed_tokens.weight"}
-    assert mtp_names and mtp_names <= set(shapes)

@@ -34,8 +34,8 @@ from multitoken.mtp_model import step_loss
 from multitoken.testing.tiny_hf import save_tiny, tiny_model
 
 DECODED = ["deepseek_v3", "glm4_moe", "qwen3_moe"]  # qwen3_next decodes with transformers only
-MOE = [*DECODED, "qwen3_next"]
-HEADS_ONLY = [*MOE, "qwen3_5_text"]  # Qwen3.5 (text): the same hybrid, a dense MLP
+MOE = [*DECODED, "qwen3_next", "qwen3_5_moe_text"]
+HEADS_ONLY = [*MOE, "qwen3_5_text"]  # dense Qwen3.5: the same hybrid, a dense MLP
 ROUTED = ["deepseek_v3", "glm4_moe"]  # sigmoid routing with e_score_correction_bias
 
 
@@ -220,14 +220,14 @@ def test_linear_attention_is_refused_where_its_state_cannot_follow(model_type):
 
 @pytest.mark.parametrize("model_type", LINEAR_ATTENTION_TYPES)
 def test_qwen3_next_release_layout_loads_and_saves_back_bit_exact(tmp_path, model_type):
-    # Qwen3.5's released MTP module has Qwen3-Next's names (mtp.*), with a dense block.
+    # Qwen3.5's released MTP module has Qwen3-Next's names (mtp.*); dense Qwen3.5's block is dense.
     folder = save_released_qwen3_next(tmp_path / "released", model_type=model_type)
     original = read_tensors(folder)
     model = load_hf_mtp_model(folder, MTPConfig(num_depths=1))
     depth = model.mtp.depths[0]
     assert type(depth.layer) is type(model.decoder.layers[0])
     assert depth.layer.block_type == "full_attention"
-    assert hasattr(depth.layer.mlp, "experts") == (model_type == "qwen3_next")
+    assert hasattr(depth.layer.mlp, "experts") == (model_type != "qwen3_5_text")
     # Zero-centred norms stay as stored (the model's own convention), the projection is fc.
     assert torch.equal(depth.enorm.weight, original["mtp.pre_fc_norm_embedding.weight"])
     assert torch.equal(depth.final_norm.weight, original["mtp.norm.weight"])

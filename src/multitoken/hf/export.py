@@ -62,6 +62,7 @@ OWN_FORMAT = {
     "glm4_moe": "deepseek",
     "qwen3_next": "qwen3_next",
     "qwen3_5_text": "qwen3_next",
+    "qwen3_5_moe_text": "qwen3_next",
 }
 # Reference layer parameter -> transformers Llama decoder-layer parameter.
 _BLOCK = {

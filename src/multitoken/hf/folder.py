@@ -54,6 +54,7 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3_moe",
     "qwen3_next",
     "qwen3_5_text",
+    "qwen3_5_moe_text",
 )
 _JSON_LIMIT = 64 << 20  # no config or index we read is near this
 _HEADER_LIMIT = 100_000_000  # the safetensors library's own limit

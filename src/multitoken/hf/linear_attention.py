@@ -26,7 +26,7 @@ from multitoken.hf.attention import HFAttentionMask
 __all__ = ["LINEAR_ATTENTION_TYPES", "restart_at_documents", "is_linear_attention"]
 
 # The supported model types with linear-attention layers (no multitoken cache, no CP).
-LINEAR_ATTENTION_TYPES = ("qwen3_next", "qwen3_5_text")
+LINEAR_ATTENTION_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 
 
 def is_linear_attention(module: nn.Module) -> bool:

@@ -35,6 +35,7 @@ from transformers import (
     Qwen3NextForCausalLM,
 )
 from transformers.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+from transformers.models.qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 __all__ = ["ARCHITECTURES", "tiny_config", "tiny_model", "save_tiny"]
 
@@ -103,6 +104,22 @@ ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], di
         Qwen3_5TextConfig,
         Qwen3_5ForCausalLM,
         {
+            "head_dim": 8,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_conv_kernel_dim": 4,
+        },
+    ),
+    "qwen3_5_moe_text": (
+        Qwen3_5MoeTextConfig,
+        Qwen3_5MoeForCausalLM,
+        {
+            **_MOE,
+            "num_experts": 4,
+            "shared_expert_intermediate_size": 16,
             "head_dim": 8,
             "layer_types": ["linear_attention", "full_attention"],
             "linear_num_key_heads": 2,
