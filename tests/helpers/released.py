@@ -92,3 +92,31 @@ def save_released_qwen3_next(
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def save_released_qwen3_5(folder: str | Path, text_folder: str | Path, vision: bool = True) -> Path:
+    """A tiny Qwen3.5 folder as released (``Qwen3_5ForConditionalGeneration``) holding the text
+    model of ``text_folder`` (a :func:`save_released_qwen3_next` folder of ``qwen3_5_text``):
+    config.json with the text config under ``text_config``, the text model under
+    ``model.language_model.*``, ``lm_head.weight`` and ``mtp.*`` as they are, and (``vision``) a
+    tiny vision tower under ``model.visual.*`` written by transformers' own ``save_pretrained``."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    folder, text_folder = Path(folder), Path(text_folder)
+    text = json.loads((text_folder / "config.json").read_text())
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                         out_hidden_size=text["hidden_size"], num_position_embeddings=16,
+                         patch_size=2)  # fmt: skip
+    text_config = {
+        k: v for k, v in text.items() if k not in ("architectures", "transformers_version")
+    }
+    torch.manual_seed(3)
+    config = Qwen3_5Config(text_config=text_config, vision_config=vision_config)
+    Qwen3_5ForConditionalGeneration(config).save_pretrained(folder)
+    saved = load_file(str(folder / "model.safetensors"))
+    tensors = {k: v for k, v in saved.items() if vision and k.startswith("model.visual.")}
+    for key, value in load_file(str(text_folder / "model.safetensors")).items():
+        is_text = key.startswith("model.")
+        tensors["model.language_model." + key.removeprefix("model.") if is_text else key] = value
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

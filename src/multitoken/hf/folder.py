@@ -27,12 +27,13 @@ import json
 import math
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from multitoken.errors import ConfigError
 from multitoken.hf.backbone import check_backbone
+from multitoken.hf.multimodal import text_config, text_names
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -111,6 +112,13 @@ class ModelFolder:
     shape: ModelShape
     weight_files: tuple[Path, ...]
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape), no data read
+    # Stored names that differ from the model's (a multimodal folder's text model): stored ->
+    # the model's name, or None for what is never read (its vision tower).
+    renamed: dict[str, str | None] = field(default_factory=dict)
+
+    def model_name(self, stored: str) -> str | None:
+        """The model's name for a tensor stored as ``stored`` (None: not read)."""
+        return self.renamed.get(stored, stored)
 
 
 def regular_file(path: Path, what: str) -> Path:
@@ -159,7 +167,8 @@ def _refuse_code(path: Path, data: Any) -> None:
         )
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config.json`` as stored, and as the text model's (the same but for a multimodal one)."""
     if not (folder / "config.json").exists():
         raise ConfigError(
             f"{folder} is not a Hugging Face model folder (no config.json): point model.hf at a "
@@ -169,15 +178,16 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"{folder / 'config.json'} is not a JSON object")
     _refuse_code(folder / "config.json", config)
+    arch = ", ".join(map(str, config.get("architectures") or ["?"]))
+    stored, config = config, text_config(folder / "config.json", config)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(map(str, config.get("architectures") or ["?"]))
         raise ConfigError(
             f"{folder} holds a {arch} (model_type {model_type!r}), which the multitoken HF "
             f"adapter does not support: supported model types are "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return config
+    return stored, config
 
 
 def _check_fields(path: Path, config: dict[str, Any]) -> None:
@@ -351,7 +361,7 @@ def check_model_folder(path: str | Path) -> ModelFolder:
             f"{folder} is not a Hugging Face model folder (not a folder): point model.hf at a "
             "folder written by save_pretrained"
         )
-    config = _read_config(folder)
+    stored, config = _read_config(folder)
     _check_entries(folder)
     for name in ("tokenizer_config.json", "special_tokens_map.json", "processor_config.json"):
         if (folder / name).exists():
@@ -363,5 +373,7 @@ def check_model_folder(path: str | Path) -> ModelFolder:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
         tensors.update(_read_header(file))
+    renamed = text_names(folder, stored, tensors)
+    tensors = {renamed.get(k, k): v for k, v in tensors.items() if renamed.get(k, k) is not None}
     check_backbone(folder, shape, config, tensors)
-    return ModelFolder(folder, config, shape, tuple(files), tensors)
+    return ModelFolder(folder, config, shape, tuple(files), tensors, renamed)

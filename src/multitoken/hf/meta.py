@@ -141,12 +141,13 @@ def _load_backbone(model: MTPModel, folder: ModelFolder) -> set[str]:
     loaded = set()
     for file in folder.weight_files:
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            for stored in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                key = folder.model_name(stored)
                 if key in params:
-                    read = _Rows(handle.get_slice(key))
+                    read = _Rows(handle.get_slice(stored))
                     _fill(params.pop(key), read.shape, key, read)
                 elif key in buffers:
-                    buffers[key].copy_(handle.get_slice(key)[:])
+                    buffers[key].copy_(handle.get_slice(stored)[:])
                     loaded.add(_BASE + key)
     for key in sorted(params):
         sources = to_checkpoint_names(hf_model, {key: torch.empty(own[key].shape, device="meta")})

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers.core_model_loading import PrefixChange
 from transformers.utils import logging as hf_logging
 
 from multitoken.errors import CheckpointError
@@ -44,25 +45,22 @@ __all__ = [
 _WEIGHTS = "model.safetensors"
 
 
-def _files(folder: Path) -> list[Path]:
-    """The folder's safetensors files, after the folder's gate (regular files in the folder,
-    whole headers, float dtypes)."""
-    return list(check_model_folder(folder).weight_files)
-
-
 def checkpoint_keys(folder: str | Path) -> list[str]:
     """Every tensor name in the folder's safetensors (from their checked headers only)."""
     return list(check_model_folder(folder).tensors)
 
 
 def read_tensors(folder: str | Path, keys: set[str] | None = None) -> dict[str, Tensor]:
-    """The folder's tensors (only ``keys`` when given)."""
+    """The folder's tensors under the model's names (only ``keys`` when given; a multimodal
+    folder's text model, its vision tower never read: :mod:`multitoken.hf.multimodal`)."""
+    checked = check_model_folder(folder)
     out = {}
-    for file in _files(Path(folder)):
+    for file in checked.weight_files:
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if keys is None or key in keys:
-                    out[key] = handle.get_tensor(key)
+            for stored in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                key = checked.model_name(stored)
+                if key is not None and (keys is None or key in keys):
+                    out[key] = handle.get_tensor(stored)
     return out
 
 
@@ -196,11 +194,19 @@ def save_pretrained(model: MTPModel, folder: str | Path, fmt: str) -> Path:
     implied = implied_config(hf_model.config.to_dict())
     saved = hf_model.config._attn_implementation
     hf_model.config._attn_implementation = "sdpa"  # what a reader of the folder should get
+    # transformers reverts at save what it converted at load; a text model read from a
+    # multimodal folder (Qwen3.5) would be written back under model.language_model.*, with a
+    # text config. The export is the text model's own layout: its prefix change is not reverted.
+    conversions = getattr(hf_model, "_weight_conversions", None)
+    if conversions:
+        hf_model._weight_conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
     hf_logging.disable_progress_bar()
     try:
         hf_model.save_pretrained(folder)
     finally:
         hf_model.config._attn_implementation = saved
+        if conversions:
+            hf_model._weight_conversions = conversions
         hf_logging.enable_progress_bar()
     tensors, entries = mtp_tensors(model, fmt) if model.mtp is not None else ({}, {})
     if tensors or implied:
