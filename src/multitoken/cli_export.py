@@ -56,8 +56,9 @@ def add_export_command(sub):
         "--format",
         default=None,
         choices=["mimo", "deepseek", "qwen3_next", "mimo_mtp", "eagle"],
-        help="MTP weight format (default: a DeepSeek-V3, GLM-4.5 or Qwen3-Next model's own "
-        "layout, deepseek or qwen3_next; mimo for the others, a dense MTP block like the GPT's); "
+        help="MTP weight format (default: a DeepSeek-V3, GLM-4.5, Qwen3-Next or Qwen3.5 model's "
+        "own layout, deepseek or qwen3_next; mimo for the others, a dense MTP block like the "
+        "GPT's); "
         "mimo_mtp: a MiMoForCausalLM folder vLLM and SGLang serve as MTP; eagle: the model and "
         "EAGLE-1 drafts for vLLM and SGLang (docs/serving.md)",
     )
