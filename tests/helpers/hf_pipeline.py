@@ -7,6 +7,8 @@ gradients are compared with the reference's of the same names.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -87,3 +89,23 @@ def run_hf_pp(model_type: str, pp: int, schedule: str, depth: int, microbatches:
         trainable=len(trainable),
         rank=dist.get_rank(),
     )
+
+
+def save_tiny_with_tokenizer(model_type: str, folder, **overrides):
+    """A tiny ``model_type`` folder (``save_tiny``, 320 rows) with a 300-token fast tokenizer
+    trained on a few sentences: what ``model.hf=FOLDER`` reads."""
+    from transformers import PreTrainedTokenizerFast
+
+    from multitoken.data import Document, train_tokenizer
+    from multitoken.testing.tiny_hf import save_tiny
+
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the dog."]
+    docs = [Document(f"d{i}", t) for i, t in enumerate(texts * 4)]
+    trained = train_tokenizer(docs, 300, Path(folder).parent / "tok", verbose=False)
+    tok = trained.backend
+    folder = save_tiny(model_type, folder, vocab_size=320, **overrides)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=tok.id_to_token(trained.pad_id),
+        eos_token=tok.id_to_token(trained.eos_id), clean_up_tokenization_spaces=False,
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
