@@ -39,14 +39,16 @@ def pp_dims(pp: int, dp: int = 1, cp: int = 1, tp: int = 1) -> ParallelDims:
     return _DIMS[key]
 
 
-def pp_model(depth: int, tie: bool = True, vocab: int = VOCAB):
-    return tiny_model(depth, pad_id=PAD, tie_embeddings=tie, **{**PP_GPT, "vocab_size": vocab})
+def pp_model(depth: int, tie: bool = True, vocab: int = VOCAB, mtp: dict | None = None):
+    """``mtp``: other ``MTPConfig`` fields."""
+    gpt = {**PP_GPT, "vocab_size": vocab}
+    return tiny_model(depth, pad_id=PAD, tie_embeddings=tie, mtp=mtp, **gpt)
 
 
-def pp_reference(depth: int, tie: bool = True, vocab: int = VOCAB) -> list[dict]:
+def pp_reference(depth: int, tie: bool = True, vocab: int = VOCAB, mtp: dict | None = None):
     """Two AdamW steps of the whole model on the whole batch: each step's losses and
     gradients."""
-    model = pp_model(depth, tie, vocab)
+    model = pp_model(depth, tie, vocab, mtp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     ids, labels, layout = packed_batch(PP_ROWS, vocab=VOCAB)
     records = []
@@ -76,10 +78,12 @@ def local_batch(depth: int, dims: ParallelDims | None = None) -> StepBatch:
     return shard.step_batch(global_normalizer(shard, group, tp_size=dims.tp))
 
 
-def run_pp(pp: int, schedule: str, depth: int, microbatches: int, tie: bool = True) -> dict:
+def run_pp(
+    pp: int, schedule: str, depth: int, microbatches: int, tie: bool = True, mtp: dict | None = None
+) -> dict:
     """Two steps on every rank of a pp-rank pool; the second one's messages counted."""
     dims = pp_dims(pp)
-    model = pp_model(depth, tie)
+    model = pp_model(depth, tie, mtp=mtp)
     pipe = pipeline_gpt(model, dims, schedule, microbatches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     batch = local_batch(depth)

@@ -51,7 +51,7 @@ def test_pp1_checkpoint_resumes_at_pp2(run_root, reference):
         ([*PP2, "parallel.pp_microbatches=3"], "parallel.pp_microbatches=3 does not divide"),
         ([*PP2, "parallel.pp_layers=0,1"], "parallel.pp_layers must give 2 layer counts"),
         (["parallel.pp_schedule=Wave"], "parallel.pp_schedule must be one of"),
-        ([*PP2, "model.hf=."], "parallel.pp > 1 cuts the reference GPT only so far"),
+        ([*PP2, "model.hf=."], "parallel.pp > 1 with model.hf trains the MTP heads only"),
     ],
 )
 def test_bad_pipeline_settings_are_one_line(run_root, args, message):

@@ -190,7 +190,8 @@ class HFDecoder(nn.Module):
         implementation = "sdpa" if decoding else self.implementation
         mask = HFAttentionMask(layout, kv_layout, self.attention, implementation)
         positions = layout.positions
-        reference = self.base.embed_tokens.weight
+        embed = self.base.embed_tokens  # None on a middle pipeline stage (hf/pipeline.py)
+        reference = next(self.layers.parameters()) if embed is None else embed.weight
         cos, sin = self.base.rotary_emb(reference, position_ids=positions)  # (B, T, d) each
         return {
             "attention_mask": mask,

@@ -15,13 +15,15 @@ from torch import nn
 
 from multitoken.errors import ConfigError
 from multitoken.hf.linear_attention import LINEAR_ATTENTION_TYPES
+from multitoken.hf.pipeline import HFStage, prune_hf_model
 from multitoken.loss import linear_cross_entropy
 from multitoken.parallel.compile import compile_modules
 from multitoken.parallel.dims import ParallelDims
 from multitoken.parallel.fsdp import apply_fsdp
 from multitoken.parallel.kv_gather import apply_cp
+from multitoken.parallel.pipeline import Pipeline, rank_stages, split_layers, stages_per_rank
 
-__all__ = ["parallelize_hf", "check_hf_layout"]
+__all__ = ["parallelize_hf", "check_hf_layout", "pipeline_hf"]
 
 
 def check_hf_layout(tp: int, *, cp: int = 1, model_type: str | None = None) -> None:
@@ -65,3 +67,35 @@ def parallelize_hf(
     if dims.token_world_size > 1:
         apply_fsdp(model, dims.fsdp_mesh, param_dtype=mixed_precision)
     return linear_cross_entropy
+
+
+def pipeline_hf(
+    model: nn.Module,
+    dims: ParallelDims,
+    schedule: str,
+    microbatches: int,
+    *,
+    layers: tuple[int, ...] = (),
+    device: torch.device | str = "cpu",
+) -> Pipeline:
+    """Cut a heads-only ``model`` (an :class:`~multitoken.mtp_model.MTPModel` on an
+    :class:`~multitoken.hf.HFDecoder` with ``mtp.freeze_base``, the same weights on every rank)
+    into this rank's pipeline stages (:func:`~multitoken.hf.pipeline.prune_hf_model`: in place,
+    parameter names unchanged) and return the :class:`~multitoken.parallel.pipeline.Pipeline`
+    that runs them, as :func:`~multitoken.models.parallelize.pipeline_gpt` does for the
+    reference GPT. One rank per stage: no data, context or tensor parallelism with it.
+
+    No embedding group: neither embedding copy trains (the backbone is frozen), so there is
+    no gradient to sum and the copies stay equal.
+    """
+    if dims.world_size != dims.pp:
+        raise ConfigError(
+            f"a Hugging Face pipeline runs one rank per stage: parallel.pp={dims.pp} alone, "
+            "with parallel.dp, parallel.cp and parallel.tp at 1"
+        )
+    pp, n_stages = dims.pp, dims.pp * stages_per_rank(schedule)
+    counts = split_layers(model.decoder.num_layers, n_stages, layers)
+    stages = rank_stages(schedule, pp, dims.pp_rank)
+    prune_hf_model(model, stages, counts)
+    modules = [HFStage(model, s, n_stages, counts) for s in stages]
+    return Pipeline(modules, stages, n_stages, schedule, microbatches, dims.pp_group, None, device)

@@ -142,7 +142,9 @@ class GPTStage(nn.Module):
         if self.mtp is not None:
             if mtp_input_ids is None:
                 raise InputError("the last pipeline stage needs mtp_input_ids ([b, D, T])")
-            hidden += self.mtp(hidden[0], mtp_input_ids.transpose(0, 1), self.embed, **kwargs)
+            zero = positions == 0 if self.config.zero_first_embedding else None
+            ids = mtp_input_ids.transpose(0, 1)
+            hidden += self.mtp(hidden[0], ids, self.embed, zero, **kwargs)
         # Views: the schedule detaches a last stage's outputs in place after its backward,
         # which the zero-bubble schedules' later weight pass (and the next depth's saved
         # input) could not survive; it leaves views alone.

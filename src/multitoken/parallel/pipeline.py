@@ -91,9 +91,12 @@ def stage_rank(schedule: str, pp: int, stage: int) -> int:
     return next(r for r in range(pp) if stage in rank_stages(schedule, pp, r))
 
 
-def split_layers(n_layers: int, n_stages: int, layers: Sequence[int] = ()) -> list[int]:
+def split_layers(
+    n_layers: int, n_stages: int, layers: Sequence[int] = (), name: str = "model.n_layers"
+) -> list[int]:
     """Main layers per stage: ``layers`` when given (summing to ``n_layers``, each >= 1 but
-    the last: a stage without parameters would only relay), else an even split.
+    the last: a stage without parameters would only relay), else an even split. ``name``: what
+    the errors call the layer count (a Hugging Face folder's ``num_hidden_layers``).
 
     Raises:
         ConfigError: (``parallel.pp_layers``) a list of the wrong length or sum, or layers
@@ -104,16 +107,17 @@ def split_layers(n_layers: int, n_stages: int, layers: Sequence[int] = ()) -> li
         if len(layers) != n_stages or min(layers[:-1]) < 1 or sum(layers) != n_layers:
             raise ConfigError(
                 f"must give {n_stages} layer counts (one per pipeline stage) summing to "
-                f"model.n_layers={n_layers}, each >= 1 but the last (0: the MTP depths and the "
+                f"{name}={n_layers}, each >= 1 but the last (0: the MTP depths and the "
                 f"head on a stage of their own), got {','.join(map(str, layers))}",
                 "pp_layers",
             )
         return layers
     if n_layers % n_stages:
         raise ConfigError(
-            f"model.n_layers={n_layers} does not split evenly over {n_stages} pipeline stages: "
+            f"{name}={n_layers} does not split evenly over {n_stages} pipeline stages: "
             f'set parallel.pp_layers to {n_stages} counts summing to {n_layers} (e.g. "'
-            f'{_uneven(n_layers, n_stages)}") or choose n_layers a multiple of {n_stages}'
+            f'{_uneven(n_layers, n_stages)}")'
+            + (f" or choose n_layers a multiple of {n_stages}" if name == "model.n_layers" else "")
         )
     return [n_layers // n_stages] * n_stages
 
@@ -134,19 +138,21 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def check_pipeline(
-    pp: int, schedule: str, microbatches: int, rows: int, n_layers: int, layers: str = ""
-) -> None:
+    pp: int, schedule: str, microbatches: int, rows: int, n_layers: int, layers: str = "",
+    name: str = "model.n_layers",
+) -> None:  # fmt: skip
     """Refuse, before any rank starts, a pipeline the batch, the model or the schedule cannot
     take (each error one line, naming the ``parallel.*`` key to change).
 
     Args:
         pp: pipeline ranks; schedule: a name of :data:`PP_SCHEDULES`.
         microbatches: ``parallel.pp_microbatches`` (0 = one per stage); rows: the rows each
-            DP rank's batch holds; n_layers: the model's main layers; layers: ``pp_layers``.
+            DP rank's batch holds; n_layers: the model's main layers; layers: ``pp_layers``;
+            name: what the errors call ``n_layers``.
     """
     n_stages = pp * stages_per_rank(schedule)
     microbatches = microbatches or n_stages
-    split_layers(n_layers, n_stages, parse_layers(layers))
+    split_layers(n_layers, n_stages, parse_layers(layers), name)
     if rows % microbatches:
         raise ConfigError(
             f"parallel.pp_microbatches={microbatches} does not divide the {rows} rows each "

@@ -86,6 +86,8 @@ def _flat_optimizer(path: Path) -> bool:
 def _run_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: bool = True):
     """Model and optimiser state without frozen parameters, tied aliases included (a frozen
     tied head appears under its own name too, which ``ignore_frozen_params`` misses)."""
+    if not any(g["params"] for g in optimizer.param_groups):  # frozen pipeline stages only
+        return {}, {}
     options = _TRAINABLE if flat else replace(_TRAINABLE, flatten_optimizer_state_dict=False)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
@@ -299,16 +301,15 @@ def load_checkpoint(
     flat = _flat_optimizer(Path(path))
     model_state, optim_state = _run_state(model, optimizer, flat)
     state = {"model": model_state, "optim": optim_state}
-    _dcp_load(state, path, group)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=_TRAINABLE_LOAD
-        if flat
-        else StateDictOptions(ignore_frozen_params=True, strict=False),
-    )
+    _dcp_load(state, path, group)  # every rank takes part, one holding nothing to load too
+    if state["model"] or state["optim"]:
+        options = (
+            _TRAINABLE_LOAD
+            if flat
+            else replace(_TRAINABLE_LOAD, flatten_optimizer_state_dict=False)
+        )
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=options)  # fmt: skip
     return load_state(extra_file)
 
 

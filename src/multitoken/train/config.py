@@ -311,17 +311,35 @@ class TrainConfig:
                 "would continue: set one of them"
             )
 
+    def _check_pipeline_scope(self) -> None:
+        """What ``parallel.pp > 1`` runs besides the reference GPT: heads-only Hugging Face
+        models, one rank per stage (docs/parallelism.md#pipeline-parallelism)."""
+        parallel, hf = self.parallel, self.model.hf
+        if self.features.offline:
+            raise ConfigError(
+                "features.mode=offline with parallel.pp > 1: the pipeline stages run the "
+                "backbone themselves; use features.mode=online (or parallel.pp=1)"
+            )
+        if hf and not self.mtp.freeze_base:
+            raise ConfigError(
+                "parallel.pp > 1 with model.hf trains the MTP heads only: set "
+                "mtp.freeze_base=true (or parallel.pp=1)"
+            )
+        if hf and parallel.world != parallel.pp:
+            raise ConfigError(
+                f"parallel.pp={parallel.pp} with model.hf runs one rank per stage: set "
+                f"parallel.dp=1, parallel.cp=1 and parallel.tp=1 (got dp={parallel.dp}, "
+                f"cp={parallel.cp}, tp={parallel.tp})"
+            )
+
     def _check_model_layout(self) -> None:
         """The model fits the layout: tp splits its heads, widths and vocabulary rows."""
         data, parallel, model, tp = self.data, self.parallel, self.model, self.parallel.tp
         self.mtp.check_layout(tp, parallel.cp)
         self.features.check_layout(self.mtp.freeze_base, parallel.cp, tp)
-        if parallel.pp > 1 and model.hf:
-            raise ConfigError(
-                "parallel.pp > 1 cuts the reference GPT only so far: leave model.hf unset "
-                "(or set parallel.pp=1)"
-            )
         if parallel.pp > 1:
+            self._check_pipeline_scope()
+        if parallel.pp > 1 and not model.hf:  # model.hf: its layer count, in check_hf_folder
             try:  # the rows split into microbatches, the layers into stages
                 rows = data.batch_size // parallel.dp
                 check_pipeline(parallel.pp, parallel.pp_schedule, parallel.pp_microbatches,

@@ -24,8 +24,10 @@ from multitoken.hf.formats import CONFIG_KEYS, detect_format
 from multitoken.hf.gguf import model_folder
 from multitoken.hf.meta import materialize_hf_mtp_model, meta_hf_mtp_model
 from multitoken.hf.parallelize import check_hf_layout
+from multitoken.hf.pipeline import PIPELINE_MODEL_TYPES
 from multitoken.hf.weights import checkpoint_keys, load_hf_mtp_model
 from multitoken.mtp_model import MTPModel
+from multitoken.parallel.pipeline import check_pipeline
 
 __all__ = [
     "HFTokenizer",
@@ -114,6 +116,8 @@ def check_hf_folder(cfg) -> dict:
     path = hf_folder(cfg)
     config = read_config(path)
     check_hf_layout(cfg.parallel.tp, cp=cfg.parallel.cp, model_type=config["model_type"])
+    if cfg.parallel.pp > 1:
+        _check_hf_pipeline(cfg, config)
     if cfg.data.seq_len > config.get("max_position_embeddings", cfg.data.seq_len):
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
@@ -136,6 +140,24 @@ def check_hf_folder(cfg) -> dict:
                 f"{cfg.mtp.num_depths}: set mtp.num_depths={stored}"
             )
     return config
+
+
+def _check_hf_pipeline(cfg, config: dict) -> None:
+    """The folder's model cut into ``parallel.pp`` stages (heads-only, one rank a stage: the
+    rest was refused with the configuration): a dense architecture, its layers split."""
+    if config["model_type"] not in PIPELINE_MODEL_TYPES:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp} with a {config['model_type']} model: pipeline stages "
+            f"are cut for the dense architectures ({', '.join(PIPELINE_MODEL_TYPES)}) only; "
+            "use parallel.pp=1"
+        )
+    p = cfg.parallel
+    try:
+        check_pipeline(p.pp, p.pp_schedule, p.pp_microbatches, cfg.data.batch_size,
+                       config["num_hidden_layers"], p.pp_layers,
+                       "the model's num_hidden_layers")  # fmt: skip
+    except ConfigError as err:
+        raise err.under("parallel") from None
 
 
 def _layer_index(key: str) -> int:

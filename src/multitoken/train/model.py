@@ -68,6 +68,11 @@ def build_pipeline(
     if dims.pp == 1:
         return None
     p = cfg.parallel
+    if cfg.model.hf:  # heads-only, one rank a stage (checked with the configuration)
+        from multitoken.hf.parallelize import pipeline_hf
+
+        return pipeline_hf(model, dims, p.pp_schedule, p.microbatches,
+                           layers=parse_layers(p.pp_layers), device=device)  # fmt: skip
     return pipeline_gpt(
         model, dims, p.pp_schedule, p.microbatches, layers=parse_layers(p.pp_layers),
         device=device, cross_entropy=cross_entropy,
