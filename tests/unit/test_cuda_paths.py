@@ -139,7 +139,7 @@ def test_fsdp2_gathers_bf16_parameters_when_the_step_runs_under_bf16_autocast(mo
     # parallelize_gpt hands it to FSDP2.
     calls = []
     monkeypatch.setattr(parallelize, "apply_fsdp", lambda m, mesh, **kw: calls.append(kw))
-    dims = SimpleNamespace(tp=1, cp=1, token_world_size=2, fsdp_mesh=None)
+    dims = SimpleNamespace(pp=1, tp=1, cp=1, token_world_size=2, fsdp_mesh=None)
     parallelize.parallelize_gpt(_tiny_model(), dims, mixed_precision=torch.bfloat16)
     assert calls == [{"param_dtype": torch.bfloat16}]
     # build_model threads it from the config and the device.
@@ -430,6 +430,7 @@ def _trainer(counter, overrides):
     trainer.scheduler = build_scheduler(trainer.optimizer, cfg)
     trainer.guard = NonFiniteGuard(5, None, trainer.device, False)
     trainer.autocast = False
+    trainer.pipeline = None
 
     class Loader:  # the loader's interface (it runs on the host)
         gen, step = torch.Generator().manual_seed(0), 0
@@ -499,7 +500,9 @@ def test_a_cp_batch_is_cut_on_the_host_and_copied_once(monkeypatch):
         "labels": next_token_labels(ids, layout),
         "cu_seqlens": layout.cu_seqlens(),
     }
-    dims = SimpleNamespace(dp=1, dp_rank=0, cp=2, cp_rank=1, tp=1, token_group=None)
+    dims = SimpleNamespace(
+        pp=1, dp=1, dp_rank=0, cp=2, cp_rank=1, tp=1, token_group=None, cp_group=None
+    )
     batch = batching.rank_batch(global_batch, dims, 2, 0, torch.device("meta"))
     assert seen == ["cpu"]  # cut on the host ...
     tensors = [batch.input_ids, batch.mtp_input_ids, batch.depth_labels, batch.normalizer]
@@ -553,7 +556,7 @@ def test_loss_chunks_are_sized_for_the_device(monkeypatch):
     seen = []
     apply = loss._LinearCrossEntropy.apply
     monkeypatch.setattr(
-        loss._LinearCrossEntropy, "apply", lambda *a: seen.append(a[-1]) or apply(*a)
+        loss._LinearCrossEntropy, "apply", lambda *a: seen.append(a[4]) or apply(*a)
     )
     h, w, t = torch.randn(6, 4), torch.randn(10, 4), torch.tensor([1, 2, -100, 3, 4, 5])
     linear_cross_entropy(h, w, t)
