@@ -44,6 +44,7 @@ __all__ = [
     "environment",
     "paired_ratios",
     "median",
+    "median_ms",
     "PeakMemory",
     "print_table",
     "emit_json",
@@ -87,6 +88,16 @@ def setup_threads(threads: int, clock_name: str = "cpu") -> None:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Milliseconds of one call of ``fn`` on the benchmarks' clock, the median of ``repeats``."""
+    samples = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return 1e3 * median(samples)
 
 
 def time_interleaved(

@@ -46,6 +46,7 @@ from _common import (
     emit_json,
     environment,
     median,
+    median_ms,
     print_table,
     setup_threads,
 )
@@ -137,12 +138,7 @@ def step_costs(model, prompt: list[int], vocab: DraftVocab, repeats: int) -> dic
     head = model.head_weight.t()
 
     def timed(fn) -> float:
-        samples = []
-        for _ in range(repeats):
-            start = clock()
-            fn()
-            samples.append(clock() - start)
-        return 1e3 * median(samples)
+        return median_ms(fn, repeats)
 
     base = len(prompt) - 8
 

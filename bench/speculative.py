@@ -49,6 +49,7 @@ from _common import (
     emit_json,
     environment,
     median,
+    median_ms,
     print_table,
     setup_threads,
 )
@@ -176,12 +177,7 @@ def step_costs(model: MTPModel, prompt: list[int], repeats: int = 200) -> dict[s
     head = model.head_weight.t()
 
     def timed(fn) -> float:
-        samples = []
-        for _ in range(repeats):
-            start = clock()
-            fn()
-            samples.append(clock() - start)
-        return 1e3 * median(samples)
+        return median_ms(fn, repeats)
 
     def main_forward(tokens: list[int]):
         def run():

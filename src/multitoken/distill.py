@@ -22,6 +22,8 @@ acceptance of speculative sampling at temperature 1, ``sum_v min(p_v, q_v)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -50,8 +52,9 @@ def _log_softmax_(logits: Tensor, scale: float) -> Tensor:
     return lse
 
 
-def _row_losses(log_q: Tensor, log_p: Tensor, kind: str, alpha: float) -> Tensor:
-    """``[C]`` per-row loss from the student's and teacher's log-probabilities ``[C, V]``."""
+def row_losses(log_q: Tensor, log_p: Tensor, kind: str, alpha: float) -> Tensor:
+    """``[C]`` per-row loss from the student's and teacher's log-probabilities ``[C, V]`` (over
+    a shard of the vocabulary's columns: that shard's part of each row's loss)."""
     p = log_p.exp()
     out = torch.zeros(log_q.shape[0], dtype=torch.float32, device=log_q.device)
     if kind in ("kl", "lk"):
@@ -64,17 +67,23 @@ def _row_losses(log_q: Tensor, log_p: Tensor, kind: str, alpha: float) -> Tensor
     return out
 
 
-def _grad_logits(q: Tensor, p: Tensor, kind: str, alpha: float) -> Tensor:
+def grad_logits(
+    q: Tensor, p: Tensor, kind: str, alpha: float, reduce: Callable[[Tensor], None] | None = None
+) -> Tensor:
     """d(row loss) / d(student logits) ``[C, V]`` (before the 1 / tau), in place over ``p``.
 
     KL: ``q - p``. TV: with ``s = sign(q - p) / 2``, ``q * (s - <s, q>)`` (``sign(0) = 0``,
-    autograd's subgradient of ``abs``).
+    autograd's subgradient of ``abs``). Over a shard of the vocabulary's columns, ``reduce``
+    sums the ``[C, 1]`` partial ``<s, q>`` over the shards in place.
     """
     diff = p.neg_().add_(q)  # q - p
     if kind == "kl":
         return diff
     sign = diff.sign().mul_(0.5)
-    tv = sign.sub_((sign * q).sum(dim=-1, keepdim=True)).mul_(q)
+    inner = (sign * q).sum(dim=-1, keepdim=True)
+    if reduce is not None:
+        reduce(inner)
+    tv = sign.sub_(inner).mul_(q)
     if kind == "tv":
         return tv
     return tv.mul_(1 - alpha).add_(diff, alpha=alpha)
@@ -106,10 +115,10 @@ class _LinearDistillation(torch.autograd.Function):
             lse_q[start:stop] = _log_softmax_(log_q, 1.0 / tau)
             lse_p[start:stop] = _log_softmax_(log_p, 1.0 / tau)
             mask = valid[start:stop]
-            loss_sum += torch.where(mask, _row_losses(log_q, log_p, kind, alpha), 0.0).sum()
+            loss_sum += torch.where(mask, row_losses(log_q, log_p, kind, alpha), 0.0).sum()
             correct += ((top1 == targets[start:stop]) & mask).sum()
             if fused:
-                grad = _grad_logits(log_q.exp_(), log_p.exp_(), kind, alpha).to(dtype)
+                grad = grad_logits(log_q.exp_(), log_p.exp_(), kind, alpha).to(dtype)
                 scale = (mask.float() / tau)[:, None].to(dtype)
                 grad_h[start:stop] = (grad @ w).mul_(scale)
         del buf_q, buf_p
@@ -140,13 +149,13 @@ class _LinearDistillation(torch.autograd.Function):
             q.mul_(1.0 / tau).sub_(lse_q[start:stop, None]).exp_()
             p = chunk_logits(teacher[start:stop].to(dtype), w, buf_p)
             p.mul_(1.0 / tau).sub_(lse_p[start:stop, None]).exp_()
-            grad_logits = _grad_logits(q, p, ctx.kind, ctx.alpha).to(dtype)
+            grad = grad_logits(q, p, ctx.kind, ctx.alpha).to(dtype)
             scale = row_scale[start:stop, None]  # (C, 1): applied to the [C, H] sides
             if need_h:
-                grad_h[start:stop] = (grad_logits @ w).mul_(scale.to(dtype))
+                grad_h[start:stop] = (grad @ w).mul_(scale.to(dtype))
             if need_w:
-                grad_w.addmm_(grad_logits.t().float(), h.float() * scale)
-            del q, p, grad_logits
+                grad_w.addmm_(grad.t().float(), h.float() * scale)
+            del q, p, grad
         grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, None, grad_w, None, None, None, None, None, None, None
 

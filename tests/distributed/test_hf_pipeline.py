@@ -5,9 +5,8 @@ MTP gradient as one process's (rtol 1e-5), the point-to-point messages of a step
 
 import pytest
 import torch
-from tests.helpers.distributed import ATOL, RTOL
 from tests.helpers.hf_pipeline import HF_LAYERS, hf_pp_model, hf_pp_reference, run_hf_pp
-from tests.helpers.pipeline import PP_GPT, PP_ROWS
+from tests.helpers.pipeline import PP_GPT, PP_ROWS, assert_pipeline_matches
 
 from multitoken.hf.pipeline import PIPELINE_MODEL_TYPES
 from multitoken.models.pipeline import stage_layers
@@ -25,19 +24,7 @@ CASES = [
 
 
 def assert_hf_pipeline_matches(results: list[dict], ref: list[dict], what: str) -> None:
-    names = set()
-    for r in results:
-        for step, (got, want) in enumerate(zip(r["records"], ref)):
-            label = f"{what} rank {r['rank']} step {step}"
-            torch.testing.assert_close(got["loss"], want["loss"], rtol=RTOL, atol=ATOL, msg=label)
-            torch.testing.assert_close(got["depth_loss"], want["depth_loss"], rtol=RTOL, atol=ATOL)
-            assert torch.equal(got["depth_tokens"], want["depth_tokens"]), label
-            for name, grad in got["grads"].items():
-                torch.testing.assert_close(
-                    grad, want["grads"][name], rtol=RTOL, atol=ATOL, msg=f"{label} {name}"
-                )
-            names |= set(got["grads"])
-    assert names == set(ref[0]["grads"]), what  # every MTP gradient, on the last stage
+    names = assert_pipeline_matches(results, ref, what)  # every MTP gradient, on the last stage
     assert names and all(n.startswith("mtp.") for n in names), names
 
 

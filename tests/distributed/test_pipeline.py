@@ -10,6 +10,7 @@ from tests.helpers.pipeline import (
     PP_ROWS,
     TP_VOCAB,
     VOCAB,
+    assert_pipeline_matches,
     pp_model,
     pp_reference,
     run_pp,
@@ -40,22 +41,6 @@ def expected_p2p(schedule: str, pp: int, rank: int, microbatches: int) -> int:
             if 0 <= peer < n_stages and stage_rank(schedule, pp, peer) != rank:
                 sends += microbatches
     return sends
-
-
-def assert_pipeline_matches(results: list[dict], ref: list[dict], what: str) -> None:
-    names = set()
-    for r in results:
-        for step, (got, want) in enumerate(zip(r["records"], ref)):
-            label = f"{what} rank {r['rank']} step {step}"
-            torch.testing.assert_close(got["loss"], want["loss"], rtol=RTOL, atol=ATOL, msg=label)
-            torch.testing.assert_close(got["depth_loss"], want["depth_loss"], rtol=RTOL, atol=ATOL)
-            assert torch.equal(got["depth_tokens"], want["depth_tokens"]), label
-            for name, grad in got["grads"].items():
-                torch.testing.assert_close(
-                    grad, want["grads"][name], rtol=RTOL, atol=ATOL, msg=f"{label} {name}"
-                )
-            names |= set(got["grads"])
-    assert names == set(ref[0]["grads"]), what  # every parameter is on some stage
 
 
 @pytest.mark.parametrize("depth", [1, 2])

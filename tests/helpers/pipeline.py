@@ -18,7 +18,7 @@ from multitoken.parallel import ParallelDims, global_normalizer, shard_batch
 from multitoken.testing.comms import count_comms
 
 from .batches import packed_batch, random_rows
-from .distributed import grads
+from .distributed import ATOL, RTOL, grads
 from .models import tiny_model
 
 VOCAB, PAD, IGNORE = 61, 0, -100
@@ -137,3 +137,23 @@ def run_pp_grid(
         # The schedule's messages (the first step's shape inference adds a blocking one).
         sent_bytes=sum(r.nbytes for r in log.records if r.name == "isend"),
     )  # fmt: skip
+
+
+def assert_pipeline_matches(results: list[dict], ref: list[dict], what: str) -> set[str]:
+    """Every rank's step records (``run_pp``'s or ``run_hf_pp``'s) equal one process's ``ref``:
+    loss, per-depth losses and tokens, each gradient the rank holds; together the ranks hold
+    every gradient of ``ref``. Returns the gradients' names."""
+    names = set()
+    for r in results:
+        for step, (got, want) in enumerate(zip(r["records"], ref)):
+            label = f"{what} rank {r['rank']} step {step}"
+            torch.testing.assert_close(got["loss"], want["loss"], rtol=RTOL, atol=ATOL, msg=label)
+            torch.testing.assert_close(got["depth_loss"], want["depth_loss"], rtol=RTOL, atol=ATOL)
+            assert torch.equal(got["depth_tokens"], want["depth_tokens"]), label
+            for name, grad in got["grads"].items():
+                torch.testing.assert_close(
+                    grad, want["grads"][name], rtol=RTOL, atol=ATOL, msg=f"{label} {name}"
+                )
+            names |= set(got["grads"])
+    assert names == set(ref[0]["grads"]), what  # every gradient is on some stage
+    return names

@@ -90,6 +90,20 @@ def atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def start_build(folder: Path, settings: dict) -> None:
+    """Keep ``folder`` if its build.json holds ``settings`` (a build cut short), else empty it."""
+    build_file = folder / "build.json"
+    try:
+        same = json.loads(build_file.read_text()) == settings
+    except (OSError, ValueError):
+        same = False
+    if folder.exists() and not same:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not build_file.is_file():
+        atomic_json(build_file, settings)
+
+
 def _fsync(path: Path) -> None:
     with path.open("rb") as file:
         os.fsync(file.fileno())
@@ -136,17 +150,7 @@ class _PartWriter:
 
 def _resume(folder: Path, settings: dict) -> list[dict]:
     """The finished parts of an interrupted build with the same settings; the rest removed."""
-    build_file = folder / "build.json"
-    if folder.exists():
-        try:
-            same = json.loads(build_file.read_text()) == settings
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not build_file.is_file():
-        atomic_json(build_file, settings)
+    start_build(folder, settings)
     parts: list[dict] = []
     while True:
         path = folder / f"part-{len(parts):05d}.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitoken.data.build import atomic_json, build_lock
+from multitoken.data.build import atomic_json, build_lock, start_build
 from multitoken.data.features import (
     FEATURE_DTYPES,
     FEATURES_FORMAT,
@@ -146,17 +146,7 @@ class _Part:
 
 def _resume(folder: Path, settings: dict) -> None:
     """Keep an interrupted build with the same settings (its finished parts), else start over."""
-    build_file = folder / "build.json"
-    if folder.exists():
-        try:
-            same = json.loads(build_file.read_text()) == settings
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not build_file.is_file():
-        atomic_json(build_file, settings)
+    start_build(folder, settings)
     for path in folder.iterdir():
         if path.name.startswith("."):  # a part cut short
             path.unlink()

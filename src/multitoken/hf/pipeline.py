@@ -22,10 +22,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from multitoken.errors import ConfigError, InputError
+from multitoken.errors import ConfigError
 from multitoken.hf.adapter import HFDecoder
 from multitoken.layout import SequenceLayout
-from multitoken.models.pipeline import stage_layers
+from multitoken.models.pipeline import StageBase, stage_layers
 
 __all__ = ["PIPELINE_MODEL_TYPES", "prune_hf_model", "HFStage"]
 
@@ -61,7 +61,7 @@ def prune_hf_model(model, stages: Sequence[int], counts: Sequence[int]) -> None:
         model.mtp = None
 
 
-class HFStage(nn.Module):
+class HFStage(StageBase):
     """One pipeline stage of a pruned heads-only HF :class:`~multitoken.mtp_model.MTPModel`.
 
     The first stage takes token ids, the others the hidden state of the stage before; the last
@@ -74,23 +74,15 @@ class HFStage(nn.Module):
     """
 
     def __init__(self, model, stage: int, num_stages: int, counts: Sequence[int]):
-        super().__init__()
+        super().__init__(model, stage, num_stages)
         decoder = model.decoder
         base = decoder.base
-        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        self.stage = stage
-        self._model = (model,)  # the owner: rotary tables, masks (not a submodule)
         self.embed = base.embed_tokens if self.is_first or self.is_last else None
         own = stage_layers(counts, stage)
         self.layers = nn.ModuleDict({str(i): base.layers[str(i)] for i in own})
         self.norm = base.norm if self.is_last else None
         self.mtp = model.mtp if self.is_last else None
         self.output = decoder.model.lm_head if self.is_last else None
-
-    @property
-    def config(self):
-        """The MTP configuration (the loss reads it)."""
-        return self._model[0].config
 
     @property
     def head_weight(self) -> Tensor:
@@ -124,10 +116,4 @@ class HFStage(nn.Module):
             x = out[0] if isinstance(out, tuple) else out  # as HFDecoder.hidden
         if not self.is_last:
             return x
-        if mtp_input_ids is None:
-            raise InputError("the last pipeline stage needs mtp_input_ids ([b, D, T])")
-        hidden = [self.norm(x)]
-        zero = positions == 0 if self.config.zero_first_embedding else None
-        hidden += self.mtp(hidden[0], mtp_input_ids.transpose(0, 1), self.embed, zero, **kwargs)
-        # Views, as GPTStage's: the schedule detaches a last stage's outputs in place.
-        return tuple(h.view_as(h) for h in hidden)
+        return self.finish(x, positions, mtp_input_ids, kwargs)

@@ -27,6 +27,7 @@ from multitoken.models.gpt import GPT
 
 __all__ = [
     "stage_layers",
+    "StageBase",
     "prune_model",
     "needs_embedding_on_last",
     "GPTStage",
@@ -69,7 +70,38 @@ def prune_model(model, stages: Sequence[int], counts: Sequence[int]) -> None:
         model.mtp = None
 
 
-class GPTStage(nn.Module):
+class StageBase(nn.Module):
+    """What every pipeline stage of an :class:`~multitoken.mtp_model.MTPModel` shares: its
+    place in the pipeline, its owner model and the last stage's end (final norm, MTP depths).
+    Subclasses set ``embed``, ``layers``, ``norm``, ``mtp`` and ``output``."""
+
+    def __init__(self, model, stage: int, num_stages: int):
+        super().__init__()
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        self.stage = stage
+        self._model = (model,)  # the owner: rotary tables, masks (not a submodule)
+
+    @property
+    def config(self):
+        """The MTP configuration (the loss reads it)."""
+        return self._model[0].config
+
+    def finish(self, x: Tensor, positions: Tensor, mtp_input_ids, kwargs) -> tuple[Tensor, ...]:
+        """The last stage's ``(h^0, ..., h^D)`` from its last layer's output ``x``."""
+        hidden = [self.norm(x)]
+        if self.mtp is not None:
+            if mtp_input_ids is None:
+                raise InputError("the last pipeline stage needs mtp_input_ids ([b, D, T])")
+            zero = positions == 0 if self.config.zero_first_embedding else None
+            ids = mtp_input_ids.transpose(0, 1)
+            hidden += self.mtp(hidden[0], ids, self.embed, zero, **kwargs)
+        # Views: the schedule detaches a last stage's outputs in place after its backward,
+        # which the zero-bubble schedules' later weight pass (and the next depth's saved
+        # input) could not survive; it leaves views alone.
+        return tuple(h.view_as(h) for h in hidden)
+
+
+class GPTStage(StageBase):
     """One pipeline stage of a pruned :class:`~multitoken.mtp_model.MTPModel`.
 
     Its submodules are the model's own (no copy): the embedding (first stage; last stage
@@ -84,11 +116,8 @@ class GPTStage(nn.Module):
     """
 
     def __init__(self, model, stage: int, num_stages: int, counts: Sequence[int]):
-        super().__init__()
+        super().__init__(model, stage, num_stages)
         decoder = model.decoder
-        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        self.stage = stage
-        self._model = (model,)  # the owner: rotary tables, masks (not a submodule)
         embed = self.is_first or (self.is_last and needs_embedding_on_last(model))
         self.embed = decoder.tok_embeddings if embed else None
         self.layers = nn.ModuleDict(
@@ -97,11 +126,6 @@ class GPTStage(nn.Module):
         self.norm = decoder.norm if self.is_last else None
         self.mtp = model.mtp if self.is_last else None
         self.output = decoder.output if self.is_last else None
-
-    @property
-    def config(self):
-        """The MTP configuration (the loss reads it)."""
-        return self._model[0].config
 
     @property
     def head_weight(self) -> Tensor:
@@ -138,14 +162,4 @@ class GPTStage(nn.Module):
                 x = layer(x, **kwargs)
         if not self.is_last:
             return x
-        hidden = [self.norm(x)]
-        if self.mtp is not None:
-            if mtp_input_ids is None:
-                raise InputError("the last pipeline stage needs mtp_input_ids ([b, D, T])")
-            zero = positions == 0 if self.config.zero_first_embedding else None
-            ids = mtp_input_ids.transpose(0, 1)
-            hidden += self.mtp(hidden[0], ids, self.embed, zero, **kwargs)
-        # Views: the schedule detaches a last stage's outputs in place after its backward,
-        # which the zero-bubble schedules' later weight pass (and the next depth's saved
-        # input) could not survive; it leaves views alone.
-        return tuple(h.view_as(h) for h in hidden)
+        return self.finish(x, positions, mtp_input_ids, kwargs)

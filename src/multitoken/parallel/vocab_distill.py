@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from multitoken.distill import DISTILL_LOSSES
+from multitoken.distill import DISTILL_LOSSES, grad_logits, row_losses
 from multitoken.errors import InputError
 from multitoken.loss import (
     LossStats,
@@ -70,19 +70,6 @@ def _chunk_lse(log_q, log_p, hit, group) -> tuple[Tensor, Tensor, Tensor]:
     return _combine(g[..., 0], g[..., 1]), _combine(g[..., 2], g[..., 3]), top1_hit
 
 
-def _partial_loss(log_q: Tensor, log_p: Tensor, kind: str, alpha: float) -> Tensor:
-    """``[C]`` this shard's columns' part of each row's loss."""
-    p = log_p.exp()
-    out = torch.zeros(log_q.shape[0], dtype=torch.float32, device=log_q.device)
-    if kind in ("kl", "lk"):
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
-        out += kl if kind == "kl" else alpha * kl
-    if kind in ("tv", "lk"):
-        tv = 0.5 * (log_q.exp() - p).abs().sum(dim=-1)
-        out += tv if kind == "tv" else (1 - alpha) * tv
-    return out
-
-
 class _VocabParallelDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, weight, valid, local_t, owned, kind, alpha, tau, group,
@@ -106,7 +93,7 @@ class _VocabParallelDistillation(torch.autograd.Function):
             log_q.sub_(lq[:, None])
             log_p.sub_(lp[:, None])
             mask = valid[start:stop]
-            loss_sum += torch.where(mask, _partial_loss(log_q, log_p, kind, alpha), 0.0).sum()
+            loss_sum += torch.where(mask, row_losses(log_q, log_p, kind, alpha), 0.0).sum()
             correct += (top1_hit & mask).sum()
         dist.all_reduce(loss_sum, group=group)  # every shard's columns' part
         ctx.save_for_backward(student, teacher, weight, valid, lse_q, lse_p)
@@ -125,6 +112,10 @@ class _VocabParallelDistillation(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         buf_q = student.new_empty((rows, weight.shape[0]), dtype=torch.float32)
         buf_p = torch.empty_like(buf_q)
+
+        def reduce(inner: Tensor) -> None:
+            dist.all_reduce(inner, group=group)
+
         for start in range(0, student.shape[0], rows):
             stop = min(start + rows, student.shape[0])
             h = student[start:stop]
@@ -132,15 +123,8 @@ class _VocabParallelDistillation(torch.autograd.Function):
             q.mul_(1.0 / tau).sub_(lse_q[start:stop, None]).exp_()
             p = chunk_logits(teacher[start:stop].to(dtype), w, buf_p)
             p.mul_(1.0 / tau).sub_(lse_p[start:stop, None]).exp_()
-            diff = p.neg_().add_(q)  # q - p
-            grad = diff
-            if kind in ("tv", "lk"):
-                sign = diff.sign().mul_(0.5)
-                inner = (sign * q).sum(dim=-1)
-                dist.all_reduce(inner, group=group)  # <s, q> over the whole vocabulary
-                tv = sign.sub_(inner[:, None]).mul_(q)
-                grad = tv if kind == "tv" else tv.mul_(1 - alpha).add_(diff, alpha=alpha)
-            grad = grad.to(dtype)
+            # TV and LK: <s, q> summed over the whole vocabulary.
+            grad = grad_logits(q, p, kind, alpha, reduce).to(dtype)
             scale = row_scale[start:stop, None]
             if need_h:
                 grad_h[start:stop] = (grad @ w).mul_(scale.to(dtype))
