@@ -52,6 +52,10 @@ def test_pp1_checkpoint_resumes_at_pp2(run_root, reference):
         ([*PP2, "parallel.pp_layers=0,1"], "parallel.pp_layers must give 2 layer counts"),
         (["parallel.pp_schedule=Wave"], "parallel.pp_schedule must be one of"),
         ([*PP2, "model.hf=."], "parallel.pp > 1 with model.hf trains the MTP heads only"),
+        (
+            ["parallel.pp=2", "parallel.pp_layers=1,0", "parallel.cp=2", "mtp.loss=kl"],
+            "mtp.loss=kl with parallel.pp > 1 and parallel.cp > 1",
+        ),
     ],
 )
 def test_bad_pipeline_settings_are_one_line(run_root, args, message):

@@ -266,7 +266,12 @@ class Pipeline:
         the step's losses (the sum over microbatches, the same on every pipeline rank). After
         a training step every gradient is the one-process gradient of the rank's parameters
         (the embedding copies' gradients summed)."""
-        self._batch, self._mtp_weight, self._acceptance = batch, mtp_weight, acceptance
+        # Measured where the broadcast expects it (whole rows and vocabulary, D >= 1): the same
+        # answer on every rank. Under CP the teacher rows i + k of a microbatch would need a
+        # row halo of their own (the step's RowHalo covers the whole batch), so not there.
+        whole = batch.kv_layout is None and self.cross_entropy is linear_cross_entropy
+        measured = acceptance and whole and batch.num_depths > 0
+        self._batch, self._mtp_weight, self._acceptance = batch, mtp_weight, measured
         self._records = []
         args, kwargs = self._inputs(batch)
         target = batch.depth_labels.transpose(0, 1)  # [B, D + 1, T]: split by rows
@@ -274,10 +279,6 @@ class Pipeline:
         run(*args, target=target, return_outputs=False, **kwargs)
         # The first step's metadata inference may run the loss on placeholder inputs first.
         self._records = self._records[-self.microbatches :]
-        # Measured where hidden_loss measures it (whole rows and vocabulary, D >= 1): the
-        # same answer on every rank, so every rank expects the same broadcast.
-        whole = batch.kv_layout is None and self.cross_entropy is linear_cross_entropy
-        measured = acceptance and whole and batch.num_depths > 0
         out = self._broadcast(batch.num_depths, measured, batch)
         if train:
             self._match_placements()

@@ -320,6 +320,12 @@ class TrainConfig:
                 "features.mode=offline with parallel.pp > 1: the pipeline stages run the "
                 "backbone themselves; use features.mode=online (or parallel.pp=1)"
             )
+        if self.mtp.loss != "ce" and parallel.cp > 1:
+            raise ConfigError(
+                f"mtp.loss={self.mtp.loss} with parallel.pp > 1 and parallel.cp > 1: a "
+                "microbatch's teacher rows i + k from the CP peers are not exchanged per "
+                "microbatch yet; use mtp.loss=ce, parallel.cp=1 or parallel.pp=1"
+            )
         if hf and not self.mtp.freeze_base:
             raise ConfigError(
                 "parallel.pp > 1 with model.hf trains the MTP heads only: set "
