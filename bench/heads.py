@@ -174,11 +174,26 @@ def step_costs(model, prompt: list[int], vocab: DraftVocab, repeats: int) -> dic
         state.forward_main(prompt[:base])
         for n in (1, 2, 3, 4, 5, 6, 8):
             costs[f"forward {n}"] = timed(forward(n))
+        costs["matrix-product share of a 1-token forward"] = matmul_share(forward(1))
         state.forward_main(prompt[base:-1])
         state.forward_depth(1, prompt, end=len(prompt) - 1)
         costs["draft"] = timed(draft(lambda h: h @ head))
         costs["draft, draft vocabulary"] = timed(draft(vocab.logits))
     return costs
+
+
+def matmul_share(step, calls: int = 10) -> float:
+    """The share of ``calls`` steps' CPU time spent in matrix products (``torch.profiler``,
+    self time): the most that compiling the other operations could save."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    events = prof.key_averages()
+    products = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mv")
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in products) / max(total, 1e-9)
 
 
 def modes(runs: dict, args) -> dict[str, dict]:
@@ -268,10 +283,12 @@ def report(args, runs, totals, seconds, teacher, costs, train_info) -> dict:
         rows,
     )  # fmt: skip
     c1 = costs["forward 1"]
+    share = costs["matrix-product share of a 1-token forward"]
     print_table(
-        "Cost of a step's pieces (median ms, head and argmax included)",
+        f"Cost of a step's pieces (median ms, head and argmax included); matrix products are "
+        f"{share:.0%} of a 1-token forward's CPU time",
         ["piece", "ms", "x one 1-token forward"],
-        [[name, f"{ms:.2f}", f"{ms / c1:.2f}"] for name, ms in costs.items()],
+        [[n, f"{ms:.2f}", f"{ms / c1:.2f}"] for n, ms in costs.items() if "share" not in n],
     )
     d = args.depths
     padded = costs[f"forward {max(d + 1, args.verify_tokens)}"]
