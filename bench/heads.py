@@ -196,9 +196,9 @@ def matmul_share(step, calls: int = 10) -> float:
     return sum(e.self_cpu_time_total for e in events if e.key in products) / max(total, 1e-9)
 
 
-def modes(runs: dict, args) -> dict[str, dict]:
+def modes(runs: dict, args, vocab_ids: torch.Tensor) -> dict[str, dict]:
     """Name -> generate() keywords (``hf``: transformers' generate)."""
-    fast = dict(draft_vocab=None, verify_tokens=args.verify_tokens)
+    fast = dict(draft_vocab=vocab_ids, verify_tokens=args.verify_tokens)
     table = {"plain": dict(run=None), "transformers": dict(run=None, hf=True)}
     for loss in runs:
         table[f"{loss}"] = dict(run=loss, speculative=True)
@@ -209,7 +209,7 @@ def modes(runs: dict, args) -> dict[str, dict]:
     return table
 
 
-def decode_all(models, hf_model, prompts, table, vocab_ids, args, eos_id):
+def decode_all(models, hf_model, prompts, table, args, eos_id):
     """Every mode on every prompt (rotating order); checks greedy speculation equals plain."""
     totals: dict[str, GenerationStats] = {}
     seconds: dict[str, list[float]] = {name: [] for name in table}
@@ -222,8 +222,6 @@ def decode_all(models, hf_model, prompts, table, vocab_ids, args, eos_id):
         for name in names[shift:] + names[:shift]:
             kw = dict(table[name])
             run, hf = kw.pop("run"), kw.pop("hf", False)
-            if "draft_vocab" in kw:
-                kw["draft_vocab"] = vocab_ids
             gen = torch.Generator().manual_seed(args.seed * 1000 + i)
             start = clock()
             if hf:
@@ -392,10 +390,8 @@ def main() -> None:
 
     folder = next(iter(models.values())).decoder.model.name_or_path
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    table = modes(runs, args)
-    totals, seconds, teacher = decode_all(
-        models, hf_model, prompts, table, vocab_ids, args, tokenizer.eos_id
-    )
+    table = modes(runs, args, vocab_ids)
+    totals, seconds, teacher = decode_all(models, hf_model, prompts, table, args, tokenizer.eos_id)
     base = next(iter(models.values()))
     costs = step_costs(base, prompts[0], DraftVocab(vocab_ids, base.head_weight), args.cost_repeats)
     payload = report(args, runs, totals, seconds, teacher, costs, info)

@@ -193,6 +193,14 @@ def _loaders(
     return train_loader, val_loader
 
 
+def prepare_store(cfg: TrainConfig) -> tuple[Tokenizer, TokenStore]:
+    """The tokenizer and the checked token store of ``cfg``, without planning any batches
+    (one process; for tools that read the corpus's tokens, not its rows)."""
+    source = data_source(cfg)
+    tokenizer = _tokenizer(cfg, source, False)
+    return tokenizer, _store(cfg, source, tokenizer, 0, False)
+
+
 def prepare_data(
     cfg: TrainConfig, verbose: bool = True, group=None, dp_rank: int = 0, dp_size: int = 1
 ) -> PreparedData:
