@@ -22,7 +22,7 @@ acceptance of speculative sampling at temperature 1, ``sum_v min(p_v, q_v)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -247,23 +247,11 @@ def acceptance_sums(
         ``(agreements, acceptance)``: an int64 count and an fp64 sum over the valid rows.
     """
     with torch.no_grad():
-        hidden = student.shape[-1]
-        flat_s, flat_t = student.reshape(-1, hidden), teacher.reshape(-1, hidden)
-        flat_v = valid.reshape(-1)
-        n_tokens, vocab = flat_s.shape[0], weight.shape[0]
-        dtype = compute_dtype(flat_s, weight)
-        w = weight.to(dtype)
-        rows = chunk_rows(vocab, chunk_elements_for(flat_s.device, chunk_elements))
-        rows = max(1, min(rows, n_tokens))
-        agree = torch.zeros((), dtype=torch.long, device=flat_s.device)
-        accept = torch.zeros((), dtype=torch.float64, device=flat_s.device)
-        buf_q = flat_s.new_empty((rows, vocab), dtype=torch.float32)
-        buf_p = torch.empty_like(buf_q)
-        for start in range(0, n_tokens, rows):
-            stop = min(start + rows, n_tokens)
-            log_q = chunk_logits(flat_s[start:stop].to(dtype), w, buf_q)
-            log_p = chunk_logits(flat_t[start:stop].to(dtype), w, buf_p)
-            mask = flat_v[start:stop]
+        agree = torch.zeros((), dtype=torch.long, device=student.device)
+        accept = torch.zeros((), dtype=torch.float64, device=student.device)
+        for log_q, log_p, mask in paired_logit_chunks(
+            student, teacher, weight, valid, chunk_elements
+        ):
             agree += ((log_q.argmax(dim=-1) == log_p.argmax(dim=-1)) & mask).sum()
             _log_softmax_(log_q, 1.0)
             _log_softmax_(log_p, 1.0)
@@ -271,3 +259,29 @@ def acceptance_sums(
             both = torch.minimum(log_q, log_p, out=log_q).exp_().sum(dim=-1)
             accept += torch.where(mask, both, 0.0).sum(dtype=torch.float64)
         return agree, accept
+
+
+def paired_logit_chunks(
+    student: Tensor, teacher: Tensor, weight: Tensor, valid: Tensor, chunk_elements: int = 0
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(student logits, teacher logits, valid)`` of successive row chunks: ``[rows, V]``
+    fp32 logits against ``weight`` (whole or a vocabulary shard), written into two buffers of
+    at most ``chunk_elements`` logits that every chunk reuses (a chunk is overwritten by the
+    next: use it before asking for another). No gradient."""
+    width = student.shape[-1]
+    flat_s, flat_t = student.reshape(-1, width), teacher.reshape(-1, width)
+    flat_v = valid.reshape(-1)
+    n_tokens, vocab = flat_s.shape[0], weight.shape[0]
+    dtype = compute_dtype(flat_s, weight)
+    w = weight.to(dtype)
+    rows = chunk_rows(vocab, chunk_elements_for(flat_s.device, chunk_elements))
+    rows = max(1, min(rows, n_tokens))
+    buf_q = flat_s.new_empty((rows, vocab), dtype=torch.float32)
+    buf_p = torch.empty_like(buf_q)
+    for start in range(0, n_tokens, rows):
+        stop = min(start + rows, n_tokens)
+        yield (
+            chunk_logits(flat_s[start:stop].to(dtype), w, buf_q),
+            chunk_logits(flat_t[start:stop].to(dtype), w, buf_p),
+            flat_v[start:stop],
+        )

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from multitoken.distill import DISTILL_LOSSES, grad_logits, row_losses
+from multitoken.distill import DISTILL_LOSSES, grad_logits, paired_logit_chunks, row_losses
 from multitoken.errors import InputError
 from multitoken.loss import (
     LossStats,
@@ -186,24 +186,13 @@ def vocab_parallel_acceptance(
     ``sum_v min(p_v, q_v)``, the same on every rank of ``group``. Per chunk one all-gather of
     ``[rows, 8]`` statistics; one all-reduce of the acceptance at the end. No gradient."""
     with torch.no_grad():
-        width = student.shape[-1]
-        flat_s, flat_t = student.reshape(-1, width), teacher.reshape(-1, width)
-        flat_v = valid.reshape(-1)
-        n_tokens, vocab_local = flat_s.shape[0], weight.shape[0]
-        first_col = dist.get_rank(group) * vocab_local
-        dtype = compute_dtype(flat_s, weight)
-        w = weight.to(dtype)
-        rows = chunk_rows(vocab_local, chunk_elements_for(flat_s.device, chunk_elements))
-        rows = max(1, min(rows, n_tokens))
-        agree = torch.zeros((), dtype=torch.long, device=flat_s.device)
-        accept = torch.zeros((), dtype=torch.float64, device=flat_s.device)
-        buf_q = flat_s.new_empty((rows, vocab_local), dtype=torch.float32)
-        buf_p = torch.empty_like(buf_q)
+        first_col = dist.get_rank(group) * weight.shape[0]
+        agree = torch.zeros((), dtype=torch.long, device=student.device)
+        accept = torch.zeros((), dtype=torch.float64, device=student.device)
         tp = dist.get_world_size(group)
-        for start in range(0, n_tokens, rows):
-            stop = min(start + rows, n_tokens)
-            log_q = chunk_logits(flat_s[start:stop].to(dtype), w, buf_q)
-            log_p = chunk_logits(flat_t[start:stop].to(dtype), w, buf_p)
+        for log_q, log_p, mask in paired_logit_chunks(
+            student, teacher, weight, valid, chunk_elements
+        ):
             columns = []
             for logits in (log_q, log_p):
                 top, index = logits.max(dim=-1)
@@ -219,7 +208,6 @@ def vocab_parallel_acceptance(
                 top = g[..., base + 2]
                 first = (top == top.max(dim=0).values).int().argmax(dim=0)  # first rank
                 argmax.append(g[..., base + 3].gather(0, first[None]).squeeze(0))
-            mask = flat_v[start:stop]
             agree += ((argmax[0] == argmax[1]) & mask).sum()
             log_q.sub_(lse[0][:, None])
             log_p.sub_(lse[1][:, None])
