@@ -50,6 +50,30 @@ def cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def cli_ok(*argv: str) -> str:
+    """``multitoken <argv>`` in this process, which must succeed; its stdout."""
+    code, out, err = cli(*argv)
+    assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+# A two-step heads-or-full run of a tiny Hugging Face model folder (add model.hf=...).
+HF_TINY_RUN = [
+    "mtp.num_depths=1",
+    "data.max_files=8",
+    "data.seq_len=32",
+    "data.batch_size=2",
+    "data.val_fraction=0.1",
+    "train.steps=2",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.save_every=0",
+    "parallel.cp=1",
+]
+
+
 def tiny_args(root: Path, *args: str) -> list[str]:
     """``train`` arguments of the tiny run under ``root`` (runs and data cache there)."""
     return ["train", *TINY, f"run.dir={root}", f"data.cache_dir={root}/cache", *args]

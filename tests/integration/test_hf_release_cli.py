@@ -6,13 +6,12 @@ trained model. Qwen3-Next exports by default in its own layout too, the others i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from tests.helpers.cli import cli_ok
 from tests.helpers.released import save_released
 from transformers import PreTrainedTokenizerFast
 
@@ -41,12 +40,7 @@ VOCAB = 320  # the model's; the tokenizer's 300 fit in it
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."]
 
 
-def cli(*args: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(args))
-    assert code == 0, out.getvalue()[-3000:]
-    return out.getvalue()
+cli = cli_ok
 
 
 @pytest.fixture(scope="module")

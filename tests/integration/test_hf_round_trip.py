@@ -4,14 +4,13 @@ and bad HF input."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 
 import pytest
 import torch
 import transformers  # noqa: F401  (make setup installs the [hf] extra; fail loudly without it)
+from tests.helpers.cli import cli_ok
 from transformers import AutoModelForCausalLM
 
 from multitoken.cli import main
@@ -35,14 +34,7 @@ GPT = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=
        "model.max_seq_len=128", "data.vocab_size=400"]  # fmt: skip
 
 
-def cli(*args: str) -> str:
-    """``multitoken ARGS`` in this process (the same main() the command runs, without paying
-    a fresh interpreter, torch and transformers imports per call); returns its stdout."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(args))
-    assert code == 0, out.getvalue()[-3000:]
-    return out.getvalue()
+cli = cli_ok
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,8 @@ def test_whatever_the_tokenizer_raises_in_a_worker_names_the_document(
 
 
 def _zst(data: bytes) -> bytes:
-    zstandard = pytest.importorskip("zstandard")
+    import zstandard
+
     return zstandard.ZstdCompressor().compress(data)
 
 
@@ -193,7 +194,7 @@ def test_a_damaged_archive_with_skip_is_counted_not_silent(tmp_path):
 
 
 def test_a_corrupt_parquet_file_is_named(tmp_path):
-    pytest.importorskip("pyarrow")
+    import pyarrow  # noqa: F401  (the [data] extra: make setup installs it)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -212,7 +213,8 @@ def test_a_corrupt_parquet_file_is_named(tmp_path):
 
 
 def _saved_dataset(tmp_path: Path) -> Path:
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     folder = tmp_path / "saved"
     datasets.Dataset.from_list(GOOD).save_to_disk(str(folder))
     return folder
@@ -244,7 +246,8 @@ def test_a_damaged_datasets_folder_is_named(tmp_path, damage):
 def test_a_decompression_bomb_shows_progress_and_stops_at_the_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(streams, "PROGRESS_EVERY_S", 0.0)
     bomb = tmp_path / "bomb.jsonl.zst"
-    zstandard = pytest.importorskip("zstandard")
+    import zstandard
+
     writer = zstandard.ZstdCompressor(level=3).compressobj()
     blank = b"\n" * (1 << 20)
     data = writer.compress(_lines(GOOD)) + b"".join(writer.compress(blank) for _ in range(64))

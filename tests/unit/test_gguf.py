@@ -12,14 +12,12 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-import torch
-
-pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
-
+import accelerate  # noqa: F401, E402  (make setup installs the [gguf] extra: fail, never skip)
 import gguf  # noqa: E402
+import pytest
 import tokenizers  # noqa: E402
+import torch
+from tests.helpers.cli import HF_TINY_RUN
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
 from multitoken import MTPConfig  # noqa: E402
@@ -32,19 +30,7 @@ from multitoken.testing.tiny_hf import tiny_model  # noqa: E402
 VOCAB = 300
 # As SmolLM2's: <|endoftext|> begins and is the unknown token, <|im_end|> ends.
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TINY = [
-    "mtp.num_depths=1",
-    "data.max_files=8",
-    "data.seq_len=32",
-    "data.batch_size=2",
-    "data.val_fraction=0.1",
-    "train.steps=2",
-    "train.warmup_steps=1",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.save_every=0",
-    "parallel.cp=1",
-]
+TINY = HF_TINY_RUN
 # HF Llama names -> llama.cpp's (convert_hf_to_gguf.py), per layer and global.
 LAYER_NAMES = {
     "input_layernorm": "attn_norm",

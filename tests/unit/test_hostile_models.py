@@ -21,25 +21,13 @@ import pytest
 import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
+from tests.helpers.cli import HF_TINY_RUN
 from tokenizers import models, pre_tokenizers, trainers
 
 from multitoken.cli import main
 from multitoken.testing.tiny_hf import save_tiny
 
-TINY = [
-    "mtp.num_depths=1",
-    "data.max_files=8",
-    "data.seq_len=32",
-    "data.batch_size=2",
-    "data.val_fraction=0.1",
-    "train.steps=2",
-    "train.warmup_steps=1",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=1",
-    "train.save_every=0",
-    "parallel.cp=1",
-]
+TINY = HF_TINY_RUN
 EVIL = """from pathlib import Path
 Path({marker!r}).write_text("the folder's code ran")
 from transformers import {base}
